@@ -1,0 +1,51 @@
+"""Mailstead portal: the first-boot wizard and admin web app.
+
+Use :func:`create_app`; nothing here reads configuration or touches the disk
+at import time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+__version__ = "0.1.0"
+
+
+def create_app(config: Mapping[str, Any] | None = None) -> Flask:
+    """Build the portal app. `config` overrides defaults and environment."""
+    from . import config as config_mod, db, errors, security, wizard
+    from .setup import bp as setup_bp, register_rate_limit
+    from .steps import domain
+
+    app = Flask(__name__)
+    app.config.update(config_mod.build(config))
+    if not app.config.get("SECRET_KEY"):
+        app.config["SECRET_KEY"] = config_mod.load_or_create_secret_key(
+            app.config["SECRET_KEY_FILE"]
+        )
+
+    # nginx terminates TLS in front of gunicorn and sets X-Forwarded-For/-Proto.
+    app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1)  # type: ignore[method-assign]
+
+    db.init_app(app)
+    security.init_app(app)
+    errors.init_app(app)
+
+    app.register_blueprint(setup_bp)
+    app.register_blueprint(wizard.bp)
+    app.register_blueprint(domain.bp)
+    register_rate_limit(app)
+
+    @app.get("/healthz")
+    def healthz() -> tuple[str, int, dict[str, str]]:
+        return "ok\n", 200, {"Content-Type": "text/plain; charset=utf-8"}
+
+    @app.context_processor
+    def inject_version() -> dict[str, str]:
+        return {"portal_version": __version__}
+
+    return app

@@ -1,0 +1,1 @@
+"""Wizard steps: one blueprint per step."""

@@ -1,0 +1,116 @@
+"""First-boot wizard: steps are data; one hook sends the browser to the next unfinished step."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Blueprint, current_app, g, redirect, render_template, request, session, url_for
+from flask.typing import ResponseReturnValue
+
+from . import db
+from .agent.client import AgentClient, AgentError
+
+
+@dataclass(frozen=True)
+class Step:
+    id: str
+    endpoint: str
+    order: int
+    title: str
+
+
+STEPS: tuple[Step, ...] = (
+    Step(id="domain", endpoint="domain.index", order=10, title="Domain"),
+)
+
+# Reachable without the setup session.
+PUBLIC_ENDPOINTS = frozenset({"static", "setup.token", "healthz"})
+INDEX = "wizard.index"
+PENDING = "wizard.pending"  # shown once every step so far is done
+
+bp = Blueprint("wizard", __name__)
+
+
+def ordered(steps: Sequence[Step]) -> list[Step]:
+    return sorted(steps, key=lambda s: s.order)
+
+
+def next_unfinished(steps: Sequence[Step], done: Collection[str]) -> Step | None:
+    return next((s for s in ordered(steps) if s.id not in done), None)
+
+
+def redirect_target(
+    endpoint: str | None, has_session: bool, steps: Sequence[Step], done: Collection[str]
+) -> str | None:
+    """The endpoint to send this request to instead, or None to let it through."""
+    if endpoint is None or endpoint in PUBLIC_ENDPOINTS:
+        return None
+    if not has_session:
+        return "setup.token"
+    nxt = next_unfinished(steps, done)
+    if endpoint == INDEX:
+        return nxt.endpoint if nxt else PENDING
+    if endpoint == PENDING:
+        return nxt.endpoint if nxt else None
+    step = next((s for s in steps if s.endpoint == endpoint), None)
+    if step and nxt and step.order > nxt.order:
+        return nxt.endpoint
+    return None
+
+
+@bp.before_app_request
+def route_to_next_step() -> ResponseReturnValue | None:
+    endpoint = request.endpoint
+    if endpoint is None or endpoint in PUBLIC_ENDPOINTS:
+        return None  # don't touch state.db for static files, health checks, 404s
+    has_session = bool(session.get("setup"))
+    done = db.done_steps() if has_session else set()
+    target = redirect_target(endpoint, has_session, STEPS, done)
+    if target is None or target == endpoint:
+        return None
+    return redirect(url_for(target), code=303 if request.method == "POST" else 302)
+
+
+@bp.get("/")
+def index() -> ResponseReturnValue:
+    # The hook above always redirects from here.
+    return redirect(url_for("setup.token"))
+
+
+@bp.get("/setup/next")
+def pending() -> ResponseReturnValue:
+    return render_wizard("wizard/pending.html", current=None, settings=db.get_settings())
+
+
+def render_wizard(template: str, current: Step | None, **context: Any) -> str:
+    """Render a wizard page with the step list and the appliance status."""
+    done = db.done_steps()
+    return render_template(
+        template,
+        steps=ordered(STEPS),
+        done=done,
+        current=current,
+        status=appliance_status(),
+        **context,
+    )
+
+
+def appliance_status() -> dict[str, str]:
+    """What the agent reports, or a note that it is unavailable (never an exception)."""
+    if "appliance_status" not in g:
+        client = AgentClient(
+            current_app.config["AGENT_SOCKET"], timeout=current_app.config["AGENT_TIMEOUT"]
+        )
+        try:
+            result = client.call("status")
+            g.appliance_status = {k: str(result.get(k, "unknown")) for k in ("os", "docker", "portal")}
+        except AgentError as exc:
+            current_app.logger.warning("agent status failed: %s", exc)
+            g.appliance_status = {"error": f"agent unavailable ({exc.message})"}
+    return g.appliance_status
+
+
+def step(step_id: str) -> Step:
+    return next(s for s in STEPS if s.id == step_id)

@@ -1,0 +1,120 @@
+"""Browser tests: Debian's chromium (never `playwright install`) against a real
+gunicorn serving HTTPS on loopback, with a real agent behind it."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from portal.firstboot import make_certificate
+from tests.conftest import OS_PRETTY_NAME, REPO, TEST_TOKEN, AgentProcess, connectable, free_port, retry
+
+ARTIFACTS = REPO / "artifacts" / "browser"
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="session")
+def browser_type_launch_args(browser_type_launch_args: dict[str, Any]) -> dict[str, Any]:
+    return {
+        **browser_type_launch_args,
+        "executable_path": CHROMIUM,
+        "args": [
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+        ],
+    }
+
+
+@pytest.fixture(scope="session")
+def browser_context_args(browser_context_args: dict[str, Any]) -> dict[str, Any]:
+    # The portal's certificate is self-signed, as the appliance's bootstrap one is.
+    return {**browser_context_args, "ignore_https_errors": True, "viewport": {"width": 1100, "height": 760}}
+
+
+@dataclass
+class Portal:
+    url: str
+    state_dir: Path
+    token: str
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def portal_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Portal]:
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: apt-get install -y chromium"
+    root = tmp_path_factory.mktemp("portal")
+    state, run = root / "state", root / "run"
+    state.mkdir()
+    run.mkdir()
+    (state / "setup-token").write_text(TEST_TOKEN + "\n")
+
+    cert_pem, key_pem = make_certificate("localhost", [ipaddress.ip_address("127.0.0.1")],
+                                         now=dt.datetime.now(dt.timezone.utc))
+    cert, key = root / "tls.crt", root / "tls.key"
+    cert.write_bytes(cert_pem)
+    key.write_bytes(key_pem)
+    key.chmod(0o600)
+
+    os_release = root / "os-release"
+    os_release.write_text(f'PRETTY_NAME="{OS_PRETTY_NAME}"\n')
+    agent_sock = run / "agent.sock"
+    agent_log = root / "agent.log"
+    with open(agent_log, "wb") as log:
+        agent_proc = subprocess.Popen(
+            [sys.executable, "-m", "portal.agent.server", "--socket", str(agent_sock),
+             "--allow-uid", str(os.getuid()), "--os-release", str(os_release),
+             "--docker-host", f"unix://{root}/no-docker.sock"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    agent = AgentProcess(agent_sock, agent_proc, agent_log)
+
+    port = free_port()
+    env = {**os.environ, "MAILSTEAD_STATE_DIR": str(state), "MAILSTEAD_RUN_DIR": str(run),
+           "MAILSTEAD_AGENT_SOCKET": str(agent_sock)}
+    web_log = root / "gunicorn.log"
+    with open(web_log, "wb") as log:
+        web = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}",
+             "--certfile", str(cert), "--keyfile", str(key),
+             "--workers", "1", "--threads", "4", "--access-logfile", "-", "portal.wsgi:app"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    url = f"https://127.0.0.1:{port}"
+    try:
+        retry(lambda: connectable(agent_sock), 15, "the agent socket")
+
+        def healthy() -> None:
+            if web.poll() is not None:
+                raise AssertionError(f"gunicorn exited: {web_log.read_text()}")
+            with requests.get(f"{url}/healthz", verify=str(cert), timeout=2) as r:
+                r.raise_for_status()
+
+        retry(healthy, 30, f"gunicorn at {url}")
+        yield Portal(url=url, state_dir=state, token=TEST_TOKEN)
+    finally:
+        _stop(web)
+        agent.stop()
+        print(f"gunicorn log ({web_log}):\n{web_log.read_text()[-3000:]}")
+
+
+@pytest.fixture
+def artifacts() -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS

@@ -1,0 +1,115 @@
+"""Fixtures shared by unit and browser tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_TOKEN = "test-setup-token-0123456789abcdefghijklmnopqrstuvwx"
+OS_PRETTY_NAME = "Mailstead Test OS 1.0 (pytest)"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        parts = Path(str(item.fspath)).parts
+        if "unit" in parts:
+            item.add_marker(pytest.mark.unit)
+        elif "browser" in parts:
+            item.add_marker(pytest.mark.browser)
+
+
+def retry(fn: Callable[[], object], timeout: float, what: str) -> object:
+    """Call fn until it returns without raising; fail with the last error after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - reported below
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout} s waiting for {what}; last error: {exc!r}") from exc
+            time.sleep(0.1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class AgentProcess:
+    socket: Path
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def connectable(path: Path) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(str(path))
+
+
+@pytest.fixture
+def start_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., AgentProcess]]:
+    """Start `python -m portal.agent.server` on a temporary socket; stopped at teardown."""
+    started: list[AgentProcess] = []
+
+    def start(*extra: str, allow_uid: int | None = None) -> AgentProcess:
+        d = tmp_path_factory.mktemp("agent")
+        os_release = d / "os-release"
+        os_release.write_text(f'NAME="Mailstead Test"\nPRETTY_NAME="{OS_PRETTY_NAME}"\n')
+        sock, log = d / "agent.sock", d / "agent.log"
+        args = [
+            sys.executable, "-m", "portal.agent.server",
+            "--socket", str(sock),
+            "--allow-uid", str(os.getuid() if allow_uid is None else allow_uid),
+            "--os-release", str(os_release),
+            # No docker engine is needed: this socket never exists.
+            "--docker-host", f"unix://{d}/no-docker.sock",
+            "--timeout", "5",
+            *extra,
+        ]
+        with open(log, "wb") as log_file:
+            proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO)
+        agent = AgentProcess(sock, proc, log)
+        started.append(agent)
+
+        def up() -> None:
+            if proc.poll() is not None:
+                raise AssertionError(f"agent exited with {proc.returncode}: {agent.log_text()}")
+            connectable(sock)
+
+        retry(up, 15, f"agent socket {sock}")
+        return agent
+
+    yield start
+    for agent in started:
+        agent.stop()
+
+
+def csrf_token(html: str) -> str:
+    match = re.search(r'name="csrf_token" type="hidden" value="([^"]+)"', html)
+    assert match, f"no csrf_token field in page:\n{html[:2000]}"
+    return match.group(1)

@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from werkzeug.datastructures import Headers
+
+from portal import create_app
+from tests.conftest import TEST_TOKEN, csrf_token
+
+BASE = "https://localhost"
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "state"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def token_file(state_dir: Path) -> Path:
+    path = state_dir / "setup-token"
+    path.write_text(TEST_TOKEN + "\n")
+    path.chmod(0o440)
+    return path
+
+
+@pytest.fixture
+def make_app(state_dir: Path, tmp_path: Path) -> Callable[..., Flask]:
+    def make(**overrides: Any) -> Flask:
+        config = {
+            "TESTING": True,
+            "STATE_DIR": str(state_dir),
+            "RUN_DIR": str(tmp_path / "run"),
+            "AGENT_TIMEOUT": 2.0,
+            **overrides,
+        }
+        return create_app(config)
+
+    return make
+
+
+@pytest.fixture
+def app(make_app: Callable[..., Flask], token_file: Path) -> Flask:
+    return make_app()
+
+
+class HttpsClient(FlaskClient):
+    """Talks HTTPS with a same-origin Referer, as the browser does through nginx
+    (Flask-WTF checks the Referer on HTTPS). A request's own Referer wins."""
+
+    def open(self, *args: Any, **kwargs: Any) -> Any:
+        headers = Headers(kwargs.pop("headers", None) or {})
+        headers.setdefault("Referer", BASE + "/")
+        if args and isinstance(args[0], str):
+            kwargs.setdefault("base_url", BASE)
+        return super().open(*args, headers=headers, **kwargs)
+
+
+def https_client(app: Flask) -> FlaskClient:
+    app.test_client_class = HttpsClient
+    return app.test_client()
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return https_client(app)
+
+
+def unlock(client: FlaskClient, token: str = TEST_TOKEN) -> Any:
+    """Pass the token gate; returns the POST response."""
+    page = client.get("/setup/token")
+    assert page.status_code == 200, page.text
+    return client.post("/setup/token", data={"csrf_token": csrf_token(page.text), "token": token})
+
+
+@pytest.fixture
+def unlocked(client: FlaskClient) -> FlaskClient:
+    response = unlock(client)
+    assert response.status_code == 302, response.text
+    return client

@@ -1,0 +1,40 @@
+"""VM tier: build the test-profile image once, boot it per scenario."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / "artifacts" / "vm"
+
+
+@pytest.fixture(scope="session")
+def image() -> Path:
+    """The Debian image with the `test` profile, built by scripts/build-image.
+
+    MAILSTEAD_IMAGE points at an already built image (used by bench/ and
+    when iterating); otherwise the image is (re)built, warm from the caches
+    outside the clone.
+    """
+    if given := os.environ.get("MAILSTEAD_IMAGE"):
+        path = Path(given)
+        assert path.is_file(), f"MAILSTEAD_IMAGE={given} does not exist"
+        return path
+    subprocess.run([str(ROOT / "scripts" / "build-image"), "--profile", "test"], check=True)
+    path = ROOT / "mkosi.output" / "mailstead.raw"
+    assert path.exists(), "scripts/build-image did not produce mkosi.output/mailstead.raw"
+    return path.resolve()
+
+
+@pytest.fixture(scope="session")
+def report():
+    """Figures and incidents (retries) from the VM runs, written as JSON."""
+    data: dict[str, object] = {}
+    yield data
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "report.json").write_text(json.dumps(data, indent=2, sort_keys=True))

@@ -1,0 +1,151 @@
+"""A booted Mailstead image, driven like the NixOS test driver.
+
+``machine.succeed(cmd)`` runs a shell command as root in the guest over the
+test profile's backdoor (a root shell on a virtio serial port; see
+mkosi.profiles/test) and returns its output; ``fail`` expects a non-zero
+status; ``wait_for_unit``, ``wait_for_open_port`` and ``wait_until_succeeds``
+are built on the one ``retry`` that reports what it last saw.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import socket
+import sys
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+
+from mailstead_vm import (  # noqa: E402
+    FPR_RX,
+    PORTAL_RX,
+    TOKEN_RX,
+    VM,
+    VMConfig,
+    VMError,
+    free_port,
+    retry,
+)
+
+__all__ = ["Machine", "VMConfig", "VMError", "free_port", "retry", "PORTAL_RX", "TOKEN_RX", "FPR_RX"]
+
+
+class Machine(VM):
+    def __init__(self, cfg: VMConfig):
+        cfg.backdoor = True
+        super().__init__(cfg)
+        self._sock: socket.socket | None = None
+        self._buf = b""
+
+    # -- the backdoor shell ---------------------------------------------------
+    def _connect(self) -> socket.socket:
+        if self._sock is None:
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(str(self.backdoor_path))
+            self._sock = s
+            self._buf = b""
+        return self._sock
+
+    def _read_until(self, marker: bytes, timeout: float) -> bytes:
+        sock = self._connect()
+        deadline = time.monotonic() + timeout
+        while marker not in self._buf:
+            self.check_alive()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no answer from the guest shell within {timeout:.0f}s")
+            sock.settimeout(min(left, 2.0))
+            try:
+                chunk = sock.recv(65536)
+            except socket.timeout:
+                continue
+            if not chunk:
+                self._sock = None
+                raise ConnectionError("guest shell closed the connection")
+            self._buf += chunk
+        head, _, self._buf = self._buf.partition(marker)
+        return head
+
+    def wait_for_shell(self, timeout: float = 600) -> None:
+        """Wait until the guest's backdoor shell answers (i.e. the guest reached multi-user)."""
+
+        def ping() -> bool:
+            self.check_alive()
+            try:
+                return self.execute("echo ready", timeout=10)[1].strip() == "ready"
+            except (OSError, TimeoutError, ConnectionError):
+                self._sock = None
+                return False
+
+        retry(ping, timeout, "the guest's backdoor shell", interval=2)
+
+    def execute(self, command: str, timeout: float = 120) -> tuple[int, str]:
+        """Run command in the guest; return (status, stdout+stderr)."""
+        marker = f"__MAILSTEAD_{uuid.uuid4().hex}__"
+        payload = base64.b64encode(command.encode()).decode()
+        line = (
+            f"__o=$(echo {payload} | base64 -d | bash 2>&1); __rc=$?; "
+            f"printf '%s' \"$__o\" | base64 -w0; echo ' {marker}' $__rc\n"
+        )
+        sock = self._connect()
+        sock.sendall(line.encode())
+        raw = self._read_until(marker.encode(), timeout)
+        rest = self._read_until(b"\n", 10)
+        status = int(rest.strip())
+        encoded = raw.decode(errors="replace").strip().split()[-1] if raw.strip() else ""
+        return status, base64.b64decode(encoded).decode(errors="replace") if encoded else ""
+
+    def succeed(self, command: str, timeout: float = 120) -> str:
+        status, out = self.execute(command, timeout)
+        if status != 0:
+            raise AssertionError(f"command failed in the guest (status {status}): {command}\n{out}")
+        return out
+
+    def fail(self, command: str, timeout: float = 120) -> str:
+        status, out = self.execute(command, timeout)
+        if status == 0:
+            raise AssertionError(f"command unexpectedly succeeded in the guest: {command}\n{out}")
+        return out
+
+    def wait_until_succeeds(self, command: str, timeout: float = 300) -> str:
+        def attempt() -> str | None:
+            status, out = self.execute(command, timeout=min(60, timeout))
+            if status != 0:
+                raise AssertionError(f"status {status}: {out.strip()[-500:]}")
+            return out or "ok"
+
+        return retry(attempt, timeout, f"`{command}` to succeed", interval=2)
+
+    def wait_for_unit(self, unit: str, timeout: float = 300) -> None:
+        def active() -> bool:
+            state = self.execute(f"systemctl is-active {unit}", timeout=30)[1].strip()
+            if state == "failed":
+                status = self.execute(f"systemctl status --no-pager -l {unit}; journalctl -b -n 30 -u {unit}")[1]
+                raise VMError(f"unit {unit} failed:\n{status}")
+            if state != "active":
+                raise AssertionError(f"{unit} is {state}")
+            return True
+
+        retry(active, timeout, f"unit {unit} to be active", interval=2)
+
+    def wait_for_open_port(self, port: int, timeout: float = 300) -> None:
+        self.wait_until_succeeds(f"ss -Htln 'sport = :{port}' | grep -q .", timeout)
+
+    def screenshot(self, path: Path) -> Path:
+        """The VM's display as PNG (QMP screendump). Our VMs run headless: the display is empty."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.qmp("screendump", filename=str(path), format="png")
+        return path
+
+    # -- what first boot printed ----------------------------------------------
+    def first_boot_banner(self, timeout: float = 600) -> dict[str, str]:
+        token = self.wait_for_console(TOKEN_RX, timeout).group(1)
+        fpr = self.wait_for_console(FPR_RX, 30).group(1)
+        urls = re.findall(PORTAL_RX, self.console())
+        return {"token": token, "fingerprint": fpr, "urls": " ".join(urls)}
+
+    def boot_seconds(self) -> float:
+        return time.monotonic() - self.started_at
