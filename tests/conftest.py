@@ -1,4 +1,4 @@
-"""Fixtures shared by unit and browser tests."""
+"""Fixtures and helpers shared by the unit, integration and browser tests."""
 
 from __future__ import annotations
 
@@ -71,37 +71,47 @@ def connectable(path: Path) -> None:
         s.connect(str(path))
 
 
+def launch_agent(directory: Path, *extra: str, allow_uid: int | None = None) -> AgentProcess:
+    """Start `python -m portal.agent.server` with its socket, log and os-release in
+    `directory`; return once the socket accepts connections. The caller stops it."""
+    os_release = directory / "os-release"
+    os_release.write_text(f'NAME="Mailstead Test"\nPRETTY_NAME="{OS_PRETTY_NAME}"\n')
+    sock, log = directory / "agent.sock", directory / "agent.log"
+    args = [
+        sys.executable, "-m", "portal.agent.server",
+        "--socket", str(sock),
+        "--allow-uid", str(os.getuid() if allow_uid is None else allow_uid),
+        "--os-release", str(os_release),
+        # No docker engine is needed: this socket never exists.
+        "--docker-host", f"unix://{directory}/no-docker.sock",
+        "--timeout", "5",
+        *extra,
+    ]
+    with open(log, "wb") as log_file:
+        proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO)
+    agent = AgentProcess(sock, proc, log)
+
+    def up() -> None:
+        if proc.poll() is not None:
+            raise AssertionError(f"agent exited with {proc.returncode}: {agent.log_text()}")
+        connectable(sock)
+
+    try:
+        retry(up, 15, f"agent socket {sock}")
+    except BaseException:
+        agent.stop()
+        raise
+    return agent
+
+
 @pytest.fixture
 def start_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., AgentProcess]]:
-    """Start `python -m portal.agent.server` on a temporary socket; stopped at teardown."""
+    """Start an agent (see launch_agent) in a fresh temporary directory; stopped at teardown."""
     started: list[AgentProcess] = []
 
     def start(*extra: str, allow_uid: int | None = None) -> AgentProcess:
-        d = tmp_path_factory.mktemp("agent")
-        os_release = d / "os-release"
-        os_release.write_text(f'NAME="Mailstead Test"\nPRETTY_NAME="{OS_PRETTY_NAME}"\n')
-        sock, log = d / "agent.sock", d / "agent.log"
-        args = [
-            sys.executable, "-m", "portal.agent.server",
-            "--socket", str(sock),
-            "--allow-uid", str(os.getuid() if allow_uid is None else allow_uid),
-            "--os-release", str(os_release),
-            # No docker engine is needed: this socket never exists.
-            "--docker-host", f"unix://{d}/no-docker.sock",
-            "--timeout", "5",
-            *extra,
-        ]
-        with open(log, "wb") as log_file:
-            proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO)
-        agent = AgentProcess(sock, proc, log)
+        agent = launch_agent(tmp_path_factory.mktemp("agent"), *extra, allow_uid=allow_uid)
         started.append(agent)
-
-        def up() -> None:
-            if proc.poll() is not None:
-                raise AssertionError(f"agent exited with {proc.returncode}: {agent.log_text()}")
-            connectable(sock)
-
-        retry(up, 15, f"agent socket {sock}")
         return agent
 
     yield start

@@ -25,7 +25,7 @@ def image() -> Path:
         path = Path(given)
         assert path.is_file(), f"MAILSTEAD_IMAGE={given} does not exist"
         return path
-    subprocess.run([str(ROOT / "scripts" / "build-image"), "--profile", "test"], check=True)
+    subprocess.run([str(ROOT / "scripts" / "build-image"), "--profile", "test", "--raw-only"], check=True)
     path = ROOT / "mkosi.output" / "mailstead.raw"
     assert path.exists(), "scripts/build-image did not produce mkosi.output/mailstead.raw"
     return path.resolve()
