@@ -86,6 +86,10 @@ class VMConfig:
     backdoor: bool = False  # needs the image's `test` profile
     workdir: Path | None = None
     accel: str | None = None  # None: auto (kvm if usable, else tcg)
+    # Direct kernel boot (skips firmware and boot loader): kernel, initrd, command line.
+    kernel: Path | None = None
+    initrd: Path | None = None
+    append: str = ""
 
 
 class VM:
@@ -139,7 +143,7 @@ class VM:
             "-cpu", "host" if accel == "kvm" else "max",
             "-smp", str(self.cfg.cpus),
             "-m", str(self.cfg.memory_mb),
-            "-nodefaults", "-display", "none", "-vga", "none",
+            "-nodefaults", "-display", "none", "-device", "VGA",  # the screen: screenshots show tty1
             "-device", "virtio-rng-pci",
             "-chardev", f"file,id=serial0,path={self.serial_log}",
             "-serial", "chardev:serial0",
@@ -148,6 +152,8 @@ class VM:
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
             *self._firmware_args(),
         ]  # fmt: skip
+        if self.cfg.kernel:
+            cmd += ["-kernel", str(self.cfg.kernel), "-initrd", str(self.cfg.initrd), "-append", self.cfg.append]
         if self.cfg.backdoor:
             cmd += [
                 "-device", "virtio-serial-pci",
@@ -228,6 +234,15 @@ class VM:
             if "error" in reply:
                 raise VMError(f"QMP {command}: {reply['error']}")
             return reply.get("return", {})
+
+
+def root_partuuid(image: Path) -> str:
+    """The PARTUUID of the image's root partition (for direct kernel boot's root=)."""
+    table = json.loads(subprocess.run(["sfdisk", "--json", str(image)], check=True, capture_output=True).stdout)
+    for part in table["partitiontable"]["partitions"]:
+        if part["type"].upper() == "4F68BCE3-E8CD-44B1-96E7-FBCAF984B709":  # root-x86-64
+            return part["uuid"].lower()
+    raise VMError(f"{image} has no x86-64 root partition")
 
 
 def tools_path(rel: str) -> Path:

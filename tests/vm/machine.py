@@ -41,6 +41,15 @@ class Machine(VM):
         self._buf = b""
 
     # -- the backdoor shell ---------------------------------------------------
+    def _disconnect(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def stop(self, timeout: float = 10) -> None:
+        self._disconnect()
+        super().stop(timeout)
+
     def _connect(self) -> socket.socket:
         if self._sock is None:
             s = socket.socket(socket.AF_UNIX)
@@ -63,7 +72,7 @@ class Machine(VM):
             except socket.timeout:
                 continue
             if not chunk:
-                self._sock = None
+                self._disconnect()
                 raise ConnectionError("guest shell closed the connection")
             self._buf += chunk
         head, _, self._buf = self._buf.partition(marker)
@@ -77,7 +86,7 @@ class Machine(VM):
             try:
                 return self.execute("echo ready", timeout=10)[1].strip() == "ready"
             except (OSError, TimeoutError, ConnectionError):
-                self._sock = None
+                self._disconnect()
                 return False
 
         retry(ping, timeout, "the guest's backdoor shell", interval=2)
@@ -111,13 +120,13 @@ class Machine(VM):
         return out
 
     def wait_until_succeeds(self, command: str, timeout: float = 300) -> str:
-        def attempt() -> str | None:
+        def attempt() -> tuple[str]:
             status, out = self.execute(command, timeout=min(60, timeout))
             if status != 0:
                 raise AssertionError(f"status {status}: {out.strip()[-500:]}")
-            return out or "ok"
+            return (out,)  # truthy even when the output is empty
 
-        return retry(attempt, timeout, f"`{command}` to succeed", interval=2)
+        return retry(attempt, timeout, f"`{command}` to succeed", interval=2)[0]
 
     def wait_for_unit(self, unit: str, timeout: float = 300) -> None:
         def active() -> bool:
@@ -135,7 +144,7 @@ class Machine(VM):
         self.wait_until_succeeds(f"ss -Htln 'sport = :{port}' | grep -q .", timeout)
 
     def screenshot(self, path: Path) -> Path:
-        """The VM's display as PNG (QMP screendump). Our VMs run headless: the display is empty."""
+        """The VM's screen (tty1, with the console banner) as PNG, through QMP."""
         path.parent.mkdir(parents=True, exist_ok=True)
         self.qmp("screendump", filename=str(path), format="png")
         return path

@@ -73,6 +73,8 @@ def test_boot_to_token_gated_portal(image: Path, firmware: str, report: dict, tm
         # A wrong token is refused, the right one is accepted (through nginx and gunicorn).
         with requests.Session() as s, _insecure():
             s.verify = False
+            s.trust_env = False  # no proxies or CA bundles from the environment
+            s.headers["Referer"] = f"{base}/setup/token"  # as a browser sends it (CSRF checks it on https)
             page = s.get(f"{base}/", timeout=60)
             assert page.url.endswith("/setup/token"), page.url
             csrf = csrf_from(page.text)
