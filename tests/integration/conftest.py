@@ -24,13 +24,6 @@ SHIPPED_CONF = REPO / "image" / "extra" / "etc" / "nginx" / "conf.d" / "mailstea
 TIMEOUT = 5  # seconds, for every request the tests make
 
 
-def nginx_version() -> tuple[int, ...]:
-    out = subprocess.run([NGINX, "-v"], capture_output=True, text=True, timeout=10, check=True).stderr
-    match = re.search(r"nginx/(\d+)\.(\d+)\.(\d+)", out)
-    assert match, f"cannot read the nginx version from: {out!r}"
-    return tuple(int(n) for n in match.groups())
-
-
 def _sub(text: str, pattern: str, repl: str, count: int) -> str:
     new, n = re.subn(pattern, repl, text, flags=re.MULTILINE)
     assert n == count, (f"{SHIPPED_CONF.name}: expected {count} match(es) of {pattern!r}, found {n}; "
@@ -39,22 +32,16 @@ def _sub(text: str, pattern: str, repl: str, count: int) -> str:
 
 
 def localize_nginx_conf(conf: str, *, http_port: int, https_port: int, tls_dir: Path,
-                        acme_dir: Path, web_sock: Path, version: tuple[int, ...]) -> str:
+                        acme_dir: Path, web_sock: Path) -> str:
     """Rewrite ONLY what is machine-specific in the shipped config, so that the rest
     is tested exactly as shipped: listen addresses (loopback, free ports, no [::]),
-    the certificate/key paths, the ACME root and the portal's unix socket.
-
-    `http2 on;` exists from nginx 1.25.1 (the appliance has 1.26); an older test host
-    (Debian 12: 1.22) gets the equivalent old form, `http2` on the listen line."""
+    the certificate/key paths, the ACME root and the portal's unix socket."""
     conf = _sub(conf, r"^(\s*listen\s+)80(\s)", rf"\g<1>127.0.0.1:{http_port}\2", 1)
     conf = _sub(conf, r"^(\s*listen\s+)443(\s)", rf"\g<1>127.0.0.1:{https_port}\2", 1)
     conf = _sub(conf, r"^\s*listen\s+\[::\]:\d+[^;]*;\n", "", 2)
     conf = _sub(conf, r"/var/lib/mailstead/tls/", f"{tls_dir}/", 2)
     conf = _sub(conf, r"/var/lib/mailstead-acme/", f"{acme_dir}/", 1)
     conf = _sub(conf, r"unix:/run/mailstead/web\.sock", f"unix:{web_sock}", 1)
-    if version < (1, 25, 1):
-        conf = _sub(conf, r"^\s*http2\s+on;\n", "", 1)
-        conf = _sub(conf, rf"(listen\s+127\.0\.0\.1:{https_port}\s+ssl)", r"\1 http2", 1)
     return conf
 
 
@@ -180,7 +167,7 @@ def front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Front]:
         site = ngx / "mailstead.conf"
         site.write_text(localize_nginx_conf(
             SHIPPED_CONF.read_text(), http_port=http_port, https_port=https_port,
-            tls_dir=state / "tls", acme_dir=acme, web_sock=portal.sock, version=nginx_version()))
+            tls_dir=state / "tls", acme_dir=acme, web_sock=portal.sock))
         main = ngx / "nginx.conf"
         main.write_text(main_nginx_conf(ngx, site))
         test = subprocess.run([NGINX, "-t", "-p", str(ngx), "-c", str(main)],

@@ -129,6 +129,11 @@ def test_boot_to_token_gated_portal(image: Path, firmware: str, report: dict, tm
         assert m.succeed(f"ps -o user= -p {pid}").strip() == "mailstead"
         assert m.succeed("stat -c '%a %U' /var/lib/mailstead/setup-token").split()[0] in {"400", "440"}
 
+        # The screen's login prompt shows the same banner (getty waits for first boot).
+        issue = m.succeed("cat /etc/issue.d/50-mailstead.issue")
+        assert banner["token"] in issue and banner["fingerprint"] in issue
+        assert "mailstead-firstboot.service" in m.succeed("systemctl list-dependencies --after --plain getty@tty1.service")
+
         # First boot is idempotent: a second run keeps the token and the certificate.
         before = m.succeed("sha256sum /var/lib/mailstead/setup-token /var/lib/mailstead/tls/bootstrap.crt")
         m.succeed("systemctl restart mailstead-firstboot.service")
