@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT))
 
 from mailstead_vm import VM, VMConfig, free_port, kvm_usable, retry, root_partuuid  # noqa: E402
+from tests.vm.machine import Machine  # noqa: E402  (the test profile's backdoor shell)
 
 MASK = " ".join(
     f"systemd.mask={u}"
@@ -50,7 +51,7 @@ def portal_answers(port: int) -> bool:
 
 
 def boot(cfg: VMConfig, until: str, port: int | None = None) -> tuple[float, int | None]:
-    vm = VM(cfg)
+    vm = Machine(cfg) if cfg.backdoor else VM(cfg)
     vm.start()
     try:
         if until == "portal":
@@ -59,15 +60,9 @@ def boot(cfg: VMConfig, until: str, port: int | None = None) -> tuple[float, int
             vm.wait_for_console(r"login: ", 900)
         seconds = round(vm.boot_seconds(), 1)
         memory = None
-        if cfg.backdoor:
-            from tests.vm.machine import Machine  # the backdoor shell
-
-            m = Machine.__new__(Machine)
-            m.__dict__.update(vm.__dict__, _sock=None, _buf=b"")
-            try:
-                memory = int(m.execute("free -m | awk '/^Mem:/ {print $3}'", timeout=60)[1])
-            except Exception:  # noqa: BLE001 - a figure we could not read is reported as null
-                memory = None
+        if isinstance(vm, Machine):
+            vm.wait_for_shell(120)
+            memory = int(vm.succeed("free -m | awk '/^Mem:/ {print $3}'", timeout=60))
         return seconds, memory
     finally:
         vm.stop()
@@ -94,7 +89,7 @@ def main() -> int:
         figures[f"{suffix.strip('.').replace('.', '_')}_mb"] = round(f.stat().st_size / 2**20) if f.exists() else None
 
     kernel, initrd = out / f"mailstead_{version}.vmlinuz", out / f"mailstead_{version}.initrd"
-    cmdline = f"root=PARTUUID={root_partuuid(image)} rw console=tty0 console=ttyS0,115200 systemd.show_status=error audit=0"
+    cmdline = f"root=PARTUUID={root_partuuid(image)} rw console=tty0 console=ttyS0,115200 quiet systemd.show_status=error audit=0"
     for accel in accels:
         port = free_port()
         base = dict(image=image, accel=accel, forwards={port: 443})

@@ -17,8 +17,10 @@ import shutil
 import signal
 import socket
 import subprocess
+import struct
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -28,8 +30,10 @@ CACHE = Path(os.environ.get("MAILSTEAD_CACHE", "/var/cache/mailstead"))
 MKOSI = CACHE / "bin" / "mkosi"
 BACKDOOR_PORT = "org.mailstead.backdoor"
 KVM_FAILURE = re.compile(r"KVM internal error|emulation failure|failed to initialize kvm", re.I)
-# Kernel oopses seen under TCG with -smp 2 (see issue 2): reported, then retried once.
-OOPS = re.compile(r"Kernel panic|BUG: |Oops: |general protection fault")
+# Guest kernel failures: oopses seen under TCG with -smp 2 (issue 2), and a
+# disk that stopped answering (hung tasks) once under TCG. Reported, then the
+# boot is retried once.
+OOPS = re.compile(r"Kernel panic|BUG: |Oops: |general protection fault|blocked for more than \d+ seconds")
 
 T = TypeVar("T")
 
@@ -190,6 +194,10 @@ class VM:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def boot_seconds(self) -> float:
+        """Seconds since qemu was started."""
+        return time.monotonic() - self.started_at
+
     def console(self) -> str:
         return self.serial_log.read_text(errors="replace")
 
@@ -237,11 +245,20 @@ class VM:
 
 
 def root_partuuid(image: Path) -> str:
-    """The PARTUUID of the image's root partition (for direct kernel boot's root=)."""
-    table = json.loads(subprocess.run(["sfdisk", "--json", str(image)], check=True, capture_output=True).stdout)
-    for part in table["partitiontable"]["partitions"]:
-        if part["type"].upper() == "4F68BCE3-E8CD-44B1-96E7-FBCAF984B709":  # root-x86-64
-            return part["uuid"].lower()
+    """The PARTUUID of the image's root partition (for direct kernel boot's root=), read from the GPT."""
+    root_type = uuid.UUID("4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709")  # root-x86-64
+    with open(image, "rb") as f:
+        f.seek(512)
+        header = f.read(92)
+        if header[:8] != b"EFI PART":
+            raise VMError(f"{image} has no GPT")
+        first_lba, count, size = struct.unpack_from("<QII", header, 72)
+        f.seek(first_lba * 512)
+        table = f.read(count * size)
+    for i in range(count):
+        entry = table[i * size : (i + 1) * size]
+        if uuid.UUID(bytes_le=entry[:16]) == root_type:
+            return str(uuid.UUID(bytes_le=entry[16:32]))
     raise VMError(f"{image} has no x86-64 root partition")
 
 

@@ -17,7 +17,16 @@ import pytest
 import requests
 
 from portal.firstboot import make_certificate
-from tests.conftest import OS_PRETTY_NAME, REPO, TEST_TOKEN, AgentProcess, connectable, free_port, retry
+from tests.conftest import (
+    OS_PRETTY_NAME,
+    REPO,
+    TEST_TOKEN,
+    AgentProcess,
+    connectable,
+    free_port,
+    retry,
+    stop_process,
+)
 
 ARTIFACTS = REPO / "artifacts" / "browser"
 CHROMIUM = "/usr/bin/chromium"
@@ -46,16 +55,6 @@ class Portal:
     url: str
     state_dir: Path
     token: str
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="session")
@@ -109,7 +108,7 @@ def portal_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Portal]:
         retry(healthy, 30, f"gunicorn at {url}")
         yield Portal(url=url, state_dir=state, token=TEST_TOKEN)
     finally:
-        _stop(web)
+        stop_process(web)
         agent.stop()
         print(f"gunicorn log ({web_log}):\n{web_log.read_text()[-3000:]}")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import REPO, free_port, launch_agent, retry
+from tests.conftest import REPO, free_port, launch_agent, retry, stop_process
 
 NGINX = "/usr/sbin/nginx"
 SHIPPED_CONF = REPO / "image" / "extra" / "etc" / "nginx" / "conf.d" / "mailstead.conf"
@@ -70,16 +70,6 @@ http {{
 """
 
 
-def _stop(proc: subprocess.Popen[bytes] | None) -> None:
-    if proc is not None and proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @dataclass
 class Portal:
     """gunicorn serving portal.wsgi:app on a unix socket, as mailstead-web does."""
@@ -98,7 +88,7 @@ class Portal:
         retry(self._healthy, 30, f"gunicorn on {self.sock}")
 
     def stop(self) -> None:
-        _stop(self.proc)
+        stop_process(self.proc)
 
     def _healthy(self) -> None:
         assert self.proc is not None
@@ -188,7 +178,7 @@ def front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Front]:
         retry(listening, 15, "nginx on its loopback ports")
         yield front
     finally:
-        _stop(nginx)
+        stop_process(nginx)
         portal.stop()
         agent.stop()
         for log in (root / "gunicorn.log", ngx / "error.log"):

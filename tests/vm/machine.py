@@ -155,6 +155,3 @@ class Machine(VM):
         fpr = self.wait_for_console(FPR_RX, 30).group(1)
         urls = re.findall(PORTAL_RX, self.console())
         return {"token": token, "fingerprint": fpr, "urls": " ".join(urls)}
-
-    def boot_seconds(self) -> float:
-        return time.monotonic() - self.started_at
