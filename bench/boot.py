@@ -19,17 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import ssl
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT))
 
-from mailstead_vm import VM, VMConfig, free_port, kvm_usable, retry, root_partuuid  # noqa: E402
+from mailstead_vm import VM, VMConfig, free_port, kvm_usable, portal_answers, retry, root_partuuid  # noqa: E402
 from tests.vm.machine import Machine  # noqa: E402  (the test profile's backdoor shell)
 
 MASK = " ".join(
@@ -40,14 +37,6 @@ MASK = " ".join(
         "mailstead-agent.socket", "mailstead-firstboot.service",
     )
 )  # fmt: skip
-
-
-def portal_answers(port: int) -> bool:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    with urllib.request.urlopen(f"https://127.0.0.1:{port}/setup/token", context=ctx, timeout=10) as r:
-        return r.status == 200
 
 
 def boot(cfg: VMConfig, until: str, port: int | None = None) -> tuple[float, int | None]:

@@ -16,10 +16,12 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import struct
 import tempfile
 import time
+import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,12 +128,12 @@ class VM:
             return []
         if self.cfg.firmware != "uefi":
             raise VMError(f"firmware must be 'uefi' or 'bios', not {self.cfg.firmware!r}")
-        code = tools_path("usr/share/OVMF/OVMF_CODE_4M.fd")
+        tools_path("usr/share/OVMF/OVMF_CODE_4M.fd")  # QEMU runs in the tools tree: /usr is the tools' /usr
         vars_src = tools_path("usr/share/OVMF/OVMF_VARS_4M.fd")
         vars_copy = self.workdir / "OVMF_VARS.fd"
         shutil.copyfile(vars_src, vars_copy)
         return [
-            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
+            "-drive", "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
             "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}",
         ]  # fmt: skip
 
@@ -242,6 +244,20 @@ class VM:
             if "error" in reply:
                 raise VMError(f"QMP {command}: {reply['error']}")
             return reply.get("return", {})
+
+
+def portal_answers(port: int, timeout: float = 10) -> bool:
+    """The forwarded portal's token page answers 200 over https.
+
+    The certificate is self-signed: the owner checks it by fingerprint, tests
+    compare the fingerprint separately. No proxy from the environment is used.
+    """
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=ctx))
+    with opener.open(f"https://127.0.0.1:{port}/setup/token", timeout=timeout) as r:
+        return r.status == 200
 
 
 def root_partuuid(image: Path) -> str:

@@ -124,6 +124,11 @@ def test_boot_to_token_gated_portal(image: Path, firmware: str, report: dict, tm
             unexpected.append(line)
         assert not unexpected, "unexpected listeners:\n" + "\n".join(unexpected)
 
+        # ssh takes keys only; the image shipped no host keys, first boot made them.
+        sshd = m.succeed("sshd -T")
+        assert "passwordauthentication no" in sshd and "kbdinteractiveauthentication no" in sshd
+        m.succeed("test -s /etc/ssh/ssh_host_ed25519_key")
+
         # The portal does not run as root; the agent does.
         pid = m.succeed("systemctl show -P MainPID mailstead-web.service").strip()
         assert m.succeed(f"ps -o user= -p {pid}").strip() == "mailstead"
