@@ -21,11 +21,15 @@ BOOT_TIMEOUT = 900  # TCG on 2 cores: 90-300 s is normal
 def boot(image: Path, firmware: str, report: dict, tmp_path: Path) -> tuple[Machine, dict[str, str], int]:
     """Boot once; on a guest kernel failure or a hang retry once, and report it."""
     incidents = report.setdefault("incidents", [])
+    accel = None  # auto: KVM when it works
     for attempt in (1, 2):
         port = free_port()
         m = Machine(
-            VMConfig(image=image, firmware=firmware, forwards={port: 443}, workdir=tmp_path / f"{firmware}-{attempt}")
-        )
+            VMConfig(
+                image=image, firmware=firmware, forwards={port: 443}, accel=accel,
+                workdir=tmp_path / f"{firmware}-{attempt}",
+            )
+        )  # fmt: skip
         m.start()
         try:
             banner = m.first_boot_banner(timeout=BOOT_TIMEOUT)
@@ -40,6 +44,8 @@ def boot(image: Path, firmware: str, report: dict, tmp_path: Path) -> tuple[Mach
             m.stop()
             incidents.append({"firmware": firmware, "attempt": attempt, "error": str(exc)[:2000]})
             print(f"boot attempt {attempt} ({firmware}) failed, serial log in {keep}: {exc}")
+            if "KVM" in str(exc):
+                accel = "tcg"  # KVM is there but guests die on it: emulate instead
             if attempt == 2:
                 raise
     raise AssertionError("unreachable")
