@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT))
 
-from mailstead_vm import VM, VMConfig, free_port, kvm_usable, portal_answers, retry, root_partuuid  # noqa: E402
+from mailstead_vm import VM, VMConfig, free_port, kvm_usable, root_partuuid  # noqa: E402
 from tests.vm.machine import Machine  # noqa: E402  (the test profile's backdoor shell)
 
 MASK = " ".join(
@@ -44,7 +44,7 @@ def boot(cfg: VMConfig, until: str, port: int | None = None) -> tuple[float, int
     vm.start()
     try:
         if until == "portal":
-            retry(lambda: (vm.check_alive(), portal_answers(port))[1], 900, "the portal", interval=0.5)
+            vm.wait_for_portal(port, 900, interval=0.5)
         else:
             vm.wait_for_console(r"login: ", 900)
         seconds = round(vm.boot_seconds(), 1)

@@ -228,6 +228,15 @@ class VM:
         except TimeoutError as exc:
             raise TimeoutError(f"{exc}\n--- serial console (tail) ---\n{self.console()[-3000:]}") from None
 
+    def wait_for_portal(self, port: int, timeout: float, interval: float = 1.0) -> None:
+        """Until the portal forwarded to host `port` answers over https (or the guest dies)."""
+
+        def answers() -> bool:
+            self.check_alive()
+            return portal_answers(port)
+
+        retry(answers, timeout, "the portal over https", interval=interval)
+
     def qmp(self, command: str, **arguments: object) -> dict:
         with socket.socket(socket.AF_UNIX) as s:
             s.settimeout(30)

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+from mailstead_vm import free_port  # noqa: E402  (re-exported for the tiers' fixtures)
 TEST_TOKEN = "test-setup-token-0123456789abcdefghijklmnopqrstuvwx"
 OS_PRETTY_NAME = "Mailstead Test OS 1.0 (pytest)"
 
@@ -40,12 +42,6 @@ def retry(fn: Callable[[], object], timeout: float, what: str) -> object:
             time.sleep(0.1)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float = 10) -> None:
     """Terminate a server the tests started; kill it if it does not exit in time."""
     if proc is not None and proc.poll() is None:
@@ -55,6 +51,18 @@ def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float = 10) -> N
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def launch_gunicorn(*bind: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """gunicorn serving portal.wsgi:app as mailstead-web does (one worker, four threads).
+
+    `bind` gives the listener (`--bind ...`, plus `--certfile`/`--keyfile` for https).
+    The caller waits for it to answer and stops it (stop_process)."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", *bind,
+             "--workers", "1", "--threads", "4", "--access-logfile", "-", "portal.wsgi:app"],
+            stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)  # fmt: skip
 
 
 @dataclass
@@ -67,13 +75,7 @@ class AgentProcess:
         return self.log.read_text(errors="replace")
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         return self.proc.returncode
 
 

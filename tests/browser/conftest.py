@@ -6,8 +6,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,16 +15,7 @@ import pytest
 import requests
 
 from portal.firstboot import make_certificate
-from tests.conftest import (
-    OS_PRETTY_NAME,
-    REPO,
-    TEST_TOKEN,
-    AgentProcess,
-    connectable,
-    free_port,
-    retry,
-    stop_process,
-)
+from tests.conftest import REPO, TEST_TOKEN, free_port, launch_agent, launch_gunicorn, retry, stop_process
 
 ARTIFACTS = REPO / "artifacts" / "browser"
 CHROMIUM = "/usr/bin/chromium"
@@ -73,32 +62,16 @@ def portal_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Portal]:
     key.write_bytes(key_pem)
     key.chmod(0o600)
 
-    os_release = root / "os-release"
-    os_release.write_text(f'PRETTY_NAME="{OS_PRETTY_NAME}"\n')
-    agent_sock = run / "agent.sock"
-    agent_log = root / "agent.log"
-    with open(agent_log, "wb") as log:
-        agent_proc = subprocess.Popen(
-            [sys.executable, "-m", "portal.agent.server", "--socket", str(agent_sock),
-             "--allow-uid", str(os.getuid()), "--os-release", str(os_release),
-             "--docker-host", f"unix://{root}/no-docker.sock"],
-            stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-    agent = AgentProcess(agent_sock, agent_proc, agent_log)
+    agent = launch_agent(run)
 
     port = free_port()
     env = {**os.environ, "MAILSTEAD_STATE_DIR": str(state), "MAILSTEAD_RUN_DIR": str(run),
-           "MAILSTEAD_AGENT_SOCKET": str(agent_sock)}
+           "MAILSTEAD_AGENT_SOCKET": str(agent.socket)}
     web_log = root / "gunicorn.log"
-    with open(web_log, "wb") as log:
-        web = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}",
-             "--certfile", str(cert), "--keyfile", str(key),
-             "--workers", "1", "--threads", "4", "--access-logfile", "-", "portal.wsgi:app"],
-            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    web = launch_gunicorn("--bind", f"127.0.0.1:{port}", "--certfile", str(cert), "--keyfile", str(key),
+                          env=env, log=web_log)
     url = f"https://127.0.0.1:{port}"
     try:
-        retry(lambda: connectable(agent_sock), 15, "the agent socket")
-
         def healthy() -> None:
             if web.poll() is not None:
                 raise AssertionError(f"gunicorn exited: {web_log.read_text()}")

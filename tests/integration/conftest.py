@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import REPO, free_port, launch_agent, retry, stop_process
+from tests.conftest import REPO, free_port, launch_agent, launch_gunicorn, retry, stop_process
 
 NGINX = "/usr/sbin/nginx"
 SHIPPED_CONF = REPO / "image" / "extra" / "etc" / "nginx" / "conf.d" / "mailstead.conf"
@@ -80,11 +80,7 @@ class Portal:
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def start(self) -> None:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gunicorn", "--bind", f"unix:{self.sock}",
-                 "--workers", "1", "--threads", "4", "--access-logfile", "-", "portal.wsgi:app"],
-                stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=self.env)
+        self.proc = launch_gunicorn("--bind", f"unix:{self.sock}", env=self.env, log=self.log)
         retry(self._healthy, 30, f"gunicorn on {self.sock}")
 
     def stop(self) -> None:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import requests
-import urllib3
 
 from .machine import Machine, VMConfig, VMError, free_port, retry
 
@@ -60,6 +59,8 @@ def csrf_from(html: str) -> str:
 
 
 @pytest.mark.parametrize("firmware", ["uefi", "bios"])
+# The bootstrap certificate is self-signed: the test pins its fingerprint instead.
+@pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
 def test_boot_to_token_gated_portal(image: Path, firmware: str, report: dict, tmp_path: Path) -> None:
     m, banner, port = boot(image, firmware, report, tmp_path)
     try:
@@ -77,7 +78,7 @@ def test_boot_to_token_gated_portal(image: Path, firmware: str, report: dict, tm
         assert "https://" in banner["urls"], banner
 
         # A wrong token is refused, the right one is accepted (through nginx and gunicorn).
-        with requests.Session() as s, _insecure():
+        with requests.Session() as s:
             s.verify = False
             s.trust_env = False  # no proxies or CA bundles from the environment
             s.headers["Referer"] = f"{base}/setup/token"  # as a browser sends it (CSRF checks it on https)
@@ -159,17 +160,3 @@ def test_boot_to_token_gated_portal(image: Path, firmware: str, report: dict, tm
         raise
     finally:
         m.stop()
-
-
-class _insecure:
-    """The bootstrap certificate is self-signed: we pin its fingerprint above instead."""
-
-    def __enter__(self):
-        import warnings
-
-        self._w = warnings.catch_warnings()
-        self._w.__enter__()
-        warnings.simplefilter("ignore", urllib3.exceptions.InsecureRequestWarning)
-
-    def __exit__(self, *exc):
-        self._w.__exit__(*exc)
