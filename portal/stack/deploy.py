@@ -1,0 +1,164 @@
+"""Deploy the stack with `docker compose`; read its state with the docker SDK.
+
+A deploy renders the stack folder afresh, runs `compose up`, and waits until
+every service is healthy. If that fails, the previous folder is put back and
+brought up again, so a bad change never leaves the owner without mail; the
+error names the service that failed and why.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .render import render, replace_tree, restore_tree
+from .settings import SERVICES, StackSettings
+
+Progress = Callable[[str, str], None]
+
+
+class DeployError(RuntimeError):
+    """`failures` maps each failed service to a plain-words reason."""
+
+    def __init__(self, message: str, failures: dict[str, str] | None = None,
+                 rolled_back: bool = False) -> None:
+        super().__init__(message)
+        self.failures = failures or {}
+        self.rolled_back = rolled_back
+
+
+@dataclass
+class ServiceState:
+    service: str
+    status: str          # running, exited, missing, ...
+    health: str          # healthy, starting, unhealthy, none
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "running" and self.health in ("healthy", "none")
+
+
+@dataclass
+class DeployResult:
+    seconds_to_healthy: float
+    services: dict[str, ServiceState] = field(default_factory=dict)
+
+
+# -- secrets the stack needs ----------------------------------------------------
+
+def stack_secrets(secrets_dir: Path) -> dict[str, str]:
+    """The stack's generated secrets, made once (0600) and then reused."""
+    secrets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = secrets_dir / "redis-password"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+    return {"redis_password": path.read_text().strip()}
+
+
+# -- compose and the SDK --------------------------------------------------------
+
+def compose(settings: StackSettings, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    cmd = ["docker", "compose", "-p", settings.project,
+           "-f", str(settings.stack_dir / "compose.yaml"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def service_states(client: Any, project: str, services: tuple[str, ...] = SERVICES) -> dict[str, ServiceState]:
+    found = {}
+    for c in client.containers.list(all=True, filters={"label": f"com.docker.compose.project={project}"}):
+        service = c.labels.get("com.docker.compose.service", "")
+        state = c.attrs.get("State", {})
+        health = (state.get("Health") or {}).get("Status", "none")
+        error = state.get("Error", "")
+        if health == "unhealthy":
+            log = (state.get("Health") or {}).get("Log") or []
+            if log:
+                error = error or " ".join(str(log[-1].get("Output", "")).split())[:300]
+        found[service] = ServiceState(service, state.get("Status", "unknown"), health, error)
+    return {s: found.get(s, ServiceState(s, "missing", "none", "no container")) for s in services}
+
+
+def wait_healthy(client: Any, project: str, timeout: float, progress: Progress,
+                 services: tuple[str, ...] = SERVICES) -> dict[str, ServiceState]:
+    deadline = time.monotonic() + timeout
+    said: dict[str, str] = {}
+    while True:
+        states = service_states(client, project, services)
+        for s, st in states.items():
+            now = "healthy" if st.ok else f"{st.status}/{st.health}"
+            if said.get(s) != now:
+                progress(s, now)
+                said[s] = now
+        if all(st.ok for st in states.values()):
+            return states
+        dead = {s: st for s, st in states.items() if st.status in ("exited", "dead", "missing")
+                or st.health == "unhealthy"}
+        if dead or time.monotonic() > deadline:
+            bad = dead or {s: st for s, st in states.items() if not st.ok}
+            raise DeployError(
+                "services did not become healthy: " + ", ".join(sorted(bad)),
+                {s: describe(client, project, st) for s, st in bad.items()},
+            )
+        time.sleep(0.5)
+
+
+def describe(client: Any, project: str, st: ServiceState) -> str:
+    """Why a service failed, from its state and the last lines of its log."""
+    reason = st.error or f"{st.status}, health {st.health}"
+    try:
+        c = client.containers.get(f"{project}-{st.service}")
+        tail = c.logs(tail=5).decode(errors="replace").strip()
+    except Exception:
+        tail = ""
+    return f"{reason}" + (f"; last log lines: {tail[-600:]}" if tail else "")
+
+
+def up(client: Any, settings: StackSettings, timeout: float, progress: Progress) -> dict[str, ServiceState]:
+    r = compose(settings, "up", "-d", "--force-recreate", "--remove-orphans", timeout=timeout + 120)
+    if r.returncode != 0:
+        states = service_states(client, settings.project)
+        failures = {s: describe(client, settings.project, st) for s, st in states.items() if not st.ok}
+        message = " ".join(r.stderr.split())[-800:]
+        raise DeployError(f"docker compose up failed: {message}", failures or {"compose": message})
+    return wait_healthy(client, settings.project, timeout, progress)
+
+
+def deploy(client: Any, settings: StackSettings, *, timeout: float = 180,
+           progress: Progress | None = None) -> DeployResult:
+    """Render `settings` (images must be loaded; settings.images pins their IDs),
+    bring the stack up and wait for health. On failure, roll back."""
+    say = progress or (lambda _s, _m: None)
+    settings.validate()
+    files = render(settings, stack_secrets(settings.secrets_dir))
+    settings.accounts_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+    settings.dkim_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    prev = replace_tree(files, settings.stack_dir)
+    start = time.monotonic()
+    try:
+        states = up(client, settings, timeout, say)
+    except DeployError as err:
+        if prev is None:
+            raise
+        say("deploy", "failed; bringing the previous stack back")
+        restore_tree(settings.stack_dir, prev)
+        try:
+            up(client, settings, timeout, say)
+        except DeployError as again:
+            raise DeployError(f"{err}; rolling back failed too: {again}", err.failures) from err
+        raise DeployError(f"{err} (the previous stack is running again)", err.failures,
+                          rolled_back=True) from err
+    return DeployResult(time.monotonic() - start, states)
+
+
+def down(settings: StackSettings, volumes: bool = False) -> None:
+    args = ["down", "--remove-orphans"] + (["--volumes"] if volumes else [])
+    compose(settings, *args)

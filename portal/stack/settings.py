@@ -1,0 +1,130 @@
+"""The settings the mail stack is rendered from (a typed, immutable value)."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+
+SERVICES = ("postfix", "dovecot", "rspamd", "redis", "radicale")
+
+# Container port -> default host port, per published service port.
+DEFAULT_PORTS = {
+    "smtp": 25,
+    "submissions": 465,
+    "submission": 587,
+    "imaps": 993,
+    "pop3s": 995,
+    "dav": 5232,
+}
+
+
+class SettingsError(ValueError):
+    """A setting is invalid: names the field and the fix."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+        self.message = message
+
+
+@dataclass(frozen=True)
+class StackSettings:
+    domain: str
+    hostname: str
+    state_dir: Path = Path("/var/lib/mailstead")
+    version: str = __version__
+    # Where the published ports listen: every address in production,
+    # 127.0.0.1 in tests. radicale is always published on 127.0.0.1 only.
+    publish_addresses: tuple[str, ...] = ("0.0.0.0",)
+    ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    dkim_selectors: tuple[str, str] = ("mailstead-rsa", "mailstead-ed25519")
+    message_size_limit_mb: int = 50
+    default_quota_mb: int = 2048
+    # Image IDs by service (pinned in compose.yaml); filled in after loading.
+    images: dict[str, str] = field(default_factory=dict)
+    project: str = "mailstead"
+
+    @property
+    def stack_dir(self) -> Path:
+        return self.state_dir / "stack"
+
+    @property
+    def accounts_dir(self) -> Path:
+        return self.state_dir / "accounts"
+
+    @property
+    def accounts_db(self) -> Path:
+        return self.accounts_dir / "accounts.db"
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self.state_dir / "secrets"
+
+    @property
+    def dkim_dir(self) -> Path:
+        return self.secrets_dir / "dkim"
+
+    @property
+    def cert_path(self) -> Path:
+        return self.tls_cert or self.state_dir / "tls" / "bootstrap.crt"
+
+    @property
+    def key_path(self) -> Path:
+        return self.tls_key or self.state_dir / "tls" / "bootstrap.key"
+
+    def with_images(self, images: dict[str, str]) -> StackSettings:
+        return replace(self, images=dict(images))
+
+    def validate(self) -> StackSettings:
+        from .accounts import check_domain  # one domain rule for settings and accounts
+
+        check_domain(self.domain, "domain")
+        check_domain(self.hostname, "hostname")
+        if not self.publish_addresses:
+            raise SettingsError("publish_addresses", "give at least one address, e.g. 0.0.0.0")
+        for addr in self.publish_addresses:
+            try:
+                ipaddress.ip_address(addr)
+            except ValueError:
+                raise SettingsError("publish_addresses",
+                                    f"'{addr[:64]}' is not an IP address; use e.g. 0.0.0.0 or 127.0.0.1") from None
+        unknown = set(self.ports) - set(DEFAULT_PORTS)
+        if unknown:
+            raise SettingsError("ports", f"unknown port name(s) {sorted(unknown)}; known: {sorted(DEFAULT_PORTS)}")
+        for name, port in self.ports.items():
+            if not isinstance(port, int) or not 1 <= port <= 65535:
+                raise SettingsError(f"ports.{name}", "must be a port number from 1 to 65535")
+        if len(set(self.ports.values())) != len(self.ports):
+            raise SettingsError("ports", "two services cannot share one host port")
+        if not 1 <= self.message_size_limit_mb <= 1024:
+            raise SettingsError("message_size_limit_mb", "must be between 1 and 1024")
+        if self.default_quota_mb < 0:
+            raise SettingsError("default_quota_mb", "must be 0 (no limit) or more")
+        return self
+
+    def as_template_vars(self) -> dict[str, Any]:
+        ports = dict(DEFAULT_PORTS)
+        ports.update(self.ports)
+        return {
+            "domain": self.domain,
+            "hostname": self.hostname,
+            "version": self.version,
+            "project": self.project,
+            "publish_addresses": list(self.publish_addresses),
+            "ports": ports,
+            "stack_dir": str(self.stack_dir),
+            "accounts_dir": str(self.accounts_dir),
+            "dkim_dir": str(self.dkim_dir),
+            "dkim_selectors": {"rsa": self.dkim_selectors[0], "ed25519": self.dkim_selectors[1]},
+            "tls_cert": str(self.cert_path),
+            "tls_key": str(self.key_path),
+            "message_size_limit": self.message_size_limit_mb * 1024 * 1024,
+            "default_quota_mb": self.default_quota_mb,
+            "images": {svc: self.images.get(svc, f"mailstead-{svc}:{self.version}") for svc in SERVICES},
+        }

@@ -1,0 +1,3 @@
+#!/bin/sh
+# Placeholder until the dovecot recipe lands.
+exec sleep infinity

@@ -1,0 +1,3 @@
+#!/bin/sh
+# Placeholder until the postfix recipe lands.
+exec sleep infinity

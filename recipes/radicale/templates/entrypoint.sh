@@ -1,0 +1,3 @@
+#!/bin/sh
+# Placeholder until the radicale recipe lands.
+exec sleep infinity

@@ -1,0 +1,3 @@
+#!/bin/sh
+# Placeholder until the rspamd recipe lands.
+exec sleep infinity

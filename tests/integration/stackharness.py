@@ -1,0 +1,107 @@
+"""Bring the real mail stack up on the host's docker engine, on loopback.
+
+Each user of the harness picks its own compose project name and port base,
+so several stacks (e.g. parallel test modules) never collide.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import subprocess
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import docker
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from portal.stack import deploy as deploy_mod
+from portal.stack.images import load_images
+from portal.stack.settings import DEFAULT_PORTS, StackSettings
+
+REPO = Path(__file__).resolve().parents[2]
+IMAGES_DIR = Path(os.environ.get("MAILSTEAD_IMAGES_DIR", REPO / "mkosi.output"))
+VERSION = "0.1.0"
+DOMAIN = "example.test"
+HOSTNAME = "mail.example.test"
+
+
+def ensure_images(client: docker.DockerClient) -> dict[str, str]:
+    """Load the mkosi-built image tars (building the image first if they are missing)."""
+    if not (IMAGES_DIR / "mailstead-base.tar").exists():
+        subprocess.run([str(REPO / "scripts/build-image"), "--profile", "test", "--raw-only"], check=True)
+    return load_images(client, IMAGES_DIR, VERSION, lock_path=IMAGES_DIR / ".load.lock")
+
+
+def make_tls(directory: Path, names: list[str]) -> tuple[Path, Path]:
+    """A self-signed P-256 certificate for `names` (and 127.0.0.1)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    sans: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
+    sans.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_path.chmod(0o600)
+    return cert_path, key_path
+
+
+def make_settings(state_dir: Path, project: str, port_base: int) -> StackSettings:
+    """Settings for a stack published on 127.0.0.1 at port_base + the standard port % 1000."""
+    cert, key = make_tls(state_dir / "tls", [HOSTNAME, f"mta-sts.{DOMAIN}", f"autoconfig.{DOMAIN}"])
+    ports = {name: port_base + port % 1000 for name, port in DEFAULT_PORTS.items()}
+    return StackSettings(domain=DOMAIN, hostname=HOSTNAME, state_dir=state_dir, version=VERSION,
+                         publish_addresses=("127.0.0.1",), ports=ports, tls_cert=cert, tls_key=key,
+                         project=project)
+
+
+@dataclass
+class Stack:
+    client: docker.DockerClient
+    settings: StackSettings
+
+    def deploy(self, **changes: Any) -> deploy_mod.DeployResult:
+        if changes:
+            self.settings = replace(self.settings, **changes)
+        return deploy_mod.deploy(self.client, self.settings, timeout=180)
+
+    def port(self, name: str) -> int:
+        return self.settings.ports[name]
+
+    def container(self, service: str) -> Any:
+        return self.client.containers.get(f"{self.settings.project}-{service}")
+
+    def exec(self, service: str, *cmd: str, user: str = "root", environment: dict[str, str] | None = None) -> str:
+        """Run cmd in the service's container; raise with its output if it fails."""
+        code, out = self.container(service).exec_run(list(cmd), user=user, environment=environment)
+        text = out.decode(errors="replace")
+        if code != 0:
+            raise AssertionError(f"{' '.join(cmd)} in {service} exited {code}: {text}")
+        return text
+
+    def down(self) -> None:
+        deploy_mod.down(self.settings, volumes=True)
+
+
+def start_stack(state_dir: Path, project: str, port_base: int) -> Stack:
+    client = docker.from_env(timeout=120)
+    ids = ensure_images(client)
+    settings = make_settings(state_dir, project, port_base).with_images(ids)
+    # Leftovers of an interrupted earlier run of the same project.
+    subprocess.run(["docker", "compose", "-p", project, "down", "--volumes", "--remove-orphans"],
+                   capture_output=True, check=False)
+    return Stack(client, settings)
