@@ -88,3 +88,23 @@ ensure_build_deps() {
     apt_need newuidmap uidmap
     ensure_mkosi
 }
+
+# The docker engine (Debian's docker.io) and compose v2 (trixie's plugin,
+# without recommends: they would replace the engine), started when needed.
+ensure_docker() {
+    apt_need dockerd docker.io
+    if ! docker compose version >/dev/null 2>&1; then
+        ensure_trixie_source
+        apt_update_once
+        log "installing docker compose v2 (trixie's docker-compose, no recommends)"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -t trixie --no-install-recommends \
+            docker-compose >/dev/null || die "could not install docker-compose from trixie"
+    fi
+    if ! docker info >/dev/null 2>&1; then
+        log "starting dockerd (log: /var/log/mailstead-dockerd.log)"
+        nohup dockerd >/var/log/mailstead-dockerd.log 2>&1 &
+        local i
+        for i in $(seq 60); do docker info >/dev/null 2>&1 && return 0; sleep 1; done
+        die "dockerd did not start; see /var/log/mailstead-dockerd.log"
+    fi
+}

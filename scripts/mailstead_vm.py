@@ -153,7 +153,7 @@ class VM:
             "-device", "virtio-rng-pci",
             "-chardev", f"file,id=serial0,path={self.serial_log}",
             "-serial", "chardev:serial0",
-            "-nic", f"user,model=virtio-net-pci{fwd}",
+            "-nic", f"user,id=net0,model=virtio-net-pci{fwd}",  # id: QMP set_link can cut the cable
             "-drive", f"if=virtio,format=qcow2,cache=unsafe,discard=unmap,file={self._disk()}",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
             *self._firmware_args(),

@@ -84,7 +84,8 @@ def connectable(path: Path) -> None:
         s.connect(str(path))
 
 
-def launch_agent(directory: Path, *extra: str, allow_uid: int | None = None) -> AgentProcess:
+def launch_agent(directory: Path, *extra: str, allow_uid: int | None = None,
+                 env: dict[str, str] | None = None) -> AgentProcess:
     """Start `python -m portal.agent.server` with its socket, log and os-release in
     `directory`; return once the socket accepts connections. The caller stops it."""
     os_release = directory / "os-release"
@@ -101,7 +102,8 @@ def launch_agent(directory: Path, *extra: str, allow_uid: int | None = None) -> 
         *extra,
     ]
     with open(log, "wb") as log_file:
-        proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO)
+        proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO,
+                                env={**os.environ, **(env or {})})
     agent = AgentProcess(sock, proc, log)
 
     def up() -> None:
@@ -122,8 +124,8 @@ def start_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[.
     """Start an agent (see launch_agent) in a fresh temporary directory; stopped at teardown."""
     started: list[AgentProcess] = []
 
-    def start(*extra: str, allow_uid: int | None = None) -> AgentProcess:
-        agent = launch_agent(tmp_path_factory.mktemp("agent"), *extra, allow_uid=allow_uid)
+    def start(*extra: str, allow_uid: int | None = None, env: dict[str, str] | None = None) -> AgentProcess:
+        agent = launch_agent(tmp_path_factory.mktemp("agent"), *extra, allow_uid=allow_uid, env=env)
         started.append(agent)
         return agent
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -52,6 +53,10 @@ class Context:
     )
     os_release: Path = Path("/etc/os-release")
     portal_version: str = __version__
+    state_dir: Path = field(default_factory=lambda: Path(os.environ.get("MAILSTEAD_STATE_DIR", "/var/lib/mailstead")))
+    # The preloaded container image tars (see recipes/README.md).
+    images_dir: Path = field(default_factory=lambda: Path(os.environ.get("MAILSTEAD_IMAGES_DIR",
+                                                                          "/usr/lib/mailstead/images")))
 
 
 @dataclass(frozen=True)

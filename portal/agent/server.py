@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import ops
+from ..stack import agentops  # noqa: F401  (registers the mail stack operations)
 
 log = logging.getLogger("mailstead.agent")
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import re
 import shutil
 import ssl
@@ -154,9 +156,80 @@ def test_boot_to_token_gated_portal(image: Path, firmware: str, report: dict, tm
 
         report[f"{firmware}_memory_used_mb"] = int(m.succeed("free -m | awk '/^Mem:/ {print $3}'").strip())
         m.screenshot(ARTIFACTS / f"{firmware}-screen.png")
+
+        if firmware == "uefi":
+            check_offline_stack(m, report)
     except BaseException:
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(m.serial_log, ARTIFACTS / f"{firmware}-serial.log")
         raise
     finally:
         m.stop()
+
+
+MAIL_ROUND_TRIP = """
+import imaplib, smtplib, ssl, time
+with smtplib.SMTP("127.0.0.1", 25, timeout=60) as s:
+    s.sendmail("someone@remote.test", ["postmaster@example.test"],
+               "From: someone@remote.test\\r\\nSubject: offline hello\\r\\n\\r\\nbody\\r\\n")
+ctx = ssl._create_unverified_context()
+for _ in range(120):
+    with imaplib.IMAP4_SSL("127.0.0.1", 993, ssl_context=ctx) as i:
+        i.login("postmaster@example.test", "correct-horse-battery")
+        i.select("INBOX")
+        typ, data = i.search(None, "SUBJECT", '"offline hello"')
+        if data[0]:
+            break
+    time.sleep(1)
+else:
+    raise SystemExit("the message did not arrive in the mailbox")
+"""
+
+
+def guest_python(m: Machine, code: str, timeout: float = 120) -> str:
+    """Run a Python script in the guest (with the portal's interpreter)."""
+    payload = base64.b64encode(code.encode()).decode()
+    return m.succeed(f"echo {payload} | base64 -d | {GUEST_PY} -", timeout=timeout)
+
+
+STACK_SERVICES = ("postfix", "dovecot", "rspamd", "redis", "radicale")
+GUEST_PY = "/usr/lib/mailstead/venv/bin/python"
+
+
+def check_offline_stack(m: Machine, report: dict) -> None:
+    """The preloaded images load in the background after the portal is up, and
+    a deploy with the network cable out brings every service up healthy."""
+    m.wait_for_unit("mailstead-images.service", timeout=1200)
+    web = int(m.succeed("systemctl show -P ExecMainStartTimestampMonotonic mailstead-web.service"))
+    loaded = int(m.succeed("systemctl show -P ActiveEnterTimestampMonotonic mailstead-images.service"))
+    started = int(m.succeed("systemctl show -P InactiveExitTimestampMonotonic mailstead-images.service"))
+    assert started >= web, "image loading started before the portal"
+    report["uefi_seconds_loading_images"] = round((loaded - started) / 1e6, 1)
+    images = m.succeed("docker images --format '{{.Repository}}:{{.Tag}}'")
+    for service in ("base", *STACK_SERVICES):
+        assert f"mailstead-{service}:" in images, images
+
+    # Cable out: nothing may come from a network from here on.
+    m.qmp("set_link", name="net0", up=False)
+    try:
+        m.fail("getent ahosts deb.debian.org >/dev/null && timeout 5 bash -c '</dev/tcp/deb.debian.org/80'", timeout=60)
+        m.succeed(
+            f"{GUEST_PY} -c \"import sqlite3; c = sqlite3.connect('/var/lib/mailstead/state.db'); "
+            "c.execute('CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)'); "
+            "c.executemany('INSERT OR REPLACE INTO settings VALUES (?, ?)', "
+            "[('domain', 'example.test'), ('mail_host', 'mail.example.test')]); c.commit()\""
+        )
+        out = m.succeed("mailstead --timeout 1500 deploy", timeout=1600)
+        result = json.loads(out)
+        report["uefi_seconds_deploy_to_healthy"] = result["seconds_to_healthy"]
+        for service in STACK_SERVICES:
+            assert result["services"][service]["health"] == "healthy", out
+        status = json.loads(m.succeed("mailstead stack-status"))
+        assert all(s["health"] == "healthy" for s in status["services"].values()), status
+
+        # Mail flows inside the appliance: SMTP on 25 in, IMAPS on 993 out.
+        m.succeed("echo correct-horse-battery | mailstead mailbox-create postmaster@example.test --password-stdin")
+        guest_python(m, MAIL_ROUND_TRIP, timeout=300)
+        report["uefi_stack_memory_used_mb"] = int(m.succeed("free -m | awk '/^Mem:/ {print $3}'").strip())
+    finally:
+        m.qmp("set_link", name="net0", up=True)

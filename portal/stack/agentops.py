@@ -1,0 +1,200 @@
+"""The agent's mail stack operations: load images, deploy, status, mailboxes, aliases.
+
+Each is a thin call into portal.stack; the web process, the CLI and the
+scheduler use the same operations. Passwords arrive as arguments and are
+never logged or returned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from ..agent.ops import Context, OpError, operation
+from . import deploy as deploy_mod
+from .accounts import AccountError, Accounts, MailboxKeys
+from .images import ImageError, load_images, loaded_images
+from .settings import SettingsError, StackSettings
+from .store import load_settings
+
+
+@contextlib.contextmanager
+def refusals() -> Iterator[None]:
+    """Turn the stack's typed errors into OpErrors that name the field."""
+    try:
+        yield
+    except (AccountError, SettingsError) as exc:
+        raise OpError("invalid", f"{exc.field}: {exc.message}") from None
+    except ImageError as exc:
+        raise OpError("images", str(exc)) from None
+    except deploy_mod.DeployError as exc:
+        details = "; ".join(f"{s}: {why}" for s, why in sorted(exc.failures.items()))
+        raise OpError("deploy_failed", f"{exc}" + (f" — {details}" if details else "")) from None
+
+
+def settings_for(ctx: Context) -> StackSettings:
+    return load_settings(ctx.state_dir)
+
+
+def ensure_images(ctx: Context, client: Any, settings: StackSettings,
+                  progress: Callable[[str, str], None] | None = None) -> dict[str, str]:
+    return load_images(client, ctx.images_dir, settings.version,
+                       lock_path=ctx.state_dir / "images.lock", progress=progress)
+
+
+def keys_for(client: Any, settings: StackSettings) -> MailboxKeys:
+    from .dovecot_keys import DovecotKeys
+
+    return DovecotKeys(client, settings.project)
+
+
+def accounts_for(settings: StackSettings) -> Accounts:
+    """The accounts database, with the appliance's own domain always hosted."""
+    accounts = Accounts(settings.accounts_db)
+    accounts.add_domain(settings.domain)
+    return accounts
+
+
+@operation("stack_load_images")
+def stack_load_images(ctx: Context) -> dict[str, Any]:
+    """Load the preloaded images into docker (idempotent; run in the background at boot)."""
+    start = time.monotonic()
+    client = ctx.docker()
+    try:
+        with refusals():
+            ids = load_images(client, ctx.images_dir, ctx.portal_version,
+                              lock_path=ctx.state_dir / "images.lock")
+    finally:
+        client.close()
+    return {"images": ids, "seconds": round(time.monotonic() - start, 1)}
+
+
+@operation("stack_deploy")
+def stack_deploy(ctx: Context, timeout: int = 300) -> dict[str, Any]:
+    """Render the stack from the saved settings and bring it up (rolls back on failure)."""
+    from .dkim import ensure_keys
+
+    with refusals():
+        settings = settings_for(ctx)
+    client = ctx.docker()
+    try:
+        with refusals():
+            settings = settings.with_images(ensure_images(ctx, client, settings))
+            ensure_keys(settings.dkim_dir, settings.dkim_selectors)
+            accounts_for(settings)
+            result = deploy_mod.deploy(client, settings, timeout=timeout)
+    finally:
+        client.close()
+    return {
+        "seconds_to_healthy": round(result.seconds_to_healthy, 1),
+        "services": {s: {"status": st.status, "health": st.health} for s, st in result.services.items()},
+    }
+
+
+@operation("stack_status")
+def stack_status(ctx: Context) -> dict[str, Any]:
+    """Each service's container state and health, and which images are loaded."""
+    with refusals():
+        settings = settings_for(ctx)
+    client = ctx.docker()
+    try:
+        with refusals():
+            states = deploy_mod.service_states(client, settings.project)
+            images = loaded_images(client, settings.version)
+    finally:
+        client.close()
+    return {
+        "services": {s: {"status": st.status, "health": st.health, "error": st.error}
+                     for s, st in states.items()},
+        "images_loaded": sorted(images),
+    }
+
+
+class LazyKeys:
+    """The dovecot key manager, connecting to docker only when a change needs it
+    (so bad input is refused even when the engine is down)."""
+
+    def __init__(self, ctx: Context, settings: StackSettings) -> None:
+        self.ctx, self.settings, self.client, self._keys = ctx, settings, None, None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._keys is None:
+            self.client = self.ctx.docker()
+            self._keys = keys_for(self.client, self.settings)
+        return getattr(self._keys, name)
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+
+
+def _with_accounts(ctx: Context, fn: Callable[[Accounts, MailboxKeys], Any]) -> Any:
+    with refusals():
+        settings = settings_for(ctx)
+    keys = LazyKeys(ctx, settings)
+    try:
+        with refusals():
+            return fn(accounts_for(settings), keys)
+    except OpError:
+        raise
+    except Exception as exc:  # doveadm or docker failed: say so without echoing arguments
+        raise OpError("stack", f"the mail stack refused the change: {' '.join(str(exc).split())[:300]}") from None
+    finally:
+        keys.close()
+
+
+@operation("mailbox_list")
+def mailbox_list(ctx: Context) -> dict[str, Any]:
+    with refusals():
+        accounts = accounts_for(settings_for(ctx))
+        return {"mailboxes": accounts.list_mailboxes(), "aliases": accounts.list_aliases()}
+
+
+@operation("mailbox_create")
+def mailbox_create(ctx: Context, address: str, password: str, quota_mb: int = 0) -> dict[str, Any]:
+    _with_accounts(ctx, lambda a, k: a.create_mailbox(address, password, quota_mb, keys=k))
+    return {"created": address.lower()}
+
+
+@operation("mailbox_delete")
+def mailbox_delete(ctx: Context, address: str) -> dict[str, Any]:
+    return _with_accounts(ctx, lambda a, k: a.delete_mailbox(address, k))
+
+
+@operation("mailbox_rename")
+def mailbox_rename(ctx: Context, address: str, new_address: str) -> dict[str, Any]:
+    return _with_accounts(ctx, lambda a, k: a.rename_mailbox(address, new_address, k))
+
+
+@operation("mailbox_password")
+def mailbox_password(ctx: Context, address: str, old_password: str, new_password: str) -> dict[str, Any]:
+    _with_accounts(ctx, lambda a, k: a.change_password(address, old_password, new_password, k))
+    return {"changed": address.lower()}
+
+
+@operation("mailbox_reset_password")
+def mailbox_reset_password(ctx: Context, address: str, new_password: str) -> dict[str, Any]:
+    """For a forgotten password: new keys, so mail stored until now can no longer be read."""
+    _with_accounts(ctx, lambda a, k: a.reset_password(address, new_password, k))
+    return {"reset": address.lower()}
+
+
+@operation("mailbox_quota")
+def mailbox_quota(ctx: Context, address: str, quota_mb: int) -> dict[str, Any]:
+    with refusals():
+        return accounts_for(settings_for(ctx)).set_quota(address, quota_mb)
+
+
+@operation("alias_add")
+def alias_add(ctx: Context, source: str, destination: str) -> dict[str, Any]:
+    with refusals():
+        return accounts_for(settings_for(ctx)).add_alias(source, destination)
+
+
+@operation("alias_remove")
+def alias_remove(ctx: Context, source: str, destination: str) -> dict[str, Any]:
+    with refusals():
+        accounts_for(settings_for(ctx)).remove_alias(source, destination)
+    return {"removed": {"source": source.lower(), "destination": destination.lower()}}

@@ -1,0 +1,50 @@
+"""Read the stack's settings from state.db (written by the wizard and dashboard)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+from .accounts import check_domain
+from .settings import SettingsError, StackSettings
+
+
+def read_settings_table(db_path: Path) -> dict[str, str]:
+    if not db_path.exists():
+        return {}
+    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)
+    try:
+        rows = conn.execute("SELECT key, value FROM settings").fetchall()
+    except sqlite3.OperationalError:  # no settings table yet
+        rows = []
+    finally:
+        conn.close()
+    return dict(rows)
+
+
+def load_settings(state_dir: Path) -> StackSettings:
+    """StackSettings from state.db; names the missing setting if setup is not that far."""
+    values = read_settings_table(state_dir / "state.db")
+    domain = values.get("domain", "").strip()
+    if not domain:
+        raise SettingsError("domain", "is not set yet; finish the Domain step of the setup wizard first")
+    hostname = values.get("mail_host", "").strip() or f"mail.{domain}"
+    domain, hostname = check_domain(domain, "domain"), check_domain(hostname, "mail_host")
+    kwargs: dict = {}
+    if values.get("publish_addresses"):
+        kwargs["publish_addresses"] = tuple(a.strip() for a in values["publish_addresses"].split(",") if a.strip())
+    if values.get("stack_ports"):
+        try:
+            kwargs["ports"] = {str(k): int(v) for k, v in json.loads(values["stack_ports"]).items()}
+        except (ValueError, TypeError, AttributeError):
+            raise SettingsError("stack_ports", "must be a JSON object of port numbers, e.g. {\"smtp\": 25}") from None
+    for key in ("message_size_limit_mb", "default_quota_mb"):
+        if values.get(key):
+            try:
+                kwargs[key] = int(values[key])
+            except ValueError:
+                raise SettingsError(key, "must be a whole number") from None
+    if values.get("tls_cert") and values.get("tls_key"):
+        kwargs["tls_cert"], kwargs["tls_key"] = Path(values["tls_cert"]), Path(values["tls_key"])
+    return StackSettings(domain=domain, hostname=hostname, state_dir=state_dir, **kwargs).validate()

@@ -1,0 +1,91 @@
+"""The stack renderer: a pure function of settings and secrets."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import yaml
+
+from portal.stack.render import render, replace_tree, restore_tree
+from portal.stack.settings import SERVICES, SettingsError, StackSettings
+
+SECRETS = {"redis_password": "s3cret-redis-password"}
+
+
+def settings(**changes) -> StackSettings:
+    base = StackSettings(domain="example.test", hostname="mail.example.test",
+                         state_dir=Path("/var/lib/mailstead"),
+                         images={s: f"sha256:{s:0<64}"[:71] for s in SERVICES})
+    return replace(base, **changes)
+
+
+def compose(files) -> dict:
+    return yaml.safe_load(files["compose.yaml"].content)
+
+
+def test_same_settings_give_byte_identical_files():
+    a, b = render(settings(), SECRETS), render(settings(), SECRETS)
+    assert a.keys() == b.keys()
+    assert all(a[k] == b[k] for k in a)
+    assert {"compose.yaml", "postfix/entrypoint.sh", "redis/redis.conf"} <= a.keys()
+
+
+def test_every_service_has_healthcheck_restart_and_pinned_image():
+    spec = compose(render(settings(), SECRETS))
+    assert set(spec["services"]) == set(SERVICES)
+    for name, svc in spec["services"].items():
+        assert svc["restart"] == "unless-stopped", name
+        assert svc["healthcheck"]["test"], name
+        assert "start_interval" not in svc["healthcheck"], "docker 20.10 refuses start_interval"
+        assert svc["image"].startswith("sha256:"), f"{name} is not pinned by image ID"
+
+
+def test_published_addresses_follow_the_setting_and_redis_is_never_published():
+    spec = compose(render(settings(publish_addresses=("127.0.0.1", "::1")), SECRETS))
+    smtp = spec["services"]["postfix"]["ports"]
+    assert "127.0.0.1:25:25" in smtp and "[::1]:25:25" in smtp
+    assert "ports" not in spec["services"]["redis"]
+    assert spec["services"]["radicale"]["ports"] == ["127.0.0.1:5232:5232"]
+
+
+def test_changed_settings_change_the_output():
+    a = render(settings(), SECRETS)
+    b = render(settings(ports={"smtp": 2525, "submissions": 465, "submission": 587,
+                               "imaps": 993, "pop3s": 995, "dav": 5232}), SECRETS)
+    assert a["compose.yaml"] != b["compose.yaml"]
+
+
+def test_secrets_are_rendered_into_files_but_scripts_are_executable():
+    files = render(settings(), SECRETS)
+    assert b"s3cret-redis-password" in files["redis/redis.conf"].content
+    assert b"s3cret-redis-password" not in files["compose.yaml"].content
+    assert files["redis/entrypoint.sh"].mode == 0o755
+
+
+def test_replace_and_restore_keep_the_previous_folder(tmp_path):
+    stack = tmp_path / "stack"
+    assert replace_tree(render(settings(), SECRETS), stack) is None
+    old = (stack / "compose.yaml").read_bytes()
+    prev = replace_tree(render(settings(message_size_limit_mb=10), SECRETS), stack)
+    assert prev is not None and (prev / "compose.yaml").read_bytes() == old
+    assert (stack.stat().st_mode & 0o777) == 0o700
+    restore_tree(stack, prev)
+    assert (stack / "compose.yaml").read_bytes() == old
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"domain": "exa mple.test"}, "domain"),
+    ({"hostname": "mail;reboot"}, "hostname"),
+    ({"publish_addresses": ("0.0.0.0; rm -rf /",)}, "publish_addresses"),
+    ({"publish_addresses": ()}, "publish_addresses"),
+    ({"ports": {"smtp": 70000}}, "ports.smtp"),
+    ({"ports": {"smtp": 25, "imaps": 25}}, "ports"),
+    ({"ports": {"gopher": 70}}, "ports"),
+    ({"message_size_limit_mb": 0}, "message_size_limit_mb"),
+])
+def test_bad_settings_are_refused_naming_the_field(changes, field):
+    with pytest.raises(ValueError) as err:
+        settings(**changes).validate()
+    assert err.value.field == field
