@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 import os
 import shlex
 from collections.abc import Callable, Mapping
@@ -57,6 +59,10 @@ class Context:
     # The preloaded container image tars (see recipes/README.md).
     images_dir: Path = field(default_factory=lambda: Path(os.environ.get("MAILSTEAD_IMAGES_DIR",
                                                                           "/usr/lib/mailstead/images")))
+    # The host nginx's generated routes (portal/stack/web.py).
+    nginx_dir: Path = Path("/etc/nginx/conf.d")
+    www_dir: Path = Path("/var/lib/mailstead-www")
+    reload_nginx: bool = True
 
 
 @dataclass(frozen=True)
@@ -147,7 +153,19 @@ def os_pretty_name(path: Path) -> str:
     return "unknown (no PRETTY_NAME)"
 
 
-def docker_version(make_client: Callable[[], DockerClientLike]) -> str:
+def docker_version(make_client: Callable[[], DockerClientLike], wait: float = 2.0) -> str:
+    """The engine's version, or why it is unavailable. Answers within `wait`
+    seconds even when the engine is busy (e.g. loading images at first boot)."""
+    pool = ThreadPoolExecutor(max_workers=1)
+    future = pool.submit(_ask_docker_version, make_client)
+    pool.shutdown(wait=False)
+    try:
+        return future.result(timeout=wait)
+    except FutureTimeout:
+        return f"busy: the docker engine did not answer within {wait:g} s"
+
+
+def _ask_docker_version(make_client: Callable[[], DockerClientLike]) -> str:
     client = None
     try:
         client = make_client()

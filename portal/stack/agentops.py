@@ -8,6 +8,7 @@ never logged or returned.
 from __future__ import annotations
 
 import contextlib
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -85,12 +86,30 @@ def stack_deploy(ctx: Context, timeout: int = 300) -> dict[str, Any]:
             ensure_keys(settings.dkim_dir, settings.dkim_selectors)
             accounts_for(settings)
             result = deploy_mod.deploy(client, settings, timeout=timeout)
+            web = publish_web(ctx, settings)
     finally:
         client.close()
     return {
+        "web_files_changed": web,
         "seconds_to_healthy": round(result.seconds_to_healthy, 1),
         "services": {s: {"status": st.status, "health": st.health} for s, st in result.services.items()},
     }
+
+
+def publish_web(ctx: Context, settings: StackSettings) -> list[str]:
+    """The host nginx's routes for DAV, MTA-STS, autoconfig and autodiscover;
+    nginx is reloaded when they changed, and a config nginx refuses is taken out."""
+    from .web import NGINX_CONF_NAME, write_web_files
+
+    changed = write_web_files(settings, ctx.nginx_dir, ctx.www_dir)
+    if changed and ctx.reload_nginx:
+        test = subprocess.run(["nginx", "-t"], capture_output=True, text=True, check=False)
+        if test.returncode != 0:
+            (ctx.nginx_dir / NGINX_CONF_NAME).unlink(missing_ok=True)
+            raise OpError("nginx", "nginx refused the generated routes and they were taken out: "
+                                   + " ".join(test.stderr.split())[-400:])
+        subprocess.run(["nginx", "-s", "reload"], capture_output=True, check=True)
+    return [str(p) for p in changed]
 
 
 @operation("stack_status")

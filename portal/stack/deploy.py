@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .accounts import Accounts
 from .render import render, replace_tree, restore_tree
 from .settings import SERVICES, StackSettings
 
@@ -139,7 +140,9 @@ def deploy(client: Any, settings: StackSettings, *, timeout: float = 180,
     say = progress or (lambda _s, _m: None)
     settings.validate()
     files = render(settings, stack_secrets(settings.secrets_dir))
-    settings.accounts_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+    # The accounts database exists (with the appliance's domain) before
+    # postfix and dovecot first open it.
+    Accounts(settings.accounts_db).add_domain(settings.domain)
     settings.dkim_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     prev = replace_tree(files, settings.stack_dir)
     start = time.monotonic()

@@ -46,6 +46,10 @@ class StackSettings:
     dkim_selectors: tuple[str, str] = ("mailstead-rsa", "mailstead-ed25519")
     message_size_limit_mb: int = 50
     default_quota_mb: int = 2048
+    # DNS servers the containers use (IPs, port 53); empty: the host's.
+    dns_servers: tuple[str, ...] = ()
+    # MTA-STS policy mode: enforce, testing or none.
+    mta_sts_mode: str = "enforce"
     # Image IDs by service (pinned in compose.yaml); filled in after loading.
     images: dict[str, str] = field(default_factory=dict)
     project: str = "mailstead"
@@ -94,6 +98,11 @@ class StackSettings:
             except ValueError:
                 raise SettingsError("publish_addresses",
                                     f"'{addr[:64]}' is not an IP address; use e.g. 0.0.0.0 or 127.0.0.1") from None
+        for addr in self.dns_servers:
+            try:
+                ipaddress.ip_address(addr)
+            except ValueError:
+                raise SettingsError("dns_servers", f"'{addr[:64]}' is not an IP address") from None
         unknown = set(self.ports) - set(DEFAULT_PORTS)
         if unknown:
             raise SettingsError("ports", f"unknown port name(s) {sorted(unknown)}; known: {sorted(DEFAULT_PORTS)}")
@@ -104,6 +113,8 @@ class StackSettings:
             raise SettingsError("ports", "two services cannot share one host port")
         if not 1 <= self.message_size_limit_mb <= 1024:
             raise SettingsError("message_size_limit_mb", "must be between 1 and 1024")
+        if self.mta_sts_mode not in ("enforce", "testing", "none"):
+            raise SettingsError("mta_sts_mode", "must be enforce, testing or none")
         if self.default_quota_mb < 0:
             raise SettingsError("default_quota_mb", "must be 0 (no limit) or more")
         return self
@@ -117,6 +128,7 @@ class StackSettings:
             "version": self.version,
             "project": self.project,
             "publish_addresses": list(self.publish_addresses),
+            "dns_servers": list(self.dns_servers),
             "ports": ports,
             "stack_dir": str(self.stack_dir),
             "accounts_dir": str(self.accounts_dir),

@@ -45,6 +45,8 @@ def load_settings(state_dir: Path) -> StackSettings:
                 kwargs[key] = int(values[key])
             except ValueError:
                 raise SettingsError(key, "must be a whole number") from None
+    if values.get("mta_sts_mode"):
+        kwargs["mta_sts_mode"] = values["mta_sts_mode"].strip()
     if values.get("tls_cert") and values.get("tls_key"):
         kwargs["tls_cert"], kwargs["tls_key"] = Path(values["tls_cert"]), Path(values["tls_key"])
     return StackSettings(domain=domain, hostname=hostname, state_dir=state_dir, **kwargs).validate()

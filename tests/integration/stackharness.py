@@ -6,10 +6,14 @@ so several stacks (e.g. parallel test modules) never collide.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import ipaddress
+import json
 import os
+import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -21,14 +25,18 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from portal.stack import deploy as deploy_mod
+from portal.stack.dkim import ensure_keys, selector_records
 from portal.stack.images import load_images
 from portal.stack.settings import DEFAULT_PORTS, StackSettings
+
+from .knot import Knot, Record, txt_rdata
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGES_DIR = Path(os.environ.get("MAILSTEAD_IMAGES_DIR", REPO / "mkosi.output"))
 VERSION = "0.1.0"
 DOMAIN = "example.test"
 HOSTNAME = "mail.example.test"
+DKIM_SELECTORS = StackSettings(domain=DOMAIN, hostname=HOSTNAME).dkim_selectors
 
 
 def ensure_images(client: docker.DockerClient) -> dict[str, str]:
@@ -60,13 +68,51 @@ def make_tls(directory: Path, names: list[str]) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
+# -- DNS for the containers -------------------------------------------------------
+# One knot per test session on the docker bridge's gateway address, port 53
+# (docker's `dns:` takes no port), authoritative for the test domain, with
+# the records a real deployment would publish (DKIM keys shared by every
+# test stack). Names outside the zone get REFUSED at once, so no lookup ever
+# leaves the machine or waits for a timeout.
+_dns: Knot | None = None
+SHARED_DKIM = Path(tempfile.mkdtemp(prefix="mailstead-test-dkim-"))
+
+
+def docker_gateway() -> str:
+    out = subprocess.run(["ip", "-j", "-4", "addr", "show", "docker0"], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)[0]["addr_info"][0]["local"]
+
+
+def zone_records() -> list[Record]:
+    ensure_keys(SHARED_DKIM, DKIM_SELECTORS)
+    records = [
+        Record("@", "MX", f"10 {HOSTNAME}."),
+        Record("mail", "A", "127.0.0.1"),
+        Record("@", "TXT", txt_rdata("v=spf1 mx -all")),
+        Record("_dmarc", "TXT", txt_rdata(f"v=DMARC1; p=quarantine; rua=mailto:postmaster@{DOMAIN}")),
+    ]
+    for name, value in selector_records(SHARED_DKIM, DKIM_SELECTORS, DOMAIN):
+        records.append(Record(name.removesuffix(f".{DOMAIN}"), "TXT", txt_rdata(value)))
+    return records
+
+
+def shared_dns() -> Knot:
+    """The session's DNS server for the stacks (started on first use)."""
+    global _dns
+    if _dns is None:
+        workdir = Path(tempfile.mkdtemp(prefix="mailstead-test-knot-"))
+        _dns = Knot(workdir, DOMAIN, zone_records(), address=docker_gateway(), port=53).start()
+        atexit.register(_dns.stop)
+    return _dns
+
+
 def make_settings(state_dir: Path, project: str, port_base: int) -> StackSettings:
     """Settings for a stack published on 127.0.0.1 at port_base + the standard port % 1000."""
-    cert, key = make_tls(state_dir / "tls", [HOSTNAME, f"mta-sts.{DOMAIN}", f"autoconfig.{DOMAIN}"])
+    cert, key = make_tls(state_dir / "tls", [HOSTNAME, f"mta-sts.{DOMAIN}", f"autoconfig.{DOMAIN}", f"autodiscover.{DOMAIN}"])
     ports = {name: port_base + port % 1000 for name, port in DEFAULT_PORTS.items()}
     return StackSettings(domain=DOMAIN, hostname=HOSTNAME, state_dir=state_dir, version=VERSION,
                          publish_addresses=("127.0.0.1",), ports=ports, tls_cert=cert, tls_key=key,
-                         project=project)
+                         project=project, dns_servers=(shared_dns().address,))
 
 
 @dataclass
@@ -101,6 +147,7 @@ def start_stack(state_dir: Path, project: str, port_base: int) -> Stack:
     client = docker.from_env(timeout=120)
     ids = ensure_images(client)
     settings = make_settings(state_dir, project, port_base).with_images(ids)
+    shutil.copytree(SHARED_DKIM, settings.dkim_dir, dirs_exist_ok=True)  # the keys the test DNS publishes
     # Leftovers of an interrupted earlier run of the same project.
     subprocess.run(["docker", "compose", "-p", project, "down", "--volumes", "--remove-orphans"],
                    capture_output=True, check=False)

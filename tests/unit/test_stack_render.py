@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from portal.stack.render import render, replace_tree, restore_tree
-from portal.stack.settings import SERVICES, SettingsError, StackSettings
+from portal.stack.settings import SERVICES, StackSettings
 
 SECRETS = {"redis_password": "s3cret-redis-password"}
 

@@ -1,3 +1,32 @@
 #!/bin/sh
-# Placeholder until the postfix recipe lands.
-exec sleep infinity
+# postfix: config from /etc/mailstead/postfix (read-only), queue in /var/spool/postfix.
+set -eu
+
+DB=/var/lib/mailstead-accounts/accounts.db
+
+for f in main.cf master.cf; do
+    install -m 0644 -o root -g root "/etc/mailstead/postfix/$f" "/etc/postfix/$f"
+done
+
+# The spool volume starts empty: make the queue folders and fix owners and
+# modes (also after an image upgrade changed the postfix/postdrop IDs).
+postfix set-permissions >/dev/null 2>&1 || true
+postfix check
+
+# postfix daemons open the sqlite maps once, when they start. If accounts.db
+# appears after that (a first deploy, before the first account) or is replaced
+# (a restore), reload, so that no daemon keeps failing or reading a stale file.
+watch_accounts() {
+    last=$(stat -c %d:%i "$DB" 2>/dev/null || echo none)
+    while sleep 2; do
+        now=$(stat -c %d:%i "$DB" 2>/dev/null || echo none)
+        if [ "$now" != "$last" ]; then
+            last=$now
+            echo "mailstead-postfix: $DB changed, reloading" >&2
+            postfix reload >/dev/null 2>&1 || true
+        fi
+    done
+}
+watch_accounts &
+
+exec postfix start-fg

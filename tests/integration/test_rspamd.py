@@ -1,0 +1,404 @@
+"""rspamd and redis in the real stack: the milter postfix talks to (spam
+refused, our users' mail DKIM-signed twice and ARC-sealed, others' mail
+not), the controller, redis' password and persistence, and idle memory.
+
+The milter is driven the way postfix drives it (tests/integration's own
+milter client, over the stack network from the host), and the controller
+through `rspamc` inside the container. The containers' resolver points at
+a dead address inside their own network namespace, so no lookup leaves the
+test, and the tests show that failing DNS costs a scan seconds, not a hang."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import socket
+import struct
+import tarfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+
+import dkim
+import pytest
+
+from portal.stack.deploy import stack_secrets
+from portal.stack.dkim import selector_records
+from tests.conftest import retry
+
+from .stackharness import DOMAIN, HOSTNAME, Stack, start_stack
+
+ALICE = f"alice@{DOMAIN}"
+OUTSIDER = "bob@example.org"
+GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
+# No DNS server answers in these tests: rspamd asks a closed port in its own
+# container (see the module docstring).
+DEAD_RESOLVER = "127.0.0.1"
+SCAN_SECONDS = 25  # a scan with every lookup timing out takes 8-12 s; postfix waits up to 300 s
+IDLE_BUDGET_MIB = {"rspamd": 120, "redis": 16}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    s = start_stack(tmp_path_factory.mktemp("rspamd"), "mstest-spam", 21000)
+    # Failure injection: every container asks a DNS server that is not there
+    # (its own loopback), instead of the test session's knot.
+    s.settings = replace(s.settings, dns_servers=(DEAD_RESOLVER,))
+    try:
+        s.deploy()
+        yield s
+    finally:
+        s.down()
+
+
+# -- the milter protocol, as postfix speaks it (version 6) -----------------------
+
+# Protocol flags the MTA offers: the milter may skip commands (SMFIP_NO*) and
+# replies (SMFIP_NR_*). Leading-space header values (0x100000) are not offered.
+OFFERED_PROTOCOL = 0xFFFFF
+SKIP = {b"C": 0x1, b"H": 0x2, b"M": 0x4, b"R": 0x8, b"B": 0x10, b"L": 0x20, b"N": 0x40, b"T": 0x200}
+NO_REPLY = {b"C": 0x1000, b"H": 0x2000, b"M": 0x4000, b"R": 0x8000, b"T": 0x10000,
+            b"N": 0x40000, b"B": 0x80000, b"L": 0x80}
+
+
+@dataclass
+class MilterResult:
+    verdict: str  # accept, continue, reject, tempfail, discard, or "reply" (a 'y' SMTP reply)
+    reply: str = ""
+    inserted: list[tuple[int, str, str]] = field(default_factory=list)   # (index, name, value)
+    added: list[tuple[str, str]] = field(default_factory=list)
+    changed: list[tuple[int, str, str]] = field(default_factory=list)    # value "" deletes
+    quarantined: str | None = None
+
+    def headers(self, name: str) -> list[str]:
+        return [v for _i, n, v in self.inserted if n.lower() == name.lower()] + \
+               [v for n, v in self.added if n.lower() == name.lower()]
+
+    def apply(self, raw: bytes) -> bytes:
+        """The message as postfix would pass it on: inserted headers at their
+        index, added ones after the last header (header edits are not needed here)."""
+        head, _sep, body = raw.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        for index, name, value in self.inserted:
+            lines.insert(min(index, len(lines)), self._header(name, value))
+        lines += [self._header(n, v) for n, v in self.added]
+        return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+    @staticmethod
+    def _header(name: str, value: str) -> bytes:
+        return f"{name}: {value}".replace("\r\n", "\n").replace("\n", "\r\n").encode()
+
+
+class MilterClient:
+    def __init__(self, host: str, port: int, timeout: float = SCAN_SECONDS + 5) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.protocol = 0
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _send(self, cmd: bytes, data: bytes = b"") -> None:
+        self.sock.sendall(struct.pack(">I", len(data) + 1) + cmd + data)
+
+    def _recv_exact(self, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            if not chunk:
+                raise ConnectionError(f"the milter closed the connection ({len(buf)}/{n} bytes read)")
+            buf += chunk
+        return buf
+
+    def _recv(self) -> tuple[bytes, bytes]:
+        (length,) = struct.unpack(">I", self._recv_exact(4))
+        data = self._recv_exact(length)
+        return data[:1], data[1:]
+
+    def negotiate(self) -> None:
+        self._send(b"O", struct.pack(">III", 6, 0x1FF, OFFERED_PROTOCOL))
+        cmd, data = self._recv()
+        assert cmd == b"O", f"expected the option negotiation reply, got {cmd!r}"
+        _version, _actions, self.protocol = struct.unpack(">III", data[:12])
+
+    def macros(self, stage: bytes, values: dict[str, str]) -> None:
+        self._send(b"D", stage + b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in values.items()))
+
+    def command(self, cmd: bytes, data: bytes = b"") -> tuple[bytes, bytes] | None:
+        """Send one stage; return the milter's reply unless it is to be skipped
+        or was negotiated away. Progress notices are skipped."""
+        if self.protocol & SKIP.get(cmd, 0):
+            return None
+        self._send(cmd, data)
+        if self.protocol & NO_REPLY.get(cmd, 0):
+            return None
+        while True:
+            reply = self._recv()
+            if reply[0] != b"p":
+                return reply
+
+    def end_of_message(self) -> MilterResult:
+        self._send(b"E")
+        result = MilterResult("continue")
+        while True:
+            cmd, data = self._recv()
+            if cmd == b"p":
+                continue
+            if cmd == b"i":
+                (index,) = struct.unpack(">I", data[:4])
+                name, value = data[4:].rstrip(b"\0").split(b"\0", 1)
+                result.inserted.append((index, name.decode(), value.decode()))
+            elif cmd == b"h":
+                name, value = data.rstrip(b"\0").split(b"\0", 1)
+                result.added.append((name.decode(), value.decode()))
+            elif cmd == b"m":
+                (index,) = struct.unpack(">I", data[:4])
+                name, _, value = data[4:].rstrip(b"\0").partition(b"\0")
+                result.changed.append((index, name.decode(), value.decode()))
+            elif cmd == b"q":
+                result.quarantined = data.rstrip(b"\0").decode()
+            elif cmd in (b"+", b"-", b"2", b"e", b"b"):
+                continue  # recipient, sender or body changes: not used by this stack
+            else:
+                verdicts = {b"a": "accept", b"c": "continue", b"r": "reject", b"t": "tempfail", b"d": "discard",
+                            b"y": "reply"}
+                assert cmd in verdicts, f"unexpected milter reply {cmd!r} {data[:80]!r}"
+                result.verdict = verdicts[cmd]
+                result.reply = data.rstrip(b"\0").decode() if cmd == b"y" else ""
+                return result
+
+
+def milter_scan(stack: Stack, raw: bytes, *, mail_from: str, rcpt: str, client_ip: str,
+                auth: str | None = None) -> MilterResult:
+    """One SMTP transaction through rspamd's milter, with the macros postfix sends
+    ({auth_authen} after SMTP AUTH)."""
+    client = MilterClient(container_ip(stack, "rspamd"), 11332)
+    try:
+        client.negotiate()
+        # postfix's defaults: {daemon_name} is $myhostname; no reverse DNS gives "unknown".
+        client.macros(b"C", {"j": HOSTNAME, "{daemon_name}": HOSTNAME, "{client_addr}": client_ip,
+                             "{client_name}": "unknown"})
+        client.command(b"C", b"unknown\0" + b"4" + struct.pack(">H", 40000) + client_ip.encode() + b"\0")
+        client.command(b"H", b"client.example\0")
+        mail_macros = {"i": "4AbCdE1", "{mail_addr}": mail_from}
+        if auth:
+            mail_macros |= {"{auth_type}": "PLAIN", "{auth_authen}": auth}
+        client.macros(b"M", mail_macros)
+        client.command(b"M", f"<{mail_from}>\0".encode())
+        client.macros(b"R", {"{rcpt_addr}": rcpt})
+        client.command(b"R", f"<{rcpt}>\0".encode())
+        client.command(b"T")
+        head, _sep, body = raw.partition(b"\r\n\r\n")
+        for line in re.split(rb"\r\n(?![ \t])", head):
+            name, _, value = line.partition(b":")
+            client.command(b"L", name + b"\0" + value.lstrip(b" ") + b"\0")
+        client.command(b"N")
+        for i in range(0, len(body), 65535):
+            client.command(b"B", body[i:i + 65535])
+        client.macros(b"E", {"i": "4AbCdE1"})
+        return client.end_of_message()
+    finally:
+        client.close()
+
+
+# -- helpers ------------------------------------------------------------------------
+
+def container_ip(stack: Stack, service: str) -> str:
+    c = stack.container(service)
+    c.reload()
+    return c.attrs["NetworkSettings"]["Networks"][stack.settings.project]["IPAddress"]
+
+
+def message(sender: str, to: str, subject: str, body: str) -> bytes:
+    text = (f"From: {sender}\r\nTo: {to}\r\nSubject: {subject}\r\n"
+            f"Date: {time.strftime('%a, %d %b %Y %H:%M:%S +0000', time.gmtime())}\r\n"
+            f"Message-ID: <{abs(hash((subject, time.time())))}@{sender.split('@')[1]}>\r\n"
+            "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n" + body)
+    return text.replace("\r\n", "\n").replace("\n", "\r\n").encode()
+
+
+def put_file(stack: Stack, service: str, path: str, data: bytes) -> None:
+    directory, name = path.rsplit("/", 1)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo(name)
+        info.size, info.mode = len(data), 0o644
+        tar.addfile(info, io.BytesIO(data))
+    assert stack.container(service).put_archive(directory, buf.getvalue())
+
+
+def rspamc(stack: Stack, *args: str, raw: bytes | None = None) -> str:
+    """rspamc against the controller, inside the rspamd container."""
+    files = []
+    if raw is not None:
+        put_file(stack, "rspamd", "/tmp/msg.eml", raw)
+        files = ["/tmp/msg.eml"]
+    return stack.exec("rspamd", "rspamc", "-h", "127.0.0.1:11334", "-t", str(SCAN_SECONDS), *args, *files)
+
+
+def dnsfunc(stack: Stack):  # noqa: ANN201 - dkimpy's callback type
+    records = dict(selector_records(stack.settings.dkim_dir, stack.settings.dkim_selectors, DOMAIN))
+
+    def lookup(name: bytes, timeout: int = 5) -> bytes:
+        return records.get(name.decode().rstrip(".").lower(), "").encode()
+    return lookup
+
+
+def mem_mib(stack: Stack, service: str) -> float:
+    """Memory as `docker stats` shows it (usage less inactive page cache)."""
+    m = stack.container(service).stats(stream=False)["memory_stats"]
+    usage, st = m["usage"], m.get("stats", {})
+    inactive = st.get("total_inactive_file", st.get("inactive_file", 0))
+    return (usage - inactive if inactive < usage else usage) / 2**20
+
+
+def redis_learns(stack: Stack, which: str = "learns_spam") -> int:
+    """How many messages Bayes learned, as stored in redis."""
+    password = stack_secrets(stack.settings.secrets_dir)["redis_password"]
+    out = stack.exec("redis", "redis-cli", "--no-auth-warning", "HGET", "RS", which,
+                     user="redis", environment={"REDISCLI_AUTH": password})
+    return int(out.strip() or 0)
+
+
+def spam_message(n: int) -> bytes:
+    return message("winner@lottery.example", ALICE, f"You have won, round {n}",
+                   f"Dear friend {n}, you have won one million dollars in our international lottery. "
+                   "Send your bank account details and a processing fee today to claim the prize "
+                   "before this exclusive offer expires. Act now, limited time, guaranteed winnings.\n")
+
+
+# -- tests ---------------------------------------------------------------------------
+
+def test_idle_memory(stack: Stack) -> None:
+    time.sleep(5)  # let the start-up settle (maps, hyperscan cache)
+    used = {service: mem_mib(stack, service) for service in IDLE_BUDGET_MIB}
+    print(f"idle memory (MiB): {used}")
+    for service, budget in IDLE_BUDGET_MIB.items():
+        assert used[service] <= budget, f"{service} uses {used[service]:.0f} MiB idle (budget {budget} MiB)"
+
+
+def test_rspamd_runs_unprivileged_with_one_worker_each(stack: Stack) -> None:
+    ps = stack.exec("rspamd", "sh", "-c",
+                    'for p in /proc/[0-9]*; do echo "$(awk \'/^Uid:/{print $2}\' $p/status) '
+                    '$(tr "\\0" " " <$p/cmdline)"; done')
+    procs = [line.split(" ", 1) for line in ps.splitlines() if "rspamd" in line and "/proc" not in line
+             and "entrypoint" not in line]
+    titles = sorted(cmd.split("(")[0].strip() for _uid, cmd in procs)
+    assert titles == ["rspamd: controller process", "rspamd: hs_helper process", "rspamd: main process",
+                      "rspamd: rspamd_proxy process"], ps
+    uid = stack.exec("rspamd", "id", "-u", "_rspamd").strip()
+    assert {u for u, _cmd in procs} == {uid}, f"rspamd processes not all running as _rspamd ({uid}):\n{ps}"
+
+
+def test_gtube_is_rejected_by_the_milter(stack: Stack) -> None:
+    raw = message(OUTSIDER, ALICE, "gtube", f"Test spam.\n\n{GTUBE}\n")
+    start = time.monotonic()
+    result = milter_scan(stack, raw, mail_from=OUTSIDER, rcpt=ALICE, client_ip="203.0.113.25")
+    assert time.monotonic() - start < SCAN_SECONDS
+    assert result.verdict == "reply" and re.match(r"5\d\d 5\.7\.1 ", result.reply), result  # 554 5.7.1 Gtube pattern
+    assert not result.headers("DKIM-Signature")
+
+
+def test_gtube_scores_reject_on_the_controller(stack: Stack) -> None:
+    out = json.loads(rspamc(stack, "--json", "--ip", "203.0.113.25", "--from", OUTSIDER, "--rcpt", ALICE,
+                            raw=message(OUTSIDER, ALICE, "gtube", f"{GTUBE}\n")))
+    assert out["action"] == "reject", out
+    assert "GTUBE" in out["symbols"]
+
+
+def test_ordinary_inbound_mail_is_accepted_unsigned_despite_dead_dns(stack: Stack) -> None:
+    raw = message(OUTSIDER, ALICE, "hello", "Hi Alice,\n\nlunch on Friday?\n\nBob\n")
+    start = time.monotonic()
+    result = milter_scan(stack, raw, mail_from=OUTSIDER, rcpt=ALICE, client_ip="203.0.113.25")
+    took = time.monotonic() - start
+    assert took < SCAN_SECONDS, f"a scan took {took:.1f} s with DNS failing"
+    assert result.verdict in ("accept", "continue"), result
+    assert not result.headers("DKIM-Signature")
+    ar = result.headers("Authentication-Results")
+    assert ar and ar[0].startswith(HOSTNAME), result  # authserv-id: the stack's host name
+
+
+def test_authenticated_mail_is_dual_signed_and_arc_sealed(stack: Stack) -> None:
+    raw = message(f"Alice <{ALICE}>", f"Bob <{OUTSIDER}>", "signed", "Hi Bob,\n\nsigned twice.\n\nAlice\n")
+    result = milter_scan(stack, raw, mail_from=ALICE, rcpt=OUTSIDER, client_ip="198.51.100.7", auth=ALICE)
+    assert result.verdict in ("accept", "continue"), result
+    signatures = result.headers("DKIM-Signature")
+    algorithms = sorted(re.search(r"\ba=([\w-]+)", s)[1] for s in signatures)
+    assert algorithms == ["ed25519-sha256", "rsa-sha256"], signatures
+    selectors = {re.search(r"\bs=([\w-]+)", s)[1] for s in signatures}
+    assert selectors == set(stack.settings.dkim_selectors)
+    assert all(re.search(rf"\bd={re.escape(DOMAIN)};", s) for s in signatures)
+    for name in ("ARC-Seal", "ARC-Message-Signature", "ARC-Authentication-Results"):
+        assert len(result.headers(name)) == 1 and result.headers(name)[0].startswith("i=1;"), (name, result)
+    assert not result.headers("X-Spam-Status"), "outgoing mail carries the scanner's verdict"
+
+    signed = result.apply(raw)
+    for idx in range(2):
+        verifier = dkim.DKIM(signed)
+        assert verifier.verify(idx=idx, dnsfunc=dnsfunc(stack)), f"DKIM signature {idx} does not verify:\n{signed!r}"
+    cv, results, why = dkim.arc_verify(signed, dnsfunc=dnsfunc(stack))
+    assert cv == dkim.CV_Pass, (cv, results, why)
+
+
+def test_authenticated_mail_is_signed_via_the_controller_too(stack: Stack) -> None:
+    out = json.loads(rspamc(stack, "--json", "--ip", "198.51.100.7", "--user", ALICE, "--from", ALICE,
+                            "--rcpt", OUTSIDER, raw=message(ALICE, OUTSIDER, "signed", "Hello.\n")))
+    signatures = out["dkim-signature"] if isinstance(out["dkim-signature"], list) else [out["dkim-signature"]]
+    assert len(signatures) == 2, out
+    assert {"ARC-Seal", "ARC-Message-Signature"} <= set(out["milter"]["add_headers"])
+
+
+@pytest.mark.parametrize("case", ["unauthenticated", "other user's domain"])
+def test_no_signature_for_mail_not_from_our_users(stack: Stack, case: str) -> None:
+    """Our key never signs a forged From: of our domain, nor an authenticated
+    user's mail for another domain."""
+    if case == "unauthenticated":
+        raw, auth, sender = message(ALICE, OUTSIDER, "forged", "Pay this invoice.\n"), None, ALICE
+    else:
+        raw, auth, sender = message("carol@other.test", OUTSIDER, "other", "Hello.\n"), ALICE, "carol@other.test"
+    result = milter_scan(stack, raw, mail_from=sender, rcpt=OUTSIDER, client_ip="203.0.113.25", auth=auth)
+    assert result.verdict in ("accept", "continue", "reply"), result
+    assert not result.headers("DKIM-Signature"), result
+
+
+def test_controller_and_milter_exposure(stack: Stack) -> None:
+    rspamd, redis = stack.container("rspamd"), stack.container("redis")
+    for c in (rspamd, redis):
+        c.reload()
+        assert not any(c.attrs["NetworkSettings"]["Ports"].values()), c.attrs["NetworkSettings"]["Ports"]
+        assert not c.attrs["HostConfig"]["PortBindings"]
+    # The controller answers inside the container only; the milter on the stack network.
+    with pytest.raises(OSError):
+        socket.create_connection((container_ip(stack, "rspamd"), 11334), timeout=3).close()
+    socket.create_connection((container_ip(stack, "rspamd"), 11332), timeout=3).close()
+
+
+def test_redis_refuses_unauthenticated_clients(stack: Stack) -> None:
+    with socket.create_connection((container_ip(stack, "redis"), 6379), timeout=5) as s:
+        s.sendall(b"PING\r\n")
+        assert s.recv(200).startswith(b"-NOAUTH"), "redis answered without a password"
+    with socket.create_connection((container_ip(stack, "redis"), 6379), timeout=5) as s:
+        s.sendall(b"AUTH wrong-password\r\n")
+        assert s.recv(200).startswith(b"-WRONGPASS")
+
+
+def test_learned_spam_survives_a_redis_restart(stack: Stack) -> None:
+    before = redis_learns(stack)
+    out = rspamc(stack, "learn_spam", raw=spam_message(1))
+    assert "success = true" in out, out
+    assert redis_learns(stack) == before + 1
+
+    stack.container("redis").restart(timeout=20)  # SIGTERM: redis saves, then starts from its volume
+
+    def healthy() -> None:
+        c = stack.container("redis")
+        c.reload()
+        assert c.attrs["State"]["Health"]["Status"] == "healthy", c.attrs["State"]["Health"]["Status"]
+    retry(healthy, 60, "redis healthy after its restart")
+    assert redis_learns(stack) == before + 1
+    # rspamd reconnects by itself and keeps learning.
+    def learn_again() -> None:
+        out = rspamc(stack, "learn_spam", raw=spam_message(2))
+        assert "success = true" in out, out
+    retry(learn_again, 30, "rspamd to learn again after redis restarted")
+    assert redis_learns(stack) == before + 2

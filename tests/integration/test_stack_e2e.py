@@ -1,0 +1,130 @@
+"""The whole stack, end to end: DKIM verified against a real DNS server, spam
+refused at SMTP time, a TLS audit of every port, and a failed deploy that
+leaves the previous stack running."""
+
+from __future__ import annotations
+
+import email
+import imaplib
+import smtplib
+import socket
+import ssl
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import dkim
+import pytest
+
+from portal.stack.accounts import Accounts
+from portal.stack.deploy import DeployError, service_states
+from portal.stack.dovecot_keys import DovecotKeys
+from tests.conftest import retry
+
+from .tlsaudit import tls_problems
+from .stackharness import DOMAIN, Stack, shared_dns, start_stack
+
+PASSWORD = "e2e-correct-horse-battery"
+ALICE = f"alice@{DOMAIN}"
+GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory):
+    s = start_stack(tmp_path_factory.mktemp("e2e"), "mstest-e2e", 24000)
+    try:
+        s.deploy()
+        Accounts(s.settings.accounts_db).create_mailbox(ALICE, PASSWORD, keys=DovecotKeys(s.client, s.settings.project))
+        yield s
+    finally:
+        s.down()
+
+
+def tls_context(stack: Stack) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(stack.settings.cert_path))
+    ctx.check_hostname = False  # the certificate names the mail host; we connect to 127.0.0.1
+    return ctx
+
+
+def fetch(stack: Stack, subject: str, timeout: float = 60) -> bytes:
+    """The raw message with `subject` from alice's INBOX, once it has arrived."""
+    def look() -> bytes:
+        with imaplib.IMAP4_SSL("127.0.0.1", stack.port("imaps"), ssl_context=tls_context(stack)) as imap:
+            imap.login(ALICE, PASSWORD)
+            imap.select("INBOX", readonly=True)
+            _typ, data = imap.search(None, "SUBJECT", f'"{subject}"')
+            assert data[0], f"no message with subject {subject!r} yet"
+            _typ, msg = imap.fetch(data[0].split()[-1], "(BODY.PEEK[])")
+            return msg[0][1]
+    return retry(look, timeout, f"message {subject!r} in {ALICE}'s INBOX")
+
+
+def test_submission_is_dual_dkim_signed_and_verifies_against_dns(stack: Stack) -> None:
+    """Signed by rspamd, verified by dkimpy with the keys the test DNS server (knot) publishes."""
+    knot = shared_dns()
+    with smtplib.SMTP("127.0.0.1", stack.port("submission"), local_hostname="client.test", timeout=30) as s:
+        s.starttls(context=tls_context(stack))
+        s.login(ALICE, PASSWORD)
+        s.sendmail(ALICE, [ALICE], f"From: {ALICE}\r\nTo: {ALICE}\r\nSubject: signed e2e\r\n"
+                                   "Message-ID: <e2e-dkim@example.test>\r\n\r\nsigned body\r\n")
+    raw = fetch(stack, "signed e2e")
+    msg = email.message_from_bytes(raw)
+    sigs = msg.get_all("DKIM-Signature") or []
+    algorithms = sorted(part.strip().split("=", 1)[1] for sig in sigs for part in sig.split(";")
+                        if part.strip().startswith("a="))
+    assert algorithms == ["ed25519-sha256", "rsa-sha256"], sigs
+
+    def dnsfunc(name: bytes, timeout: int = 5) -> bytes:
+        values = knot.txt(name.decode().rstrip("."))
+        return values[0] if values else b""
+
+    verifier = dkim.DKIM(raw)
+    for idx in range(len(sigs)):
+        assert verifier.verify(idx=idx, dnsfunc=dnsfunc), f"signature {idx} does not verify: {sigs[idx]}"
+
+
+def test_gtube_is_rejected_at_smtp_time(stack: Stack) -> None:
+    with smtplib.SMTP("127.0.0.1", stack.port("smtp"), local_hostname="sender.test", timeout=60) as s:
+        s.starttls(context=tls_context(stack))
+        with pytest.raises(smtplib.SMTPDataError) as err:
+            s.sendmail("spammer@sender.test", [ALICE],
+                       f"From: spammer@sender.test\r\nTo: {ALICE}\r\nSubject: gtube\r\n\r\n{GTUBE}\r\n")
+    assert 500 <= err.value.smtp_code < 600, err.value
+
+
+def test_tls_audit_finds_nothing_below_tls12_and_no_weak_cipher(stack: Stack, tmp_path: Path) -> None:
+    targets = {"smtp": "smtp", "submission": "smtp", "submissions": None, "imaps": None, "pop3s": None}
+    with ThreadPoolExecutor(max_workers=len(targets)) as pool:
+        futures = {name: pool.submit(tls_problems, f"127.0.0.1:{stack.port(name)}", starttls,
+                                     tmp_path / f"{name}.json")
+                   for name, starttls in targets.items()}
+        problems = [f"{name}: {p}" for name, f in futures.items() for p in f.result()]
+    assert not problems, "\n".join(problems)
+
+
+def all_healthy(stack: Stack) -> None:
+    bad = {s: f"{st.status}/{st.health}" for s, st in service_states(stack.client, stack.settings.project).items()
+           if not st.ok}
+    assert not bad, f"not healthy: {bad}"
+
+
+def test_failed_deploy_names_the_service_and_keeps_the_previous_stack(stack: Stack) -> None:
+    with smtplib.SMTP("127.0.0.1", stack.port("smtp"), local_hostname="sender.test", timeout=60) as s:
+        s.sendmail("friend@sender.test", [ALICE], "From: friend@sender.test\r\nSubject: before the failed deploy\r\n\r\nhi\r\n")
+    fetch(stack, "before the failed deploy")
+    good = stack.settings
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    taken = busy.getsockname()[1]
+    try:
+        with pytest.raises(DeployError) as err:
+            stack.deploy(ports={**good.ports, "imaps": taken})
+    finally:
+        busy.close()
+        stack.settings = good
+    assert err.value.rolled_back, err.value
+    assert "dovecot" in err.value.failures, err.value.failures
+    assert str(taken) in str(err.value), err.value
+    # The previous stack is back: every service healthy, the mail readable on the old port.
+    retry(lambda: all_healthy(stack), 120, "the previous stack to be healthy again")
+    assert b"hi" in fetch(stack, "before the failed deploy")
