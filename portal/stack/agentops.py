@@ -73,7 +73,7 @@ def stack_load_images(ctx: Context) -> dict[str, Any]:
 
 
 @operation("stack_deploy")
-def stack_deploy(ctx: Context, timeout: int = 300) -> dict[str, Any]:
+def stack_deploy(ctx: Context, timeout: int = 900) -> dict[str, Any]:
     """Render the stack from the saved settings and bring it up (rolls back on failure)."""
     from .dkim import ensure_keys
 

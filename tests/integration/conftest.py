@@ -70,6 +70,20 @@ http {{
 """
 
 
+def start_nginx(prefix: Path, site: Path, *shown: Path) -> subprocess.Popen[bytes]:
+    """Check (`nginx -t`) and start nginx in the foreground under `prefix` with
+    `site` as its server config; a refusal shows nginx's error and `shown` files."""
+    main = prefix / "nginx.conf"
+    main.write_text(main_nginx_conf(prefix, site))
+    test = subprocess.run([NGINX, "-t", "-p", str(prefix), "-c", str(main)],
+                          capture_output=True, text=True, timeout=30)
+    texts = "\n".join(p.read_text() for p in (site, *shown))
+    assert test.returncode == 0, f"nginx -t refused the config:\n{test.stderr}\n{texts}"
+    with open(prefix / "nginx.out", "wb") as out:
+        return subprocess.Popen([NGINX, "-p", str(prefix), "-c", str(main), "-g", "daemon off;"],
+                                stdout=out, stderr=subprocess.STDOUT)
+
+
 @dataclass
 class Portal:
     """gunicorn serving portal.wsgi:app on a unix socket, as mailstead-web does."""
@@ -154,14 +168,7 @@ def front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Front]:
         site.write_text(localize_nginx_conf(
             SHIPPED_CONF.read_text(), http_port=http_port, https_port=https_port,
             tls_dir=state / "tls", acme_dir=acme, web_sock=portal.sock))
-        main = ngx / "nginx.conf"
-        main.write_text(main_nginx_conf(ngx, site))
-        test = subprocess.run([NGINX, "-t", "-p", str(ngx), "-c", str(main)],
-                              capture_output=True, text=True, timeout=30)
-        assert test.returncode == 0, f"nginx -t refused the config:\n{test.stderr}\n{site.read_text()}"
-        with open(ngx / "nginx.out", "wb") as out:
-            nginx = subprocess.Popen([NGINX, "-p", str(ngx), "-c", str(main), "-g", "daemon off;"],
-                                     stdout=out, stderr=subprocess.STDOUT)
+        nginx = start_nginx(ngx, site)
         front = Front(http_port, https_port, state, acme, portal, ngx / "error.log")
 
         def listening() -> None:

@@ -36,7 +36,7 @@ from portal.stack.web import (AUTODISCOVER_OUTLOOK_NS, AUTODISCOVER_RESPONSE_NS,
 from tests.conftest import free_port, retry, stop_process
 from tests.integration import stackharness
 from tests.integration.tlsaudit import tls_problems
-from tests.integration.conftest import NGINX, SHIPPED_CONF, TIMEOUT, localize_nginx_conf, main_nginx_conf
+from tests.integration.conftest import NGINX, SHIPPED_CONF, TIMEOUT, localize_nginx_conf, start_nginx
 
 DOMAIN, HOST = stackharness.DOMAIN, stackharness.HOSTNAME
 MTA_STS, AUTOCONFIG, AUTODISCOVER = f"mta-sts.{DOMAIN}", f"autoconfig.{DOMAIN}", f"autodiscover.{DOMAIN}"
@@ -148,14 +148,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         generated.write_text(localize_stack_conf(generated.read_text(), https_port))
         site = ngx / "sites.conf"
         site.write_text(f"include {shipped};\ninclude {generated};\n")
-        main = ngx / "nginx.conf"
-        main.write_text(main_nginx_conf(ngx, site))
-        test = subprocess.run([NGINX, "-t", "-p", str(ngx), "-c", str(main)],
-                              capture_output=True, text=True, timeout=30)
-        assert test.returncode == 0, f"nginx -t refused the config:\n{test.stderr}\n{generated.read_text()}"
-        with open(ngx / "nginx.out", "wb") as out:
-            nginx = subprocess.Popen([NGINX, "-p", str(ngx), "-c", str(main), "-g", "daemon off;"],
-                                     stdout=out, stderr=subprocess.STDOUT)
+        nginx = start_nginx(ngx, site, generated)
 
         def listening() -> None:
             assert nginx is not None
