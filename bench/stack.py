@@ -967,16 +967,19 @@ class Bare:
                     os.kill(p.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
-        for name, p in self.procs.items():
+        running = dict(self.procs)
+        while running and time.monotonic() < start + 10:
+            for name, p in list(running.items()):
+                if p.poll() is not None:
+                    self.stop_seconds[name] = round(time.monotonic() - start, 1)
+                    del running[name]
+            time.sleep(0.05)
+        for name, p in running.items():
+            self.stop_seconds[name] = "did not stop within 10 s of SIGTERM; killed"
             try:
-                p.wait(timeout=max(0.1, start + 10 - time.monotonic()))
-                self.stop_seconds[name] = round(time.monotonic() - start, 1)
-            except subprocess.TimeoutExpired:
-                self.stop_seconds[name] = "did not stop within 10 s of SIGTERM; killed"
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         # Whatever is left of what was started here: in the namespace or in its cgroups.
         left: set[int] = set()
         if self.netns:

@@ -76,6 +76,7 @@ def make_tls(directory: Path, names: list[str]) -> tuple[Path, Path]:
 # leaves the machine or waits for a timeout.
 _dns: Knot | None = None
 SHARED_DKIM = Path(tempfile.mkdtemp(prefix="mailstead-test-dkim-"))
+atexit.register(shutil.rmtree, SHARED_DKIM, True)
 
 
 def docker_gateway() -> str:
@@ -101,6 +102,7 @@ def shared_dns() -> Knot:
     global _dns
     if _dns is None:
         workdir = Path(tempfile.mkdtemp(prefix="mailstead-test-knot-"))
+        atexit.register(shutil.rmtree, workdir, True)
         _dns = Knot(workdir, DOMAIN, zone_records(), address=docker_gateway(), port=53).start()
         atexit.register(_dns.stop)
     return _dns
