@@ -62,6 +62,8 @@ class Context:
     # The host nginx's generated routes (portal/stack/web.py).
     nginx_dir: Path = Path("/etc/nginx/conf.d")
     www_dir: Path = Path("/var/lib/mailstead-www")
+    # ACME HTTP-01 tokens, served by the host nginx on port 80 (portal/certs).
+    acme_dir: Path = Path("/var/lib/mailstead-acme")
     reload_nginx: bool = True
 
 
