@@ -34,40 +34,80 @@ def txt_rdata(value: str) -> str:
     return " ".join('"' + c.decode().replace("\\", "\\\\").replace('"', '\\"') + '"' for c in chunks)
 
 
+@dataclass(frozen=True)
+class KnotKey:
+    """A TSIG key knot accepts RFC 2136 updates with (for every zone it serves)."""
+    name: str
+    secret: str      # base64
+    algorithm: str = "hmac-sha256"
+
+
 class Knot:
+    """knotd serving `zone` (SOA, NS per `ns`, then `records`) on address@port.
+
+    Options for the DNS tests: `key` allows signed updates from 127.0.0.0/8
+    (changes kept in the journal); `extra_zones` {zone: full zone text} serves
+    more zones (e.g. a reverse zone); `dnssec` signs the zones with knot's
+    default policy; `soa_minimum` is the negative-caching TTL."""
+
     def __init__(self, workdir: Path, zone: str, records: list[Record],
-                 address: str = "127.0.0.1", port: int | None = None) -> None:
+                 address: str = "127.0.0.1", port: int | None = None, *,
+                 ns: list[tuple[str, str]] | None = None, key: KnotKey | None = None,
+                 extra_zones: dict[str, str] | None = None, dnssec: bool = False,
+                 soa_minimum: int = 300) -> None:
         self.workdir, self.zone, self.records = workdir, zone, records
         self.address, self.port = address, port or free_port()
+        self.ns = ns if ns is not None else [("ns1", "127.0.0.1")]
+        self.key, self.extra_zones, self.dnssec = key, dict(extra_zones or {}), dnssec
+        self.soa_minimum = soa_minimum
         self.proc: subprocess.Popen[bytes] | None = None
 
     def zone_text(self) -> str:
         lines = [
             f"$ORIGIN {self.zone}.",
             "$TTL 300",
-            f"@ SOA ns1.{self.zone}. hostmaster.{self.zone}. 1 3600 600 86400 300",
-            f"@ NS ns1.{self.zone}.",
-            "ns1 A 127.0.0.1",
+            f"@ SOA {self.ns[0][0] if self.ns else 'ns1'}.{self.zone}. hostmaster.{self.zone}. "
+            f"1 3600 600 86400 {self.soa_minimum}",
         ]
+        lines += [f"@ NS {name}.{self.zone}." for name, _ in self.ns]
+        lines += [f"{name} {'AAAA' if ':' in ip else 'A'} {ip}" for name, ip in self.ns]
         lines += [f"{r.name} {r.ttl} {r.rtype} {r.rdata}" for r in self.records]
         return "\n".join(lines) + "\n"
 
-    def start(self) -> Knot:
-        knotd = shutil.which("knotd") or "/usr/sbin/knotd"
-        run = self.workdir / "run"
-        run.mkdir(parents=True, exist_ok=True)
-        (self.workdir / f"{self.zone}.zone").write_text(self.zone_text())
-        conf = self.workdir / "knot.conf"
-        conf.write_text(
+    def _conf(self, run: Path) -> str:
+        updates = self.key is not None
+        text = (
             "server:\n"
             f"  rundir: {run}\n"
             f"  listen: {self.address}@{self.port}\n"
             "log:\n  - target: stderr\n    any: warning\n"
             f"database:\n  storage: {self.workdir}/db\n"
-            f"template:\n  - id: default\n    storage: {self.workdir}\n    file: \"%s.zone\"\n"
-            "    zonefile-sync: -1\n    journal-content: none\n"
-            f"zone:\n  - domain: {self.zone}\n"
         )
+        if self.key:
+            text += (f"key:\n  - id: {self.key.name}\n    algorithm: {self.key.algorithm}\n"
+                     f"    secret: {self.key.secret}\n"
+                     f"acl:\n  - id: update\n    address: 127.0.0.0/8\n    key: {self.key.name}\n"
+                     "    action: update\n")
+        text += (f"template:\n  - id: default\n    storage: {self.workdir}\n    file: \"%s.zone\"\n"
+                 "    zonefile-sync: -1\n"
+                 f"    journal-content: {'changes' if updates else 'none'}\n")
+        if updates:
+            text += "    acl: update\n"
+        if self.dnssec:
+            text += "    dnssec-signing: on\n"
+        text += "zone:\n" + "".join(f"  - domain: {z}\n" for z in [self.zone, *self.extra_zones])
+        return text
+
+    def start(self) -> Knot:
+        knotd = shutil.which("knotd") or "/usr/sbin/knotd"
+        run = self.workdir / "run"
+        run.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "db").mkdir(exist_ok=True)  # journal, timers, DNSSEC keys
+        (self.workdir / f"{self.zone}.zone").write_text(self.zone_text())
+        for zone, text in self.extra_zones.items():
+            (self.workdir / f"{zone}.zone").write_text(text)
+        conf = self.workdir / "knot.conf"
+        conf.write_text(self._conf(run))
         with open(self.workdir / "knotd.log", "wb") as log:
             self.proc = subprocess.Popen([knotd, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 20
@@ -83,8 +123,12 @@ class Knot:
                 time.sleep(0.2)
 
     def query(self, name: str, rtype: str) -> dns.message.Message:
-        q = dns.message.make_query(name, dns.rdatatype.from_text(rtype))
-        return dns.query.udp(q, self.address, port=self.port, timeout=2)
+        q = dns.message.make_query(name, dns.rdatatype.from_text(rtype), use_edns=0, payload=4096)
+        return dns.query.udp_with_fallback(q, self.address, port=self.port, timeout=2)[0]
+
+    def serial(self, zone: str | None = None) -> int:
+        answer = self.query(zone or self.zone, "SOA").answer
+        return int(answer[0][0].serial)
 
     def txt(self, name: str) -> list[bytes]:
         """TXT values of `name`, each joined from its strings (what a DKIM verifier sees)."""

@@ -1,0 +1,216 @@
+"""RFC 2136 dynamic updates signed with TSIG (dnspython does the protocol).
+
+`replace_rrset` / `delete_rrset` change one rrset; `plan` / `push` (below)
+bring every rrset the appliance owns to its wanted value in one UPDATE.
+Errors are `DnsError`s that say what to fix; secrets never appear in them.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import dns.exception
+import dns.message
+import dns.name
+import dns.query
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import dns.tsig
+import dns.tsigkeyring
+import dns.update
+
+ALGORITHMS = {"hmac-sha256": dns.tsig.HMAC_SHA256, "hmac-sha512": dns.tsig.HMAC_SHA512}
+SECRET_FILE = "rfc2136.key"
+
+
+class DnsError(Exception):
+    """A DNS operation failed or an input is invalid; `str()` says what to fix."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class TsigKey:
+    name: str
+    secret: str
+    algorithm: str = "hmac-sha256"
+
+    def __repr__(self) -> str:  # never show the secret
+        return f"TsigKey(name={self.name!r}, algorithm={self.algorithm!r})"
+
+    @classmethod
+    def parse(cls, name: str, secret: str, algorithm: str = "hmac-sha256") -> TsigKey:
+        """A checked key: DnsError naming the field for a bad name, secret or algorithm."""
+        algorithm = (algorithm or "").strip().lower()
+        if algorithm not in ALGORITHMS:
+            raise DnsError(f"'{algorithm[:32]}' is not supported; use one of {', '.join(ALGORITHMS)} "
+                           "(the algorithm your DNS provider gave with the key)", "rfc2136_algorithm")
+        name = (name or "").strip().rstrip(".").lower()
+        try:
+            if not name:
+                raise ValueError
+            dns.name.from_text(name)
+        except (ValueError, dns.exception.DNSException):
+            raise DnsError("enter the TSIG key name your DNS provider gave you, e.g. mailstead-key",
+                           "rfc2136_key_name") from None
+        secret = "".join((secret or "").split())
+        try:
+            raw = base64.b64decode(secret, validate=True)
+        except (binascii.Error, ValueError):
+            raw = b""
+        if not raw:
+            raise DnsError("the TSIG secret is not base64 text; paste the secret exactly as your DNS "
+                           "provider shows it (letters, digits, + / and = padding)", "rfc2136_secret")
+        return cls(name=name, secret=secret, algorithm=algorithm)
+
+    def keyring(self) -> dict[dns.name.Name, dns.tsig.Key]:
+        return dns.tsigkeyring.from_text({self.name: (ALGORITHMS[self.algorithm], self.secret)})
+
+
+@dataclass(frozen=True)
+class UpdateTarget:
+    server: str
+    port: int
+    zone: str
+    key: TsigKey
+    timeout: float = 5.0
+
+    @property
+    def where(self) -> str:
+        return f"{self.server} port {self.port}"
+
+
+def _name_in_zone(target: UpdateTarget, name: str) -> dns.name.Name:
+    absolute = dns.name.from_text(name.rstrip(".") + ".")
+    if not absolute.is_subdomain(dns.name.from_text(target.zone.rstrip(".") + ".")):
+        raise DnsError(f"{name} is not inside the zone {target.zone}; it cannot be updated there")
+    return absolute
+
+
+def new_update(target: UpdateTarget) -> dns.update.UpdateMessage:
+    key = target.key
+    keyname = dns.name.from_text(key.name)
+    return dns.update.UpdateMessage(target.zone.rstrip(".") + ".", keyring=key.keyring(), keyname=keyname,
+                                    keyalgorithm=ALGORITHMS[key.algorithm])
+
+
+def send(target: UpdateTarget, update: dns.update.UpdateMessage) -> None:
+    """Send one UPDATE over TCP; a refusal is a DnsError that says the zone is unchanged."""
+    unchanged = "nothing was changed"
+    try:
+        response = dns.query.tcp(update, target.server, port=target.port, timeout=target.timeout)
+    except dns.tsig.PeerBadKey:
+        raise DnsError(f"the DNS server at {target.where} does not know the TSIG key '{target.key.name}' "
+                       f"(BADKEY); {unchanged}. Check the key name and algorithm against your DNS provider's "
+                       "settings", "rfc2136_key_name") from None
+    except (dns.tsig.PeerBadSignature, dns.tsig.BadSignature):
+        raise DnsError(f"the DNS server at {target.where} rejected the signature of key '{target.key.name}' "
+                       f"(BADSIG: wrong secret or algorithm); {unchanged}. Enter the secret again exactly as "
+                       "your DNS provider shows it", "rfc2136_secret") from None
+    except (dns.tsig.PeerBadTime, dns.tsig.PeerBadTruncation):
+        raise DnsError(f"the DNS server at {target.where} refused the update's signature time (BADTIME); "
+                       f"{unchanged}. Check that this machine's clock is correct") from None
+    except dns.exception.Timeout:
+        raise DnsError(f"the DNS server at {target.where} did not answer within {target.timeout:g} s; "
+                       f"{unchanged}. Check the server address and port and that TCP to it is allowed",
+                       "rfc2136_server") from None
+    except OSError as err:
+        raise DnsError(f"cannot reach the DNS server at {target.where} ({err.strerror or err}); {unchanged}. "
+                       "Check the server address and port", "rfc2136_server") from None
+    except dns.exception.DNSException as err:
+        raise DnsError(f"the DNS server at {target.where} sent an answer that could not be read "
+                       f"({type(err).__name__}); {unchanged}", "rfc2136_server") from None
+    rcode = response.rcode()
+    if rcode == dns.rcode.NOERROR:
+        return
+    tsig_error = getattr(response, "tsig_error", 0)
+    hints = {
+        dns.rcode.REFUSED: f"refused the update (REFUSED); {unchanged}. Allow updates of zone {target.zone} "
+                           f"with key '{target.key.name}' in the server's settings",
+        dns.rcode.NOTAUTH: f"does not accept key '{target.key.name}' for zone {target.zone} (NOTAUTH"
+                           f"{', TSIG error ' + dns.rcode.to_text(tsig_error) if tsig_error else ''}); "
+                           f"{unchanged}. Check the key name, secret and algorithm, and that the server is "
+                           f"the primary for {target.zone}",
+        dns.rcode.NOTZONE: f"says a name is outside zone {target.zone} (NOTZONE); {unchanged}",
+        dns.rcode.SERVFAIL: f"failed to apply the update (SERVFAIL); {unchanged}. Try again later or check "
+                            "the server's logs",
+    }
+    text = hints.get(rcode, f"answered {dns.rcode.to_text(rcode)}; {unchanged}")
+    field = "rfc2136_key_name" if rcode == dns.rcode.NOTAUTH else None
+    raise DnsError(f"the DNS server at {target.where} {text}", field)
+
+
+def replace_rrset(target: UpdateTarget, name: str, rdtype: str, rdatas: list[str], ttl: int = 300) -> None:
+    """Make `name`/`rdtype` hold exactly `rdatas` (zone-file text, e.g. '"token"' for TXT)."""
+    update = new_update(target)
+    update.replace(_name_in_zone(target, name), ttl, rdtype, *rdatas)
+    send(target, update)
+
+
+def delete_rrset(target: UpdateTarget, name: str, rdtype: str) -> None:
+    """Remove the whole `name`/`rdtype` rrset (no error if it does not exist)."""
+    update = new_update(target)
+    update.delete(_name_in_zone(target, name), rdtype)
+    send(target, update)
+
+
+# -- configuration --------------------------------------------------------------------
+
+def secret_path(state_dir: Path) -> Path:
+    return state_dir / "secrets" / SECRET_FILE
+
+
+def write_secret(state_dir: Path, secret: str) -> None:
+    """Store the TSIG secret in <state>/secrets/rfc2136.key (0600, folder 0700)."""
+    folder = state_dir / "secrets"
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    path = secret_path(state_dir)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+    os.replace(tmp, path)
+    os.chmod(path, 0o600)
+
+
+def parse_port(value: str | int | None, field: str, default: int = 53) -> int:
+    if value in (None, ""):
+        return default
+    try:
+        port = int(value)
+    except (TypeError, ValueError):
+        port = 0
+    if not 1 <= port <= 65535:
+        raise DnsError("must be a port number from 1 to 65535 (usually 53)", field)
+    return port
+
+
+def load_update_target(state_dir: Path) -> UpdateTarget | None:
+    """The RFC 2136 target from the settings and the secret file; None if not configured."""
+    from ..stack.store import read_settings_table
+
+    values = read_settings_table(state_dir / "state.db")
+    server = values.get("rfc2136_server", "").strip()
+    if not server:
+        return None
+    domain = values.get("domain", "").strip().rstrip(".").lower()
+    if not domain:
+        raise DnsError("is not set yet; finish the Domain step of the setup wizard first", "domain")
+    try:
+        secret = secret_path(state_dir).read_text().strip()
+    except OSError:
+        raise DnsError(f"the TSIG secret file {secret_path(state_dir)} is missing or unreadable; "
+                       "configure DNS updates again", "rfc2136_secret") from None
+    key = TsigKey.parse(values.get("rfc2136_key_name", ""), secret,
+                        values.get("rfc2136_algorithm", "") or "hmac-sha256")
+    return UpdateTarget(server=server, port=parse_port(values.get("rfc2136_port"), "rfc2136_port"),
+                        zone=domain.encode("idna").decode() if not domain.isascii() else domain, key=key)
