@@ -32,7 +32,8 @@ class DnsError(Exception):
     """A DNS operation failed or an input is invalid; `str()` says what to fix."""
 
     def __init__(self, message: str, field: str | None = None) -> None:
-        super().__init__(f"{field}: {message}" if field else message)
+        named = field is None or message.startswith(field)
+        super().__init__(message if named else f"{field}: {message}")
         self.field = field
         self.message = message
 
