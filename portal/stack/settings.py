@@ -75,12 +75,35 @@ class StackSettings:
         return self.secrets_dir / "dkim"
 
     @property
+    def tls_dir(self) -> Path:
+        return self.state_dir / "tls"
+
+    @property
     def cert_path(self) -> Path:
-        return self.tls_cert or self.state_dir / "tls" / "bootstrap.crt"
+        """The certificate served: settings' own, else the CA's (tls/live, see
+        portal/certs/store.py) once one is installed, else the bootstrap one."""
+        if self.tls_cert:
+            return self.tls_cert
+        live = self.tls_dir / "live"
+        return live / "fullchain.pem" if live.exists() else self.tls_dir / "bootstrap.crt"
 
     @property
     def key_path(self) -> Path:
-        return self.tls_key or self.state_dir / "tls" / "bootstrap.key"
+        if self.tls_key:
+            return self.tls_key
+        live = self.tls_dir / "live"
+        return live / "privkey.pem" if live.exists() else self.tls_dir / "bootstrap.key"
+
+    def tls_container_paths(self) -> tuple[list[str], str, str]:
+        """(compose volume lines, cert path, key path) for postfix and dovecot.
+        Files under tls_dir: the whole folder, read-only, at /etc/mailstead/tls (so a
+        renewed live/ is seen without a redeploy); files elsewhere: each on its own."""
+        cert, key, base = self.cert_path, self.key_path, Path("/etc/mailstead/tls")
+        if cert.is_relative_to(self.tls_dir) and key.is_relative_to(self.tls_dir):
+            return ([f"{self.tls_dir}:{base}:ro"],
+                    str(base / cert.relative_to(self.tls_dir)), str(base / key.relative_to(self.tls_dir)))
+        return ([f"{cert}:{base}/cert.pem:ro", f"{key}:{base}/key.pem:ro"],
+                f"{base}/cert.pem", f"{base}/key.pem")
 
     def with_images(self, images: dict[str, str]) -> StackSettings:
         return replace(self, images=dict(images))
@@ -122,6 +145,7 @@ class StackSettings:
     def as_template_vars(self) -> dict[str, Any]:
         ports = dict(DEFAULT_PORTS)
         ports.update(self.ports)
+        tls_mounts, tls_cert_file, tls_key_file = self.tls_container_paths()
         return {
             "domain": self.domain,
             "hostname": self.hostname,
@@ -136,6 +160,9 @@ class StackSettings:
             "dkim_selectors": {"rsa": self.dkim_selectors[0], "ed25519": self.dkim_selectors[1]},
             "tls_cert": str(self.cert_path),
             "tls_key": str(self.key_path),
+            "tls_mounts": tls_mounts,
+            "tls_cert_file": tls_cert_file,
+            "tls_key_file": tls_key_file,
             "message_size_limit": self.message_size_limit_mb * 1024 * 1024,
             "default_quota_mb": self.default_quota_mb,
             "images": {svc: self.images.get(svc, f"mailstead-{svc}:{self.version}") for svc in SERVICES},
