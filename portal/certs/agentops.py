@@ -1,0 +1,226 @@
+"""The agent's certificate operations: acme_configure, cert_issue, cert_renew, cert_status.
+
+The outside world comes from the Context: ctx.acme_dir (HTTP-01 tokens),
+ctx.nginx_dir/www_dir/reload_nginx (the host nginx), ctx.docker (the mail
+containers' reload). Tests may set `ctx.cert_reload` (a callable taking the
+StackSettings and returning {service: result}) to replace every reload, and
+`ctx.dns_propagation_timeout` (seconds, default 120).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+
+from ..agent.ops import Context, OpError, operation
+from ..stack.settings import SettingsError, StackSettings
+from ..stack.store import load_settings, read_settings_table
+from . import CertError
+from .challenges import ChallengeHandler, DnsChallenge, HttpChallenge
+from .renew import Tlsa, obtain, read_state, renew, renew_due, tlsa_311
+from .settings import DEFAULT_ACME_DIR, AcmeSettings, load_acme_settings, parse_acme_settings
+from .store import cert_names, fingerprint, read_live, reload_containers, reload_nginx, tls_dir
+
+DEFAULT_RESOLVERS = "9.9.9.9,149.112.112.112"
+
+
+@contextlib.contextmanager
+def refusals() -> Iterator[None]:
+    try:
+        yield
+    except CertError as exc:
+        raise OpError("invalid" if exc.field else "cert_failed", exc.message) from None
+    except SettingsError as exc:
+        raise OpError("invalid", f"{exc.field}: {exc.message}") from None
+
+
+def _dns_setup(state_dir: Path) -> tuple[Any, list[tuple[str, int]], int]:
+    from ..dns.check import parse_resolvers
+    from ..dns.update import DnsError, load_update_target, parse_port
+
+    values = read_settings_table(state_dir / "state.db")
+    try:
+        target = load_update_target(state_dir)
+        resolvers = parse_resolvers(values.get("dns_resolvers") or DEFAULT_RESOLVERS)
+        auth_port = parse_port(values.get("dns_auth_port"), "dns_auth_port")
+    except DnsError as err:
+        raise CertError(str(err), err.field) from None
+    if target is None:
+        raise CertError("acme_challenge: dns-01 needs RFC 2136 updates; set rfc2136_server first, or use http-01",
+                        "acme_challenge")
+    return target, resolvers, auth_port
+
+
+def handler_for(ctx: Context, acme: AcmeSettings) -> ChallengeHandler:
+    if acme.challenge == "http-01":
+        return HttpChallenge(getattr(ctx, "acme_dir", DEFAULT_ACME_DIR))
+    target, resolvers, auth_port = _dns_setup(ctx.state_dir)
+    return DnsChallenge(target, resolvers, auth_port,
+                        propagation_timeout=float(getattr(ctx, "dns_propagation_timeout", 120.0)))
+
+
+def tlsa_updater(ctx: Context, settings: StackSettings) -> Tlsa | None:
+    """When the key changes and `_25._tcp.<mail host>` TLSA is published (which only
+    makes sense in a DNSSEC-signed zone), publish the new hash next to the old one
+    and wait until every authoritative server has it, before the switch."""
+    values = read_settings_table(ctx.state_dir / "state.db")
+    if not values.get("rfc2136_server"):
+        return None
+
+    def update(old_pem: bytes, new_pem: bytes) -> str:
+        from ..dns.check import answer_rdatas, authoritative_servers, query, wait_until_served
+        from ..dns.update import DnsError, replace_rrset
+
+        name = f"_25._tcp.{settings.hostname}"
+        try:
+            target, resolvers, auth_port = _dns_setup(ctx.state_dir)
+            servers = authoritative_servers(target.zone, resolvers, auth_port)
+            published = {r.to_text() for r in answer_rdatas(query(servers[0], name, "TLSA"), name, "TLSA")}
+            if not published:
+                return "no TLSA record published: nothing to update"
+            wanted = sorted(published | {tlsa_311(old_pem), tlsa_311(new_pem)})
+            replace_rrset(target, name, "TLSA", wanted, ttl=300)
+            wait_until_served(name, "TLSA", wanted, servers,
+                              timeout=float(getattr(ctx, "dns_propagation_timeout", 120.0)))
+        except (DnsError, OSError, Exception) as err:
+            raise CertError(f"the new key's TLSA record for {name} could not be published ({err}); the current "
+                            "certificate stays in place; fix DNS updates or set acme_reuse_key=1") from None
+        return f"TLSA {name}: old and new key published"
+
+    return update
+
+
+def reloader(ctx: Context, settings: StackSettings) -> Callable[[], dict[str, str]]:
+    """Point the host nginx's routes at the new certificate and reload nginx and the
+    mail containers; a failure here is reported, not raised (the certificate is in)."""
+    custom = getattr(ctx, "cert_reload", None)
+    if custom is not None:
+        return lambda: custom(settings)
+
+    def run() -> dict[str, str]:
+        from ..stack.web import NGINX_CONF_NAME, write_web_files
+
+        results: dict[str, str] = {}
+        try:
+            if (ctx.nginx_dir / NGINX_CONF_NAME).exists():
+                write_web_files(settings, ctx.nginx_dir, ctx.www_dir)
+            results["nginx"] = reload_nginx() if ctx.reload_nginx else "skipped: reloads are off"
+        except (CertError, OSError, SettingsError) as err:
+            results["nginx"] = f"failed: {err}"
+        client = None
+        try:
+            client = ctx.docker()
+            results.update(reload_containers(client, settings.project))
+        except Exception as err:  # the engine being down must not undo an installed certificate
+            why = err.message if isinstance(err, OpError) else " ".join(str(err).split())[:200]
+            results.update({"postfix": f"skipped: {why}", "dovecot": f"skipped: {why}"})
+        finally:
+            if client is not None:
+                client.close()
+        return results
+
+    return run
+
+
+def redeploy_needed(settings: StackSettings) -> bool:
+    """True if the deployed mail stack does not read the certificate now in use
+    (e.g. the first CA certificate after the bootstrap one): run stack_deploy."""
+    main_cf = settings.stack_dir / "postfix" / "main.cf"
+    if not main_cf.exists():
+        return False
+    return settings.tls_container_paths()[2] not in main_cf.read_text()
+
+
+def _load(ctx: Context) -> tuple[StackSettings, AcmeSettings]:
+    return load_settings(ctx.state_dir), load_acme_settings(ctx.state_dir)
+
+
+def _progress(steps: list[str]) -> Callable[[str, str], None]:
+    return lambda step, detail: steps.append(f"{step}: {detail}")
+
+
+@operation("acme_configure")
+def acme_configure(ctx: Context, directory: str = "letsencrypt", contact: str = "", challenge: str = "http-01",
+                   include_apex: bool = False, reuse_key: bool = False, ca_bundle: str = "",
+                   caa_issuer: str = "") -> dict[str, Any]:
+    """Check and store the ACME settings (all of them: what is not given gets its default)."""
+    from .. import db
+
+    values = {"acme_directory": directory.strip(), "acme_contact": contact.strip(),
+              "acme_challenge": challenge.strip().lower(), "acme_include_apex": "1" if include_apex else "0",
+              "acme_reuse_key": "1" if reuse_key else "0", "acme_ca_bundle": ca_bundle.strip(),
+              "acme_caa_issuer": caa_issuer.strip()}
+    with refusals():
+        stack = load_settings(ctx.state_dir)
+        merged = read_settings_table(ctx.state_dir / "state.db") | values
+        acme = parse_acme_settings(merged, stack.domain, stack.hostname, ctx.state_dir)
+    conn = db.connect(ctx.state_dir / "state.db")
+    try:
+        with conn:
+            conn.executemany("INSERT INTO settings (key, value) VALUES (?, ?) "
+                             "ON CONFLICT(key) DO UPDATE SET value = excluded.value", list(values.items()))
+    finally:
+        conn.close()
+    return {"directory": acme.directory, "names": list(acme.names), "challenge": acme.challenge,
+            "contact": acme.contact, "reuse_key": acme.reuse_key, "ca_bundle": str(acme.ca_bundle or "")}
+
+
+@operation("cert_issue")
+def cert_issue(ctx: Context) -> dict[str, Any]:
+    """Get a certificate from the CA now and install it (the old one stays on any failure)."""
+    steps: list[str] = []
+    with refusals():
+        settings, acme = _load(ctx)
+        result = obtain(ctx.state_dir, acme, handler_for(ctx, acme), progress=_progress(steps),
+                        reload=reloader(ctx, settings), tlsa=tlsa_updater(ctx, settings))
+    settings = load_settings(ctx.state_dir)  # live/ exists now
+    return {**result, "steps": steps, "redeploy_needed": redeploy_needed(settings)}
+
+
+@operation("cert_renew")
+def cert_renew(ctx: Context, force: bool = False) -> dict[str, Any]:
+    """Renew when due (the CA's ARI, else a third of the lifetime left) or when forced;
+    failures back off (1 h doubling to 24 h). The scheduler runs this daily."""
+    steps: list[str] = []
+    with refusals():
+        settings, acme = _load(ctx)
+        result = renew(ctx.state_dir, acme, handler_for(ctx, acme), force=force, progress=_progress(steps),
+                       reload=reloader(ctx, settings), tlsa=tlsa_updater(ctx, settings))
+    if result.get("renewed"):
+        result["redeploy_needed"] = redeploy_needed(load_settings(ctx.state_dir))
+    return {**result, "steps": steps}
+
+
+@operation("cert_status")
+def cert_status(ctx: Context) -> dict[str, Any]:
+    """The certificate being served (the CA's, else the bootstrap one), when it gets
+    renewed (offline: the lifetime rule; cert_renew asks the CA's ARI) and the last error."""
+    tls = tls_dir(ctx.state_dir)
+    live = read_live(tls)
+    source = "ca" if live else "bootstrap"
+    pem = live[0] if live else None
+    if pem is None:
+        try:
+            pem = (tls / "bootstrap.crt").read_bytes()
+        except OSError:
+            pem = None
+    out: dict[str, Any] = {"source": source if pem else "none", "state": read_state(ctx.state_dir)}
+    if pem is None:
+        return out
+    cert = x509.load_pem_x509_certificates(pem)[0]
+    now = dt.datetime.now(dt.timezone.utc)
+    out.update(names=list(cert_names(cert)), issuer=cert.issuer.rfc4514_string(),
+               not_after=cert.not_valid_after_utc.isoformat(timespec="seconds"),
+               days_left=(cert.not_valid_after_utc - now).days, self_signed=cert.issuer == cert.subject,
+               fingerprint=fingerprint(cert), serial=f"{cert.serial_number:x}",
+               last_error=out["state"].get("last_error"))
+    if live:
+        decision = renew_due(pem, None, now)
+        out["renewal"] = {"due": decision.due, "when": decision.when.isoformat(timespec="seconds"),
+                          "why": decision.why, "source": decision.source}
+    return out
