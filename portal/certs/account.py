@@ -118,7 +118,7 @@ def make_client(acme: AcmeSettings, key: ec.EllipticCurvePrivateKey,
         directory["newAccount"], directory["newOrder"], directory["newNonce"]
     except (requests.exceptions.RequestException, ValueError, KeyError, TypeError,
             acme_errors.Error, messages.Error, jose.DeserializationError) as exc:
-        if isinstance(exc, KeyError | TypeError | jose.DeserializationError) or (
+        if isinstance(exc, KeyError | TypeError | jose.DeserializationError | acme_errors.ClientError) or (
                 isinstance(exc, ValueError) and not str(exc).startswith("Requesting")):
             exc = ValueError("the answer is not an ACME directory")
         raise unreachable(acme.directory, exc) from None

@@ -34,7 +34,8 @@ def refusals() -> Iterator[None]:
     try:
         yield
     except CertError as exc:
-        raise OpError("invalid" if exc.field else "cert_failed", exc.message) from None
+        invalid = exc.field is not None and exc.message.startswith(exc.field + ":")
+        raise OpError("invalid" if invalid else "cert_failed", exc.message) from None
     except SettingsError as exc:
         raise OpError("invalid", f"{exc.field}: {exc.message}") from None
 
