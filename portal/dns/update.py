@@ -14,11 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import dns.exception
+import dns.flags
 import dns.message
 import dns.name
 import dns.query
 import dns.rcode
+import dns.rdata
 import dns.rdataclass
+import dns.rdataset
 import dns.rdatatype
 import dns.tsig
 import dns.tsigkeyring
@@ -215,3 +218,94 @@ def load_update_target(state_dir: Path) -> UpdateTarget | None:
                         values.get("rfc2136_algorithm", "") or "hmac-sha256")
     return UpdateTarget(server=server, port=parse_port(values.get("rfc2136_port"), "rfc2136_port"),
                         zone=domain.encode("idna").decode() if not domain.isascii() else domain, key=key)
+
+
+# -- bringing the zone to the expected records ------------------------------------------
+
+@dataclass(frozen=True)
+class Change:
+    name: str
+    rtype: str
+    action: str                 # add | replace | unchanged
+    current: tuple[str, ...]    # zone-file rdata text
+    wanted: tuple[str, ...]
+    ttl: int
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "type": self.rtype, "action": self.action, "current": list(self.current),
+                "wanted": list(self.wanted), "ttl": self.ttl}
+
+
+def _current(target: UpdateTarget, name: str, rdtype: str) -> tuple[dns.rdataset.Rdataset | None, int]:
+    from .check import query
+
+    try:
+        response = query((target.server, target.server, target.port), name, rdtype, target.timeout)
+    except dns.exception.Timeout:
+        raise DnsError(f"the DNS server at {target.where} did not answer within {target.timeout:g} s; nothing "
+                       "was changed. Check the server address and port", "rfc2136_server") from None
+    except (OSError, dns.exception.DNSException) as err:
+        raise DnsError(f"cannot ask the DNS server at {target.where} ({type(err).__name__}); nothing was "
+                       "changed. Check the server address and port", "rfc2136_server") from None
+    rcode = response.rcode()
+    if rcode not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN) or not response.flags & dns.flags.AA:
+        raise DnsError(f"the DNS server at {target.where} does not serve the zone {target.zone} "
+                       f"({dns.rcode.to_text(rcode)}{'' if response.flags & dns.flags.AA else ', not authoritative'}"
+                       "); nothing was changed. Point rfc2136_server at the zone's primary server",
+                       "rfc2136_server")
+    owner = dns.name.from_text(name.rstrip(".") + ".")
+    rrset = response.get_rrset(response.answer, owner, dns.rdataclass.IN, dns.rdatatype.from_text(rdtype))
+    return (rrset, rrset.ttl) if rrset else (None, 0)
+
+
+def plan(target: UpdateTarget, records: list, servers: list | None = None) -> list[Change]:
+    """Per owned rrset (the names+types of `records` inside the zone, PTR excluded):
+    the current value on the target server vs the wanted one. The apex TXT rrset is
+    merged: only v=spf1 values are replaced, other TXT values there are kept.
+    (`servers` is accepted for symmetry with check; the primary is what is compared.)"""
+    from .records import zone_records
+
+    zone = target.zone.rstrip(".")
+    owned: dict[tuple[str, str], list] = {}
+    for r in zone_records(records, zone):
+        owned.setdefault((r.name, r.rtype), []).append(r)
+    changes = []
+    for (name, rtype), rs in owned.items():
+        rdtype = dns.rdatatype.from_text(rtype)
+        current, ttl = _current(target, name, rtype)
+        wanted = {dns.rdata.from_text(dns.rdataclass.IN, rdtype, r.rdata()) for r in rs}
+        have = set(current) if current is not None else set()
+        if rtype == "TXT" and name == zone:
+            spf = {r for r in wanted if b"".join(r.strings).lower().startswith(b"v=spf1")}
+            wanted |= {r for r in have if not b"".join(r.strings).lower().startswith(b"v=spf1")} if spf else have
+        want_ttl = rs[0].ttl
+        action = "add" if not have else "unchanged" if have == wanted and ttl == want_ttl else "replace"
+        changes.append(Change(name, rtype, action, tuple(sorted(r.to_text() for r in have)),
+                              tuple(sorted(r.to_text() for r in wanted)), want_ttl))
+    return changes
+
+
+def push(target: UpdateTarget, records: list, dry_run: bool = False) -> list[Change]:
+    """Apply `plan` in ONE signed UPDATE (all or nothing). Each changed rrset carries a
+    prerequisite that it is still as read, so a concurrent edit makes the update fail
+    instead of being overwritten. Sends nothing when everything is unchanged."""
+    changes = plan(target, records)
+    todo = [c for c in changes if c.action != "unchanged"]
+    if dry_run or not todo:
+        return changes
+    update = new_update(target)
+    for c in todo:
+        owner = _name_in_zone(target, c.name)
+        if c.current:
+            update.present(owner, dns.rdataset.from_text("IN", c.rtype, 0, *c.current))
+        else:
+            update.absent(owner, c.rtype)
+        update.replace(owner, c.ttl, c.rtype, *c.wanted)
+    try:
+        send(target, update)
+    except DnsError as err:
+        if "NXRRSET" in err.message or "YXRRSET" in err.message:
+            raise DnsError(f"the zone changed while the update was prepared; nothing was changed. Try again "
+                           f"({err.message})") from None
+        raise
+    return changes

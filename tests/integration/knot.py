@@ -54,12 +54,13 @@ class Knot:
                  address: str = "127.0.0.1", port: int | None = None, *,
                  ns: list[tuple[str, str]] | None = None, key: KnotKey | None = None,
                  extra_zones: dict[str, str] | None = None, dnssec: bool = False,
-                 soa_minimum: int = 300) -> None:
+                 soa_minimum: int = 300, extra_text: str = "") -> None:
         self.workdir, self.zone, self.records = workdir, zone, records
         self.address, self.port = address, port or free_port()
         self.ns = ns if ns is not None else [("ns1", "127.0.0.1")]
         self.key, self.extra_zones, self.dnssec = key, dict(extra_zones or {}), dnssec
         self.soa_minimum = soa_minimum
+        self.extra_text = extra_text  # appended to the zone file (e.g. an exported fragment)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def zone_text(self) -> str:
@@ -72,7 +73,7 @@ class Knot:
         lines += [f"@ NS {name}.{self.zone}." for name, _ in self.ns]
         lines += [f"{name} {'AAAA' if ':' in ip else 'A'} {ip}" for name, ip in self.ns]
         lines += [f"{r.name} {r.ttl} {r.rtype} {r.rdata}" for r in self.records]
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines) + "\n" + self.extra_text
 
     def _conf(self, run: Path) -> str:
         updates = self.key is not None

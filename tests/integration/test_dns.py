@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import base64
 import os
+import socket
+import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from portal.dns.check import authoritative_servers, query, wait_until_served
-from portal.dns.update import DnsError, TsigKey, UpdateTarget, delete_rrset, replace_rrset
+from portal.dns.check import RecordCheck, authoritative_servers, check, detect_dnssec, query, wait_until_served
+from portal.dns.records import Record as Record_
+from portal.dns.records import records, zone_fragment, zone_records
+from portal.dns.settings import DnsSettings, load_dns_settings
+from portal.dns.update import DnsError, TsigKey, UpdateTarget, delete_rrset, push, replace_rrset
 from tests.conftest import free_port
 
 from .knot import Knot, KnotKey, Record
@@ -134,3 +140,202 @@ def test_wait_until_served(two_servers: tuple[Knot, Knot]) -> None:
     assert f"ns1.{ZONE}" not in str(err.value)
     replace_rrset(target_for(k2), name, "TXT", ['"abc"', '"other"'])
     wait_until_served(name, "TXT", ['"abc"'], servers, timeout=5, interval=0.2)
+
+
+# -- the expected record set: export, check, push ---------------------------------------------
+
+SELECTORS = ("mailstead-rsa", "mailstead-ed25519")
+
+
+def make_state(tmp: Path, port: int, **extra: str) -> Path:
+    from portal.stack import dkim
+
+    state = tmp / "state"
+    state.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(state / "state.db")
+    conn.execute("CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT)")
+    values = {"domain": ZONE, "public_ipv4": "192.0.2.10", "public_ipv6": "2001:db8::10",
+              "dns_resolvers": f"127.0.0.1:{port}", "dns_auth_port": str(port), **extra}
+    conn.executemany("INSERT OR REPLACE INTO settings VALUES (?, ?)", values.items())
+    conn.commit()
+    conn.close()
+    dkim.ensure_keys(state / "secrets" / "dkim", SELECTORS)
+    return state
+
+
+def expected(state: Path) -> tuple[DnsSettings, list[Record_]]:
+    s = load_dns_settings(state, allow_private=True)
+    return s, records(s)
+
+
+def verdicts(results: list[RecordCheck]) -> dict[tuple[str, str, str], str]:
+    return {(c.record.name, c.record.rtype, c.record.value): c.verdict for c in results}
+
+
+def test_fragment_loads_into_knot_and_checks_ok(tmp_path: Path) -> None:
+    port = free_port()
+    state = make_state(tmp_path, port)
+    s, rs = expected(state)
+    fragment = zone_fragment(rs, ZONE)
+    servers = [Knot(tmp_path / f"k{i}", ZONE, [], address=ip, port=port, ns=NS, extra_text=fragment).start()
+               for i, (_, ip) in enumerate(NS, 1)]
+    try:
+        for r in zone_records(rs, ZONE):  # every record reads back equal
+            got = servers[1].query(r.name, r.rtype).answer
+            values = {(b"".join(x.strings).decode() if r.rtype == "TXT" else x.to_text()) for rr in got for x in rr}
+            assert r.value in values, (r, values)
+        auth = authoritative_servers(ZONE, list(s.resolvers), auth_port=s.auth_port)
+        start = time.monotonic()
+        results = check(rs, ZONE, auth)
+        assert time.monotonic() - start < 2
+        bad = [c.as_dict() for c in results if c.verdict != "ok"]
+        assert not bad, bad
+        assert len(results) == len(zone_records(rs, ZONE))
+        assert all(c.visible_by["seconds"] == 0 for c in results)
+        assert not detect_dnssec(ZONE, auth)
+    finally:
+        for k in servers:
+            k.stop()
+
+
+def test_check_verdicts(tmp_path: Path) -> None:
+    """missing, different, conflicting (two SPF, extra MX) and disagree, with two servers."""
+    port = free_port()
+    state = make_state(tmp_path, port)
+    _s, rs = expected(state)
+    host = f"mail.{ZONE}"
+    keep = [r for r in rs if r.rtype in ("MX", "TXT") and r.name in (ZONE, f"_dmarc.{ZONE}")]
+    base = zone_fragment([r for r in rs if r not in keep and not (r.name == host and r.rtype == "AAAA")], ZONE)
+    common = [Record("@", "MX", f"10 {host}."), Record("@", "MX", "20 backup.example.net."),
+              Record("@", "TXT", '"v=spf1 mx -all"'), Record("@", "TXT", '"v=spf1 a -all"'),
+              Record("_dmarc", "TXT", '"v=DMARC1; p=none"', ttl=1800)]
+    k1 = Knot(tmp_path / "k1", ZONE, common + [Record("mail", "AAAA", "2001:db8::10")], address="127.0.0.1",
+              port=port, ns=NS, extra_text=base, soa_minimum=120).start()
+    k2 = Knot(tmp_path / "k2", ZONE, common, address="127.0.0.2", port=port, ns=NS, extra_text=base,
+              soa_minimum=120).start()
+    try:
+        servers = authoritative_servers(ZONE, [("127.0.0.1", port)], auth_port=port)
+        results = {(c.record.name, c.record.rtype): c for c in check(rs, ZONE, servers)}
+        mx, spf = results[(ZONE, "MX")], results[(ZONE, "TXT")]
+        assert mx.verdict == "conflicting" and "20 backup.example.net." in mx.message
+        assert "remove 20 backup.example.net." in mx.fix
+        assert spf.verdict == "conflicting" and "v=spf1 a -all" in spf.fix
+        dmarc = results[(f"_dmarc.{ZONE}", "TXT")]
+        assert dmarc.verdict == "different" and dmarc.actual == ["v=DMARC1; p=none"]
+        assert dmarc.expected.startswith("v=DMARC1; p=quarantine") and dmarc.visible_by["seconds"] == 1800
+        aaaa = results[(host, "AAAA")]
+        assert aaaa.verdict == "disagree" and "127.0.0.2" in aaaa.message
+        assert aaaa.per_server[f"ns2.{ZONE} (127.0.0.2 port {port})"] == []
+        assert results[(host, "A")].verdict == "ok"
+    finally:
+        k1.stop()
+        k2.stop()
+    # the same zone with the DMARC record gone: missing, visible after the negative TTL
+    k1 = Knot(tmp_path / "k3", ZONE, [], address="127.0.0.1", port=port, ns=NS[:1],
+              extra_text=zone_fragment([r for r in rs if r.name != f"_dmarc.{ZONE}"], ZONE), soa_minimum=120).start()
+    try:
+        servers = authoritative_servers(ZONE, [("127.0.0.1", port)], auth_port=port)
+        dmarc = next(c for c in check(rs, ZONE, servers) if c.record.name == f"_dmarc.{ZONE}")
+        assert dmarc.verdict == "missing" and dmarc.fix.startswith(f"add _dmarc.{ZONE} TXT")
+        assert dmarc.visible_by["seconds"] == 120 and "2 min" in dmarc.visible_by["text"]
+    finally:
+        k1.stop()
+
+
+def test_check_server_problems(tmp_path: Path) -> None:
+    """A silent server (timeout), one that does not host the zone (REFUSED, lame)."""
+    port = free_port()
+    state = make_state(tmp_path, port)
+    _s, rs = expected(state)
+    k1 = Knot(tmp_path / "k1", ZONE, [], address="127.0.0.1", port=port, ns=NS[:1],
+              extra_text=zone_fragment(rs, ZONE)).start()
+    other = Knot(tmp_path / "k2", "other.test", [], address="127.0.0.2", port=port).start()
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.3", port))
+    try:
+        servers = [(f"ns1.{ZONE}", "127.0.0.1", port), (f"ns2.{ZONE}", "127.0.0.2", port),
+                   (f"ns3.{ZONE}", "127.0.0.3", port)]
+        start = time.monotonic()
+        results = check(rs, ZONE, servers, timeout=1)
+        assert time.monotonic() - start < 3
+        assert {c.verdict for c in results} == {"error"}
+        c = results[0]
+        assert f"ns3.{ZONE} (127.0.0.3 port {port}) did not answer within 1 s" in c.message
+        assert f"ns2.{ZONE} (127.0.0.2 port {port}) refuses queries" in c.message and "lame" in c.message
+        assert f"ns2.{ZONE} is listed in the NS records" in c.fix and "remove it from the NS records" in c.fix
+        assert c.per_server[f"ns1.{ZONE} (127.0.0.1 port {port})"]  # the good server's answer is shown
+    finally:
+        silent.close()
+        k1.stop()
+        other.stop()
+
+
+@pytest.fixture
+def pushable(tmp_path: Path) -> Iterator[tuple[Knot, Path, UpdateTarget]]:
+    port = free_port()
+    state = make_state(tmp_path, port)
+    k = Knot(tmp_path / "k1", ZONE, [Record("@", "TXT", '"google-site-verification=abc"'),
+                                     Record("@", "TXT", '"v=spf1 a -all"'), Record("www", "A", "192.0.2.80")],
+             address="127.0.0.1", port=port, ns=NS[:1], key=KEY).start()
+    yield k, state, UpdateTarget("127.0.0.1", port, ZONE, tsig(), timeout=3)
+    k.stop()
+
+
+def test_push_then_check_ok_and_idempotent(pushable: tuple[Knot, Path, UpdateTarget]) -> None:
+    knot, state, target = pushable
+    _s, rs = expected(state)
+    serial = knot.serial()
+    dry = push(target, rs, dry_run=True)
+    assert knot.serial() == serial  # dry run changed nothing
+    actions = {(c.name, c.rtype): c for c in dry}
+    apex = actions[(ZONE, "TXT")]
+    assert apex.action == "replace" and '"v=spf1 a -all"' in apex.current
+    assert set(apex.wanted) == {'"google-site-verification=abc"', '"v=spf1 mx -all"'}
+    assert actions[(f"mail.{ZONE}", "A")].action == "add"
+    assert ("10.2.0.192.in-addr.arpa", "PTR") not in actions
+    push(target, rs)
+    assert knot.serial() != serial
+    servers = authoritative_servers(ZONE, [("127.0.0.1", knot.port)], auth_port=knot.port)
+    bad = [c.as_dict() for c in check(rs, ZONE, servers) if c.verdict != "ok"]
+    assert not bad, bad
+    assert sorted(knot.txt(ZONE)) == [b"google-site-verification=abc", b"v=spf1 mx -all"]
+    assert knot.query(f"www.{ZONE}", "A").answer[0][0].address == "192.0.2.80"
+    serial = knot.serial()
+    again = push(target, rs)
+    assert {c.action for c in again} == {"unchanged"} and knot.serial() == serial
+
+
+def test_push_with_wrong_secret_changes_nothing(pushable: tuple[Knot, Path, UpdateTarget]) -> None:
+    knot, state, target = pushable
+    _s, rs = expected(state)
+    serial = knot.serial()
+    bad = UpdateTarget(target.server, target.port, ZONE, tsig(secret=base64.b64encode(b"y" * 32).decode()))
+    with pytest.raises(DnsError, match="BADSIG.*nothing was changed"):
+        push(bad, rs)
+    assert knot.serial() == serial and knot.txt(f"_dmarc.{ZONE}") == []
+
+
+def test_dkim_signatures_verify_after_push(pushable: tuple[Knot, Path, UpdateTarget]) -> None:
+    import dkim as dkimpy
+
+    knot, state, target = pushable
+    _s, rs = expected(state)
+    push(target, rs)
+
+    def dnsfunc(name: bytes | str, timeout: int = 5) -> bytes:
+        name = name.decode() if isinstance(name, bytes) else name
+        values = knot.txt(name.rstrip("."))
+        return values[0] if values else b""
+
+    message = (f"From: a@{ZONE}\r\nTo: b@example.net\r\nSubject: hi\r\nDate: Thu, 1 Jan 2026 00:00:00 +0000\r\n"
+               "Message-ID: <1@x>\r\n\r\nHello.\r\n").encode()
+    for selector, algorithm in ((SELECTORS[0], b"rsa-sha256"), (SELECTORS[1], b"ed25519-sha256")):
+        key = (state / "secrets" / "dkim" / f"{selector}.key").read_bytes()
+        if algorithm == b"ed25519-sha256":  # dkimpy wants the raw 32-byte seed, base64
+            from cryptography.hazmat.primitives import serialization
+            raw = serialization.load_pem_private_key(key, None).private_bytes(
+                serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+            key = base64.b64encode(raw)
+        sig = dkimpy.sign(message, selector.encode(), ZONE.encode(), key, signature_algorithm=algorithm,
+                          include_headers=[b"from", b"to", b"subject"])
+        assert dkimpy.verify(sig + message, dnsfunc=dnsfunc), selector
