@@ -23,7 +23,7 @@ from portal import db
 from portal.agent.ops import Context, OpError, docker_factory
 from portal.certs.account import ensure_account_key, make_client
 from portal.certs.agentops import acme_configure, cert_issue, cert_renew, cert_status
-from portal.certs.renew import read_state, renew_due
+from portal.certs.renew import read_state, renew_due, tlsa_311
 from portal.certs.settings import load_acme_settings
 from portal.certs.store import read_live
 from portal.dns.update import write_secret
@@ -335,3 +335,23 @@ def test_unreachable_directory(box: Appliance, pebble: Pebble, case: str) -> Non
     assert reason in err.value.message
     assert read_live(box.state / "tls") is None
     assert read_state(box.state)["failures"] == 1
+
+
+def test_new_key_is_published_in_tlsa_before_the_switch(tmp_path: Path, box: Appliance) -> None:
+    """With a TLSA record published and RFC 2136 configured, a renewal with a new key
+    adds the new key's 3 1 1 hash next to the old one before live/ switches."""
+    placeholder = "3 1 1 " + "ab" * 32
+    zone = Knot(tmp_path / "tlsa-zone", ZONE, zone_records() + [Record("_25._tcp.mail", "TLSA", placeholder)],
+                key=KEY).start()
+    try:
+        box.serve_tokens()
+        box.use_dns01(zone)
+        box.set(acme_challenge="http-01")
+        cert_issue(box.ctx)
+        old = box.live()
+        result = cert_renew(box.ctx, force=True)
+        assert result["tlsa"].startswith("TLSA _25._tcp.mail.example.test")
+        served = {rr.to_text() for rrset in zone.query(f"_25._tcp.{HOST}", "TLSA").answer for rr in rrset}
+        assert served == {placeholder, tlsa_311(old[0]), tlsa_311(box.live()[0])}
+    finally:
+        zone.stop()
