@@ -10,7 +10,9 @@ from __future__ import annotations
 import base64
 import os
 import socket
+import socketserver
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from portal.dns.check import RecordCheck, authoritative_servers, check, detect_dnssec, query, wait_until_served
+from portal.dns.netcheck import ptr_check, smtp_outbound_check
 from portal.dns.records import Record as Record_
 from portal.dns.records import records, zone_fragment, zone_records
 from portal.dns.settings import DnsSettings, load_dns_settings
@@ -339,3 +342,41 @@ def test_dkim_signatures_verify_after_push(pushable: tuple[Knot, Path, UpdateTar
         sig = dkimpy.sign(message, selector.encode(), ZONE.encode(), key, signature_algorithm=algorithm,
                           include_headers=[b"from", b"to", b"subject"])
         assert dkimpy.verify(sig + message, dnsfunc=dnsfunc), selector
+
+
+# -- network checks ----------------------------------------------------------------------------
+
+def test_ptr_check(tmp_path: Path) -> None:
+    reverse = ("$ORIGIN 2.0.192.in-addr.arpa.\n$TTL 300\n"
+               f"@ SOA ns1.{ZONE}. hostmaster.{ZONE}. 1 3600 600 86400 300\n@ NS ns1.{ZONE}.\n"
+               f"10 PTR mail.{ZONE}.\n11 PTR vps-11.provider.example.\n")
+    k = Knot(tmp_path / "k", ZONE, [], ns=NS[:1], extra_zones={"2.0.192.in-addr.arpa": reverse}).start()
+    try:
+        resolvers = [(k.address, k.port)]
+        ok = ptr_check("192.0.2.10", f"mail.{ZONE}", resolvers)
+        assert ok.status == "ok", ok
+        other = ptr_check("192.0.2.11", f"mail.{ZONE}", resolvers)
+        assert other.status == "different" and "vps-11.provider.example" in other.message
+        missing = ptr_check("192.0.2.12", f"mail.{ZONE}", resolvers)
+        assert missing.status == "missing"
+        assert missing.fix == f"ask your hosting provider to set the reverse DNS of 192.0.2.12 to mail.{ZONE}"
+    finally:
+        k.stop()
+
+
+def test_smtp_outbound_check() -> None:
+    class Greeter(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            self.request.sendall(b"220 test ESMTP\r\n")
+
+    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), Greeter) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            ok = smtp_outbound_check("127.0.0.1", server.server_address[1], timeout=2)
+            assert ok.status == "ok" and "220 test ESMTP" in ok.message
+        finally:
+            server.shutdown()
+    closed = smtp_outbound_check("127.0.0.1", free_port(), timeout=2)
+    assert closed.status == "blocked"
+    assert "appears blocked: ask your provider to open it" in closed.message
