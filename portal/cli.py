@@ -55,7 +55,41 @@ def build_parser() -> argparse.ArgumentParser:
         p = commands.add_parser(name, help=f"{name.split('-')[1]} an alias")
         p.add_argument("source")
         p.add_argument("destination")
+    p = commands.add_parser("dns-records", help="the DNS records the appliance needs (table, or --zone)")
+    p.add_argument("--zone", action="store_true", help="print only the BIND zone fragment")
+    p.add_argument("--dnssec", action="store_true", help="include the TLSA record (for a DNSSEC-signed zone)")
+    commands.add_parser("dns-check", help="ask each authoritative server for every expected record")
+    p = commands.add_parser("dns-push", help="publish the records by RFC 2136 (see dns-configure-push)")
+    p.add_argument("--dry-run", action="store_true", help="only show what would change")
+    p = commands.add_parser("dns-configure-push", help="store the RFC 2136 server and TSIG key "
+                                                       "(secret asked, or --secret-stdin)")
+    p.add_argument("server", help="IP address of the primary DNS server that accepts updates")
+    p.add_argument("key_name", help="TSIG key name, e.g. mailstead-key")
+    p.add_argument("--port", type=int, default=53)
+    p.add_argument("--algorithm", default="hmac-sha256", choices=("hmac-sha256", "hmac-sha512"))
+    p.add_argument("--secret-stdin", action="store_true", help="read the base64 TSIG secret from stdin")
+    p = commands.add_parser("net-check", help="reverse DNS of the public addresses and outbound port 25")
+    p.add_argument("--smtp-host", default=None, help="SMTP server to greet (default: a large public MX)")
+    p.add_argument("--smtp-port", type=int, default=25)
+    p = commands.add_parser("acme-configure", help="choose the certificate authority (ACME) and how to prove the names")
+    p.add_argument("--directory", default="letsencrypt",
+                   help="letsencrypt, letsencrypt-staging, or an https:// ACME directory URL")
+    p.add_argument("--contact", default="", help="email address the CA writes to about expiry")
+    p.add_argument("--challenge", default="http-01", choices=("http-01", "dns-01"))
+    p.add_argument("--include-apex", action="store_true", help="also cover the bare domain")
+    p.add_argument("--reuse-key", action="store_true", help="keep the key across renewals (for TLSA)")
+    p.add_argument("--ca-bundle", default="", help="PEM file to trust for a private CA's directory")
+    p.add_argument("--caa-issuer", default="", help="the CA's CAA domain, for a custom CA")
+    commands.add_parser("cert-issue", help="get a certificate from the CA now and install it")
+    p = commands.add_parser("cert-renew", help="renew the certificate if due (or --force)")
+    p.add_argument("--force", action="store_true")
+    commands.add_parser("cert-status", help="the certificate in use, its expiry and renewal")
     return parser
+
+
+# Operations that take minutes (the agent keeps working; the CLI waits this long).
+LONG_OPS = {"stack_load_images": 900.0, "stack_deploy": 900.0, "cert_issue": 600.0, "cert_renew": 600.0,
+            "dns_check": 120.0, "dns_push": 120.0, "net_check": 60.0}
 
 
 def request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
@@ -80,6 +114,29 @@ def request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         return "mailbox_delete", {"address": args.address}
     if cmd == "mailbox-rename":
         return "mailbox_rename", {"address": args.address, "new_address": args.new_address}
+    if cmd == "dns-records":
+        return "dns_records", {"dnssec": args.dnssec}
+    if cmd in ("dns-check", "cert-issue", "cert-status"):
+        return cmd.replace("-", "_"), {}
+    if cmd == "dns-push":
+        return "dns_push", {"dry_run": args.dry_run}
+    if cmd == "dns-configure-push":
+        secret = (sys.stdin.readline().strip() if args.secret_stdin
+                  else getpass.getpass("TSIG secret (base64): ").strip())
+        return "dns_configure_push", {"server": args.server, "key_name": args.key_name, "port": args.port,
+                                      "algorithm": args.algorithm, "secret": secret}
+    if cmd == "net-check":
+        op_args: dict[str, Any] = {"smtp_port": args.smtp_port}
+        if args.smtp_host:
+            op_args["smtp_host"] = args.smtp_host
+        return "net_check", op_args
+    if cmd == "acme-configure":
+        return "acme_configure", {"directory": args.directory, "contact": args.contact,
+                                  "challenge": args.challenge, "include_apex": args.include_apex,
+                                  "reuse_key": args.reuse_key, "ca_bundle": args.ca_bundle,
+                                  "caa_issuer": args.caa_issuer}
+    if cmd == "cert-renew":
+        return "cert_renew", {"force": args.force}
     if cmd in ("alias-add", "alias-remove"):
         return cmd.replace("-", "_"), {"source": args.source, "destination": args.destination}
     raise AssertionError(cmd)
@@ -88,13 +145,16 @@ def request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     op, op_args = request(args)
-    timeout = args.timeout or (900.0 if op in ("stack_load_images", "stack_deploy") else 10.0)
+    timeout = args.timeout or LONG_OPS.get(op, 10.0)
     try:
         result = AgentClient(args.socket, timeout=timeout).call(op, **op_args)
     except AgentError as exc:
         print(f"mailstead: {exc.message} ({exc.code})", file=sys.stderr)
         return 1
-    print(json.dumps(result, indent=2, sort_keys=True))
+    if args.command == "dns-records" and args.zone:
+        print(result.get("zone", ""), end="")
+    else:
+        print(json.dumps(result, indent=2, sort_keys=True))
     return 0
 
 

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import ops
+from ..certs import agentops as _certs_ops  # noqa: F401  (registers the certificate operations)
+from ..dns import agentops as _dns_ops  # noqa: F401  (registers the DNS operations)
 from ..stack import agentops  # noqa: F401  (registers the mail stack operations)
 
 log = logging.getLogger("mailstead.agent")

@@ -26,8 +26,6 @@ from .renew import Tlsa, obtain, read_state, renew, renew_due, tlsa_311
 from .settings import DEFAULT_ACME_DIR, AcmeSettings, load_acme_settings, parse_acme_settings
 from .store import cert_names, fingerprint, read_live, reload_containers, reload_nginx, tls_dir
 
-DEFAULT_RESOLVERS = "9.9.9.9,149.112.112.112"
-
 
 @contextlib.contextmanager
 def refusals() -> Iterator[None]:
@@ -47,7 +45,11 @@ def _dns_setup(state_dir: Path) -> tuple[Any, list[tuple[str, int]], int]:
     values = read_settings_table(state_dir / "state.db")
     try:
         target = load_update_target(state_dir)
-        resolvers = parse_resolvers(values.get("dns_resolvers") or DEFAULT_RESOLVERS)
+        if not values.get("dns_resolvers", "").strip():
+            # The same rule as the DNS check: never guess a resolver (no silent public one).
+            raise DnsError("dns_resolvers is not set; enter the recursive resolver(s) to look up your zone's "
+                           "name servers with, e.g. 9.9.9.9", "dns_resolvers")
+        resolvers = parse_resolvers(values["dns_resolvers"])
         auth_port = parse_port(values.get("dns_auth_port"), "dns_auth_port")
     except DnsError as err:
         raise CertError(str(err), err.field) from None
@@ -179,8 +181,7 @@ def cert_issue(ctx: Context) -> dict[str, Any]:
         settings, acme = _load(ctx)
         result = obtain(ctx.state_dir, acme, handler_for(ctx, acme), progress=_progress(steps),
                         reload=reloader(ctx, settings), tlsa=tlsa_updater(ctx, settings))
-    settings = load_settings(ctx.state_dir)  # live/ exists now
-    return {**result, "steps": steps, "redeploy_needed": redeploy_needed(settings)}
+    return {**result, "steps": steps, **switch_stack(ctx)}
 
 
 @operation("cert_renew")
@@ -193,8 +194,24 @@ def cert_renew(ctx: Context, force: bool = False) -> dict[str, Any]:
         result = renew(ctx.state_dir, acme, handler_for(ctx, acme), force=force, progress=_progress(steps),
                        reload=reloader(ctx, settings), tlsa=tlsa_updater(ctx, settings))
     if result.get("renewed"):
-        result["redeploy_needed"] = redeploy_needed(load_settings(ctx.state_dir))
+        result.update(switch_stack(ctx))
     return {**result, "steps": steps}
+
+
+def switch_stack(ctx: Context) -> dict[str, Any]:
+    """The first CA certificate (after the bootstrap one) changes the mail services'
+    certificate paths, which a reload does not pick up: redeploy the stack then.
+    Later renewals keep the paths (live/), so the reload was enough."""
+    settings = load_settings(ctx.state_dir)  # live/ exists now
+    if not redeploy_needed(settings):
+        return {"redeployed": False}
+    from ..stack.agentops import stack_deploy
+
+    try:
+        deployed = stack_deploy(ctx)
+    except OpError as err:  # the certificate is installed; say what is left to do
+        return {"redeployed": False, "redeploy_error": f"{err.message}; run `mailstead deploy` to retry"}
+    return {"redeployed": True, "deploy": deployed}
 
 
 @operation("cert_status")
