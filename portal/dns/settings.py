@@ -104,13 +104,19 @@ def flag(values: dict[str, str], key: str) -> bool:
     return (values.get(key) or "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def load_dns_settings(state_dir: Path, *, allow_private: bool = False, dnssec: bool | None = None) -> DnsSettings:
+def load_dns_settings(state_dir: Path, *, allow_private: bool | None = None,
+                      dnssec: bool | None = None) -> DnsSettings:
     """DnsSettings from <state>/state.db and the files in <state>/secrets.
 
-    `allow_private` is for tests only (loopback / TEST-NET public addresses)."""
+    `allow_private` (default: the `dns_allow_private` setting, off) accepts
+    loopback, private and TEST-NET addresses as the public ones: for labs and
+    tests whose "internet" is a private network, never for a real deployment."""
+    from ..stack.settings import StackSettings
     from ..stack.store import read_settings_table
 
     values = read_settings_table(state_dir / "state.db")
+    if allow_private is None:
+        allow_private = flag(values, "dns_allow_private")
     if not values.get("domain", "").strip():
         raise DnsError("domain is not set yet; finish the Domain step of the setup wizard first", "domain")
     domain = normalize_domain(values["domain"], "domain").ascii
@@ -135,7 +141,9 @@ def load_dns_settings(state_dir: Path, *, allow_private: bool = False, dnssec: b
     if mode not in ("enforce", "testing", "none"):
         raise DnsError("mta_sts_mode must be enforce, testing or none", "mta_sts_mode")
     resolvers = tuple(parse_resolvers(values["dns_resolvers"])) if values.get("dns_resolvers", "").strip() else ()
-    tls_key = Path(values["tls_key"]) if values.get("tls_key") else state_dir / "tls" / "bootstrap.key"
+    # The key being served (the CA certificate's in tls/live once installed): TLSA publishes its hash.
+    tls_key = StackSettings(domain=domain, hostname=mail_host, state_dir=state_dir,
+                            tls_key=Path(values["tls_key"]) if values.get("tls_key") else None).key_path
     return DnsSettings(
         domain=domain, mail_host=mail_host, public_ipv4=v4, public_ipv6=v6,
         dmarc_policy=policy,
