@@ -380,3 +380,39 @@ def test_smtp_outbound_check() -> None:
     closed = smtp_outbound_check("127.0.0.1", free_port(), timeout=2)
     assert closed.status == "blocked"
     assert "appears blocked: ask your provider to open it" in closed.message
+
+
+def test_agent_operations_configure_push_and_check(pushable: tuple[Knot, Path, UpdateTarget]) -> None:
+    """The path the wizard and the CLI take: store the TSIG key, dry run, push, check, push again."""
+    from portal.agent import server  # noqa: F401  (registers every operation)
+    from portal.agent.ops import REGISTRY, Context, OpError
+
+    knot, state, _target = pushable
+    conn = sqlite3.connect(state / "state.db")
+    conn.execute("INSERT OR REPLACE INTO settings VALUES ('dns_allow_private', '1')")
+    conn.commit()
+    conn.close()
+    ctx = Context(state_dir=state)
+
+    def op(name: str, **args: object) -> dict:
+        return REGISTRY[name](ctx, args)
+
+    with pytest.raises(OpError) as err:  # a secret that is not base64: refused, nothing stored
+        op("dns_configure_push", server="127.0.0.1", port=knot.port, key_name=KEY.name, secret="not base64!")
+    assert "rfc2136_secret" in err.value.message and not (state / "secrets" / "rfc2136.key").exists()
+    stored = op("dns_configure_push", server="127.0.0.1", port=knot.port, key_name=KEY.name, secret=KEY.secret,
+                algorithm=KEY.algorithm)
+    assert KEY.secret not in str(stored)
+    assert (state / "secrets" / "rfc2136.key").stat().st_mode & 0o777 == 0o600
+    serial = knot.serial()
+    dry = op("dns_push", dry_run=True)
+    assert knot.serial() == serial and any(c["action"] == "add" for c in dry["changes"]), dry
+    op("dns_push")
+    result = op("dns_check")
+    bad = [c for c in result["results"] if c["verdict"] != "ok"]
+    assert not bad and result["required_ok"], bad
+    serial = knot.serial()
+    again = op("dns_push")
+    assert {c["action"] for c in again["changes"]} == {"unchanged"} and knot.serial() == serial
+    zone_text = op("dns_records")["zone"]
+    assert "v=spf1 mx -all" in zone_text and "_mta-sts" in zone_text
