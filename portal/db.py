@@ -118,3 +118,13 @@ def read_setting(path: str | Path, key: str) -> str | None:
     finally:
         conn.close()
     return row[0] if row else None
+
+
+def write_settings(path: str | Path, values: dict[str, str]) -> None:
+    """Store settings in the state.db at `path` in one transaction (the agent's side)."""
+    conn = connect(path)
+    try:
+        with conn:
+            _upsert_settings(conn, values)
+    finally:
+        conn.close()

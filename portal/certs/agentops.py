@@ -162,13 +162,7 @@ def acme_configure(ctx: Context, directory: str = "letsencrypt", contact: str = 
         stack = load_settings(ctx.state_dir)
         merged = read_settings_table(ctx.state_dir / "state.db") | values
         acme = parse_acme_settings(merged, stack.domain, stack.hostname, ctx.state_dir)
-    conn = db.connect(ctx.state_dir / "state.db")
-    try:
-        with conn:
-            conn.executemany("INSERT INTO settings (key, value) VALUES (?, ?) "
-                             "ON CONFLICT(key) DO UPDATE SET value = excluded.value", list(values.items()))
-    finally:
-        conn.close()
+    db.write_settings(ctx.state_dir / "state.db", values)
     return {"directory": acme.directory, "names": list(acme.names), "challenge": acme.challenge,
             "contact": acme.contact, "reuse_key": acme.reuse_key, "ca_bundle": str(acme.ca_bundle or "")}
 

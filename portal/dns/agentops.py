@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..agent.ops import Context, OpError, operation
-from ..db import connect
+from ..db import write_settings
 from ..stack import dkim
 from . import records as rec
 from .check import authoritative_servers, check, detect_dnssec
@@ -105,13 +105,7 @@ def dns_configure_push(ctx: Context, server: str, key_name: str, secret: str, al
         write_secret(ctx.state_dir, key.secret)
         values = {"rfc2136_server": server, "rfc2136_port": str(port), "rfc2136_key_name": key.name,
                   "rfc2136_algorithm": key.algorithm}
-        conn = connect(ctx.state_dir / "state.db")
-        try:
-            with conn:
-                conn.executemany("INSERT INTO settings (key, value) VALUES (?, ?) "
-                                 "ON CONFLICT(key) DO UPDATE SET value = excluded.value", list(values.items()))
-        finally:
-            conn.close()
+        write_settings(ctx.state_dir / "state.db", values)
         return {**values, "secret_file": str(ctx.state_dir / "secrets" / "rfc2136.key")}
 
 

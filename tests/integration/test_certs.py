@@ -72,11 +72,7 @@ class Appliance:
         self.tokens: TokenServer | None = None
 
     def set(self, **values: str) -> None:
-        conn = db.connect(self.state / "state.db")
-        with conn:
-            conn.executemany("INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE "
-                             "SET value = excluded.value", list(values.items()))
-        conn.close()
+        db.write_settings(self.state / "state.db", values)
 
     def use_dns01(self, knot: Knot | None = None) -> None:
         knot = knot or self.knot

@@ -50,11 +50,7 @@ class Box:
                  stack_ports=json.dumps(PORTS), dns_servers=shared_dns().address)
 
     def set(self, **values: str) -> None:
-        conn = db.connect(self.state / "state.db")
-        with conn:
-            conn.executemany("INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE "
-                             "SET value = excluded.value", list(values.items()))
-        conn.close()
+        db.write_settings(self.state / "state.db", values)
 
     def op(self, name: str, **args: object) -> dict:
         return REGISTRY[name](self.ctx, args)

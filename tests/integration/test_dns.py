@@ -416,3 +416,55 @@ def test_agent_operations_configure_push_and_check(pushable: tuple[Knot, Path, U
     assert {c["action"] for c in again["changes"]} == {"unchanged"} and knot.serial() == serial
     zone_text = op("dns_records")["zone"]
     assert "v=spf1 mx -all" in zone_text and "_mta-sts" in zone_text
+
+
+def test_servfail_names_the_server_and_the_fix(tmp_path: Path) -> None:
+    """A server whose copy of the zone does not load answers SERVFAIL: said per server."""
+    port = free_port()
+    state = make_state(tmp_path, port)
+    _s, rs = expected(state)
+    k1 = Knot(tmp_path / "k1", ZONE, [], address="127.0.0.1", port=port, ns=NS[:1],
+              extra_text=zone_fragment(rs, ZONE)).start()
+    broken = Knot(tmp_path / "k2", "other.test", [], address="127.0.0.2", port=port,
+                  extra_zones={ZONE: "this is not a zone file\n"}).start()
+    try:
+        assert broken.query(f"mail.{ZONE}", "A").rcode() == 2  # SERVFAIL, as a resolver would see it
+        servers = [(f"ns1.{ZONE}", "127.0.0.1", port), (f"ns2.{ZONE}", "127.0.0.2", port)]
+        results = check(rs, ZONE, servers, timeout=1)
+        assert {c.verdict for c in results} == {"error"}
+        assert f"ns2.{ZONE} (127.0.0.2 port {port}) answers SERVFAIL for {ZONE}" in results[0].message
+        assert results[0].fix
+    finally:
+        k1.stop()
+        broken.stop()
+
+
+def test_signed_zone_gets_tlsa_and_checks_ok(tmp_path: Path) -> None:
+    """A DNSSEC-signed zone is detected, and the TLSA 3 1 1 record of the served key checks ok."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    port = free_port()
+    state = make_state(tmp_path, port)
+    (state / "tls").mkdir()
+    key = ec.generate_private_key(ec.SECP256R1())
+    (state / "tls" / "bootstrap.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    unsigned = records(load_dns_settings(state, allow_private=True, dnssec=False))
+    assert not [r for r in unsigned if r.rtype == "TLSA"]
+    rs = records(load_dns_settings(state, allow_private=True, dnssec=True))
+    tlsa = [r for r in rs if r.rtype == "TLSA"]
+    assert [(r.name, r.value.split()[:3]) for r in tlsa] == [(f"_25._tcp.mail.{ZONE}", ["3", "1", "1"])]
+    k = Knot(tmp_path / "k1", ZONE, [], address="127.0.0.1", port=port, ns=NS[:1],
+             extra_text=zone_fragment(rs, ZONE), dnssec=True).start()
+    plain = Knot(tmp_path / "k2", ZONE, [], address="127.0.0.2", port=port, ns=NS[:1],
+                 extra_text=zone_fragment(unsigned, ZONE)).start()
+    try:
+        servers = [(f"ns1.{ZONE}", "127.0.0.1", port)]
+        assert detect_dnssec(ZONE, servers) is True
+        assert detect_dnssec(ZONE, [(f"ns2.{ZONE}", "127.0.0.2", port)]) is False
+        bad = [c.as_dict() for c in check(rs, ZONE, servers) if c.verdict != "ok"]
+        assert not bad, bad
+    finally:
+        k.stop()
+        plain.stop()
