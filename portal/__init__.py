@@ -17,9 +17,10 @@ __version__ = "0.1.0"
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """Build the portal app. `config` overrides defaults and environment."""
-    from . import config as config_mod, db, errors, security, wizard
+    from . import agentweb, config as config_mod, db, errors, security, wizard
     from .setup import bp as setup_bp, register_rate_limit
-    from .steps import domain
+    from .dashboard import area_modules
+    from .steps import step_modules
 
     app = Flask(__name__)
     app.config.update(config_mod.build(config))
@@ -37,7 +38,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     app.register_blueprint(setup_bp)
     app.register_blueprint(wizard.bp)
-    app.register_blueprint(domain.bp)
+    app.register_blueprint(agentweb.bp)
+    for module in step_modules() + area_modules():
+        app.register_blueprint(module.bp)
     register_rate_limit(app)
 
     @app.get("/healthz")

@@ -34,7 +34,8 @@ def build(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         "RATELIMIT_STORAGE_URI": "memory://",
         "RATELIMIT_HEADERS_ENABLED": True,
         "TOKEN_RATE_LIMIT": "5 per minute",
-        "AGENT_TIMEOUT": 3.0,
+        "AGENT_TIMEOUT": 3.0,  # quick status calls on every page
+        "AGENT_CALL_TIMEOUT": 30.0,  # form actions (long work runs as agent jobs)
         "SESSION_COOKIE_NAME": "__Host-mailstead",
         "SESSION_COOKIE_SECURE": True,
         "SESSION_COOKIE_HTTPONLY": True,

@@ -21,9 +21,20 @@ class Step:
     title: str
 
 
-STEPS: tuple[Step, ...] = (
-    Step(id="domain", endpoint="domain.index", order=10, title="Domain"),
-)
+# Every module in portal/steps declares its STEP; found on first use (the step
+# modules import this one, so not at import time).
+STEPS: tuple[Step, ...] = ()
+
+
+def all_steps() -> tuple[Step, ...]:
+    global STEPS
+    if not STEPS:
+        from .steps import step_modules
+
+        STEPS = tuple(m.STEP for m in step_modules())
+    return STEPS
+
+
 
 # Reachable without the setup session.
 PUBLIC_ENDPOINTS = frozenset({"static", "setup.token", "healthz"})
@@ -67,7 +78,7 @@ def route_to_next_step() -> ResponseReturnValue | None:
         return None  # don't touch state.db for static files, health checks, 404s
     has_session = bool(session.get("setup"))
     done = db.done_steps() if has_session else set()
-    target = redirect_target(endpoint, has_session, STEPS, done)
+    target = redirect_target(endpoint, has_session, all_steps(), done)
     if target is None or target == endpoint:
         return None
     return redirect(url_for(target), code=303 if request.method == "POST" else 302)
@@ -89,7 +100,7 @@ def render_wizard(template: str, current: Step | None, **context: Any) -> str:
     done = db.done_steps()
     return render_template(
         template,
-        steps=ordered(STEPS),
+        steps=ordered(all_steps()),
         done=done,
         current=current,
         status=appliance_status(),
@@ -113,4 +124,5 @@ def appliance_status() -> dict[str, str]:
 
 
 def step(step_id: str) -> Step:
-    return next(s for s in STEPS if s.id == step_id)
+    return next(s for s in all_steps() if s.id == step_id)
+

@@ -23,6 +23,7 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any, NoReturn
 
+from . import jobs as _jobs  # noqa: F401  (registers job_start/job_status/job_latest)
 from . import ops
 from ..certs import agentops as _certs_ops  # noqa: F401  (registers the certificate operations)
 from ..dns import agentops as _dns_ops  # noqa: F401  (registers the DNS operations)

@@ -17,6 +17,7 @@ from typing import Any
 
 from cryptography import x509
 
+from ..agent.jobs import job_kind
 from ..agent.ops import Context, OpError, operation
 from ..stack.settings import SettingsError, StackSettings
 from ..stack.store import load_settings, read_settings_table
@@ -171,11 +172,18 @@ def acme_configure(ctx: Context, directory: str = "letsencrypt", contact: str = 
 def cert_issue(ctx: Context) -> dict[str, Any]:
     """Get a certificate from the CA now and install it (the old one stays on any failure)."""
     steps: list[str] = []
+    return {**issue_cert(ctx, _progress(steps)), "steps": steps}
+
+
+@job_kind("cert_issue")
+def issue_cert(ctx: Context, progress: Callable[[str, str], None]) -> dict[str, Any]:
+    """cert_issue with progress (account, order, each challenge, finalize, install, reload)."""
     with refusals():
         settings, acme = _load(ctx)
-        result = obtain(ctx.state_dir, acme, handler_for(ctx, acme), progress=_progress(steps),
+        result = obtain(ctx.state_dir, acme, handler_for(ctx, acme), progress=progress,
                         reload=reloader(ctx, settings), tlsa=tlsa_updater(ctx, settings))
-    return {**result, "steps": steps, **switch_stack(ctx)}
+    progress("stack", "pointing the mail services at the new certificate")
+    return {**result, **switch_stack(ctx)}
 
 
 @operation("cert_renew")

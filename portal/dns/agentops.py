@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
+from ..agent.jobs import job_kind
 from ..agent.ops import Context, OpError, operation
 from ..db import write_settings
 from ..stack import dkim
@@ -57,6 +58,13 @@ def dns_records(ctx: Context, dnssec: bool = False) -> dict[str, Any]:
         return {"domain": s.domain, "domain_unicode": normalize_domain(s.domain).unicode,
                 "zone": rec.zone_fragment(rs, s.zone), "table": rec.table(rs), "notes": rec.notes(s),
                 "mta_sts_policy": rec.mta_sts_policy_text(s)}
+
+
+@job_kind("dns_check")
+def check_job(ctx: Context, progress: Callable[[str, str], None]) -> dict[str, Any]:
+    """dns_check as a background job (the wizard's "Check now")."""
+    progress("check", "asking each authoritative server")
+    return dns_check(ctx)
 
 
 @operation("dns_check")

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from ..agent.jobs import job_kind
 from ..agent.ops import Context, OpError, operation
 from . import deploy as deploy_mod
 from .accounts import AccountError, Accounts, MailboxKeys
@@ -75,6 +76,12 @@ def stack_load_images(ctx: Context) -> dict[str, Any]:
 @operation("stack_deploy")
 def stack_deploy(ctx: Context, timeout: int = 900) -> dict[str, Any]:
     """Render the stack from the saved settings and bring it up (rolls back on failure)."""
+    return deploy_stack(ctx, lambda _step, _detail: None, timeout)
+
+
+@job_kind("stack_deploy")
+def deploy_stack(ctx: Context, progress: Callable[[str, str], None], timeout: int = 900) -> dict[str, Any]:
+    """stack_deploy with progress: ("images", ...), then per service ("postfix", "healthy"), ..."""
     from .dkim import ensure_keys
 
     with refusals():
@@ -82,11 +89,14 @@ def stack_deploy(ctx: Context, timeout: int = 900) -> dict[str, Any]:
     client = ctx.docker()
     try:
         with refusals():
-            settings = settings.with_images(ensure_images(ctx, client, settings))
+            progress("images", "loading the container images (first time only)")
+            settings = settings.with_images(ensure_images(ctx, client, settings, progress=progress))
             ensure_keys(settings.dkim_dir, settings.dkim_selectors)
             accounts_for(settings)
-            result = deploy_mod.deploy(client, settings, timeout=timeout)
+            progress("deploy", "starting the services")
+            result = deploy_mod.deploy(client, settings, timeout=timeout, progress=progress)
             web = publish_web(ctx, settings)
+            progress("web", "client settings and MTA-STS published")
     finally:
         client.close()
     return {

@@ -13,6 +13,7 @@ from wtforms.validators import ValidationError
 from .. import db, security, wizard
 
 bp = Blueprint("domain", __name__, url_prefix="/setup")
+STEP = wizard.Step(id="domain", endpoint="domain.index", order=10, title="Domain")
 
 LABEL_RE = re.compile(r"^[a-z0-9-]+$")
 
@@ -104,4 +105,4 @@ def index() -> ResponseReturnValue:
         saved = db.get_settings()
         form.domain.data = saved.get("domain", "")
         form.mail_host.data = saved.get("mail_host", "")
-    return wizard.render_wizard("wizard/domain.html", current=wizard.step("domain"), form=form)
+    return wizard.render_wizard("wizard/domain.html", current=STEP, form=form)

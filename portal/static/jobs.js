@@ -1,0 +1,66 @@
+// Live progress for agent jobs, without reloading the page.
+// Markup: <section data-job="KIND" data-start-url=".." data-status-url=".." data-done-url="..">
+//   <form data-job-start> (its CSRF token is sent) ... <ol data-job-events></ol>
+//   <p data-job-state role="status" aria-live="polite"></p> </section>
+// When the job is done and data-done-url is set, the browser goes there.
+(function () {
+  "use strict";
+  function render(box, job) {
+    var list = box.querySelector("[data-job-events]");
+    var state = box.querySelector("[data-job-state]");
+    if (!job) { if (state) state.textContent = "Not started yet."; return; }
+    if (list) {
+      list.textContent = "";
+      (job.events || []).forEach(function (e) {
+        var li = document.createElement("li");
+        li.textContent = e.t + " s  " + e.step + ": " + e.detail;
+        li.setAttribute("data-step", e.step);
+        list.appendChild(li);
+      });
+    }
+    box.setAttribute("data-state", job.state);
+    if (state) {
+      var words = {running: "Working…", done: "Done.", failed: "Failed: ", interrupted: "Interrupted: "};
+      state.textContent = (words[job.state] || job.state) + (job.error ? job.error : "");
+      state.className = job.state === "failed" || job.state === "interrupted" ? "error" : "";
+    }
+  }
+  function poll(box) {
+    fetch(box.getAttribute("data-status-url"), {credentials: "same-origin", headers: {"Accept": "application/json"}})
+      .then(function (r) { return r.json(); })
+      .then(function (data) {
+        var job = data.job;
+        render(box, job);
+        if (job && job.state === "running") { setTimeout(function () { poll(box); }, 1000); return; }
+        if (job && job.state === "done" && box.getAttribute("data-done-url")) {
+          window.location.assign(box.getAttribute("data-done-url"));
+        }
+        box.dispatchEvent(new CustomEvent("job-finished", {detail: job}));
+      })
+      .catch(function () { setTimeout(function () { poll(box); }, 2000); });
+  }
+  function start(box, form) {
+    var body = new FormData(form);
+    fetch(box.getAttribute("data-start-url"), {method: "POST", body: body, credentials: "same-origin"})
+      .then(function (r) { return r.json(); })
+      .then(function (job) { render(box, job); poll(box); });
+  }
+  document.addEventListener("DOMContentLoaded", function () {
+    document.querySelectorAll("[data-job]").forEach(function (box) {
+      var form = box.querySelector("form[data-job-start]");
+      if (form) {
+        form.addEventListener("submit", function (ev) { ev.preventDefault(); start(box, form); });
+      }
+      poll(box);  // a reload picks up a running (or finished) job
+    });
+    document.querySelectorAll("[data-copy]").forEach(function (button) {
+      button.addEventListener("click", function () {
+        var target = document.getElementById(button.getAttribute("data-copy"));
+        if (target && navigator.clipboard) {
+          navigator.clipboard.writeText(target.textContent.trim());
+          button.textContent = "Copied";
+        }
+      });
+    });
+  });
+})();

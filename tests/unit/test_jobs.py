@@ -1,0 +1,99 @@
+"""Background jobs in the agent: progress recorded, failures kept, a dead agent's job is 'interrupted'."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from portal.agent import jobs
+from portal.agent.ops import REGISTRY, Context, OpError
+from tests.conftest import retry
+
+
+@pytest.fixture
+def ctx(tmp_path):
+    return Context(state_dir=tmp_path)
+
+
+@pytest.fixture
+def kinds(monkeypatch):
+    gate = threading.Event()
+
+    def slow(ctx, progress):
+        progress("one", "first")
+        gate.wait(10)
+        progress("two", "second")
+        return {"answer": 42}
+
+    def broken(ctx, progress):
+        progress("try", "about to fail")
+        raise OpError("deploy_failed", "dovecot: port 993 is taken")
+
+    def crash(ctx, progress):
+        raise RuntimeError("secret-detail-not-for-users")
+
+    monkeypatch.setitem(jobs.KINDS, "t_slow", slow)
+    monkeypatch.setitem(jobs.KINDS, "t_broken", broken)
+    monkeypatch.setitem(jobs.KINDS, "t_crash", crash)
+    return gate
+
+
+def op(ctx, name, **args):
+    return REGISTRY[name](ctx, args)
+
+
+def finished(ctx, job_id):
+    def done():
+        job = op(ctx, "job_status", job_id=job_id)
+        assert job["state"] != "running", job
+        return job
+    return retry(done, 10, f"job {job_id} to finish")
+
+
+def test_progress_and_result(ctx, kinds):
+    job = op(ctx, "job_start", kind="t_slow")
+    assert job["state"] == "running"
+    again = op(ctx, "job_start", kind="t_slow")
+    assert again["id"] == job["id"]  # one job of a kind at a time
+    retry(lambda: op(ctx, "job_status", job_id=job["id"])["events"] or (_ for _ in ()).throw(AssertionError()),
+          5, "first progress event")
+    kinds.set()
+    done = finished(ctx, job["id"])
+    assert done["state"] == "done" and done["result"] == {"answer": 42}
+    assert [e["step"] for e in done["events"]] == ["one", "two"]
+    assert op(ctx, "job_latest", kind="t_slow")["job"]["id"] == job["id"]
+    assert "agent" not in done
+
+
+def test_failures_are_recorded_in_plain_words(ctx, kinds):
+    failed = finished(ctx, op(ctx, "job_start", kind="t_broken")["id"])
+    assert failed["state"] == "failed" and failed["error"] == "dovecot: port 993 is taken"
+    crashed = finished(ctx, op(ctx, "job_start", kind="t_crash")["id"])
+    assert crashed["state"] == "failed" and "agent log" in crashed["error"]
+    assert "secret-detail" not in json.dumps(crashed)
+
+
+def test_a_dead_agents_job_is_interrupted(ctx, kinds):
+    folder = ctx.state_dir / "jobs"
+    folder.mkdir()
+    (folder / "20260101000000-t_slow-dead.json").write_text(json.dumps(
+        {"id": "20260101000000-t_slow-dead", "kind": "t_slow", "state": "running", "agent": "999-0",
+         "started": 0, "finished": None, "events": [], "result": None, "error": None}))
+    job = op(ctx, "job_latest", kind="t_slow")["job"]
+    assert job["state"] == "interrupted" and "safe to repeat" in job["error"]
+
+
+@pytest.mark.parametrize("args, field", [({"kind": "rm -rf /"}, "kind"), ({"job_id": "../x"}, "job_id")])
+def test_bad_arguments_name_the_field(ctx, args, field):
+    name = "job_start" if "kind" in args else "job_status"
+    with pytest.raises(OpError) as err:
+        op(ctx, name, **args)
+    assert err.value.message.startswith(f"{field}:")
+
+
+def test_the_real_kinds_are_registered():
+    from portal.agent import server  # noqa: F401
+
+    assert {"stack_deploy", "cert_issue", "dns_check"} <= set(jobs.KINDS)
