@@ -59,12 +59,17 @@ class Context:
     # The preloaded container image tars (see recipes/README.md).
     images_dir: Path = field(default_factory=lambda: Path(os.environ.get("MAILSTEAD_IMAGES_DIR",
                                                                           "/usr/lib/mailstead/images")))
-    # The host nginx's generated routes (portal/stack/web.py).
-    nginx_dir: Path = Path("/etc/nginx/conf.d")
-    www_dir: Path = Path("/var/lib/mailstead-www")
+    # The host nginx's generated routes (portal/stack/web.py). The environment
+    # overrides are for an agent run by the tests (never set on the appliance).
+    nginx_dir: Path = field(default_factory=lambda: _env_path("MAILSTEAD_NGINX_DIR", "/etc/nginx/conf.d"))
+    www_dir: Path = field(default_factory=lambda: _env_path("MAILSTEAD_WWW_DIR", "/var/lib/mailstead-www"))
     # ACME HTTP-01 tokens, served by the host nginx on port 80 (portal/certs).
-    acme_dir: Path = Path("/var/lib/mailstead-acme")
-    reload_nginx: bool = True
+    acme_dir: Path = field(default_factory=lambda: _env_path("MAILSTEAD_ACME_DIR", "/var/lib/mailstead-acme"))
+    reload_nginx: bool = field(default_factory=lambda: os.environ.get("MAILSTEAD_RELOAD_NGINX", "1") != "0")
+
+
+def _env_path(var: str, default: str) -> Path:
+    return Path(os.environ.get(var) or default)
 
 
 @dataclass(frozen=True)
