@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """Build the portal app. `config` overrides defaults and environment."""
     from . import agentweb, config as config_mod, db, errors, security, wizard
+    from . import auth
     from .setup import bp as setup_bp, register_rate_limit
     from .dashboard import area_modules
     from .steps import step_modules
@@ -42,6 +43,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     for module in step_modules() + area_modules():
         app.register_blueprint(module.bp)
     register_rate_limit(app)
+    auth.init_app(app)  # the admin session gate (replaces the wizard's hook after setup)
 
     @app.get("/healthz")
     def healthz() -> tuple[str, int, dict[str, str]]:

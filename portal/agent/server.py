@@ -25,6 +25,7 @@ from typing import Any, NoReturn
 
 from . import jobs as _jobs  # noqa: F401  (registers job_start/job_status/job_latest)
 from . import ops
+from .. import adminauth as _adminauth  # noqa: F401  (registers admin_* and net_addresses)
 from ..certs import agentops as _certs_ops  # noqa: F401  (registers the certificate operations)
 from ..dns import agentops as _dns_ops  # noqa: F401  (registers the DNS operations)
 from ..stack import agentops  # noqa: F401  (registers the mail stack operations)

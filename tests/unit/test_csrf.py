@@ -84,13 +84,15 @@ def test_replayed_token_gate_form_is_refused(client: FlaskClient) -> None:
 
 def test_replayed_domain_form_is_refused(app: Flask, unlocked: FlaskClient) -> None:
     token = csrf_token(unlocked.get("/setup/domain").text)
-    first = {"csrf_token": token, "domain": "example.com", "mail_host": "mail.example.com"}
+    first = {"csrf_token": token, "domain": "example.com", "mail_host": "mail.example.com",
+             "public_ipv4": "8.8.8.8", "dns_resolvers": "9.9.9.9"}
     assert unlocked.post("/setup/domain", data=first).status_code == 303
     replay = {**first, "domain": "attacker.example", "mail_host": "mx.attacker.example"}
     assert_csrf_refused(unlocked.post("/setup/domain", data=replay))
     unlocked.get("/setup/domain")  # a fresh form exists now; the old token still fails
     assert_csrf_refused(unlocked.post("/setup/domain", data=replay))
-    assert settings(app) == {"domain": "example.com", "mail_host": "mail.example.com"}
+    assert settings(app) == {"domain": "example.com", "mail_host": "mail.example.com", "public_ipv4": "8.8.8.8",
+                             "public_ipv6": "", "dns_resolvers": "9.9.9.9"}
 
 
 def test_domain_post_without_csrf_stores_nothing(app: Flask, unlocked: FlaskClient) -> None:
