@@ -29,6 +29,7 @@ from .. import adminauth as _adminauth  # noqa: F401  (registers admin_* and net
 from ..certs import agentops as _certs_ops  # noqa: F401  (registers the certificate operations)
 from ..dns import agentops as _dns_ops  # noqa: F401  (registers the DNS operations)
 from ..stack import agentops  # noqa: F401  (registers the mail stack operations)
+from .. import setupops as _setup_ops  # noqa: F401  (registers setup_deploy, setup_finish, dashboard ops)
 
 log = logging.getLogger("mailstead.agent")
 

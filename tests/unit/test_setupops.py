@@ -1,0 +1,337 @@
+"""The setup and dashboard agent operations (portal/setupops.py): setup_deploy
+resumes after an interrupted job and never loses a pending password,
+setup_finish, send_test_message (against a tiny SMTP server on loopback),
+system_status and stack_logs."""
+
+from __future__ import annotations
+
+import json
+import socketserver
+import sqlite3
+import stat
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from portal import setupops
+from portal.agent import jobs
+from portal.agent.client import AgentClient, AgentError
+from portal.agent.ops import REGISTRY, Context, OpError
+from tests.conftest import retry
+
+SERVICES = ("postfix", "dovecot", "rspamd", "redis", "radicale")
+
+
+def write_settings(state: Path, **values: str) -> None:
+    state.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(state / "state.db") as c:
+        c.execute("CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        c.executemany("INSERT OR REPLACE INTO settings VALUES (?, ?)", list(values.items()))
+
+
+def setting(state: Path, key: str) -> str | None:
+    with sqlite3.connect(state / "state.db") as c:
+        row = c.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+    return row[0] if row else None
+
+
+def op(ctx: Context, name: str, **args: Any) -> dict[str, Any]:
+    return REGISTRY[name](ctx, args)
+
+
+@pytest.fixture
+def ctx(tmp_path: Path) -> Context:
+    state = tmp_path / "state"
+    write_settings(state, domain="example.test", mail_host="mail.example.test")
+    from portal.agent.ops import docker_factory
+
+    return Context(state_dir=state, docker=docker_factory(f"unix://{tmp_path}/no-docker.sock"))
+
+
+def finished(ctx: Context, job_id: str) -> dict[str, Any]:
+    def done() -> dict[str, Any]:
+        job = op(ctx, "job_status", job_id=job_id)
+        assert job["state"] != "running", job
+        return job
+    return retry(done, 10, f"job {job_id}")  # type: ignore[return-value]
+
+
+class FakeWorld:
+    """The stack's deploy, the Admin step's pending file and mailbox creation, recorded."""
+
+    def __init__(self) -> None:
+        self.pending = [("Postmaster@example.test", "correct horse battery staple")]
+        self.created: list[tuple[str, str]] = []
+        self.deploy_fails = False
+        self.mailbox_fails = False
+        self.taken = 0
+
+    def deploy(self, ctx: Context, progress: Any) -> dict[str, Any]:
+        progress("images", "loading")
+        if self.deploy_fails:
+            raise OpError("deploy_failed", "services did not become healthy: dovecot")
+        for s in SERVICES:
+            progress(s, "running/starting")
+            progress(s, "healthy")
+        return {"services": {s: {"status": "running", "health": "healthy"} for s in SERVICES}}
+
+    def take(self, state_dir: Path) -> list[tuple[str, str]]:
+        self.taken += 1
+        out, self.pending = self.pending, []
+        return out
+
+    def make(self, ctx: Context, address: str, password: str) -> bool:
+        if self.mailbox_fails:
+            raise OpError("stack", "the mail stack refused the change: dovecot is down")
+        self.created.append((address, password))
+        return True
+
+
+@pytest.fixture
+def world(monkeypatch: pytest.MonkeyPatch) -> FakeWorld:
+    w = FakeWorld()
+    monkeypatch.setattr(setupops, "deploy_stack", w.deploy)
+    monkeypatch.setattr(setupops, "take_pending", w.take)
+    monkeypatch.setattr(setupops, "make_mailbox", w.make)
+    return w
+
+
+def test_setup_deploy_is_a_job_the_web_may_start() -> None:
+    from portal import agentweb
+    from portal.agent import server  # noqa: F401
+
+    assert "setup_deploy" in jobs.KINDS and "setup_deploy" in agentweb.WEB_JOBS
+    assert {"send_test_message", "setup_finish", "system_status", "stack_logs"} <= set(REGISTRY)
+
+
+def test_deploy_resumes_after_an_interrupted_job(ctx: Context, world: FakeWorld) -> None:
+    folder = ctx.state_dir / "jobs"
+    folder.mkdir()
+    (folder / "20260101000000-setup_deploy-dead.json").write_text(json.dumps(
+        {"id": "20260101000000-setup_deploy-dead", "kind": "setup_deploy", "state": "running",
+         "agent": "999-0", "started": 0, "finished": None,
+         "events": [{"t": 1.0, "step": "postfix", "detail": "running/starting"}], "result": None, "error": None}))
+    assert op(ctx, "job_latest", kind="setup_deploy")["job"]["state"] == "interrupted"
+
+    job = finished(ctx, op(ctx, "job_start", kind="setup_deploy")["id"])
+    assert job["state"] == "done", job
+    assert world.created == [("postmaster@example.test", "correct horse battery staple")]
+    assert setting(ctx.state_dir, "stack_deployed") == "1"
+    assert job["result"]["mailboxes"] == ["postmaster@example.test"]
+    steps = [e["step"] for e in job["events"]]
+    assert all(s in steps for s in SERVICES) and steps[-1] == "done"
+    text = json.dumps(job)
+    assert "battery" not in text  # no password in events or result
+    assert not (ctx.state_dir / "secrets" / setupops.DEPLOY_STASH).exists()
+    assert op(ctx, "job_latest", kind="setup_deploy")["job"]["state"] == "done"
+
+
+def test_a_failed_deploy_keeps_the_pending_password(ctx: Context, world: FakeWorld) -> None:
+    world.deploy_fails = True
+    job = finished(ctx, op(ctx, "job_start", kind="setup_deploy")["id"])
+    assert job["state"] == "failed" and "dovecot" in job["error"]
+    assert world.taken == 0 and world.pending  # not taken before the stack runs
+    assert setting(ctx.state_dir, "stack_deployed") is None
+
+    world.deploy_fails = False
+    assert finished(ctx, op(ctx, "job_start", kind="setup_deploy")["id"])["state"] == "done"
+    assert [a for a, _ in world.created] == ["postmaster@example.test"]
+
+
+def test_a_failed_mailbox_keeps_the_password_until_it_is_made(ctx: Context, world: FakeWorld) -> None:
+    world.mailbox_fails = True
+    job = finished(ctx, op(ctx, "job_start", kind="setup_deploy")["id"])
+    assert job["state"] == "failed" and "dovecot is down" in job["error"]
+    stash = ctx.state_dir / "secrets" / setupops.DEPLOY_STASH
+    assert stat.S_IMODE(stash.stat().st_mode) == 0o600
+    assert json.loads(stash.read_text()) == {"postmaster@example.test": "correct horse battery staple"}
+    assert setting(ctx.state_dir, "stack_deployed") is None
+
+    world.mailbox_fails = False  # "Deploy again": the taken password comes from the stash
+    assert finished(ctx, op(ctx, "job_start", kind="setup_deploy")["id"])["state"] == "done"
+    assert world.created == [("postmaster@example.test", "correct horse battery staple")]
+    assert not stash.exists()
+
+
+def test_setup_finish_deletes_the_token_and_sets_the_flag(ctx: Context) -> None:
+    token = ctx.state_dir / "setup-token"
+    token.write_text("secret-token\n")
+    with pytest.raises(OpError) as err:
+        op(ctx, "setup_finish")
+    assert err.value.code == "not_ready" and token.exists()
+    assert setting(ctx.state_dir, "setup_complete") is None
+
+    write_settings(ctx.state_dir, stack_deployed="1")
+    assert op(ctx, "setup_finish") == {"setup_complete": True, "token_deleted": True}
+    assert not token.exists() and setting(ctx.state_dir, "setup_complete") == "1"
+    assert op(ctx, "setup_finish")["token_deleted"] is False  # safe to repeat
+
+
+def test_system_status(ctx: Context) -> None:
+    status = op(ctx, "system_status")
+    assert status["disk"]["total"] > 0 and 0 <= status["disk"]["free"] <= status["disk"]["total"]
+    assert status["memory"]["total"] > 0
+
+
+def test_meminfo_parses_and_tolerates_a_missing_file(tmp_path: Path) -> None:
+    f = tmp_path / "meminfo"
+    f.write_text("MemTotal:        2048 kB\nMemFree: 1 kB\nMemAvailable:    1024 kB\n")
+    assert setupops.meminfo(f) == {"MemTotal": 2048 * 1024, "MemAvailable": 1024 * 1024}
+    assert setupops.meminfo(tmp_path / "missing") == {}
+
+
+@pytest.mark.parametrize("args, field", [
+    ({"service": "nginx; rm -rf /"}, "service"), ({"service": ""}, "service"),
+    ({"service": "postfix", "lines": 0}, "lines"), ({"service": "postfix", "lines": -5}, "lines"),
+])
+def test_stack_logs_refuses_bad_arguments_naming_the_field(ctx: Context, args: dict, field: str) -> None:
+    with pytest.raises(OpError) as err:
+        op(ctx, "stack_logs", **args)
+    assert err.value.code == "invalid" and err.value.message.startswith(f"{field}:")
+
+
+def test_stack_logs_without_docker_says_so(ctx: Context) -> None:
+    with pytest.raises(OpError) as err:
+        op(ctx, "stack_logs", service="postfix")
+    assert err.value.code == "docker_unavailable" and "docker engine" in err.value.message
+
+
+class FakeContainer:
+    name = "mailstead-postfix-1"
+
+    def __init__(self) -> None:
+        self.asked: dict[str, Any] = {}
+
+    def logs(self, **kwargs: Any) -> bytes:
+        self.asked = kwargs
+        return b"".join(b"2026-01-01T00:00:%02dZ line %d\n" % (i % 60, i) for i in range(kwargs["tail"]))
+
+
+class FakeDocker:
+    def __init__(self, container: FakeContainer | None) -> None:
+        self.container, self.filters = container, None
+        self.containers = self
+
+    def list(self, all: bool, filters: dict[str, Any]) -> list[FakeContainer]:
+        self.filters = filters
+        return [self.container] if self.container else []
+
+    def close(self) -> None:
+        pass
+
+
+def test_stack_logs_caps_lines_and_finds_the_service(ctx: Context) -> None:
+    container = FakeContainer()
+    client = FakeDocker(container)
+    ctx.docker = lambda: client  # type: ignore[assignment,return-value]
+    result = op(ctx, "stack_logs", service="postfix", lines=100000)
+    assert container.asked == {"tail": 500, "timestamps": True}
+    assert len(result["lines"]) == 500 and result["lines"][-1].endswith("line 499")
+    assert "com.docker.compose.service=postfix" in client.filters["label"]
+    ctx.docker = lambda: FakeDocker(None)  # type: ignore[assignment,return-value]
+    with pytest.raises(OpError) as err:
+        op(ctx, "stack_logs", service="dovecot")
+    assert err.value.code == "not_found" and "deploy" in err.value.message
+
+
+# -- test message ---------------------------------------------------------------------------
+
+class SmtpHandler(socketserver.StreamRequestHandler):
+    """Just enough SMTP to accept (or refuse) one message."""
+
+    def handle(self) -> None:
+        server: Any = self.server
+        self.wfile.write(b"220 test ESMTP\r\n")
+        data = False
+        lines: list[bytes] = []
+        while True:
+            line = self.rfile.readline()
+            if not line:
+                return
+            if data:
+                if line == b".\r\n":
+                    server.messages.append(b"".join(lines))
+                    data = False
+                    self.wfile.write(b"250 ok queued\r\n")
+                else:
+                    lines.append(line)
+                continue
+            cmd = line.strip().upper()
+            if cmd.startswith(b"EHLO") or cmd.startswith(b"HELO"):
+                self.wfile.write(b"250 test\r\n")
+            elif cmd.startswith(b"RCPT"):
+                server.rcpts.append(line.strip()[8:].decode())
+                self.wfile.write(b"550 5.1.1 unknown user\r\n" if server.refuse else b"250 ok\r\n")
+            elif cmd == b"DATA":
+                data = True
+                self.wfile.write(b"354 go\r\n")
+            elif cmd == b"QUIT":
+                self.wfile.write(b"221 bye\r\n")
+                return
+            else:
+                self.wfile.write(b"250 ok\r\n")
+
+
+@pytest.fixture
+def smtp():
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), SmtpHandler)
+    server.daemon_threads = True
+    server.messages, server.rcpts, server.refuse = [], [], False  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_send_test_message_goes_through_local_smtp(ctx: Context, smtp: Any) -> None:
+    write_settings(ctx.state_dir, stack_ports=json.dumps({"smtp": smtp.server_address[1]}),
+                   publish_addresses="127.0.0.1")
+    result = op(ctx, "send_test_message", to="PostMaster@Example.test")
+    assert result["sent"] is True and result["to"] == "postmaster@example.test"
+    assert result["server"] == f"127.0.0.1:{smtp.server_address[1]}"
+    message = smtp.messages[0].decode()
+    assert "From: Mailstead <postmaster@example.test>" in message
+    assert "To: postmaster@example.test" in message and "Subject: Mailstead test message" in message
+    smtp.refuse = True
+    with pytest.raises(OpError) as err:
+        op(ctx, "send_test_message", to="nobody@example.test")
+    assert err.value.code == "invalid" and err.value.message.startswith("to:") and "550" in err.value.message
+
+
+@pytest.mark.parametrize("to", ["", "not an address", "a@b@c", "x@elsewhere.example", "\x00@example.test",
+                                "a" * 400 + "@example.test", "'; DROP TABLE x; --@example.test"])
+def test_send_test_message_refuses_bad_recipients_on_the_field(ctx: Context, to: str) -> None:
+    with pytest.raises(OpError) as err:
+        op(ctx, "send_test_message", to=to)
+    assert err.value.code == "invalid" and err.value.message.startswith("to:")
+
+
+def test_send_test_message_without_a_mail_server_says_so(ctx: Context, tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    write_settings(ctx.state_dir, stack_ports=json.dumps({"smtp": port}))
+    with pytest.raises(OpError) as err:
+        op(ctx, "send_test_message", to="postmaster@example.test")
+    assert err.value.code == "smtp" and f"127.0.0.1:{port}" in err.value.message
+    assert "stack deployed" in err.value.message
+
+
+def test_operations_through_a_real_agent(start_agent: Any, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    write_settings(state, domain="example.test", stack_deployed="1")
+    (state / "setup-token").write_text("tok\n")
+    agent = start_agent(env={"MAILSTEAD_STATE_DIR": str(state)})
+    client = AgentClient(str(agent.socket))
+    assert client.call("system_status")["disk"]["path"] == str(state)
+    with pytest.raises(AgentError) as err:
+        client.call("stack_logs", service="postfix", lines=10)
+    assert err.value.code == "docker_unavailable"
+    assert client.call("setup_finish")["token_deleted"] is True
+    assert not (state / "setup-token").exists()
+    assert "battery" not in agent.log_text()
