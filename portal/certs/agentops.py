@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import os
+from dataclasses import replace
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from ..agent.jobs import job_kind
 from ..agent.ops import Context, OpError, operation
@@ -148,21 +151,62 @@ def _progress(steps: list[str]) -> Callable[[str, str], None]:
     return lambda step, detail: steps.append(f"{step}: {detail}")
 
 
+CA_BUNDLE_FILE = "acme-ca-bundle.pem"
+MAX_CA_BUNDLE = 48 * 1024
+
+
+def check_ca_bundle_pem(text: str) -> bytes:
+    """The pasted CA bundle as PEM bytes: certificates only, at least one; OpError
+    naming the field `acme_ca_bundle_pem` otherwise (the text is never echoed)."""
+    data = text.strip().replace("\r\n", "\n").encode("utf-8", "replace") + b"\n"
+    fix = ("paste the CA's root certificate(s) in PEM form: lines from -----BEGIN CERTIFICATE----- "
+           "to -----END CERTIFICATE-----")
+    if len(data) > MAX_CA_BUNDLE:
+        raise OpError("invalid", f"acme_ca_bundle_pem: the bundle is larger than {MAX_CA_BUNDLE // 1024} KiB; {fix}")
+    if b"PRIVATE KEY" in data:
+        raise OpError("invalid", "acme_ca_bundle_pem: this is a private key, which must never leave its server; "
+                                 + fix)
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        certs = []
+    if not certs:
+        raise OpError("invalid", f"acme_ca_bundle_pem: no PEM certificate found; {fix}")
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+
+
+def write_ca_bundle(state_dir: Path, pem: bytes) -> Path:
+    """<state>/acme-ca-bundle.pem (public data: 0644), written whole then renamed."""
+    path = state_dir / CA_BUNDLE_FILE
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(pem)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+    return path
+
+
 @operation("acme_configure")
 def acme_configure(ctx: Context, directory: str = "letsencrypt", contact: str = "", challenge: str = "http-01",
                    include_apex: bool = False, reuse_key: bool = False, ca_bundle: str = "",
-                   caa_issuer: str = "") -> dict[str, Any]:
-    """Check and store the ACME settings (all of them: what is not given gets its default)."""
+                   caa_issuer: str = "", ca_bundle_pem: str = "") -> dict[str, Any]:
+    """Check and store the ACME settings (all of them: what is not given gets its default).
+    `ca_bundle_pem`: the CA's root certificate(s) as PEM text (a custom CA whose TLS
+    the system does not trust); stored in <state>/acme-ca-bundle.pem and used as
+    `ca_bundle` (it wins over a path given there)."""
     from .. import db
 
+    pem = check_ca_bundle_pem(ca_bundle_pem) if ca_bundle_pem.strip() else None
     values = {"acme_directory": directory.strip(), "acme_contact": contact.strip(),
               "acme_challenge": challenge.strip().lower(), "acme_include_apex": "1" if include_apex else "0",
-              "acme_reuse_key": "1" if reuse_key else "0", "acme_ca_bundle": ca_bundle.strip(),
+              "acme_reuse_key": "1" if reuse_key else "0", "acme_ca_bundle": "" if pem else ca_bundle.strip(),
               "acme_caa_issuer": caa_issuer.strip()}
     with refusals():
         stack = load_settings(ctx.state_dir)
         merged = read_settings_table(ctx.state_dir / "state.db") | values
         acme = parse_acme_settings(merged, stack.domain, stack.hostname, ctx.state_dir)
+    if pem is not None:  # checked above; stored only once every other setting is valid too
+        values["acme_ca_bundle"] = str(write_ca_bundle(ctx.state_dir, pem))
+        acme = replace(acme, ca_bundle=Path(values["acme_ca_bundle"]))
     db.write_settings(ctx.state_dir / "state.db", values)
     return {"directory": acme.directory, "names": list(acme.names), "challenge": acme.challenge,
             "contact": acme.contact, "reuse_key": acme.reuse_key, "ca_bundle": str(acme.ca_bundle or "")}
