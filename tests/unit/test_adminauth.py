@@ -1,0 +1,258 @@
+"""The agent's admin operations through a real agent process: TOTP enrolment, admin
+record, sign-in (password, TOTP, recovery codes), lockout backoff, pending mailboxes."""
+
+from __future__ import annotations
+
+import json
+import stat
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyotp
+import pytest
+
+from portal import adminauth
+from portal.agent.client import AgentClient, AgentError
+from portal.db import write_settings
+
+PASSWORD = "correct horse battery staple"
+ADDRESS = "postmaster@example.com"
+
+
+class Agent:
+    def __init__(self, process: Any, state_dir: Path) -> None:
+        self.process = process
+        self.state_dir = state_dir
+        self.client = AgentClient(str(process.socket), timeout=10)
+
+    def __call__(self, op: str, **args: Any) -> dict[str, Any]:
+        return self.client.call(op, **args)
+
+    def refused(self, op: str, **args: Any) -> AgentError:
+        with pytest.raises(AgentError) as info:
+            self.client.call(op, **args)
+        return info.value
+
+    def file(self, name: str) -> Path:
+        return self.state_dir / "secrets" / name
+
+
+@pytest.fixture
+def agent(tmp_path: Path, start_agent: Callable[..., Any]) -> Agent:
+    state = tmp_path / "state"
+    state.mkdir()
+    write_settings(state / "state.db", {"domain": "example.com"})
+    return Agent(start_agent(env={"MAILSTEAD_STATE_DIR": str(state)}), state)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def enrol(agent: Agent, address: str = ADDRESS, password: str = PASSWORD) -> tuple[pyotp.TOTP, list[str]]:
+    totp = pyotp.TOTP(agent("admin_totp_begin", address=address)["secret"])
+    codes = agent("admin_setup", address=address, password=password, totp_code=totp.now())["recovery_codes"]
+    return totp, codes
+
+
+def allow_code_again(agent: Agent) -> None:
+    """Forget which TOTP step was used last (a code works once; tests have no 30 s to wait)."""
+    path = agent.file("admin.json")
+    record = json.loads(path.read_text())
+    record["totp_last_step"] = -1
+    path.write_text(json.dumps(record))
+
+
+def test_totp_begin_keeps_one_pending_secret(agent: Agent) -> None:
+    first = agent("admin_totp_begin", address=ADDRESS)
+    assert len(first["secret"]) == 32 and pyotp.TOTP(first["secret"]).now().isdigit()
+    assert first["uri"] == pyotp.TOTP(first["secret"]).provisioning_uri(name=ADDRESS, issuer_name="Mailstead")
+    assert first["uri"].startswith("otpauth://totp/Mailstead:postmaster%40example.com?secret=")
+    again = agent("admin_totp_begin", address="Admin@Example.com")
+    assert again["secret"] == first["secret"]  # a reload shows the same QR code
+    assert again["address"] == "admin@example.com"
+    pending = agent.file("admin-totp.pending")
+    assert mode(pending) == 0o600 and mode(pending.parent) == 0o700
+
+
+@pytest.mark.parametrize(("address", "problem"), [
+    ("", "address: address is required"),
+    ("postmaster@example.org", "address: the administrator's address must be in your domain"),
+    ("no-at-sign", "address: address needs an @"),
+    ("a b@example.com", "address: address contains ' ' before the @"),
+    ("x" * 300 + "@example.com", "address: address is"),
+])
+def test_bad_address_is_refused_naming_the_field(agent: Agent, address: str, problem: str) -> None:
+    err = agent.refused("admin_totp_begin", address=address)
+    assert err.code == "invalid" and err.message.startswith(problem)
+
+
+@pytest.mark.parametrize(("password", "problem"), [
+    ("short", "password: use at least 12 characters"),
+    (ADDRESS, "password: must not be the address itself"),
+    ("POSTMASTER", "password: use at least 12"),
+    ("x" * 1025, "password: use at most 1024"),
+    ("twelve chars\nmore", "password: must not contain line breaks"),
+])
+def test_bad_password_is_refused(agent: Agent, password: str, problem: str) -> None:
+    totp = pyotp.TOTP(agent("admin_totp_begin", address=ADDRESS)["secret"])
+    err = agent.refused("admin_setup", address=ADDRESS, password=password, totp_code=totp.now())
+    assert err.code == "invalid" and err.message.startswith(problem)
+    assert not agent.file("admin.json").exists()
+
+
+@pytest.mark.parametrize("code", ["000000", "12345", "abcdef", "", "1234567"])
+def test_wrong_totp_code_is_refused(agent: Agent, code: str) -> None:
+    secret = agent("admin_totp_begin", address=ADDRESS)["secret"]
+    if code == "000000" and pyotp.TOTP(secret).verify(code, valid_window=1):
+        pytest.skip("the random secret's current code happens to be 000000")
+    err = agent.refused("admin_setup", address=ADDRESS, password=PASSWORD, totp_code=code)
+    assert err.code == "invalid" and err.message.startswith("totp_code: ")
+    assert agent.file("admin-totp.pending").exists()  # enrolment goes on with the same secret
+    assert agent("admin_totp_begin", address=ADDRESS)["secret"] == secret
+
+
+def test_setup_without_enrolment_is_refused(agent: Agent) -> None:
+    err = agent.refused("admin_setup", address=ADDRESS, password=PASSWORD, totp_code="123456")
+    assert err.message.startswith("totp_code: the authenticator enrolment has expired")
+
+
+def test_setup_stores_the_record_and_the_pending_mailbox(agent: Agent) -> None:
+    totp, codes = enrol(agent)
+    assert len(codes) == 10 and len(set(codes)) == 10
+    assert all(len(c) == 19 and c.count("-") == 3 for c in codes)
+    record_file = agent.file("admin.json")
+    assert mode(record_file) == 0o600
+    text = record_file.read_text()
+    record = json.loads(text)
+    assert record["address"] == ADDRESS
+    assert record["password_hash"].startswith("{ARGON2ID}$argon2id$")
+    assert record["totp_secret"] == totp.secret
+    assert len(record["recovery_codes"]) == 10
+    assert PASSWORD not in text and not any(c in text for c in codes)
+    assert not agent.file("admin-totp.pending").exists()
+    assert agent("admin_status") == {"configured": True, "address": ADDRESS, "recovery_codes_left": 10}
+    # The password for the admin mailbox waits for Deploy.
+    assert mode(agent.file("pending-mailboxes.json")) == 0o600
+    assert adminauth.take_pending_mailboxes(agent.state_dir) == [(ADDRESS, PASSWORD)]
+    assert not agent.file("pending-mailboxes.json").exists()
+    assert adminauth.take_pending_mailboxes(agent.state_dir) == []
+    # No secret reaches the agent's log.
+    log = agent.process.log_text()
+    assert PASSWORD not in log and totp.secret not in log and not any(c in log for c in codes)
+
+
+def test_put_back_pending_mailbox_replaces_by_address(tmp_path: Path) -> None:
+    adminauth.put_pending_mailbox(tmp_path, "a@example.com", "first password")
+    adminauth.put_pending_mailbox(tmp_path, "b@example.com", "other password")
+    adminauth.put_pending_mailbox(tmp_path, "a@example.com", "second password")
+    assert adminauth.take_pending_mailboxes(tmp_path) == [("b@example.com", "other password"),
+                                                           ("a@example.com", "second password")]
+
+
+def test_status_before_setup(agent: Agent) -> None:
+    assert agent("admin_status") == {"configured": False, "address": None, "recovery_codes_left": 0}
+    err = agent.refused("admin_login", address=ADDRESS, password=PASSWORD, code="123456")
+    assert err.code == "not_configured"
+
+
+def test_login_right_and_wrong(agent: Agent) -> None:
+    totp, _ = enrol(agent)
+    next_code = totp.at(time.time() + 30)  # the setup code's step is used up
+    for address, password, code in [
+        (ADDRESS, "wrong password!", next_code),
+        ("admin@example.com", PASSWORD, next_code),
+        (ADDRESS, PASSWORD, "000000" if next_code != "000000" else "111111"),
+        (ADDRESS, "", next_code),
+    ]:
+        err = agent.refused("admin_login", address=address, password=password, code=code)
+        assert err.code == "denied", (address, code)
+        assert "address, password or code is not right" in err.message
+    result = agent("admin_login", address=" PostMaster@example.com ", password=PASSWORD, code=next_code)
+    assert result == {"address": ADDRESS, "used_recovery_code": False, "recovery_codes_left": 10}
+    # The same code does not work twice.
+    err = agent.refused("admin_login", address=ADDRESS, password=PASSWORD, code=next_code)
+    assert err.code == "denied"
+
+
+def test_recovery_code_works_once(agent: Agent) -> None:
+    _, codes = enrol(agent)
+    messy = " " + codes[3].lower().replace("-", " ") + " "
+    result = agent("admin_login", address=ADDRESS, password=PASSWORD, code=messy)
+    assert result == {"address": ADDRESS, "used_recovery_code": True, "recovery_codes_left": 9}
+    err = agent.refused("admin_login", address=ADDRESS, password=PASSWORD, code=codes[3])
+    assert err.code == "denied"
+    assert agent("admin_login", address=ADDRESS, password=PASSWORD, code=codes[4])["recovery_codes_left"] == 8
+    # A recovery code without the password is worth nothing (and is not spent).
+    assert agent.refused("admin_login", address=ADDRESS, password="wrong password!", code=codes[5]).code == "denied"
+    assert agent("admin_status")["recovery_codes_left"] == 8
+
+
+def test_lockout_after_five_failures_with_a_message_saying_when(agent: Agent) -> None:
+    totp, _ = enrol(agent)
+    allow_code_again(agent)
+    for _ in range(4):
+        assert agent.refused("admin_login", address=ADDRESS, password="wrong password!", code="123456").code == "denied"
+    err = agent.refused("admin_login", address=ADDRESS, password="wrong password!", code="123456")
+    assert err.code == "locked"
+    assert "try again after" in err.message and "UTC" in err.message and "(in 60 seconds)" in err.message
+    lock = json.loads(agent.file("admin-lockout.json").read_text())
+    assert lock["failures"] == 5 and 55 < lock["locked_until"] - time.time() <= 60
+    assert mode(agent.file("admin-lockout.json")) == 0o600
+    # Right credentials do not help while locked.
+    err = agent.refused("admin_login", address=ADDRESS, password=PASSWORD, code=totp.now())
+    assert err.code == "locked"
+    # The lock expires; one more failure locks for twice as long.
+    lock["locked_until"] = time.time() - 1
+    agent.file("admin-lockout.json").write_text(json.dumps(lock))
+    err = agent.refused("admin_login", address=ADDRESS, password="wrong password!", code="123456")
+    assert err.code == "locked" and "(in 2 minutes)" in err.message
+    lock = json.loads(agent.file("admin-lockout.json").read_text())
+    lock["locked_until"] = time.time() - 1
+    agent.file("admin-lockout.json").write_text(json.dumps(lock))
+    # Success resets the count.
+    assert agent("admin_login", address=ADDRESS, password=PASSWORD, code=totp.now())["address"] == ADDRESS
+    assert json.loads(agent.file("admin-lockout.json").read_text()) == {"failures": 0, "locked_until": 0.0}
+
+
+def test_lock_backoff_doubles_up_to_an_hour() -> None:
+    assert [adminauth.lock_seconds(n) for n in range(0, 13)] == [
+        0, 0, 0, 0, 0, 60, 120, 240, 480, 960, 1920, 3600, 3600]
+    assert adminauth.lock_seconds(1000) == 3600
+
+
+def test_long_lock_message_is_in_minutes() -> None:
+    message = adminauth._locked_message(1_000_000 + 1920, 1_000_000)
+    assert "(in 32 minutes)" in message and "try again after" in message
+
+
+def test_enrolment_is_closed_after_setup(agent: Agent) -> None:
+    enrol(agent)
+    write_settings(agent.state_dir / "state.db", {"setup_complete": "1"})
+    assert agent.refused("admin_totp_begin", address=ADDRESS).code == "forbidden"
+    assert agent.refused("admin_setup", address=ADDRESS, password=PASSWORD, totp_code="123456").code == "forbidden"
+
+
+def test_no_domain_yet(tmp_path: Path, start_agent: Callable[..., Any]) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    agent = Agent(start_agent(env={"MAILSTEAD_STATE_DIR": str(state)}), state)
+    err = agent.refused("admin_totp_begin", address=ADDRESS)
+    assert err.message.startswith("address: the mail domain is not set yet")
+
+
+def test_net_addresses(agent: Agent, tmp_path: Path) -> None:
+    result = agent("net_addresses")
+    assert set(result) == {"ipv4", "ipv6", "resolvers"}
+    assert all(isinstance(v, list) for v in result.values())
+    assert "127.0.0.1" not in result["ipv4"]
+
+
+def test_resolv_conf_parsing(tmp_path: Path) -> None:
+    path = tmp_path / "resolv.conf"
+    path.write_text("nameserver 10.0.0.1\n# nameserver 9.9.9.9\nnameserver fe80::1%eth0\nnameserver bogus\n"
+                    "options edns0\nnameserver 10.0.0.1\n")
+    assert adminauth.resolv_conf_nameservers(path) == ["10.0.0.1", "fe80::1"]
+    assert adminauth.resolv_conf_nameservers(tmp_path / "missing") == []
