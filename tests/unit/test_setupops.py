@@ -99,8 +99,11 @@ def world(monkeypatch: pytest.MonkeyPatch) -> FakeWorld:
 
 
 def test_setup_deploy_is_a_job_the_web_may_start() -> None:
+    import importlib
+
     from portal import agentweb
-    from portal.agent import server  # noqa: F401
+
+    importlib.import_module("portal.agent.server")  # registers every operation
 
     assert "setup_deploy" in jobs.KINDS and "setup_deploy" in agentweb.WEB_JOBS
     assert {"send_test_message", "setup_finish", "system_status", "stack_logs"} <= set(REGISTRY)
