@@ -78,12 +78,16 @@ def home_url() -> str:
     return url_for(endpoint)
 
 
-def wizard_endpoints() -> set[str]:
+def wizard_endpoints() -> frozenset[str]:
     """Endpoints that belong to the wizard (its steps' blueprints and the wizard's own)."""
-    from .steps import step_modules
+    cached = current_app.extensions.get("mailstead.wizard_endpoints")
+    if cached is None:
+        from .steps import step_modules
 
-    blueprints = {"wizard"} | {m.bp.name for m in step_modules()}
-    return {e for e in current_app.view_functions if e.partition(".")[0] in blueprints}
+        blueprints = {"wizard"} | {m.bp.name for m in step_modules()}
+        cached = frozenset(e for e in current_app.view_functions if e.partition(".")[0] in blueprints)
+        current_app.extensions["mailstead.wizard_endpoints"] = cached
+    return cached
 
 
 def gate() -> ResponseReturnValue | None:
