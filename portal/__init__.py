@@ -7,16 +7,19 @@ at import time.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flask import Flask
-from werkzeug.middleware.proxy_fix import ProxyFix
+if TYPE_CHECKING:  # flask is imported by create_app only: the agent and the CLI start without it
+    from flask import Flask
 
 __version__ = "0.1.0"
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """Build the portal app. `config` overrides defaults and environment."""
+    from flask import Flask
+    from werkzeug.middleware.proxy_fix import ProxyFix
+
     from . import agentweb, config as config_mod, db, errors, security, wizard
     from . import auth
     from .setup import bp as setup_bp, register_rate_limit

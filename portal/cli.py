@@ -9,8 +9,7 @@ import os
 import sys
 from typing import Any
 
-from .agent.client import AgentClient, AgentError
-from .agent.server import DEFAULT_SOCKET
+from .agent.client import DEFAULT_SOCKET, AgentClient, AgentError
 
 
 def read_password(prompt: str, from_stdin: bool) -> str:

@@ -7,7 +7,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import quote
 
-from flask import Flask, current_app, g
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the agent uses this module without flask (connect, write_settings)
+    from flask import Flask
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS settings (
@@ -32,12 +35,16 @@ def connect(path: str | Path) -> sqlite3.Connection:
 
 def get_db() -> sqlite3.Connection:
     """The request's connection (opened on first use, closed at teardown)."""
+    from flask import current_app, g
+
     if "db" not in g:
         g.db = connect(current_app.config["DB_PATH"])
     return g.db
 
 
 def close_db(_exc: BaseException | None = None) -> None:
+    from flask import g
+
     conn = g.pop("db", None)
     if conn is not None:
         conn.close()

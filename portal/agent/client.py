@@ -7,6 +7,7 @@ import socket
 from typing import Any
 
 MAX_RESPONSE = 1024 * 1024
+DEFAULT_SOCKET = "/run/mailstead/agent.sock"
 
 
 class AgentError(Exception):

@@ -25,6 +25,7 @@ from typing import Any, NoReturn
 
 from . import jobs as _jobs  # noqa: F401  (registers job_start/job_status/job_latest)
 from . import ops
+from .client import DEFAULT_SOCKET
 from .. import adminauth as _adminauth  # noqa: F401  (registers admin_* and net_addresses)
 from ..certs import agentops as _certs_ops  # noqa: F401  (registers the certificate operations)
 from ..dns import agentops as _dns_ops  # noqa: F401  (registers the DNS operations)
@@ -33,7 +34,6 @@ from .. import setupops as _setup_ops  # noqa: F401  (registers setup_deploy, se
 
 log = logging.getLogger("mailstead.agent")
 
-DEFAULT_SOCKET = "/run/mailstead/agent.sock"
 MAX_REQUEST = 64 * 1024
 SD_LISTEN_FDS_START = 3
 
@@ -144,6 +144,19 @@ def systemd_socket() -> socket.socket | None:
     return socket.socket(fileno=SD_LISTEN_FDS_START)
 
 
+def notify_ready() -> None:
+    """Tell systemd (Type=notify) that operations are served now: the portal
+    starts after this, so its first page never waits for the agent's start."""
+    addr = os.environ.pop("NOTIFY_SOCKET", "")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.connect(addr)
+        sock.sendall(b"READY=1")
+
+
 def bind_socket(path: Path, group: int | None) -> socket.socket:
     """Bind a fresh unix socket at `path`, mode 0660 (group `group` if given)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -222,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     server.socket.close()
     server.socket = sock
     signal.signal(signal.SIGTERM, _terminate)
+    notify_ready()
     log.info("listening on %s (allowed uids: %s; ops: %s)", path,
              ",".join(map(str, sorted(uids))), ",".join(sorted(server.registry)))
     try:

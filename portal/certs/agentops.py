@@ -15,20 +15,22 @@ import os
 from dataclasses import replace
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
-
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from typing import TYPE_CHECKING, Any
 
 from ..agent.jobs import job_kind
 from ..agent.ops import Context, OpError, operation
 from ..stack.settings import SettingsError, StackSettings
 from ..stack.store import load_settings, read_settings_table
 from . import CertError
-from .challenges import ChallengeHandler, DnsChallenge, HttpChallenge
-from .renew import Tlsa, obtain, read_state, renew, renew_due, tlsa_311
-from .settings import DEFAULT_ACME_DIR, AcmeSettings, load_acme_settings, parse_acme_settings
-from .store import cert_names, fingerprint, read_live, reload_containers, reload_nginx, tls_dir
+
+if TYPE_CHECKING:
+    from .challenges import ChallengeHandler
+    from .renew import Tlsa
+    from .settings import AcmeSettings
+
+# acme, OpenSSL and dnspython are imported by the operations that use them, not
+# here: the agent imports this module at start, and under emulation or on a busy
+# first boot every imported library costs seconds before the agent answers.
 
 
 @contextlib.contextmanager
@@ -64,6 +66,9 @@ def _dns_setup(state_dir: Path) -> tuple[Any, list[tuple[str, int]], int]:
 
 
 def handler_for(ctx: Context, acme: AcmeSettings) -> ChallengeHandler:
+    from .challenges import DnsChallenge, HttpChallenge
+    from .settings import DEFAULT_ACME_DIR
+
     if acme.challenge == "http-01":
         return HttpChallenge(getattr(ctx, "acme_dir", DEFAULT_ACME_DIR))
     target, resolvers, auth_port = _dns_setup(ctx.state_dir)
@@ -80,6 +85,7 @@ def tlsa_updater(ctx: Context, settings: StackSettings) -> Tlsa | None:
         return None
 
     def update(old_pem: bytes, new_pem: bytes) -> str:
+        from .renew import tlsa_311
         from ..dns.check import answer_rdatas, authoritative_servers, query, wait_until_served
         from ..dns.update import DnsError, replace_rrset
 
@@ -110,6 +116,7 @@ def reloader(ctx: Context, settings: StackSettings) -> Callable[[], dict[str, st
         return lambda: custom(settings)
 
     def run() -> dict[str, str]:
+        from .store import reload_containers, reload_nginx
         from ..stack.web import NGINX_CONF_NAME, write_web_files
 
         results: dict[str, str] = {}
@@ -144,6 +151,8 @@ def redeploy_needed(settings: StackSettings) -> bool:
 
 
 def _load(ctx: Context) -> tuple[StackSettings, AcmeSettings]:
+    from .settings import load_acme_settings
+
     return load_settings(ctx.state_dir), load_acme_settings(ctx.state_dir)
 
 
@@ -158,6 +167,9 @@ MAX_CA_BUNDLE = 48 * 1024
 def check_ca_bundle_pem(text: str) -> bytes:
     """The pasted CA bundle as PEM bytes: certificates only, at least one; OpError
     naming the field `acme_ca_bundle_pem` otherwise (the text is never echoed)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     data = text.strip().replace("\r\n", "\n").encode("utf-8", "replace") + b"\n"
     fix = ("paste the CA's root certificate(s) in PEM form: lines from -----BEGIN CERTIFICATE----- "
            "to -----END CERTIFICATE-----")
@@ -194,6 +206,7 @@ def acme_configure(ctx: Context, directory: str = "letsencrypt", contact: str = 
     the system does not trust); stored in <state>/acme-ca-bundle.pem and used as
     `ca_bundle` (it wins over a path given there)."""
     from .. import db
+    from .settings import parse_acme_settings
 
     pem = check_ca_bundle_pem(ca_bundle_pem) if ca_bundle_pem.strip() else None
     values = {"acme_directory": directory.strip(), "acme_contact": contact.strip(),
@@ -222,6 +235,8 @@ def cert_issue(ctx: Context) -> dict[str, Any]:
 @job_kind("cert_issue")
 def issue_cert(ctx: Context, progress: Callable[[str, str], None]) -> dict[str, Any]:
     """cert_issue with progress (account, order, each challenge, finalize, install, reload)."""
+    from .renew import obtain
+
     with refusals():
         settings, acme = _load(ctx)
         result = obtain(ctx.state_dir, acme, handler_for(ctx, acme), progress=progress,
@@ -234,6 +249,8 @@ def issue_cert(ctx: Context, progress: Callable[[str, str], None]) -> dict[str, 
 def cert_renew(ctx: Context, force: bool = False) -> dict[str, Any]:
     """Renew when due (the CA's ARI, else a third of the lifetime left) or when forced;
     failures back off (1 h doubling to 24 h). The scheduler runs this daily."""
+    from .renew import renew
+
     steps: list[str] = []
     with refusals():
         settings, acme = _load(ctx)
@@ -264,6 +281,11 @@ def switch_stack(ctx: Context) -> dict[str, Any]:
 def cert_status(ctx: Context) -> dict[str, Any]:
     """The certificate being served (the CA's, else the bootstrap one), when it gets
     renewed (offline: the lifetime rule; cert_renew asks the CA's ARI) and the last error."""
+    from cryptography import x509
+
+    from .renew import read_state, renew_due
+    from .store import cert_names, fingerprint, read_live, tls_dir
+
     tls = tls_dir(ctx.state_dir)
     live = read_live(tls)
     source = "ca" if live else "bootstrap"

@@ -10,18 +10,19 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..agent.jobs import job_kind
 from ..agent.ops import Context, OpError, operation
 from ..db import write_settings
 from ..stack import dkim
-from . import records as rec
-from .check import authoritative_servers, check, detect_dnssec
-from .names import normalize_domain
-from .netcheck import ptr_check, smtp_outbound_check
-from .settings import DnsSettings, load_dns_settings
-from .update import DnsError, TsigKey, load_update_target, parse_port, push, write_secret
+from . import DnsError
+
+if TYPE_CHECKING:
+    from .settings import DnsSettings
+
+# dnspython, idna and the record builders are imported by the operations that
+# use them: the agent imports this module at start (see portal/certs/agentops.py).
 
 DEFAULT_SMTP_PROBE = "gmail-smtp-in.l.google.com"
 
@@ -37,12 +38,16 @@ def refusals() -> Iterator[None]:
 
 
 def _settings(ctx: Context, dnssec: bool | None = None) -> DnsSettings:
+    from .settings import load_dns_settings
+
     s = load_dns_settings(ctx.state_dir, dnssec=dnssec)
     dkim.ensure_keys(s.dkim_dir, s.dkim_selectors)  # the records publish them: make them if missing
     return s
 
 
 def _servers(s: DnsSettings) -> list[tuple[str, str, int]]:
+    from .check import authoritative_servers
+
     if not s.resolvers:
         raise DnsError("dns_resolvers is not set; enter the recursive resolver(s) to look up your zone's name "
                        "servers with, e.g. 9.9.9.9", "dns_resolvers")
@@ -52,6 +57,9 @@ def _servers(s: DnsSettings) -> list[tuple[str, str, int]]:
 @operation("dns_records")
 def dns_records(ctx: Context, dnssec: bool = False) -> dict[str, Any]:
     """The expected records, as a BIND fragment and as a table (with notes and the MTA-STS policy)."""
+    from . import records as rec
+    from .names import normalize_domain
+
     with refusals():
         s = _settings(ctx, dnssec=dnssec or None)
         rs = rec.records(s)
@@ -70,6 +78,10 @@ def check_job(ctx: Context, progress: Callable[[str, str], None]) -> dict[str, A
 @operation("dns_check")
 def dns_check(ctx: Context) -> dict[str, Any]:
     """Ask each authoritative server for every expected record."""
+    from . import records as rec
+    from .check import check, detect_dnssec
+    from .settings import load_dns_settings
+
     with refusals():
         s = _settings(ctx)
         servers = _servers(s)
@@ -86,6 +98,9 @@ def dns_check(ctx: Context) -> dict[str, Any]:
 @operation("dns_push")
 def dns_push(ctx: Context, dry_run: bool = False) -> dict[str, Any]:
     """Bring the zone's owned rrsets to the expected records with RFC 2136 (dry_run: only the plan)."""
+    from . import records as rec
+    from .update import load_update_target, push
+
     with refusals():
         target = load_update_target(ctx.state_dir)
         if target is None:
@@ -102,6 +117,9 @@ def dns_push(ctx: Context, dry_run: bool = False) -> dict[str, Any]:
 def dns_configure_push(ctx: Context, server: str, key_name: str, secret: str, algorithm: str = "hmac-sha256",
                        port: int = 53) -> dict[str, Any]:
     """Store the RFC 2136 server and TSIG key (the secret goes to a 0600 file, never back to the caller)."""
+    from .names import normalize_domain
+    from .update import TsigKey, parse_port, write_secret
+
     with refusals():
         server = (server or "").strip()
         try:
@@ -121,6 +139,9 @@ def dns_configure_push(ctx: Context, server: str, key_name: str, secret: str, al
 def net_check(ctx: Context, smtp_host: str = DEFAULT_SMTP_PROBE, smtp_port: int = 25,
               timeout: float = 5.0) -> dict[str, Any]:
     """Reverse DNS of the public addresses, and whether outbound SMTP gets a greeting."""
+    from .netcheck import ptr_check, smtp_outbound_check
+    from .settings import load_dns_settings
+
     with refusals():
         s = load_dns_settings(ctx.state_dir)
         if not s.resolvers:

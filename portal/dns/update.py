@@ -27,18 +27,10 @@ import dns.tsig
 import dns.tsigkeyring
 import dns.update
 
+from . import DnsError
+
 ALGORITHMS = {"hmac-sha256": dns.tsig.HMAC_SHA256, "hmac-sha512": dns.tsig.HMAC_SHA512}
 SECRET_FILE = "rfc2136.key"
-
-
-class DnsError(Exception):
-    """A DNS operation failed or an input is invalid; `str()` says what to fix."""
-
-    def __init__(self, message: str, field: str | None = None) -> None:
-        named = field is None or message.startswith(field)
-        super().__init__(message if named else f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,11 @@
 // Markup: <section data-job="KIND" data-start-url=".." data-status-url=".." data-done-url="..">
 //   <form data-job-start> (its CSRF token is sent) ... <ol data-job-events></ol>
 //   <p data-job-state role="status" aria-live="polite"></p> </section>
-// When the job is done and data-done-url is set, the browser goes there.
+// When a job this page watched (or started) finishes, and data-done-url is set,
+// the browser goes there; a job that was already finished on load does not
+// redirect (no reload loops). Rows with data-service="NAME" (e.g. a deploy's
+// services) get the latest detail of events whose step is NAME, and a class
+// svc-ok / svc-bad / svc-busy from it.
 (function () {
   "use strict";
   function render(box, job) {
@@ -18,6 +22,15 @@
         list.appendChild(li);
       });
     }
+    (job.events || []).forEach(function (e) {
+      var row = box.querySelector('[data-service="' + e.step + '"]');
+      if (!row) return;
+      var detail = row.querySelector(".svc-state") || row;
+      detail.textContent = e.detail;
+      var d = String(e.detail).toLowerCase();
+      row.className = d.indexOf("healthy") === 0 ? "svc-ok"
+        : (d.indexOf("unhealthy") >= 0 || d.indexOf("exited") >= 0 || d.indexOf("fail") >= 0) ? "svc-bad" : "svc-busy";
+    });
     box.setAttribute("data-state", job.state);
     if (state) {
       var words = {running: "Working…", done: "Done.", failed: "Failed: ", interrupted: "Interrupted: "};
@@ -31,8 +44,13 @@
       .then(function (data) {
         var job = data.job;
         render(box, job);
-        if (job && job.state === "running") { setTimeout(function () { poll(box); }, 1000); return; }
-        if (job && job.state === "done" && box.getAttribute("data-done-url")) {
+        if (job && job.state === "running") {
+          box.setAttribute("data-watched", job.id);
+          setTimeout(function () { poll(box); }, 1000);
+          return;
+        }
+        var watched = job && box.getAttribute("data-watched") === job.id;
+        if (watched && job.state === "done" && box.getAttribute("data-done-url")) {
           window.location.assign(box.getAttribute("data-done-url"));
         }
         box.dispatchEvent(new CustomEvent("job-finished", {detail: job}));
@@ -43,7 +61,11 @@
     var body = new FormData(form);
     fetch(box.getAttribute("data-start-url"), {method: "POST", body: body, credentials: "same-origin"})
       .then(function (r) { return r.json(); })
-      .then(function (job) { render(box, job); poll(box); });
+      .then(function (job) {
+        if (job && job.id) box.setAttribute("data-watched", job.id);
+        render(box, job);
+        poll(box);
+      });
   }
   document.addEventListener("DOMContentLoaded", function () {
     document.querySelectorAll("[data-job]").forEach(function (box) {

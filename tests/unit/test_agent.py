@@ -342,3 +342,31 @@ def test_status_when_docker_socket_is_dead(start_agent: StartAgent, tmp_path: Pa
     result = AgentClient(str(agent.socket)).call("status")
     assert result["docker"].startswith("unavailable: ")
     assert result["os"] == OS_PRETTY_NAME
+
+
+def test_agent_starts_without_heavy_libraries():
+    """The agent imports flask, acme, OpenSSL and dnspython only when an operation
+    needs them: under emulation each one costs seconds before the first answer."""
+    code = ("import sys, portal.agent.server; "
+            "print(sorted(m for m in ('flask', 'acme', 'OpenSSL', 'dns.resolver', 'dns.query', 'josepy', 'qrcode') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_notify_ready_tells_systemd(tmp_path, monkeypatch):
+    import socket as socket_mod
+
+    from portal.agent.server import notify_ready
+
+    path = tmp_path / "notify"
+    listener = socket_mod.socket(socket_mod.AF_UNIX, socket_mod.SOCK_DGRAM)
+    listener.bind(str(path))
+    try:
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        notify_ready()
+        assert listener.recv(64) == b"READY=1"
+    finally:
+        listener.close()
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    notify_ready()  # not under systemd: nothing to do
