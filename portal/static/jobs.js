@@ -51,7 +51,13 @@
         }
         var watched = job && box.getAttribute("data-watched") === job.id;
         if (watched && job.state === "done" && box.getAttribute("data-done-url")) {
-          window.location.assign(box.getAttribute("data-done-url"));
+          var target = new URL(box.getAttribute("data-done-url"), window.location.href);
+          if (target.pathname + target.search === window.location.pathname + window.location.search) {
+            window.location.hash = target.hash;
+            window.location.reload();  // same page: a hash change alone would not show the result
+          } else {
+            window.location.assign(target.href);
+          }
         }
         box.dispatchEvent(new CustomEvent("job-finished", {detail: job}));
       })

@@ -54,6 +54,9 @@ def portal_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Portal]:
     state.mkdir()
     run.mkdir()
     (state / "setup-token").write_text(TEST_TOKEN + "\n")
+    from portal import db
+
+    db.write_settings(state / "state.db", {"dns_allow_private": "1"})  # loopback stands in for the internet
 
     cert_pem, key_pem = make_certificate("localhost", [ipaddress.ip_address("127.0.0.1")],
                                          now=dt.datetime.now(dt.timezone.utc))

@@ -134,7 +134,7 @@ def test_reset_password_checks_the_new_password(dashboard: FlaskClient) -> None:
 
 def test_delete_asks_for_confirmation(dashboard: FlaskClient, state_dir: Path) -> None:
     confirm = dashboard.get("/admin/mailboxes/delete?address=bob@example.test")
-    assert confirm.status_code == 200 and 'id="delete-confirm"' in confirm.text
+    assert confirm.status_code == 200 and 'id="delete-confirmation"' in confirm.text
     data = {"delete-csrf_token": token(confirm.text, "delete-form"), "delete-address": "bob@example.test"}
     unticked = dashboard.post("/admin/mailboxes/delete", data=data)
     assert unticked.status_code == 422 and 'id="delete-confirm-error"' in unticked.text
