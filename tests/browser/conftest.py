@@ -3,6 +3,7 @@ gunicorn serving HTTPS on loopback, with a real agent behind it."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
 import os
@@ -46,10 +47,11 @@ class Portal:
     token: str
 
 
-@pytest.fixture(scope="session")
-def portal_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Portal]:
+@contextlib.contextmanager
+def running_portal(root: Path) -> Iterator[Portal]:
+    """gunicorn (TLS, loopback) and an agent sharing the state folder root/state,
+    with a fresh setup token; no docker (the agent's docker socket does not exist)."""
     assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: apt-get install -y chromium"
-    root = tmp_path_factory.mktemp("portal")
     state, run = root / "state", root / "run"
     state.mkdir()
     run.mkdir()
@@ -65,7 +67,7 @@ def portal_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Portal]:
     key.write_bytes(key_pem)
     key.chmod(0o600)
 
-    agent = launch_agent(run)
+    agent = launch_agent(run, env={"MAILSTEAD_STATE_DIR": str(state)})
 
     port = free_port()
     env = {**os.environ, "MAILSTEAD_STATE_DIR": str(state), "MAILSTEAD_RUN_DIR": str(run),
@@ -87,6 +89,12 @@ def portal_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Portal]:
         stop_process(web)
         agent.stop()
         print(f"gunicorn log ({web_log}):\n{web_log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def portal_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Portal]:
+    with running_portal(tmp_path_factory.mktemp("portal")) as portal:
+        yield portal
 
 
 @pytest.fixture
