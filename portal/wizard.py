@@ -65,7 +65,10 @@ def redirect_target(
         return nxt.endpoint if nxt else PENDING
     if endpoint == PENDING:
         return nxt.endpoint if nxt else None
-    step = next((s for s in steps if s.endpoint == endpoint), None)
+    # A step's page, or else any page of its blueprint (sub-pages such as admin.saved).
+    blueprint = endpoint.partition(".")[0]
+    step = next((s for s in steps if s.endpoint == endpoint), None) or next(
+        (s for s in steps if s.endpoint.partition(".")[0] == blueprint), None)
     if step and nxt and step.order > nxt.order:
         return nxt.endpoint
     return None

@@ -142,7 +142,9 @@ def act(form: FlaskForm, name: str, op: str, args: Callable[[], dict[str, Any]],
         message = agentweb.show_error(form, err)
         if message is None:
             return page(422, **{name: form})
-        return page(503 if err.code in ("unavailable", "timeout", "docker_unavailable") else 409,
+        # 503 only when the agent itself does not answer; a missing docker engine is a
+        # state of the appliance (409 with the agent's message), not a server failure.
+        return page(503 if err.code in ("unavailable", "timeout") else 409,
                     error=message, **{name: form})
     security.rotate_csrf()
     flash(done(), "ok")
