@@ -84,3 +84,14 @@ def unlocked(client: FlaskClient) -> FlaskClient:
     response = unlock(client)
     assert response.status_code == 302, response.text
     return client
+
+
+@pytest.fixture
+def rig(make_app: Callable[..., Flask], token_file: Path, state_dir: Path,
+        start_agent: Callable[..., Any]) -> Callable[..., Any]:
+    """rig(state) -> an app in that state with a real agent and a client
+    (states and helpers: tests/unit/test_fuzz_forms.py build_rig)."""
+    from tests.unit.test_fuzz_forms import build_rig
+
+    agent = start_agent(env={"MAILSTEAD_STATE_DIR": str(state_dir)})
+    return lambda state, **config: build_rig(state, make_app, state_dir, agent, **config)
