@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -111,18 +112,30 @@ def render_wizard(template: str, current: Step | None, **context: Any) -> str:
     )
 
 
+STATUS_TTL = 10.0  # seconds a good answer is reused: versions change only with an upgrade
+
+
 def appliance_status() -> dict[str, str]:
-    """What the agent reports, or a note that it is unavailable (never an exception)."""
+    """What the agent reports, or a note that it is unavailable (never an exception).
+    A good answer is kept for STATUS_TTL seconds per process (it is on every wizard
+    page; asking each time costs an agent and a docker round trip); a failure is not."""
     if "appliance_status" not in g:
+        cache = current_app.extensions.setdefault("mailstead.status", {})
+        if cache and time.monotonic() - cache["at"] < STATUS_TTL:
+            g.appliance_status = cache["value"]
+            return g.appliance_status
         client = AgentClient(
             current_app.config["AGENT_SOCKET"], timeout=current_app.config["AGENT_TIMEOUT"]
         )
         try:
             result = client.call("status")
             g.appliance_status = {k: str(result.get(k, "unknown")) for k in ("os", "docker", "portal")}
+            if not g.appliance_status["docker"].startswith(("unavailable", "busy")):
+                cache.update(at=time.monotonic(), value=g.appliance_status)
         except AgentError as exc:
             current_app.logger.warning("agent status failed: %s", exc)
             g.appliance_status = {"error": f"agent unavailable ({exc.message})"}
+            cache.clear()
     return g.appliance_status
 
 
