@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--socket", default=os.environ.get("MAILSTEAD_AGENT_SOCKET", DEFAULT_SOCKET),
                         help="agent socket (env MAILSTEAD_AGENT_SOCKET; default %(default)s)")
     parser.add_argument("--timeout", type=float, default=None,
-                        help="seconds to wait for the agent (default: 10, or 900 for load-images and deploy)")
+                        help="seconds to wait for the agent (default: 60; 900 for load-images and deploy)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("status", help="show OS, docker engine and portal versions as JSON")
     commands.add_parser("load-images", help="load the preloaded mail stack images into docker")
@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# How long the CLI waits for an answer. A mailbox change hashes the password
+# (argon2id) and runs doveadm in the container: well under a second on real
+# hardware, but 10 s was too short for a busy emulated VM.
+DEFAULT_TIMEOUT = 60.0
 # Operations that take minutes (the agent keeps working; the CLI waits this long).
 LONG_OPS = {"stack_load_images": 900.0, "stack_deploy": 900.0, "cert_issue": 600.0, "cert_renew": 600.0,
             "dns_check": 120.0, "dns_push": 120.0, "net_check": 60.0}
@@ -144,7 +148,7 @@ def request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     op, op_args = request(args)
-    timeout = args.timeout or LONG_OPS.get(op, 10.0)
+    timeout = args.timeout or LONG_OPS.get(op, DEFAULT_TIMEOUT)
     try:
         result = AgentClient(args.socket, timeout=timeout).call(op, **op_args)
     except AgentError as exc:
