@@ -7,6 +7,7 @@ is pointed at it explicitly (dnspython `Resolver(configure=False)`).
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -100,6 +101,7 @@ class Knot:
         return text
 
     def start(self) -> Knot:
+        self._port_is_free()
         knotd = shutil.which("knotd") or "/usr/sbin/knotd"
         run = self.workdir / "run"
         run.mkdir(parents=True, exist_ok=True)
@@ -122,6 +124,19 @@ class Knot:
                     raise AssertionError("knotd did not start: "
                                          + (self.workdir / "knotd.log").read_text()[-2000:]) from None
                 time.sleep(0.2)
+
+    def _port_is_free(self) -> None:
+        """Refuse to start when something already answers on our address and port:
+        the tests would then talk to that server (say, another test session's knot
+        on the docker bridge) and fail later in puzzling ways."""
+        probe = socket.socket(socket.AF_INET6 if ":" in self.address else socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            probe.bind((self.address, self.port))
+        except OSError as err:
+            raise AssertionError(f"cannot start knot on {self.address} port {self.port}: {err.strerror}; "
+                                 "another DNS server (another test session's knot?) is listening there") from None
+        finally:
+            probe.close()
 
     def query(self, name: str, rtype: str) -> dns.message.Message:
         q = dns.message.make_query(name, dns.rdatatype.from_text(rtype), use_edns=0, payload=4096)
