@@ -32,17 +32,9 @@ def account_dir(state_dir: Path) -> Path:
 
 def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Atomically write `path` with `mode` (created with it: never readable by others)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from ..firstboot import write_replace  # the one atomic writer of the project
+
+    write_replace(path, data, mode)
 
 
 def ensure_account_key(state_dir: Path) -> ec.EllipticCurvePrivateKey:
