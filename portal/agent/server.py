@@ -31,6 +31,8 @@ from ..certs import agentops as _certs_ops  # noqa: F401  (registers the certifi
 from ..dns import agentops as _dns_ops  # noqa: F401  (registers the DNS operations)
 from ..stack import agentops  # noqa: F401  (registers the mail stack operations)
 from .. import setupops as _setup_ops  # noqa: F401  (registers setup_deploy, setup_finish, dashboard ops)
+from .. import scheduler as _scheduler  # noqa: F401  (registers schedule_*; started in main(), not here)
+from ..checks import agentops as _checks_ops  # noqa: F401  (registers health_run, health_history)
 
 log = logging.getLogger("mailstead.agent")
 
@@ -206,6 +208,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="os-release file to report (env MAILSTEAD_OS_RELEASE)")
     p.add_argument("--timeout", type=float, default=30.0,
                    help="per-connection timeout in seconds (default %(default)s)")
+    p.add_argument("--no-scheduler", action="store_true",
+                   default=os.environ.get("MAILSTEAD_SCHEDULER", "1") == "0",
+                   help="do not run the maintenance jobs (env MAILSTEAD_SCHEDULER=0; for tests)")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -236,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     server.socket = sock
     signal.signal(signal.SIGTERM, _terminate)
     notify_ready()
+    if not args.no_scheduler:  # in the background: operations are served meanwhile
+        _scheduler.start_in_background(ctx)
     log.info("listening on %s (allowed uids: %s; ops: %s)", path,
              ",".join(map(str, sorted(uids))), ",".join(sorted(server.registry)))
     try:
@@ -243,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        _scheduler.shutdown()
         server.server_close()
         if owns_path:
             path.unlink(missing_ok=True)

@@ -1,0 +1,169 @@
+"""Check history (bounded, in state.db) and alerts on a change of state.
+
+Every round adds one row per check to `health_history` (KEEP rows kept per
+check: at every 5 minutes about a week, enough for the dashboard's timeline).
+A check whose status differs from its previous row is a change; a check seen
+for the first time counts as changed from "ok" (so a first failure alerts and
+a first success does not). One round's changes go out as one alert: a mail to
+the admin (setting admin_address) through the local postfix's published smtp
+port, and, if the setting alert_webhook_url is set, one JSON POST to it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import smtplib
+import socket
+import sqlite3
+import time
+import urllib.error
+import urllib.request
+from email.message import EmailMessage
+from email.utils import formatdate, make_msgid
+from pathlib import Path
+from typing import Any
+
+from . import CheckResult
+
+log = logging.getLogger("mailstead.checks")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS health_history (
+    id       INTEGER PRIMARY KEY AUTOINCREMENT,
+    check_id TEXT NOT NULL,
+    at       REAL NOT NULL,
+    status   TEXT NOT NULL,
+    message  TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS health_history_check ON health_history (check_id, id);
+"""
+KEEP = 2016  # per check: a week of 5-minute rounds
+TIMEOUT = 10.0
+
+
+def _db(state_dir: Path) -> sqlite3.Connection:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(state_dir / "state.db", timeout=10)
+    conn.row_factory = sqlite3.Row
+    conn.executescript(SCHEMA)
+    return conn
+
+
+def record(state_dir: Path, results: list[CheckResult], at: float | None = None) -> list[dict[str, Any]]:
+    """Store one round; return the changes [{id, old, new, message, fix}]."""
+    at = time.time() if at is None else at
+    changes = []
+    conn = _db(state_dir)
+    try:
+        with conn:  # one transaction: two concurrent rounds cannot both see the same change
+            conn.execute("BEGIN IMMEDIATE")
+            for r in results:
+                row = conn.execute("SELECT status FROM health_history WHERE check_id = ? ORDER BY id DESC LIMIT 1",
+                                   (r.id,)).fetchone()
+                old = row["status"] if row else "ok"
+                if old != r.status:
+                    changes.append({"id": r.id, "old": old, "new": r.status, "message": r.message, "fix": r.fix})
+                conn.execute("INSERT INTO health_history (check_id, at, status, message) VALUES (?, ?, ?, ?)",
+                             (r.id, at, r.status, r.message[:500]))
+                conn.execute("DELETE FROM health_history WHERE check_id = ? AND id <= "
+                             "(SELECT id FROM health_history WHERE check_id = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                             (r.id, r.id, KEEP))
+    finally:
+        conn.close()
+    return changes
+
+
+def history(state_dir: Path, check_id: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+    conn = _db(state_dir)
+    try:
+        if check_id:
+            rows = conn.execute("SELECT * FROM health_history WHERE check_id = ? ORDER BY id DESC LIMIT ?",
+                                (check_id, limit)).fetchall()
+        else:
+            rows = conn.execute("SELECT * FROM health_history ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+    finally:
+        conn.close()
+    return [{"id": r["check_id"], "at": r["at"], "status": r["status"], "message": r["message"]} for r in rows]
+
+
+# -- alerts -------------------------------------------------------------------------------
+
+def alert_text(hostname: str, changes: list[dict[str, Any]]) -> tuple[str, str]:
+    worst = "fail" if any(c["new"] == "fail" for c in changes) else (
+        "warn" if any(c["new"] == "warn" for c in changes) else "ok")
+    word = {"fail": "PROBLEM", "warn": "WARNING", "ok": "RESOLVED"}[worst]
+    subject = f"[Mailstead {hostname}] {word}: " + ", ".join(f"{c['id']} {c['new']}" for c in changes)
+    lines = [f"Health checks on {hostname} changed state:", ""]
+    for c in changes:
+        lines.append(f"* {c['id']}: {c['old']} -> {c['new']}")
+        lines.append(f"  {c['message']}")
+        if c.get("fix") and c["new"] != "ok":
+            lines.append(f"  What to do: {c['fix']}")
+        lines.append("")
+    lines.append("You get a mail only when a check changes state. `mailstead status` shows every check.")
+    return subject[:200], "\n".join(lines) + "\n"
+
+
+def send_mail(host: str, port: int, sender: str, to: str, subject: str, body: str, helo: str) -> None:
+    msg = EmailMessage()
+    msg["From"] = f"Mailstead <{sender}>"
+    msg["To"] = to
+    msg["Subject"] = subject
+    msg["Date"] = formatdate(localtime=False)
+    msg["Message-ID"] = make_msgid(domain=helo)
+    msg["Auto-Submitted"] = "auto-generated"
+    msg.set_content(body)
+    with smtplib.SMTP(host, port, local_hostname=helo, timeout=TIMEOUT) as smtp:
+        smtp.send_message(msg, from_addr=sender, to_addrs=[to])
+
+
+def post_webhook(url: str, payload: dict[str, Any]) -> int:
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
+                                 headers={"Content-Type": "application/json", "User-Agent": "mailstead-alerts"})
+    with urllib.request.urlopen(req, timeout=TIMEOUT) as resp:  # noqa: S310 - http(s) only, checked
+        return resp.status
+
+
+def alert(values: dict[str, str], stack_settings: Any, changes: list[dict[str, Any]]) -> dict[str, Any]:
+    """Send one round's changes; returns what was sent or why not (never raises, never shows the URL)."""
+    out: dict[str, Any] = {"mail": "not sent", "webhook": "not configured"}
+    if not changes:
+        return {"mail": "no change", "webhook": "no change"}
+    hostname = stack_settings.hostname if stack_settings else (values.get("mail_host") or "mailstead")
+    subject, body = alert_text(hostname, changes)
+    to = (values.get("admin_address") or "").strip()
+    if not to:
+        out["mail"] = "not sent: admin_address is not set (the Administrator step of setup)"
+    elif stack_settings is None:
+        out["mail"] = "not sent: the mail stack is not set up yet"
+    else:
+        from ..setupops import _smtp_target
+
+        host, port = _smtp_target(stack_settings)
+        try:
+            send_mail(host, port, f"mailstead@{stack_settings.domain}", to, subject, body, stack_settings.hostname)
+            out["mail"] = f"sent to {to}"
+        except (OSError, smtplib.SMTPException) as err:
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else type(err).__name__
+            if isinstance(err, socket.timeout):
+                reason = f"no answer within {TIMEOUT:g} s"
+            if isinstance(err, smtplib.SMTPResponseException):
+                reason = f"{err.smtp_code} {err.smtp_error.decode(errors='replace')[:120]}"
+            out["mail"] = f"failed: {host}:{port}: {reason}"
+            log.warning("alert mail to the admin failed: %s", out["mail"])
+    url = (values.get("alert_webhook_url") or "").strip()
+    if url:
+        if not url.startswith(("https://", "http://")):
+            out["webhook"] = "not sent: alert_webhook_url must start with https:// (or http://)"
+        else:
+            payload = {"host": hostname, "subject": subject, "changes": changes, "at": time.time()}
+            try:
+                out["webhook"] = f"sent (HTTP {post_webhook(url, payload)})"
+            except urllib.error.HTTPError as err:
+                out["webhook"] = f"failed: HTTP {err.code}"
+            except (OSError, ValueError) as err:
+                out["webhook"] = f"failed: {type(err).__name__}"  # never the URL: it may hold a token
+            if out["webhook"].startswith("failed"):
+                log.warning("alert webhook %s", out["webhook"])
+    return out
