@@ -33,6 +33,7 @@ from ..stack import agentops  # noqa: F401  (registers the mail stack operations
 from .. import setupops as _setup_ops  # noqa: F401  (registers setup_deploy, setup_finish, dashboard ops)
 from .. import scheduler as _scheduler  # noqa: F401  (registers schedule_*; started in main(), not here)
 from ..checks import agentops as _checks_ops  # noqa: F401  (registers health_run, health_history)
+from ..backup import agentops as _backup_ops  # noqa: F401  (registers backup_configure/run/list/verify/restore/state)
 
 log = logging.getLogger("mailstead.agent")
 
