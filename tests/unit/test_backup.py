@@ -1,0 +1,223 @@
+"""portal.backup: target validation naming the field, secrets on disk, the
+manifest and its comparison, retention arguments, restic failures explained."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from portal.backup import BackupError
+from portal.backup import config as cfg
+from portal.backup.contents import FolderVolumes, compare, scan_mail, stage
+from portal.backup.restic import RETENTION, explain, retention_args
+from portal.backup.service import check_snapshot_id, version_tuple
+
+S3 = {"endpoint": "https://s3.example.com", "bucket": "mailstead-backup",
+      "access_key_id": "AKIAEXAMPLE", "secret_access_key": "s3cr3t-value"}
+SFTP = {"host": "backup.example.net", "user": "mailstead", "path": "/srv/backup"}
+
+
+@pytest.mark.parametrize("kind, fields, field", [
+    ("tape", {}, "target"),
+    ("local", {}, "path"),
+    ("local", {"path": "relative/folder"}, "path"),
+    ("local", {"path": "/mnt/../etc"}, "path"),
+    ("sftp", {**SFTP, "host": ""}, "host"),
+    ("sftp", {**SFTP, "host": "bad host!"}, "host"),
+    ("sftp", {**SFTP, "port": 70000}, "port"),
+    ("sftp", {**SFTP, "user": ""}, "user"),
+    ("sftp", {**SFTP, "user": "a b"}, "user"),
+    ("sftp", {**SFTP, "path": ""}, "path"),
+    ("sftp", {**SFTP, "path": "/srv/x; rm -rf /"}, "path"),
+    ("s3", {**S3, "endpoint": ""}, "endpoint"),
+    ("s3", {**S3, "endpoint": "ftp://s3.example.com"}, "endpoint"),
+    ("s3", {**S3, "endpoint": "s3.example.com"}, "endpoint"),
+    ("s3", {**S3, "endpoint": "https://user:pw@s3.example.com"}, "endpoint"),
+    ("s3", {**S3, "endpoint": "https://s3.example.com/bucket"}, "endpoint"),
+    ("s3", {**S3, "endpoint": "https://s3.example.com:99999"}, "endpoint"),
+    ("s3", {**S3, "bucket": "Upper_Case"}, "bucket"),
+    ("s3", {**S3, "bucket": ""}, "bucket"),
+    ("s3", {**S3, "access_key_id": ""}, "access_key_id"),
+    ("s3", {**S3, "secret_access_key": " "}, "secret_access_key"),
+    ("s3", {**S3, "path": "a/../b"}, "path"),
+    ("s3", {**S3, "region": "EU West"}, "region"),
+])
+def test_bad_target_names_the_field(kind, fields, field):
+    with pytest.raises(BackupError) as err:
+        cfg.validate(kind, **fields)
+    assert err.value.field == field
+    assert err.value.message.startswith(field + ":")
+    secret = fields.get("secret_access_key", "").strip()
+    if secret:
+        assert secret not in err.value.message
+
+
+def test_good_targets_and_their_repositories():
+    assert cfg.validate("local", path="/mnt/backup/").repository() == "/mnt/backup"
+    sftp = cfg.validate("sftp", **SFTP)
+    assert sftp.port == 22 and sftp.repository() == "sftp:mailstead-backup:/srv/backup"
+    s3 = cfg.validate("S3", **S3, path="/box1/")
+    assert s3.repository() == "s3:https://s3.example.com/mailstead-backup/box1"
+    public = s3.public()
+    assert "secret_access_key" not in public and "s3cr3t" not in json.dumps(public)
+    assert public["access_key_id"] == "AKIA…"
+
+
+def test_credentials_reach_restic_by_environment_only(tmp_path):
+    s3 = cfg.validate("s3", **S3)
+    paths = cfg.Paths(tmp_path)
+    env = cfg.restic_env(paths, s3, tmp_path / "cache")
+    assert env["AWS_SECRET_ACCESS_KEY"] == "s3cr3t-value"
+    assert env["RESTIC_PASSWORD_FILE"] == str(tmp_path / "backup-password")
+    assert "s3cr3t" not in env["RESTIC_REPOSITORY"]
+    assert not any(k.startswith("RESTIC_PASSWORD") and k != "RESTIC_PASSWORD_FILE" for k in env)
+
+
+def test_secrets_are_0600_in_a_0700_folder(tmp_path):
+    paths = cfg.Paths(tmp_path / "secrets")
+    cfg.write_secret(paths.password, "pw\n")
+    cfg.save_target(paths, cfg.validate("s3", **S3), "2026-01-01T00:00:00+00:00")
+    assert stat.S_IMODE(paths.secrets.stat().st_mode) == 0o700
+    for p in (paths.password, paths.config):
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600
+    assert cfg.load_target(paths).secret_access_key == "s3cr3t-value"
+
+
+def test_load_target_unconfigured_says_what_to_do(tmp_path):
+    with pytest.raises(BackupError) as err:
+        cfg.load_target(cfg.Paths(tmp_path))
+    assert err.value.code == "not_configured" and "backup configure" in err.value.message
+
+
+def test_password_is_long_random_and_typeable():
+    a, b = cfg.new_password(), cfg.new_password()
+    assert a != b and len(a.replace("-", "")) == 32
+    assert not set(a) & set("01ilo")
+
+
+def test_recovery_sheet_holds_what_a_restore_needs():
+    t = cfg.validate("s3", **S3)
+    sheet = cfg.recovery_sheet(t, "abcd-efgh", "0.3.1", "mail.example.test")
+    for needed in ("abcd-efgh", t.repository(), "0.3.1", "mail.example.test", "UTC", "Restore from backup",
+                   "AKIAEXAMPLE"):
+        assert needed in sheet
+    assert "s3cr3t-value" not in sheet
+
+
+def test_retention_defaults_and_policy():
+    assert RETENTION == {"daily": 7, "weekly": 4, "monthly": 12}
+    args = retention_args()
+    assert args[0] == "forget" and args[-1] == "--prune"
+    assert " ".join(args).count("--keep-") == 3
+    assert "--keep-daily 7 --keep-weekly 4 --keep-monthly 12" in " ".join(args)
+    assert "--keep-weekly" not in retention_args({"weekly": 0})
+    with pytest.raises(BackupError):
+        retention_args({"daily": 0, "weekly": 0, "monthly": 0})
+    with pytest.raises(BackupError) as err:
+        retention_args({"daily": -1})
+    assert err.value.field == "keep_daily"
+
+
+def _mail(root: Path, box: str, n: int, folder: str = "INBOX") -> dict[str, str]:
+    local, domain = box.split("@")
+    d = root / domain / local / "mail" / "mailboxes" / folder / "dbox-Mails"
+    d.mkdir(parents=True, exist_ok=True)
+    sums = {}
+    for i in range(n):
+        p = d / f"u.{i + 1}"
+        p.write_bytes(f"{box} message {i}\n".encode() * (i + 1))
+        sums[p.relative_to(root).as_posix()] = hashlib.sha256(p.read_bytes()).hexdigest()
+    (d.parent / "dovecot.index.log").write_bytes(b"index, not a message")
+    return sums
+
+
+def test_manifest_counts_messages_per_mailbox_with_sha256(tmp_path):
+    root = tmp_path / "mail"
+    a = _mail(root, "alice@example.test", 3)
+    a.update(_mail(root, "alice@example.test", 2, "Sent"))
+    b = _mail(root, "bob@example.test", 4)
+    boxes = scan_mail(root)
+    assert set(boxes) == {"alice@example.test", "bob@example.test"}
+    assert boxes["alice@example.test"]["messages"] == 5 and boxes["bob@example.test"]["messages"] == 4
+    assert boxes["alice@example.test"]["files"] == a and boxes["bob@example.test"]["files"] == b
+
+
+def _state(tmp_path: Path) -> tuple[Path, FolderVolumes]:
+    from portal.db import write_settings
+
+    state = tmp_path / "state"
+    write_settings(state / "state.db", {"domain": "example.test"})
+    (state / "secrets" / "dkim").mkdir(parents=True)
+    (state / "secrets" / "dkim" / "rsa.key").write_text("dkim key")
+    cfg.write_secret(state / "secrets" / "backup-password", "not in the backup\n")
+    vols = tmp_path / "vols"
+    _mail(vols / "mail", "alice@example.test", 2)
+    return state, FolderVolumes(vols)
+
+
+def test_stage_copies_everything_and_compare_finds_damage(tmp_path):
+    state, vols = _state(tmp_path)
+    staging = tmp_path / "staging"
+    info = {"version": "0.1.0", "created": "now", "settings": {"domain": "example.test"}}
+    manifest = stage(state, staging, vols, info, lambda *_: None)
+    assert stat.S_IMODE(staging.stat().st_mode) == 0o700
+    assert manifest["version"] == "0.1.0" and manifest["messages"] == 2 and manifest["volumes"] == ["mail"]
+    assert json.loads((staging / "manifest.json").read_text()) == manifest
+    assert (staging / "files/secrets/dkim/rsa.key").read_text() == "dkim key"
+    assert not (staging / "files/secrets/backup-password").exists()  # the backup's own password stays out
+    assert "state.db" in manifest["databases"]
+    assert compare(manifest, staging) == []
+    msg = next((staging / "volumes/mail").rglob("u.1"))
+    msg.write_bytes(b"tampered")
+    next((staging / "volumes/mail").rglob("u.2")).unlink()
+    problems = compare(manifest, staging)
+    assert any("SHA-256 mismatch" in p for p in problems)
+    assert any("1 messages restored, the manifest lists 2" in p for p in problems)
+    assert any("is missing" in p for p in problems)
+
+
+@pytest.mark.parametrize("code, stderr, kind, field, code_out", [
+    (12, "Fatal: wrong password or no key found", "local", "password", "wrong_password"),
+    (10, "Fatal: repository does not exist: unable to open config file", "local", "target", "no_repository"),
+    (1, "Fatal: unable to open config file: Stat: The Access Key Id you provided does not exist "
+        "in our records. (InvalidAccessKeyId)", "s3", "access_key_id", "bad_credentials"),
+    (1, "Fatal: ... dial tcp 127.0.0.1:9: connect: connection refused", "s3", "target", "unreachable"),
+    (1, "subprocess ssh: user@host: Permission denied (publickey).", "sftp", "key", "bad_credentials"),
+    (1, "Host key verification failed.", "sftp", "host", "host_key"),
+    (11, "Fatal: unable to create lock in backend: repository is already locked by PID 7", "local", "target",
+     "locked"),
+    (3, "something odd", "local", "target", "restic_failed"),
+])
+def test_restic_failures_are_explained(code, stderr, kind, field, code_out):
+    target = {"local": cfg.validate("local", path="/mnt/b"), "s3": cfg.validate("s3", **S3),
+              "sftp": cfg.validate("sftp", **SFTP)}[kind]
+    err = explain(code, stderr, target, "backup")
+    assert (err.field, err.code) == (field, code_out)
+    assert "s3cr3t" not in err.message
+
+
+def test_snapshot_ids_and_versions():
+    assert check_snapshot_id("latest") == "latest" and check_snapshot_id("3f2a9c1b") == "3f2a9c1b"
+    for bad in ("", "../x", "latest; rm", "XYZ12345", "--target=/"):
+        with pytest.raises(BackupError) as err:
+            check_snapshot_id(bad)
+        assert err.value.field == "snapshot"
+    assert version_tuple("0.10.0") > version_tuple("0.9.5") and version_tuple("1.0") == (1, 0)
+
+
+def test_recorded_state_file_is_readable_by_the_health_check(tmp_path):
+    from portal.backup.service import Env, read_state, record
+
+    env = Env(tmp_path, "0.1.0")
+    record(env, "last_backup", {"at": "2026-01-01T00:00:00+00:00", "ok": False, "error": "x", "snapshot": None,
+                                "seconds": 1.0})
+    record(env, "last_verify", {"at": "2026-01-02T00:00:00+00:00", "ok": True, "error": None, "snapshot": "ab",
+                                "seconds": 2.0})
+    data = read_state(env)
+    assert data["last_backup"]["ok"] is False and data["last_verify"]["ok"] is True
+    assert os.stat(env.state_file).st_mode & 0o777 == 0o644
