@@ -102,8 +102,9 @@ def launch_agent(directory: Path, *extra: str, allow_uid: int | None = None,
         *extra,
     ]
     with open(log, "wb") as log_file:
+        # The scheduler only where a test asks for it (MAILSTEAD_SCHEDULER=1): it writes to the state dir.
         proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO,
-                                env={**os.environ, **(env or {})})
+                                env={**os.environ, "MAILSTEAD_SCHEDULER": "0", **(env or {})})
     agent = AgentProcess(sock, proc, log)
 
     def up() -> None:

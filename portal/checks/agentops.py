@@ -23,14 +23,15 @@ def make_env(ctx: Context) -> Any:
     return factory(ctx) if factory else CheckEnv(ctx)
 
 
-def health_round(ctx: Context, alert: bool = True, env: Any = None) -> dict[str, Any]:
+def health_round(ctx: Context, alert: bool = True, env: Any = None,
+                 only: list[str] | None = None) -> dict[str, Any]:
     from . import history, load_all, run_all, summary
 
     load_all()
     env = env or make_env(ctx)
     with _round_lock:
         t0 = time.monotonic()
-        results = run_all(env)
+        results = run_all(env, only)
         seconds = time.monotonic() - t0
         changes = history.record(ctx.state_dir, results)
         try:

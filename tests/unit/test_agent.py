@@ -348,7 +348,7 @@ def test_agent_starts_without_heavy_libraries():
     """The agent imports flask, acme, OpenSSL and dnspython only when an operation
     needs them: under emulation each one costs seconds before the first answer."""
     code = ("import sys, portal.agent.server; "
-            "print(sorted(m for m in ('flask', 'acme', 'OpenSSL', 'dns.resolver', 'dns.query', 'josepy', 'qrcode') "
+            "print(sorted(m for m in ('flask', 'acme', 'OpenSSL', 'dns.resolver', 'dns.query', 'josepy', 'qrcode', 'apscheduler', 'sqlalchemy', 'docker') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "[]", out.stdout
