@@ -1,0 +1,339 @@
+"""Each health check's verdicts on real inputs (listening and closed ports, certificates
+made here, files, thresholds), the bounded history, and exactly one alert per change of
+state through a local SMTP sink and a local webhook receiver."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import time
+from contextlib import ExitStack
+
+import pytest
+
+from portal import checks
+from portal.agent import jobs, ops
+from portal.checks import CheckResult, agentops, history
+from portal.checks.env import CheckEnv
+from tests.conftest import free_port
+
+from .checks_support import HookServer, SmtpSink, make_cert, serving, write_settings
+
+checks.load_all()
+DOMAIN, HOST = "example.test", "mail.example.test"
+
+
+@pytest.fixture
+def state(tmp_path):
+    path = tmp_path / "state"
+    path.mkdir()
+    return path
+
+
+def env_for(state, **kw):
+    ctx = ops.Context(docker=ops.docker_factory(f"unix://{state}/no-docker.sock"), state_dir=state)
+    return CheckEnv(ctx, **{"reboot_file": state / "reboot-required", **kw})
+
+
+def run(check_id, state, **kw):
+    result = checks.run_one(check_id, env_for(state, **kw))
+    assert result.id == check_id and result.status in ("ok", "warn", "fail")
+    if result.status != "ok":
+        assert result.fix or "unknown" in result.message, result  # every problem says what to do
+    return result
+
+
+def set_up(state, ports=None, **extra):
+    ports = ports or {name: free_port() for name in ("smtp", "submissions", "submission", "imaps", "pop3s", "dav")}
+    write_settings(state, domain=DOMAIN, mail_host=HOST, publish_addresses="127.0.0.1", stack_ports=ports, **extra)
+    return ports
+
+
+def test_check_result_refuses_an_unknown_status():
+    with pytest.raises(ValueError, match="status must be one of"):
+        CheckResult("x", "bad", "m", "f")
+
+
+def test_every_check_is_registered_with_a_title():
+    assert list(checks.CHECKS) == ["disk", "memory", "backup", "verify", "updates", "reboot",
+                                   "containers", "ports", "tls", "dns", "dnsbl", "queue"]
+
+
+def test_before_setup_the_stack_checks_say_so(state):
+    for cid in ("containers", "ports", "tls", "queue"):
+        r = run(cid, state)
+        assert r.status == "warn" and "setup is not finished" in r.message and "domain" in r.message
+
+
+# -- ports ------------------------------------------------------------------------------------
+
+def test_ports_listening_and_closed(state):
+    ports = set_up(state)
+    with ExitStack() as stack:
+        for port in ports.values():
+            s = stack.enter_context(socket.socket())
+            s.bind(("127.0.0.1", port))
+            s.listen()
+        r = run("ports", state)
+        assert r.status == "ok" and "6 ports listening" in r.message
+        closed = free_port()
+        set_up(state, {**ports, "imaps": closed})
+        r = run("ports", state)
+        assert r.status == "fail" and f"imaps (127.0.0.1:{closed})" in r.message and "smtp" not in r.message
+
+
+# -- TLS -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw, setup_done, status, words", [
+    ({"days": 60}, True, "ok", "valid for mail.example.test"),
+    ({"days": 10}, True, "warn", "expires in"),
+    ({"days": 5, "start_days": -10}, True, "fail", "expired on"),
+    ({"days": 60, "start_days": 2}, True, "fail", "not valid before"),
+    ({"days": 60, "self_signed": True}, True, "warn", "self-signed"),
+    ({"days": 60, "self_signed": True}, False, "ok", "valid for"),  # the bootstrap certificate during setup
+    ({"days": 60, "names": ["other.example.test"]}, True, "fail", "not for mail.example.test"),
+    ({"days": 60, "names": ["*.example.test"]}, True, "ok", "valid for *.example.test"),
+])
+def test_tls_certificate_verdicts(state, tmp_path, kw, setup_done, status, words):
+    names = kw.pop("names", [HOST, f"mta-sts.{DOMAIN}"])
+    cert, key = make_cert(tmp_path / "tls", names, **kw)
+    set_up(state, tls_cert=str(cert), tls_key=str(key), setup_complete="1" if setup_done else "0")
+    r = run("tls", state)
+    assert (r.status, words in r.message) == (status, True), r
+
+
+def test_tls_missing_certificate_fails(state, tmp_path):
+    set_up(state, tls_cert=str(tmp_path / "nope.pem"), tls_key=str(tmp_path / "nope.key"))
+    r = run("tls", state)
+    assert r.status == "fail" and "no readable certificate" in r.message and "cert-issue" in r.fix
+
+
+# -- disk, memory ----------------------------------------------------------------------------------
+
+def test_disk_thresholds(state):
+    import shutil
+
+    usage = shutil.disk_usage(state)
+    pct = 100 * usage.free / usage.total
+    assert run("disk", state, disk_min_free_percent=0, disk_min_free_bytes=0).status == "ok"
+    r = run("disk", state, disk_min_free_percent=pct + 1, disk_min_free_bytes=usage.free + 2 ** 30)
+    assert r.status == "warn" and "getting full" in r.message
+    r = run("disk", state, disk_min_free_percent=2 * pct + 10, disk_min_free_bytes=2 * usage.free + 2 ** 31)
+    assert r.status == "fail" and "almost full" in r.message
+    # Either threshold alone is not enough to warn (a big disk at 9 % still has room).
+    assert run("disk", state, disk_min_free_percent=pct + 1, disk_min_free_bytes=0).status == "ok"
+
+
+@pytest.mark.parametrize("avail_kb, status", [(8_000_000, "ok"), (1_500_000, "warn"), (300_000, "fail")])
+def test_memory_thresholds(state, tmp_path, avail_kb, status):
+    info = tmp_path / "meminfo"
+    info.write_text(f"MemTotal:       16000000 kB\nMemFree:  100 kB\nMemAvailable:   {avail_kb} kB\n")
+    assert run("memory", state, meminfo=info).status == status
+    assert run("memory", state, meminfo=tmp_path / "missing").status == "warn"
+
+
+# -- backups -------------------------------------------------------------------------------------------
+
+def write_backup_state(state, **parts):
+    (state / "backup-state.json").write_text(json.dumps(parts))
+
+
+def test_backup_and_verification_outcomes(state):
+    assert run("backup", state).status == "warn" and "no backup has run yet" in run("backup", state).message
+    now = time.time()
+    write_backup_state(state, last_backup={"at": now - 3600, "ok": True, "error": None},
+                       last_verify={"at": "2026-01-01T00:00:00+00:00", "ok": False,
+                                    "error": "3 messages differ from the manifest"})
+    assert run("backup", state).status == "ok"
+    r = run("verify", state)
+    assert r.status == "fail" and "3 messages differ" in r.message
+    write_backup_state(state, last_backup={"at": now - 50 * 3600, "ok": True, "error": None})
+    r = run("backup", state)
+    assert r.status == "warn" and "50 days" not in r.message and "2 days ago" in r.message
+    write_backup_state(state, last_backup={"at": now - 60, "ok": False, "error": "sftp: connection refused"})
+    r = run("backup", state)
+    assert r.status == "fail" and "sftp: connection refused" in r.message
+    (state / "backup-state.json").write_text("{not json")
+    assert run("backup", state).status == "fail"
+
+
+# -- updates, reboot ----------------------------------------------------------------------------------
+
+def fake_apt(tmp_path, output, code=0):
+    """A stand-in `apt` (the real one's list depends on this host's mirrors)."""
+    script = tmp_path / "apt"
+    script.write_text(f"#!/bin/sh\ncat <<'EOF'\n{output}\nEOF\nexit {code}\n")
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    return str(script)
+
+
+def test_security_updates(state, tmp_path):
+    listing = ("Listing...\n"
+               "libssl3/stable-security 3.0.15-1~deb12u1 amd64 [upgradable from: 3.0.14-1~deb12u2]\n"
+               "openssh-server/bookworm-security 1:9.2p1-2+deb12u4 amd64 [upgradable from: 1:9.2p1-2+deb12u3]\n"
+               "tzdata/stable-updates 2025a-0+deb12u1 all [upgradable from: 2024b-0+deb12u1]")
+    r = run("updates", state, apt=fake_apt(tmp_path, listing))
+    assert r.status == "warn" and r.message.startswith("2 security update(s)") and "tzdata" not in r.message
+    assert run("updates", state, apt=fake_apt(tmp_path, "Listing...\ntzdata/stable-updates 1 all")).status == "ok"
+    r = run("updates", state, apt=str(tmp_path / "no-apt-here"))
+    assert r.status == "warn" and r.message.startswith("unknown")
+    assert run("updates", state, apt=fake_apt(tmp_path, "E: broken", code=100)).message.startswith("unknown")
+
+
+def test_reboot_required(state):
+    assert run("reboot", state).status == "ok"
+    (state / "reboot-required").write_text("*** System restart required ***\n")
+    (state / "reboot-required.pkgs").write_text("linux-image-amd64\nlibc6\n")
+    r = run("reboot", state)
+    assert r.status == "warn" and "libc6, linux-image-amd64" in r.message
+
+
+# -- DNS drift (the latest dns_check job) ----------------------------------------------------------------
+
+def write_dns_job(state, job_state, result=None, error=None, age=0.0):
+    folder = state / "jobs"
+    folder.mkdir(exist_ok=True)
+    started = time.time() - age
+    job_id = f"{time.strftime('%Y%m%d%H%M%S', time.gmtime(started))}-dns_check-0000{int(age) % 10000:04d}"
+    (folder / f"{job_id}.json").write_text(json.dumps({
+        "id": job_id, "kind": "dns_check", "state": job_state, "agent": jobs._BOOT, "started": started,
+        "finished": started + 1, "events": [], "result": result, "error": error}))
+
+
+def test_dns_drift_from_the_latest_check(state):
+    r = run("dns", state)
+    assert r.status == "warn" and "not been checked" in r.message
+    write_dns_job(state, "done", {"required_ok": True, "results": [
+        {"name": "example.test", "type": "MX", "verdict": "ok", "required": True}]}, age=3600 * 60)
+    assert run("dns", state).status == "warn"  # too old
+    write_dns_job(state, "done", {"required_ok": False, "results": [
+        {"name": "example.test", "type": "MX", "verdict": "wrong", "required": True},
+        {"name": "_dmarc.example.test", "type": "TXT", "verdict": "missing", "required": False}]}, age=60)
+    r = run("dns", state)
+    assert r.status == "fail" and "example.test MX (wrong)" in r.message and "_dmarc" not in r.message
+    write_dns_job(state, "failed", error="no authoritative server answered", age=30)
+    assert "no authoritative server answered" in run("dns", state).message
+    write_dns_job(state, "done", {"required_ok": True, "results": []}, age=10)
+    assert run("dns", state).status == "ok"
+
+
+# -- containers and queue without docker -----------------------------------------------------------------
+
+def test_containers_and_queue_when_docker_is_down(state):
+    set_up(state)
+    for cid in ("containers", "queue"):
+        r = run(cid, state)
+        assert r.status == "fail" and "docker" in r.message and "systemctl start docker" in r.fix
+
+
+def test_a_check_that_raises_is_a_failed_check(state, monkeypatch):
+    monkeypatch.setitem(checks.CHECKS, "boom", ("Boom", lambda env: 1 / 0))
+    r = checks.run_one("boom", env_for(state))
+    assert r.status == "fail" and "ZeroDivisionError" in r.message
+
+
+def test_a_hung_check_is_reported_within_the_round_timeout(state, monkeypatch):
+    monkeypatch.setitem(checks.CHECKS, "slow", ("Slow", lambda env: time.sleep(3) or CheckResult("slow", "ok", "")))
+    t0 = time.monotonic()
+    (r,) = checks.run_all(env_for(state), only=["slow"], timeout=0.5)
+    assert time.monotonic() - t0 < 2 and r.status == "fail" and "no answer within 0.5 s" in r.message
+
+
+# -- history and alerts ---------------------------------------------------------------------------------------
+
+def test_history_is_bounded_per_check(state, monkeypatch):
+    monkeypatch.setattr(history, "KEEP", 3)
+    for i in range(7):
+        history.record(state, [CheckResult("disk", "ok", f"round {i}"), CheckResult("memory", "ok", "m")])
+    rows = history.history(state, "disk", 100)
+    assert [r["message"] for r in rows] == ["round 6", "round 5", "round 4"]
+    assert len(history.history(state, "memory", 100)) == 3
+
+
+@pytest.fixture
+def alerting(state):
+    with serving(SmtpSink()) as sink, serving(HookServer()) as hook:
+        set_up(state, {"smtp": sink.port}, admin_address=f"admin@{DOMAIN}",
+               alert_webhook_url=f"http://127.0.0.1:{hook.port}/hooks/secret-token")
+        yield sink, hook
+
+
+def health(state):
+    return agentops.health_round(env_for(state).ctx, env=env_for(state), only=["reboot", "disk"])
+
+
+def test_exactly_one_alert_per_change_of_state(state, alerting):
+    sink, hook = alerting
+    first = health(state)
+    assert first["changes"] == [] and sink.messages == [] and hook.posts == []  # all ok, nothing to say
+
+    (state / "reboot-required").write_text("")
+    out = health(state)
+    assert [c["id"] for c in out["changes"]] == ["reboot"] and out["alerts"]["mail"] == f"sent to admin@{DOMAIN}"
+    assert out["alerts"]["webhook"] == "sent (HTTP 204)"
+    for _ in range(3):  # still the same state: no more alerts
+        assert health(state)["changes"] == []
+    assert len(sink.messages) == 1 and len(hook.posts) == 1
+    mail = sink.messages[0]
+    assert mail["to"] == [f"admin@{DOMAIN}"] and mail["from"] == f"mailstead@{DOMAIN}"
+    assert mail["message"]["Subject"] == f"[Mailstead {HOST}] WARNING: reboot warn"
+    body = mail["message"].get_payload(decode=True).decode()
+    assert "reboot: ok -> warn" in body and "What to do: reboot at a quiet time" in body
+    post = hook.posts[0]
+    assert post["path"] == "/hooks/secret-token" and post["type"] == "application/json"
+    assert post["json"]["changes"][0] == {"id": "reboot", "old": "ok", "new": "warn",
+                                          "message": "a reboot is needed to finish installing updates",
+                                          "fix": "reboot at a quiet time: mail waits in the senders' queues meanwhile"}
+
+    (state / "reboot-required").unlink()
+    out = health(state)
+    assert [(c["old"], c["new"]) for c in out["changes"]] == [("warn", "ok")]
+    assert len(sink.messages) == 2 and "RESOLVED" in sink.messages[1]["message"]["Subject"]
+    assert len(hook.posts) == 2
+    timeline = [r["status"] for r in history.history(state, "reboot", 100)]
+    assert timeline == ["ok", "warn", "warn", "warn", "warn", "ok"]
+
+
+def test_a_failing_webhook_or_mail_is_reported_never_raised_nor_leaks_the_url(state, alerting, caplog):
+    sink, hook = alerting
+    hook.answer = 500
+    (state / "reboot-required").write_text("")
+    out = health(state)
+    assert out["alerts"] == {"mail": f"sent to admin@{DOMAIN}", "webhook": "failed: HTTP 500"}
+    set_up(state, {"smtp": free_port()}, alert_webhook_url=f"http://127.0.0.1:{free_port()}/hooks/secret-token")
+    (state / "reboot-required").unlink()
+    out = health(state)
+    assert out["alerts"]["mail"].startswith("failed: 127.0.0.1:") and "refused" in out["alerts"]["mail"].lower()
+    assert out["alerts"]["webhook"] == "failed: URLError"
+    assert "secret-token" not in json.dumps(out) and "secret-token" not in caplog.text
+
+
+def test_no_admin_address_is_said(state):
+    set_up(state)
+    (state / "reboot-required").write_text("")
+    out = health(state)
+    assert out["alerts"]["mail"].startswith("not sent: admin_address is not set")
+    assert out["alerts"]["webhook"] == "not configured"
+
+
+def test_first_round_failure_alerts_first_round_success_does_not(state):
+    changes = history.record(state, [CheckResult("disk", "ok", "fine"), CheckResult("tls", "fail", "expired")])
+    assert [c["id"] for c in changes] == ["tls"]
+
+
+def test_health_operations_through_a_real_agent(start_agent, tmp_path):
+    from portal.agent.client import AgentClient, AgentError
+
+    st = tmp_path / "st"
+    agent = start_agent(env={"MAILSTEAD_STATE_DIR": str(st)})
+    client = AgentClient(str(agent.socket), timeout=60)
+    out = client.call("health_run", alert=False)
+    assert [r["id"] for r in out["results"]] == list(checks.CHECKS)
+    assert out["summary"]["status"] in ("warn", "fail") and out["alerts"] == {"mail": "off", "webhook": "off"}
+    hist = client.call("health_history", check="disk", limit=5)
+    assert len(hist["history"]) == 1 and hist["checks"]["disk"] == "Free disk space"
+    with pytest.raises(AgentError, match="check: unknown check 'nope'"):
+        client.call("health_history", check="nope")
+    assert os.path.exists(st / "state.db")
