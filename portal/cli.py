@@ -29,7 +29,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds to wait for the agent (default: 60; 900 for load-images and deploy)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser("status", help="show OS, docker engine and portal versions as JSON")
+    p = commands.add_parser("status", help="run the health checks and print them (exit 1 if one fails)")
+    p.add_argument("--versions", action="store_true", help="only show OS, docker engine and portal versions (JSON)")
+    p.add_argument("--json", action="store_true", help="print the checks as JSON")
+    p.add_argument("--no-alert", action="store_true", help="do not mail the admin about changes seen by this run")
+    commands.add_parser("schedule-list", help="the maintenance jobs, their schedules and last runs")
+    p = commands.add_parser("schedule-set", help="change a job's schedule (crontab text, or 'default')")
+    p.add_argument("job", help="backup, verify, cert_renew, health, dns_check or upgrade_check")
+    p.add_argument("cron", help="e.g. '0 3 * * *' for 03:00 daily (minute hour day month weekday)")
+    p = commands.add_parser("schedule-runs", help="the latest runs of a job (or of all jobs)")
+    p.add_argument("job", nargs="?", default="")
+    p.add_argument("--limit", type=int, default=20)
     commands.add_parser("load-images", help="load the preloaded mail stack images into docker")
     commands.add_parser("deploy", help="render the mail stack from the settings and start it")
     commands.add_parser("stack-status", help="state and health of each mail stack service")
@@ -92,16 +102,22 @@ def build_parser() -> argparse.ArgumentParser:
 DEFAULT_TIMEOUT = 60.0
 # Operations that take minutes (the agent keeps working; the CLI waits this long).
 LONG_OPS = {"stack_load_images": 900.0, "stack_deploy": 900.0, "cert_issue": 600.0, "cert_renew": 600.0,
-            "dns_check": 120.0, "dns_push": 120.0, "net_check": 60.0}
+            "dns_check": 120.0, "dns_push": 120.0, "net_check": 60.0, "health_run": 60.0}
 
 
 def request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     """The agent operation and arguments for the parsed command line."""
     cmd = args.command
-    simple = {"status": "status", "load-images": "stack_load_images", "deploy": "stack_deploy",
-              "stack-status": "stack_status", "mailbox-list": "mailbox_list"}
+    simple = {"load-images": "stack_load_images", "deploy": "stack_deploy",
+              "stack-status": "stack_status", "mailbox-list": "mailbox_list", "schedule-list": "schedule_list"}
     if cmd in simple:
         return simple[cmd], {}
+    if cmd == "status":
+        return ("status", {}) if args.versions else ("health_run", {"alert": not args.no_alert})
+    if cmd == "schedule-set":
+        return "schedule_set", {"job": args.job, "cron": args.cron}
+    if cmd == "schedule-runs":
+        return "schedule_runs", {"job": args.job, "limit": args.limit}
     if cmd == "mailbox-create":
         return "mailbox_create", {"address": args.address, "quota_mb": args.quota_mb,
                                   "password": read_password("Password", args.password_stdin)}
@@ -145,6 +161,21 @@ def request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     raise AssertionError(cmd)
 
 
+MARKS = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}
+
+
+def format_checks(result: dict[str, Any]) -> str:
+    """`mailstead status`: one line per check, then what to do for each problem."""
+    lines = []
+    for r in result["results"]:
+        lines.append(f"[{MARKS.get(r['status'], r['status'])}] {r['id']:<11} {r['message']}")
+        if r["status"] != "ok" and r.get("fix"):
+            lines.append(f"{'':19}-> {r['fix']}")
+    s = result["summary"]
+    lines.append(f"\n{s['ok']} ok, {s['warn']} warning(s), {s['fail']} failed ({result['seconds']:g} s)")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     op, op_args = request(args)
@@ -156,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.command == "dns-records" and args.zone:
         print(result.get("zone", ""), end="")
+    elif op == "health_run" and not args.json:
+        print(format_checks(result), end="")
+        return 1 if result["summary"]["status"] == "fail" else 0
     else:
         print(json.dumps(result, indent=2, sort_keys=True))
     return 0

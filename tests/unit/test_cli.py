@@ -28,6 +28,12 @@ def parse(argv: list[str]):
     (["cert-issue"], "cert_issue", {}),
     (["cert-renew", "--force"], "cert_renew", {"force": True}),
     (["cert-status"], "cert_status", {}),
+    (["status"], "health_run", {"alert": True}),
+    (["status", "--no-alert", "--json"], "health_run", {"alert": False}),
+    (["status", "--versions"], "status", {}),
+    (["schedule-list"], "schedule_list", {}),
+    (["schedule-set", "backup", "15 2 * * *"], "schedule_set", {"job": "backup", "cron": "15 2 * * *"}),
+    (["schedule-runs", "health", "--limit", "5"], "schedule_runs", {"job": "health", "limit": 5}),
 ])
 def test_commands_map_to_registered_operations(argv, op, args):
     got_op, got_args = parse(argv)
@@ -54,10 +60,30 @@ def test_every_command_names_a_registered_operation():
             continue  # these read a password or secret; covered above and in test_stack_agentops
         argv = [name] + {"mailbox-delete": ["a@example.test"], "mailbox-rename": ["a@example.test", "b@example.test"],
                          "alias-add": ["x@example.test", "a@example.test"],
-                         "alias-remove": ["x@example.test", "a@example.test"]}.get(name, [])
+                         "alias-remove": ["x@example.test", "a@example.test"],
+                         "schedule-set": ["backup", "0 3 * * *"]}.get(name, [])
         op, _ = parse(argv)
         assert op in ops.REGISTRY, f"{name} -> {op} is not an agent operation"
 
 
 def test_long_operations_get_long_timeouts():
     assert cli.LONG_OPS["cert_issue"] >= 300 and cli.LONG_OPS["stack_deploy"] >= 600
+
+
+def test_status_prints_the_checks_and_fails_when_one_fails(start_agent, tmp_path, capsys):
+    """`mailstead status` runs the health checks in a real agent; --versions keeps the old output."""
+    import json
+
+    agent = start_agent(env={"MAILSTEAD_STATE_DIR": str(tmp_path / "state")})
+    (tmp_path / "state").mkdir(exist_ok=True)
+    (tmp_path / "state" / "backup-state.json").write_text(json.dumps(
+        {"last_backup": {"at": "2026-01-01T00:00:00+00:00", "ok": False, "error": "target unreachable"}}))
+    code = cli.main(["--socket", str(agent.socket), "status", "--no-alert"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "[FAIL] backup      the last backup" in out and "target unreachable" in out
+    assert "-> see the backup's log" in out and "[WARN] containers" in out
+    assert out.rstrip().splitlines()[-1].endswith(" s)") and "failed" in out.splitlines()[-1]
+    assert cli.main(["--socket", str(agent.socket), "status", "--versions"]) == 0
+    versions = json.loads(capsys.readouterr().out)
+    assert versions["portal"] and versions["os"] == "Mailstead Test OS 1.0 (pytest)"
