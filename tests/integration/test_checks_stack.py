@@ -1,0 +1,137 @@
+"""Health checks against a real mail stack on the host's docker engine: all green
+when it runs, a stopped container detected at the next round (one alert, by
+webhook and by mail once postfix is back), green again after it is started."""
+
+from __future__ import annotations
+
+import imaplib
+import json
+import ssl
+from typing import Any
+
+import pytest
+
+from portal import db
+from portal.agent import ops
+from portal.checks import agentops, load_all
+from portal.checks.env import CheckEnv
+from portal.stack.accounts import Accounts
+from portal.stack.deploy import service_states
+from portal.stack.dovecot_keys import DovecotKeys
+from tests.conftest import retry
+from tests.unit.checks_support import HookServer, serving
+
+from .stackharness import DOMAIN, Stack, start_stack
+
+PROJECT, PORT_BASE = "mstest-i6a", 31000
+ADMIN, PASSWORD = f"admin@{DOMAIN}", "checks-correct-horse-battery"
+STACK_CHECKS = ["containers", "ports", "tls", "queue"]
+
+
+def appliance_settings(stack: Stack, **extra: str) -> None:
+    """The harness's stack as the appliance's state.db describes it (what the checks read)."""
+    s = stack.settings
+    db.write_settings(s.state_dir / "state.db", {
+        "domain": s.domain, "mail_host": s.hostname, "publish_addresses": ",".join(s.publish_addresses),
+        "stack_ports": json.dumps(s.ports), "stack_project": s.project, "tls_cert": str(s.tls_cert),
+        "tls_key": str(s.tls_key), "admin_address": ADMIN, **extra})
+
+
+def check_env(stack: Stack) -> CheckEnv:
+    ctx = ops.Context(docker=ops.docker_factory("unix:///var/run/docker.sock"), state_dir=stack.settings.state_dir)
+    return CheckEnv(ctx, reboot_file=stack.settings.state_dir / "reboot-required")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory):
+    s = start_stack(tmp_path_factory.mktemp("checks"), PROJECT, PORT_BASE)
+    try:
+        s.deploy()
+        Accounts(s.settings.accounts_db).create_mailbox(ADMIN, PASSWORD, keys=DovecotKeys(s.client, s.settings.project))
+        yield s
+    finally:
+        s.down()
+
+
+def health(stack: Stack) -> dict[str, Any]:
+    env = check_env(stack)
+    return agentops.health_round(env.ctx, env=env, only=STACK_CHECKS)
+
+
+def statuses(out: dict[str, Any]) -> dict[str, str]:
+    return {r["id"]: r["status"] for r in out["results"]}
+
+
+def all_healthy(stack: Stack) -> None:
+    bad = {s: f"{st.status}/{st.health}" for s, st in service_states(stack.client, PROJECT).items() if not st.ok}
+    assert not bad, f"not healthy: {bad}"
+
+
+def admin_subjects(stack: Stack) -> list[str]:
+    ctx = ssl.create_default_context(cafile=str(stack.settings.cert_path))
+    ctx.check_hostname = False
+    with imaplib.IMAP4_SSL("127.0.0.1", stack.port("imaps"), ssl_context=ctx) as imap:
+        imap.login(ADMIN, PASSWORD)
+        imap.select("INBOX", readonly=True)
+        _typ, data = imap.search(None, "ALL")
+        subjects = []
+        for num in data[0].split():
+            _typ, msg = imap.fetch(num, "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+            subjects.append(msg[0][1].decode().strip().removeprefix("Subject: "))
+        return subjects
+
+
+def test_checks_see_a_running_stack_then_a_stopped_container(stack: Stack) -> None:
+    load_all()
+    with serving(HookServer()) as hook:
+        appliance_settings(stack, alert_webhook_url=f"http://127.0.0.1:{hook.port}/alerts")
+        first = health(stack)
+        assert statuses(first) == {c: "ok" for c in STACK_CHECKS}, first["results"]
+        assert first["changes"] == [] and hook.posts == []
+        assert first["seconds"] < 5, first["seconds"]
+
+        stack.container("postfix").stop(timeout=10)
+        try:
+            down = health(stack)
+            got = {r["id"]: r for r in down["results"]}
+            assert got["containers"]["status"] == "fail" and "postfix is exited" in got["containers"]["message"]
+            assert got["ports"]["status"] == "fail" and f"smtp (127.0.0.1:{stack.port('smtp')})" in got["ports"]["message"]
+            assert got["queue"]["status"] == "fail"
+            assert {c["id"] for c in down["changes"]} == {"containers", "ports", "queue"}
+            assert down["alerts"]["webhook"] == "sent (HTTP 204)" and len(hook.posts) == 1
+            assert down["alerts"]["mail"].startswith("failed:")  # postfix itself is down: said, not raised
+            assert health(stack)["changes"] == [] and len(hook.posts) == 1  # still down: no new alert
+        finally:
+            stack.container("postfix").start()
+        retry(lambda: all_healthy(stack), 120, "postfix healthy again")
+
+        back = health(stack)
+        assert statuses(back) == {c: "ok" for c in STACK_CHECKS}, back["results"]
+        assert back["alerts"] == {"mail": f"sent to {ADMIN}", "webhook": "sent (HTTP 204)"}
+        assert len(hook.posts) == 2 and {c["new"] for c in hook.posts[1]["json"]["changes"]} == {"ok"}
+
+    def arrived() -> None:
+        subjects = admin_subjects(stack)
+        assert any("RESOLVED" in s and "containers ok" in s for s in subjects), subjects
+    retry(arrived, 60, "the recovery alert in the admin's INBOX")
+
+
+def test_queue_counts_messages_postfix_holds(stack: Stack) -> None:
+    from portal.checks import run_one
+
+    load_all()
+    appliance_settings(stack)
+    env = check_env(stack)
+    assert run_one("queue", env).message.startswith("0 message(s) queued")
+    # A message for a domain nobody can resolve stays in the queue (deferred).
+    stack.exec("postfix", "sh", "-c", "printf 'Subject: stuck\\n\\nstuck\\n' | "
+                                      "sendmail -f root@example.test someone@nowhere.invalid")
+    try:
+        def queued() -> None:
+            r = run_one("queue", CheckEnv(env.ctx, queue_warn=1, queue_fail=5))
+            assert r.status == "warn" and r.message.startswith("1 message(s) queued"), r
+        retry(queued, 60, "the message in postfix's queue")
+        r = run_one("queue", CheckEnv(env.ctx, queue_warn=1, queue_fail=1))
+        assert r.status == "fail" and "postqueue -p" in r.fix
+    finally:
+        stack.exec("postfix", "postsuper", "-d", "ALL")
