@@ -154,7 +154,7 @@ def test_stale_socket_is_replaced(start_agent: StartAgent) -> None:
     first.proc.kill()
     first.proc.wait()
     assert first.socket.exists()  # SIGKILL leaves the socket behind
-    env = {**os.environ, "MAILSTEAD_AGENT_SOCKET": str(first.socket)}
+    env = {**os.environ, "MAILSTEAD_AGENT_SOCKET": str(first.socket), "MAILSTEAD_SCHEDULER": "0"}
     proc = subprocess.Popen([sys.executable, "-m", "portal.agent.server", "--allow-uid", "0"],
                             env=env, cwd=REPO, stderr=subprocess.DEVNULL)
     try:
@@ -178,7 +178,7 @@ def test_socket_activation(tmp_path: Path) -> None:
     fd = listener.fileno()
     proc = subprocess.Popen(
         [sys.executable, "-c", wrapper, str(fd), "--socket", str(path), "--allow-uid", str(os.getuid())],
-        pass_fds=(fd,), cwd=REPO, stderr=subprocess.PIPE,
+        pass_fds=(fd,), cwd=REPO, stderr=subprocess.PIPE, env={**os.environ, "MAILSTEAD_SCHEDULER": "0"},
     )
     listener.close()
     try:
@@ -212,7 +212,7 @@ def test_client_times_out(tmp_path: Path) -> None:
 
 def test_cli_status(start_agent: StartAgent) -> None:
     agent = start_agent()
-    out = subprocess.run([sys.executable, "-m", "portal.cli", "--socket", str(agent.socket), "status"],
+    out = subprocess.run([sys.executable, "-m", "portal.cli", "--socket", str(agent.socket), "status", "--versions"],
                          check=True, capture_output=True, text=True, cwd=REPO).stdout
     assert json.loads(out)["os"] == OS_PRETTY_NAME
 
