@@ -114,10 +114,33 @@ def verify(env: CheckEnv) -> CheckResult:
                       "cannot be trusted: run a new backup")
 
 
+_apt_cache: dict[tuple[Any, ...], CheckResult] = {}
+
+
+def _mtime(path: Any) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
+
+
 @check("updates", "Security updates")
 def updates(env: CheckEnv) -> CheckResult:
+    """Pending updates from a -security suite. apt takes seconds, so its answer is kept
+    until the package lists (apt update) or the installed packages (dpkg) change."""
     if shutil.which(env.apt) is None:
         return CheckResult("updates", "warn", "unknown: apt is not available on this system", "")
+    key = (env.apt, _mtime(env.apt_lists), _mtime(env.dpkg_status))
+    if None not in key[1:] and key in _apt_cache:
+        return _apt_cache[key]
+    result = _apt_updates(env)
+    if not result.message.startswith("unknown"):
+        _apt_cache.clear()
+        _apt_cache[key] = result
+    return result
+
+
+def _apt_updates(env: CheckEnv) -> CheckResult:
     try:
         out = subprocess.run([env.apt, "list", "--upgradable"], capture_output=True, text=True,
                              timeout=30, check=False, env={"LC_ALL": "C", "PATH": "/usr/bin:/bin"})

@@ -170,16 +170,31 @@ def fake_apt(tmp_path, output, code=0):
 
 
 def test_security_updates(state, tmp_path):
+    lists, status = tmp_path / "lists", tmp_path / "status"
+    lists.mkdir()
+    status.write_text("")
+    apt = {"apt_lists": lists, "dpkg_status": status}
+
+    def changed():  # what apt update does to the lists folder
+        n = len(os.listdir(lists)) + 1
+        (lists / f"list{n}").write_text("")
+        os.utime(lists, (1_000_000 + n, 1_000_000 + n))  # a distinct mtime even within one clock tick
+
     listing = ("Listing...\n"
                "libssl3/stable-security 3.0.15-1~deb12u1 amd64 [upgradable from: 3.0.14-1~deb12u2]\n"
                "openssh-server/bookworm-security 1:9.2p1-2+deb12u4 amd64 [upgradable from: 1:9.2p1-2+deb12u3]\n"
                "tzdata/stable-updates 2025a-0+deb12u1 all [upgradable from: 2024b-0+deb12u1]")
-    r = run("updates", state, apt=fake_apt(tmp_path, listing))
+    r = run("updates", state, apt=fake_apt(tmp_path, listing), **apt)
     assert r.status == "warn" and r.message.startswith("2 security update(s)") and "tzdata" not in r.message
-    assert run("updates", state, apt=fake_apt(tmp_path, "Listing...\ntzdata/stable-updates 1 all")).status == "ok"
-    r = run("updates", state, apt=str(tmp_path / "no-apt-here"))
+    # apt is slow: its answer is kept until the package lists or the installed packages change.
+    fake_apt(tmp_path, "Listing...\ntzdata/stable-updates 1 all")
+    assert run("updates", state, apt=str(tmp_path / "apt"), **apt).status == "warn"
+    changed()
+    assert run("updates", state, apt=str(tmp_path / "apt"), **apt).status == "ok"
+    r = run("updates", state, apt=str(tmp_path / "no-apt-here"), **apt)
     assert r.status == "warn" and r.message.startswith("unknown")
-    assert run("updates", state, apt=fake_apt(tmp_path, "E: broken", code=100)).message.startswith("unknown")
+    changed()
+    assert run("updates", state, apt=fake_apt(tmp_path, "E: broken", code=100), **apt).message.startswith("unknown")
 
 
 def test_reboot_required(state):
