@@ -81,12 +81,11 @@ def main() -> int:
         print(json.dumps(out, indent=2))
         return 0
 
-    from tests.integration.stackharness import start_stack
-    from tests.integration.test_checks_stack import appliance_settings
+    from tests.integration.test_checks_stack import appliance_settings, make_stack
 
     state = Path(tempfile.mkdtemp(prefix=f"{args.project}-bench-", dir="/var/tmp"))
     say(f"starting a test stack ({args.project}, port base {args.port_base}) in {state}")
-    stack = start_stack(state, args.project, args.port_base)
+    stack = make_stack(state, args.project, args.port_base)
     try:
         t0 = time.monotonic()
         stack.deploy()
