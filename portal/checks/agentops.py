@@ -61,3 +61,32 @@ def health_history(ctx: Context, check: str = "", limit: int = 100) -> dict[str,
         raise OpError("invalid", f"limit: give a number from 1 to {history.KEEP}")
     return {"history": history.history(ctx.state_dir, check or None, limit),
             "checks": {cid: title for cid, (title, _f) in checks.items()}}
+
+
+@operation("alerts_configure")
+def alerts_configure(ctx: Context, webhook_url: str = "", dnsbl_zones: str = "") -> dict[str, Any]:
+    """Store the alert webhook (empty: none) and the DNSBL zones (empty: the defaults)."""
+    from .. import db
+    from .env import DEFAULT_DNSBL_ZONES
+    from .history import AlertSettingError, check_dnsbl_zones, check_webhook_url
+
+    try:
+        url, zones = check_webhook_url(webhook_url), check_dnsbl_zones(dnsbl_zones)
+    except AlertSettingError as err:
+        raise OpError("invalid", str(err)) from None
+    db.write_settings(ctx.state_dir / "state.db", {"alert_webhook_url": url, "dnsbl_zones": zones})
+    return {"webhook": bool(url), "dnsbl_zones": (zones or ",".join(DEFAULT_DNSBL_ZONES)).split(",")}
+
+
+@operation("alerts_test")
+def alerts_test(ctx: Context) -> dict[str, Any]:
+    """Send a test alert to the admin (mail) and the webhook; says what happened to each."""
+    from . import history
+
+    env = make_env(ctx)
+    try:
+        settings = env.stack_settings()
+    except Exception:  # noqa: BLE001 - said in the result
+        settings = None
+    change = {"id": "test", "old": "ok", "new": "ok", "message": "This is a test alert from Mailstead.", "fix": ""}
+    return history.alert(env.values, settings, [change])

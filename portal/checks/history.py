@@ -125,6 +125,45 @@ def post_webhook(url: str, payload: dict[str, Any]) -> int:
         return resp.status
 
 
+class AlertSettingError(ValueError):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+
+def check_webhook_url(url: str) -> str:
+    """https://host/... (http:// only to this machine, e.g. a local relay); empty: no webhook."""
+    from urllib.parse import urlsplit
+
+    url = url.strip()
+    if not url:
+        return ""
+    example = "e.g. https://ntfy.sh/your-topic or https://hooks.example.com/mailstead"
+    if len(url) > 500 or any(c.isspace() for c in url):
+        raise AlertSettingError("alert_webhook_url", f"must be one URL without spaces, at most 500 characters; {example}")
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise AlertSettingError("alert_webhook_url", f"must start with https:// and name a host; {example}")
+    if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "::1", "localhost"):
+        raise AlertSettingError("alert_webhook_url", "must use https:// (alerts describe your server; plain "
+                                                     "http:// is only accepted to this machine itself)")
+    return url
+
+
+def check_dnsbl_zones(text: str) -> str:
+    import re
+
+    zones = [z.strip().lower().rstrip(".") for z in text.split(",") if z.strip()]
+    label = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+    for zone in zones:
+        if len(zone) > 253 or zone.count(".") < 1 or not all(label.match(x) for x in zone.split(".")):
+            raise AlertSettingError("dnsbl_zones", f"'{zone[:60]}' is not a DNS zone; give blocklist zones "
+                                                   "separated by commas, e.g. zen.spamhaus.org,bl.spamcop.net")
+    if len(zones) > 10:
+        raise AlertSettingError("dnsbl_zones", "give at most 10 blocklists (each is asked every 5 minutes)")
+    return ",".join(dict.fromkeys(zones))
+
+
 def alert(values: dict[str, str], stack_settings: Any, changes: list[dict[str, Any]]) -> dict[str, Any]:
     """Send one round's changes; returns what was sent or why not (never raises, never shows the URL)."""
     out: dict[str, Any] = {"mail": "not sent", "webhook": "not configured"}
@@ -154,8 +193,10 @@ def alert(values: dict[str, str], stack_settings: Any, changes: list[dict[str, A
             log.warning("alert mail to the admin failed: %s", out["mail"])
     url = (values.get("alert_webhook_url") or "").strip()
     if url:
-        if not url.startswith(("https://", "http://")):
-            out["webhook"] = "not sent: alert_webhook_url must start with https:// (or http://)"
+        try:
+            check_webhook_url(url)
+        except AlertSettingError as err:
+            out["webhook"] = f"not sent: {err}"
         else:
             payload = {"host": hostname, "subject": subject, "changes": changes, "at": time.time()}
             try:

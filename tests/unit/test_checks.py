@@ -352,3 +352,34 @@ def test_health_operations_through_a_real_agent(start_agent, tmp_path):
     with pytest.raises(AgentError, match="check: unknown check 'nope'"):
         client.call("health_history", check="nope")
     assert os.path.exists(st / "state.db")
+
+
+@pytest.mark.parametrize("args, words", [
+    ({"webhook_url": "ftp://hooks.example.com/x"}, "alert_webhook_url: must start with https://"),
+    ({"webhook_url": "http://hooks.example.com/x"}, "alert_webhook_url: must use https://"),
+    ({"webhook_url": "https://a b"}, "alert_webhook_url: must be one URL without spaces"),
+    ({"webhook_url": "https:///nohost"}, "alert_webhook_url: must start with https:// and name a host"),
+    ({"dnsbl_zones": "zen.spamhaus.org,not a zone"}, "dnsbl_zones: 'not a zone' is not a DNS zone"),
+    ({"dnsbl_zones": "localhost"}, "dnsbl_zones: 'localhost' is not a DNS zone"),
+    ({"dnsbl_zones": ",".join(f"z{i}.example" for i in range(11))}, "dnsbl_zones: give at most 10"),
+])
+def test_alert_settings_are_checked_naming_the_field(state, args, words):
+    ctx = env_for(state).ctx
+    with pytest.raises(ops.OpError) as err:
+        ops.REGISTRY["alerts_configure"](ctx, args)
+    assert err.value.code == "invalid" and err.value.message.startswith(words), err.value.message
+    from portal.stack.store import read_settings_table
+
+    assert "alert_webhook_url" not in read_settings_table(state / "state.db")  # nothing stored
+
+
+def test_alert_settings_stored_and_a_test_alert_sent(state, alerting):
+    sink, hook = alerting
+    ctx = env_for(state).ctx
+    out = ops.REGISTRY["alerts_configure"](ctx, {"webhook_url": f"http://127.0.0.1:{hook.port}/t",
+                                                 "dnsbl_zones": "Zen.Spamhaus.org., bl.spamcop.net,zen.spamhaus.org"})
+    assert out == {"webhook": True, "dnsbl_zones": ["zen.spamhaus.org", "bl.spamcop.net"]}
+    sent = ops.REGISTRY["alerts_test"](ctx, {})
+    assert sent == {"mail": f"sent to admin@{DOMAIN}", "webhook": "sent (HTTP 204)"}
+    assert len(sink.messages) == 1 and hook.posts[0]["path"] == "/t"
+    assert ops.REGISTRY["alerts_configure"](ctx, {})["dnsbl_zones"][0] == "zen.spamhaus.org"  # defaults
