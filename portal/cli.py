@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("schedule-runs", help="the latest runs of a job (or of all jobs)")
     p.add_argument("job", nargs="?", default="")
     p.add_argument("--limit", type=int, default=20)
+    p = commands.add_parser("alerts-configure", help="where alerts go besides the admin's mail, and the DNSBLs")
+    p.add_argument("--webhook-url", default="", help="https:// URL that gets a JSON POST per change (empty: none)")
+    p.add_argument("--dnsbl-zones", default="", help="blocklist zones, comma separated (empty: the defaults)")
+    commands.add_parser("alerts-test", help="send a test alert to the admin and the webhook")
     commands.add_parser("load-images", help="load the preloaded mail stack images into docker")
     commands.add_parser("deploy", help="render the mail stack from the settings and start it")
     commands.add_parser("stack-status", help="state and health of each mail stack service")
@@ -118,6 +122,10 @@ def request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         return "schedule_set", {"job": args.job, "cron": args.cron}
     if cmd == "schedule-runs":
         return "schedule_runs", {"job": args.job, "limit": args.limit}
+    if cmd == "alerts-configure":
+        return "alerts_configure", {"webhook_url": args.webhook_url, "dnsbl_zones": args.dnsbl_zones}
+    if cmd == "alerts-test":
+        return "alerts_test", {}
     if cmd == "mailbox-create":
         return "mailbox_create", {"address": args.address, "quota_mb": args.quota_mb,
                                   "password": read_password("Password", args.password_stdin)}

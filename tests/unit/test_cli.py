@@ -34,6 +34,9 @@ def parse(argv: list[str]):
     (["schedule-list"], "schedule_list", {}),
     (["schedule-set", "backup", "15 2 * * *"], "schedule_set", {"job": "backup", "cron": "15 2 * * *"}),
     (["schedule-runs", "health", "--limit", "5"], "schedule_runs", {"job": "health", "limit": 5}),
+    (["alerts-configure", "--webhook-url", "https://hooks.example.test/x"], "alerts_configure",
+     {"webhook_url": "https://hooks.example.test/x", "dnsbl_zones": ""}),
+    (["alerts-test"], "alerts_test", {}),
 ])
 def test_commands_map_to_registered_operations(argv, op, args):
     got_op, got_args = parse(argv)
