@@ -49,8 +49,20 @@ class DockerVolumes:
         return f"{self.project}_{name}"
 
     def exists(self, name: str) -> bool:
-        r = subprocess.run(["docker", "volume", "inspect", self.volume(name)], capture_output=True, timeout=60)
-        return r.returncode == 0
+        """Whether the volume exists; an engine that does not answer is an error
+        (a backup must never silently leave the mail out)."""
+        try:
+            r = subprocess.run(["docker", "volume", "inspect", self.volume(name)], capture_output=True,
+                               text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise BackupError(f"volumes: cannot ask the docker engine about {self.volume(name)}: {exc}; "
+                              "is docker running?", "volumes") from None
+        if r.returncode == 0:
+            return True
+        if "no such volume" in r.stderr.lower():
+            return False
+        raise BackupError(f"volumes: the docker engine did not answer about {self.volume(name)}: "
+                          f"{' '.join(r.stderr.split())[-200:]}; is docker running?", "volumes")
 
     def dump(self, name: str, dest: Path) -> bool:
         if not self.exists(name):
@@ -102,13 +114,22 @@ class FolderVolumes:
         src = self.root / name
         if not src.is_dir():
             return False
-        shutil.copytree(src, dest, symlinks=True)
+        _copy_all(src, dest)
         return True
 
     def load(self, name: str, src: Path) -> None:
         dest = self.root / name
         shutil.rmtree(dest, ignore_errors=True)
-        shutil.copytree(src, dest, symlinks=True)
+        self.root.mkdir(parents=True, exist_ok=True)
+        _copy_all(src, dest)
+
+
+def _copy_all(src: Path, dest: Path) -> None:
+    """Copy keeping owners, modes, times and symlinks (as the volumes' tar does)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["cp", "-a", "--", str(src), str(dest)], capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        raise BackupError(f"volumes: copying {src} failed: {' '.join(r.stderr.split())[-200:]}", "volumes")
 
 
 # -- staging ------------------------------------------------------------------------

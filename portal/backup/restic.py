@@ -4,8 +4,9 @@ progress events, and its failures turned into messages that name what to fix."""
 from __future__ import annotations
 
 import json
+import selectors
 import subprocess
-import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,10 @@ Progress = Callable[[str, str], None]
 
 # restic's exit codes (0.17+): 10 no repository, 11 locking failed, 12 wrong password.
 NO_REPO, LOCKED, WRONG_PASSWORD = 10, 11, 12
+
+# Backend errors that retrying does not heal (restic retries every error for minutes).
+PERMANENT = ("does not exist in our records", "signature we calculated does not match", "invalidaccesskeyid", "signaturedoesnotmatch", "access denied",
+             "accessdenied", "forbidden", "permission denied", "host key verification failed")
 
 RETENTION = {"daily": 7, "weekly": 4, "monthly": 12}
 HOST = "mailstead"  # every snapshot's host: the same on a re-flashed appliance, so retention groups them
@@ -47,41 +52,63 @@ class Restic:
     cache_dir: Path
     binary: str = "restic"
     password_file: Path | None = None
+    give_up: float = 120.0  # seconds of backend retries before the run stops
 
     def command(self, *args: str, json_out: bool = True) -> list[str]:
         return [self.binary, *restic_options(self.paths, self.target), *(["--json"] if json_out else []), *args]
 
     def run(self, *args: str, timeout: float = 300, json_out: bool = True, cwd: Path | None = None,
             on_line: Callable[[str], None] | None = None, what: str = "") -> str:
-        """Run restic; return its stdout; raise BackupError with the cause in plain words."""
+        """Run restic; return its stdout; raise BackupError with the cause in plain words.
+
+        restic retries a failing backend for minutes; refused credentials and host
+        keys never heal, so the run stops at the first such retry, and a target
+        that keeps failing stops it after `self.give_up` seconds of retries."""
         env = restic_env(self.paths, self.target, self.cache_dir, self.password_file)
         cmd = self.command(*args, json_out=json_out)
-        with tempfile.TemporaryFile() as err:
-            try:
-                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
-                                        env=env, cwd=cwd, text=True)
-            except FileNotFoundError:
-                raise BackupError(f"restic is not installed ({self.binary}); install the restic package",
-                                  "restic") from None
-            deadline = time.monotonic() + timeout
-            out: list[str] = []
-            timed_out = False
-            assert proc.stdout is not None
-            import selectors
+        try:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                    env=env, cwd=cwd, text=True, errors="replace")
+        except FileNotFoundError:
+            raise BackupError(f"restic is not installed ({self.binary}); install the restic package",
+                              "restic") from None
+        errors: list[str] = []
+        state = {"first_retry": 0.0, "stop": ""}
 
-            sel = selectors.DefaultSelector()
-            sel.register(proc.stdout, selectors.EVENT_READ)
+        def read_errors() -> None:
+            assert proc.stderr is not None
+            for line in proc.stderr:
+                if len(errors) < 2000:
+                    errors.append(line)
+                low = line.lower()
+                if "retrying after" in low:
+                    if any(p in low for p in PERMANENT):
+                        state["stop"] = "permanent"
+                    elif not state["first_retry"]:
+                        state["first_retry"] = time.monotonic()
+
+        reader = threading.Thread(target=read_errors, daemon=True)
+        reader.start()
+        deadline = time.monotonic() + timeout
+        out: list[str] = []
+        stopped = ""
+        assert proc.stdout is not None
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        try:
             while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    timed_out = True
+                now = time.monotonic()
+                if now > deadline:
+                    stopped = "timeout"
+                elif state["stop"]:
+                    stopped = "permanent"
+                elif state["first_retry"] and now - state["first_retry"] > self.give_up:
+                    stopped = "retries"
+                if stopped:
                     proc.kill()
                     break
-                if not sel.select(timeout=min(left, 1.0)):
+                if not sel.select(timeout=0.5):
                     if proc.poll() is not None:
-                        # stdout may still hold the last lines
-                        rest = proc.stdout.read()
-                        out.extend(rest.splitlines(keepends=True))
                         break
                     continue
                 line = proc.stdout.readline()
@@ -90,15 +117,21 @@ class Restic:
                 if on_line is not None:
                     on_line(line)
                 out.append(line)
+            out.extend(proc.stdout.readlines() if not stopped else [])
+        finally:
             sel.close()
             proc.wait()
-            err.seek(0)
-            stderr = err.read().decode(errors="replace")
-        if timed_out:
+            reader.join(timeout=10)
+            proc.stdout.close()
+            if proc.stderr is not None:
+                proc.stderr.close()
+        stderr = "".join(errors)
+        if stopped == "timeout" and not state["first_retry"]:
             raise BackupError(f"restic {args[0]} did not finish within {timeout:g} s and was stopped; "
                               "the target may be slow or unreachable", "timeout", "timeout")
-        if proc.returncode != 0:
-            raise explain(proc.returncode, stderr, self.target, what or args[0])
+        if stopped or proc.returncode != 0:
+            return_code = proc.returncode if not stopped else -1
+            raise explain(return_code, stderr, self.target, what or args[0])
         return "".join(out)
 
     def json(self, *args: str, timeout: float = 300) -> Any:
@@ -115,7 +148,7 @@ class Restic:
 def explain(code: int, stderr: str, target: Target, what: str) -> BackupError:
     """restic's failure as a BackupError naming the field to fix (never a secret:
     credentials reach restic through the environment and files, never its arguments)."""
-    text = " ".join(stderr.split())
+    text = " ".join(_plain(stderr).split())
     low = text.lower()
     where = target.repository()
     tail = text[-300:]
@@ -123,9 +156,16 @@ def explain(code: int, stderr: str, target: Target, what: str) -> BackupError:
         return BackupError("password: the repository password does not match (wrong password or no key found); "
                            "use the password from the recovery sheet", "password", "wrong_password")
     if target.kind == "s3" and any(s in low for s in ("invalidaccesskeyid", "signaturedoesnotmatch",
+                                                       "does not exist in our records",
+                                                       "signature we calculated does not match",
                                                        "access denied", "accessdenied", "403 forbidden")):
-        return BackupError(f"access_key_id: the S3 store at {target.endpoint} refused the access key or secret "
-                           f"key; check both ({tail[-160:]})", "access_key_id", "bad_credentials")
+        if "signature" in low:
+            return BackupError(f"secret_access_key: the S3 store at {target.endpoint} knows the access key ID but "
+                               "the secret access key does not match it; enter the secret key again",
+                               "secret_access_key", "bad_credentials")
+        return BackupError(f"access_key_id: the S3 store at {target.endpoint} refused the access key "
+                           f"({tail[-160:]}); check the access key ID and secret key", "access_key_id",
+                           "bad_credentials")
     if target.kind == "sftp":
         if "host key verification failed" in low or "remote host identification has changed" in low:
             return BackupError(f"host: the SFTP server {target.host} presents a different host key than the one "
@@ -154,6 +194,22 @@ def explain(code: int, stderr: str, target: Target, what: str) -> BackupError:
                                    or "no space left" in low):
         return BackupError(f"path: cannot write to {target.path}: {tail[-200:]}", "path", "target_failed")
     return BackupError(f"restic {what} failed (exit {code}): {tail or 'no message'}", "target", "restic_failed")
+
+
+def _plain(stderr: str) -> str:
+    """restic --json writes its errors as JSON lines ({"message_type": "exit_error", "message": ...})."""
+    lines = []
+    for line in stderr.splitlines():
+        if line.startswith("{"):
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                msg = None
+            if isinstance(msg, dict):
+                item = msg.get("error") if isinstance(msg.get("error"), dict) else {}
+                line = str(msg.get("message") or item.get("message") or "")
+        lines.append(line)
+    return "\n".join(lines)
 
 
 class ProgressParser:

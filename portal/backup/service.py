@@ -52,6 +52,7 @@ class Env:
     stack: Any = None                               # stop(project) / start(progress) (ComposeStack); None: no stack
     timeout: float = DEFAULT_TIMEOUT
     policy: dict[str, int] = field(default_factory=dict)
+    give_up: float = 120.0                          # seconds of restic's backend retries before a run stops
 
     @property
     def paths(self) -> cfg.Paths:
@@ -70,7 +71,8 @@ class Env:
         return self.state_dir / "backup-cache"
 
     def restic(self, target: cfg.Target | None = None, password_file: Path | None = None) -> Restic:
-        return Restic(self.paths, target or cfg.load_target(self.paths), self.cache, self.restic_bin, password_file)
+        return Restic(self.paths, target or cfg.load_target(self.paths), self.cache, self.restic_bin, password_file,
+                      give_up=self.give_up)
 
     def settings_table(self) -> dict[str, str]:
         from ..stack.store import read_settings_table
@@ -158,6 +160,7 @@ def configure(env: Env, target: cfg.Target, *, password: str = "", key: str = ""
     trial = paths.secrets / ".backup-password.new"
     cfg.write_secret(trial, secret + "\n")
     r = env.restic(target, password_file=trial)
+    r.give_up = 20.0  # the owner is waiting: an unreachable target is said within seconds
     try:
         if new:
             try:

@@ -1,0 +1,357 @@
+"""Backups with the real restic against real targets on loopback: a local
+folder, moto's S3 server and an sshd serving SFTP. The stack's volumes are
+folders here (FolderVolumes); tests/integration/test_backup_stack.py does the
+same with the real stack's docker volumes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from portal.backup import BackupError
+from portal.backup import config as cfg
+from portal.backup.contents import FolderVolumes
+from portal.backup.service import Env, backup, configure, read_state, restore, snapshots, verify
+from portal.db import write_settings
+
+from .backup_targets import Moto, Sshd
+
+pytestmark = pytest.mark.skipif(shutil.which("restic") is None, reason="restic is not installed")
+VERSION = "0.1.0"
+
+
+class NoStack:
+    """Records what a restore asks of the stack (there is none in these tests)."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def stop(self, project: str) -> None:
+        self.calls.append(f"stop {project}")
+
+    def start(self, progress) -> dict:
+        self.calls.append("start")
+        return {"started": True}
+
+
+def make_state(root: Path, messages: int = 6) -> tuple[Path, Path]:
+    """A state folder and volume folders as an appliance has them, with mail in 2 mailboxes."""
+    state, vols = root / "state", root / "vols"
+    write_settings(state / "state.db", {"domain": "example.test", "mail_host": "mail.example.test",
+                                        "stack_project": "mstest-i6b"})
+    accounts = state / "accounts" / "accounts.db"
+    accounts.parent.mkdir(parents=True)
+    with sqlite3.connect(accounts) as conn:
+        conn.execute("CREATE TABLE mailboxes (address TEXT PRIMARY KEY, password TEXT)")
+        conn.executemany("INSERT INTO mailboxes VALUES (?, ?)", [("alice@example.test", "$argon2id$a"),
+                                                                 ("bob@example.test", "$argon2id$b")])
+    conn.close()
+    (state / "secrets" / "dkim").mkdir(parents=True)
+    (state / "secrets" / "dkim" / "mailstead-rsa.key").write_text("-----BEGIN PRIVATE KEY-----\nrsa\n")
+    (state / "secrets" / "redis-password").write_text("redis-pw\n")
+    os.chmod(state / "secrets", 0o700)
+    (state / "tls" / "archive" / "1").mkdir(parents=True)
+    (state / "tls" / "archive" / "1" / "fullchain.pem").write_text("cert")
+    os.symlink("archive/1", state / "tls" / "live")
+    (state / "stack").mkdir()
+    (state / "stack" / "compose.yaml").write_text("services: {}\n")
+    for i in range(messages):
+        box = "alice" if i % 2 else "bob"
+        d = vols / "mail" / "example.test" / box / "mail" / "mailboxes" / "INBOX" / "dbox-Mails"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"u.{i + 1}").write_bytes(os.urandom(200 + i))
+        os.chown(d / f"u.{i + 1}", 5000, 5000)
+    (vols / "dav" / "collection-root" / "alice").mkdir(parents=True)
+    (vols / "dav" / "collection-root" / "alice" / "cal.ics").write_text("BEGIN:VCALENDAR\n")
+    (vols / "redis").mkdir()
+    (vols / "redis" / "dump.rdb").write_bytes(b"REDIS0011")
+    return state, vols
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every file (hash, mode, owner) and symlink (target) under root."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        st = p.lstat()
+        if p.is_symlink():
+            out[rel] = "-> " + os.readlink(p)
+        elif p.is_file():
+            out[rel] = f"{hashlib.sha256(p.read_bytes()).hexdigest()} {oct(stat.S_IMODE(st.st_mode))} {st.st_uid}"
+    return out
+
+
+def sheet_password(sheet: str) -> str:
+    return next(line.split(":", 1)[1].strip() for line in sheet.splitlines() if line.startswith("Password:"))
+
+
+def test_local_round_trip_onto_a_fresh_state(tmp_path):
+    state, vols = make_state(tmp_path)
+    events: list[tuple[str, str]] = []
+    env = Env(state, VERSION, volumes=FolderVolumes(vols), timeout=120)
+    repo = tmp_path / "repo"
+    made = configure(env, cfg.validate("local", path=str(repo)))
+    password = sheet_password(made["recovery_sheet"])
+    assert (state / "secrets" / "backup-password").read_text().strip() == password
+    assert stat.S_IMODE((state / "secrets" / "backup.json").stat().st_mode) == 0o600
+
+    result = backup(env, lambda step, detail: events.append((step, detail)))
+    assert result["messages"] == 6 and result["mailboxes"] == 2
+    assert set(result["volumes"]) == {"mail", "dav", "redis"}
+    assert [s for s, _ in events][:2] == ["target", "databases"] and ("upload" in {s for s, _ in events})
+    last = read_state(env)["last_backup"]
+    assert last["ok"] is True and last["error"] is None and last["snapshot"] == result["snapshot"]
+    assert not (state / "backup-work" / "staging").exists()  # no plaintext copy of the secrets left behind
+    assert password not in json.dumps(events) and password not in json.dumps(read_state(env))
+
+    before_state = tree(state)
+    before_vols = tree(vols)
+    # The machine is lost: a new one with an empty state folder and the recovery sheet.
+    new_state, new_vols = tmp_path / "new-state", tmp_path / "new-vols"
+    new_vols.mkdir()
+    stack = NoStack()
+    env2 = Env(new_state, VERSION, volumes=FolderVolumes(new_vols), stack=stack, timeout=120)
+    joined = configure(env2, cfg.validate("local", path=str(repo)), password=password)
+    assert joined["created"] is False and "recovery_sheet" not in joined
+    assert [s["id"] for s in snapshots(env2)] == [result["snapshot"]]
+    done = restore(env2, "latest")
+    assert done["snapshot"] == result["snapshot"] and done["messages"] == 6
+    assert stack.calls == ["stop mailstead", "start"]  # stopped under the old name, deployed from the restored settings
+
+    after_state = {k: v for k, v in tree(new_state).items() if not k.startswith(("secrets/backup", "backup-"))}
+    want_state = {k: v for k, v in before_state.items() if not k.startswith(("secrets/backup", "backup-"))}
+    # state.db is a consistent copy (sqlite backup API), not the same bytes: compare its contents.
+    for db in ("state.db", "accounts/accounts.db"):
+        after_state.pop(db), want_state.pop(db)
+    assert after_state == want_state
+    assert tree(new_vols) == before_vols
+    with sqlite3.connect(new_state / "state.db") as conn:
+        assert dict(conn.execute("SELECT key, value FROM settings")) == {
+            "domain": "example.test", "mail_host": "mail.example.test", "stack_project": "mstest-i6b"}
+    conn.close()
+    with sqlite3.connect(new_state / "accounts" / "accounts.db") as conn:
+        assert conn.execute("SELECT count(*) FROM mailboxes").fetchone()[0] == 2
+    conn.close()
+
+
+def test_verify_records_success_and_an_incremental_run_adds_little(tmp_path):
+    state, vols = make_state(tmp_path, messages=40)
+    env = Env(state, VERSION, volumes=FolderVolumes(vols), timeout=120)
+    configure(env, cfg.validate("local", path=str(tmp_path / "repo")))
+    first = backup(env)
+    d = next((vols / "mail").rglob("dbox-Mails"))
+    (d / "u.999").write_bytes(b"a new message")
+    second = backup(env)
+    assert second["messages"] == 41 and second["snapshot"] != first["snapshot"]
+    assert second["files_new"] == 1 and second["data_added"] < first["data_added"]
+    out = verify(env)
+    assert out == {"snapshot": second["snapshot"], "messages": 41, "mailboxes": 2, "ok": True}
+    assert read_state(env)["last_verify"]["ok"] is True
+    assert len(snapshots(env)) == 2
+
+
+def test_local_target_down_fails_clearly_then_recovers(tmp_path):
+    state, vols = make_state(tmp_path)
+    repo = tmp_path / "disk" / "repo"
+    env = Env(state, VERSION, volumes=FolderVolumes(vols), timeout=60)
+    configure(env, cfg.validate("local", path=str(repo)))
+    backup(env)
+    os.rename(tmp_path / "disk", tmp_path / "unplugged")  # the backup disk is not mounted
+    with pytest.raises(BackupError) as err:
+        backup(env)
+    assert err.value.field == "target" and "no restic repository" in err.value.message
+    assert "disk mounted" in err.value.message
+    last = read_state(env)["last_backup"]
+    assert last["ok"] is False and "no restic repository" in last["error"]
+    os.rename(tmp_path / "unplugged", tmp_path / "disk")
+    assert backup(env)["snapshot"]
+    assert read_state(env)["last_backup"]["ok"] is True
+
+
+def _lock_holder(env: Env) -> subprocess.Popen[bytes]:
+    """A real restic process holding a lock on the repository (backup from stdin, waiting)."""
+    r = env.restic()
+    proc = subprocess.Popen(r.command("backup", "--stdin", "--stdin-filename", "x", json_out=False),
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=cfg.restic_env(r.paths, r.target, r.cache_dir))
+    lockdir = Path(r.target.path) / "locks"
+    deadline = time.monotonic() + 20
+    while not any(lockdir.iterdir()):
+        assert time.monotonic() < deadline, "restic did not take a lock"
+        time.sleep(0.1)
+    return proc
+
+
+@pytest.mark.parametrize("how", ["killed", "hung"])
+def test_a_leftover_lock_does_not_block_the_run(tmp_path, how):
+    state, vols = make_state(tmp_path)
+    repo = tmp_path / "repo"
+    env = Env(state, VERSION, volumes=FolderVolumes(vols), timeout=60)
+    configure(env, cfg.validate("local", path=str(repo)))
+    backup(env)
+    holder = _lock_holder(env)
+    try:
+        if how == "killed":  # a crashed run: restic's own rule (dead process on this host) clears it
+            holder.send_signal(signal.SIGKILL)
+            holder.wait()
+        else:  # a hung run, alive: cleared once the lock is older than the run's timeout
+            holder.send_signal(signal.SIGSTOP)
+            env.timeout = 15
+            time.sleep(16)
+        assert any((repo / "locks").iterdir())
+        events: list[tuple[str, str]] = []
+        result = backup(env, lambda s, d: events.append((s, d)))
+        assert result["snapshot"]
+        assert any(s == "locks" and "removed" in d for s, d in events)
+        assert read_state(env)["last_backup"]["ok"] is True
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdin.close()
+
+
+def test_a_fresh_lock_of_a_live_run_is_respected(tmp_path):
+    """Not older than the timeout: the run fails (naming the lock) rather than breaking another run."""
+    state, vols = make_state(tmp_path)
+    repo = tmp_path / "repo"
+    env = Env(state, VERSION, volumes=FolderVolumes(vols), timeout=600)
+    configure(env, cfg.validate("local", path=str(repo)))
+    backup(env)
+    holder = _lock_holder(env)
+    try:
+        holder.send_signal(signal.SIGSTOP)
+        with pytest.raises(BackupError) as err:
+            backup(env)
+        assert err.value.code == "locked" and "locked" in err.value.message
+        assert read_state(env)["last_backup"]["ok"] is False
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdin.close()
+    assert backup(env)["snapshot"]  # the next run goes through
+
+
+def test_wrong_password_is_named(tmp_path):
+    state, vols = make_state(tmp_path)
+    env = Env(state, VERSION, volumes=FolderVolumes(vols), timeout=60)
+    configure(env, cfg.validate("local", path=str(tmp_path / "repo")))
+    other = Env(tmp_path / "other", VERSION, timeout=60)
+    with pytest.raises(BackupError) as err:
+        configure(other, cfg.validate("local", path=str(tmp_path / "repo")), password="not-the-password")
+    assert err.value.field == "password" and "recovery sheet" in err.value.message
+    assert not (tmp_path / "other" / "secrets" / "backup.json").exists()
+    assert not (tmp_path / "other" / "secrets" / "backup-password").exists()
+    # configuring a new repository over an existing one is refused too
+    with pytest.raises(BackupError) as err:
+        configure(other, cfg.validate("local", path=str(tmp_path / "repo")))
+    assert err.value.field == "password" and "already holds a restic repository" in err.value.message
+
+
+def test_a_snapshot_from_a_newer_version_is_refused_untouched(tmp_path):
+    state, vols = make_state(tmp_path)
+    env = Env(state, "9.0.0", volumes=FolderVolumes(vols), timeout=60)
+    configure(env, cfg.validate("local", path=str(tmp_path / "repo")))
+    backup(env)
+    password = (state / "secrets" / "backup-password").read_text().strip()
+    new_state, new_vols = tmp_path / "new", tmp_path / "new-vols"
+    stack = NoStack()
+    old = Env(new_state, VERSION, volumes=FolderVolumes(new_vols), stack=stack, timeout=60)
+    configure(old, cfg.validate("local", path=str(tmp_path / "repo")), password=password)
+    def settled() -> dict[str, str]:  # restic's cache may fill; nothing else may change
+        return {k: v for k, v in tree(new_state).items() if not k.startswith("backup-cache/") and k != "backup.lock"}
+
+    before = settled()
+    with pytest.raises(BackupError) as err:
+        restore(old, "latest")
+    assert err.value.code == "newer_version"
+    assert "Mailstead 9.0.0" in err.value.message and "upgrade this appliance" in err.value.message
+    assert stack.calls == [] and settled() == before and not new_vols.exists()
+
+
+# -- S3 (moto) and SFTP (sshd) ---------------------------------------------------------
+
+@pytest.fixture
+def moto(tmp_path):
+    server = Moto(tmp_path).start()
+    yield server
+    server.stop()
+
+
+def test_s3_round_trip_and_bad_credentials(tmp_path, moto):
+    state, vols = make_state(tmp_path)
+    env = Env(state, VERSION, volumes=FolderVolumes(vols), timeout=120)
+    good = dict(endpoint=moto.endpoint, bucket="mailstead-backup", access_key_id=moto.access_key_id,
+                secret_access_key=moto.secret_access_key)
+    with pytest.raises(BackupError) as err:
+        configure(env, cfg.validate("s3", **{**good, "access_key_id": "AKIANOTAKEY0000"}))
+    assert err.value.field == "access_key_id"
+    with pytest.raises(BackupError) as err:
+        configure(env, cfg.validate("s3", **{**good, "secret_access_key": "wrong-secret"}))
+    assert err.value.field == "secret_access_key" and "wrong-secret" not in err.value.message
+    made = configure(env, cfg.validate("s3", **good, path="appliance1"))
+    assert made["created"] and moto.secret_access_key not in made["recovery_sheet"]
+    first = backup(env)
+    assert first["messages"] == 6
+    assert verify(env)["ok"] is True
+
+    moto.stop()  # the store is down: a clear message, recorded
+    env.give_up = 5  # restic's retries of an unreachable store (default 120 s)
+    start = time.monotonic()
+    with pytest.raises(BackupError) as err:
+        backup(env)
+    assert err.value.code == "unreachable" and "cannot reach" in err.value.message
+    assert time.monotonic() - start < 30
+    assert read_state(env)["last_backup"]["ok"] is False
+
+
+@pytest.fixture
+def sshd(tmp_path):
+    server = Sshd(tmp_path / "sshd").start()
+    yield server
+    server.stop()
+
+
+def test_sftp_round_trip_down_and_back(tmp_path, sshd):
+    state, vols = make_state(tmp_path)
+    env = Env(state, VERSION, volumes=FolderVolumes(vols), timeout=120)
+    remote = tmp_path / "remote" / "repo"
+    target = cfg.validate("sftp", host="127.0.0.1", port=sshd.port, user=sshd.user, path=str(remote))
+    # the appliance's own generated key is not authorized yet: named, with the key to add
+    with pytest.raises(BackupError) as err:
+        configure(env, target)
+    assert err.value.field == "key" and "authorized_keys" in err.value.message
+    pub = (state / "secrets" / "backup-ssh" / "id_ed25519.pub").read_text()
+    with open(sshd.authorized, "a") as f:
+        f.write(pub)
+    made = configure(env, target)
+    assert made["ssh_public_key"].split()[:2] == pub.split()[:2]
+    assert stat.S_IMODE((state / "secrets" / "backup-ssh" / "id_ed25519").stat().st_mode) == 0o600
+    assert (remote / "config").exists()
+    assert backup(env)["messages"] == 6
+
+    sshd.stop()
+    with pytest.raises(BackupError) as err:
+        backup(env)
+    assert err.value.code == "unreachable" and "cannot reach" in err.value.message
+    assert read_state(env)["last_backup"]["ok"] is False
+    sshd.start()  # same port, same host key
+    assert backup(env)["snapshot"]
+    assert read_state(env)["last_backup"]["ok"] is True
+    assert verify(env)["messages"] == 6
+
+    # a key given at configuration (from the owner) is used instead
+    env2 = Env(tmp_path / "state2", VERSION, volumes=FolderVolumes(vols), timeout=120)
+    password = (state / "secrets" / "backup-password").read_text().strip()
+    joined = configure(env2, target, password=password, key=sshd.client_key.read_text())
+    assert joined["ssh_public_key"].split()[1] == Path(f"{sshd.client_key}.pub").read_text().split()[1]
+    assert len(snapshots(env2)) == 2
