@@ -17,6 +17,7 @@ import re
 import secrets as pysecrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from . import BackupError
@@ -60,7 +61,16 @@ class Target:
         return f"s3:{self.endpoint.rstrip('/')}/{self.bucket}" + (f"/{prefix}" if prefix else "")
 
 
-def validate(kind: str, *, path: str = "", host: str = "", port: int = 0, user: str = "",
+def validate(kind: str, **fields: Any) -> Target:
+    """A checked Target, or BackupError (code "invalid") naming the first bad field and the fix."""
+    try:
+        return _validate(kind, **fields)
+    except BackupError as err:
+        err.code = "invalid"
+        raise
+
+
+def _validate(kind: str, *, path: str = "", host: str = "", port: int = 0, user: str = "",
              endpoint: str = "", bucket: str = "", region: str = "", access_key_id: str = "",
              secret_access_key: str = "") -> Target:
     """A checked Target, or BackupError naming the first bad field and the fix."""
