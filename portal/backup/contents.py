@@ -87,9 +87,12 @@ class DockerVolumes:
         vol = self.volume(name)
         subprocess.run(["docker", "volume", "rm", "-f", vol], capture_output=True, timeout=60, check=False)
         # Labelled as compose labels its own volumes, so `compose up` adopts it.
-        subprocess.run(["docker", "volume", "create", "--label", f"com.docker.compose.project={self.project}",
-                        "--label", f"com.docker.compose.volume={name}", vol],
-                       capture_output=True, timeout=60, check=True)
+        made = subprocess.run(["docker", "volume", "create", "--label", f"com.docker.compose.project={self.project}",
+                               "--label", f"com.docker.compose.volume={name}", vol],
+                              capture_output=True, text=True, timeout=60, check=False)
+        if made.returncode != 0:
+            raise BackupError(f"volume {name}: cannot create {vol}: {' '.join(made.stderr.split())[-200:]}",
+                              "volumes")
         reader = subprocess.Popen(["tar", "-C", str(src), "--numeric-owner", "-cf", "-", "."],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         writer = subprocess.run(

@@ -380,9 +380,9 @@ def restore(env: Env, snapshot: str = "latest", progress: Progress = _quiet) -> 
                                   "nothing was changed: try an older snapshot", "snapshot", "mismatch")
             old_project = env.project()
             stack = env.stack
-            if stack is not None:
+            if stack is not None and (env.state_dir / "stack" / "compose.yaml").exists():
                 progress("stop", f"stopping the mail stack ({old_project})")
-                stack.stop(old_project)
+                stack.stop(old_project)  # a fresh appliance has none to stop
             progress("files", "putting back the databases, secrets, certificates and stack config")
             put_back_files(env.state_dir, dest)
             volumes = env.volume_io()  # the restored settings' compose project

@@ -126,7 +126,7 @@ def test_local_round_trip_onto_a_fresh_state(tmp_path):
     assert [s["id"] for s in snapshots(env2)] == [result["snapshot"]]
     done = restore(env2, "latest")
     assert done["snapshot"] == result["snapshot"] and done["messages"] == 6
-    assert stack.calls == ["stop mailstead", "start"]  # stopped under the old name, deployed from the restored settings
+    assert stack.calls == ["start"]  # a fresh appliance: nothing to stop; deployed from the restored settings
 
     after_state = {k: v for k, v in tree(new_state).items() if not k.startswith(("secrets/backup", "backup-"))}
     want_state = {k: v for k, v in before_state.items() if not k.startswith(("secrets/backup", "backup-"))}
@@ -142,6 +142,16 @@ def test_local_round_trip_onto_a_fresh_state(tmp_path):
     with sqlite3.connect(new_state / "accounts" / "accounts.db") as conn:
         assert conn.execute("SELECT count(*) FROM mailboxes").fetchone()[0] == 2
     conn.close()
+
+    # Restoring over a running appliance: its stack is stopped first, the damage undone.
+    (new_state / "secrets" / "dkim" / "mailstead-rsa.key").write_text("damaged")
+    next((new_vols / "mail").rglob("u.1")).unlink()
+    stack2 = NoStack()
+    restore(Env(new_state, VERSION, volumes=FolderVolumes(new_vols), stack=stack2, timeout=120), done["snapshot"])
+    assert stack2.calls == ["stop mstest-i6b", "start"]
+    assert tree(new_vols) == before_vols
+    assert (new_state / "secrets" / "dkim" / "mailstead-rsa.key").read_text().endswith("rsa\n")
+    assert (new_state / "secrets" / "backup-password").read_text().strip() == password  # its own config kept
 
 
 def test_verify_records_success_and_an_incremental_run_adds_little(tmp_path):
