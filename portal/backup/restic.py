@@ -242,8 +242,10 @@ class ProgressParser:
 
 def describe_status(msg: dict[str, Any]) -> str:
     pct = 100 * float(msg.get("percent_done") or 0)
-    files = f"{msg.get('files_done', 0)}/{msg.get('total_files', '?')} files"
-    size = f"{_mb(msg.get('bytes_done', 0))}/{_mb(msg.get('total_bytes', 0))} MB"
+    done_files = msg.get("files_done", msg.get("files_restored", 0))  # backup / restore
+    done_bytes = msg.get("bytes_done", msg.get("bytes_restored", 0))
+    files = f"{done_files}/{msg.get('total_files', '?')} files"
+    size = f"{_mb(done_bytes)}/{_mb(msg.get('total_bytes', 0))} MB"
     eta = msg.get("seconds_remaining")
     return f"{pct:.0f}% — {files}, {size}" + (f", about {int(eta)} s left" if eta else "")
 

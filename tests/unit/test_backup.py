@@ -221,3 +221,22 @@ def test_recorded_state_file_is_readable_by_the_health_check(tmp_path):
     data = read_state(env)
     assert data["last_backup"]["ok"] is False and data["last_verify"]["ok"] is True
     assert os.stat(env.state_file).st_mode & 0o777 == 0o644
+
+
+def test_progress_lines_become_throttled_events():
+    from portal.backup.restic import ProgressParser
+
+    events: list[tuple[str, str]] = []
+    parser = ProgressParser(lambda s, d: events.append((s, d)), every=3600)
+    parser('{"message_type":"status","percent_done":0.25,"total_files":8,"files_done":2,'
+           '"total_bytes":4000000,"bytes_done":1000000,"seconds_remaining":9}\n')
+    parser('{"message_type":"status","percent_done":0.5,"total_files":8,"files_done":4}\n')  # throttled
+    parser("not json\n")
+    parser('{"message_type":"error","error":{"message":"permission denied"},"item":"/x"}\n')
+    parser('{"message_type":"summary","snapshot_id":"abc","files_new":3}\n')
+    parser('{"message_type":"status","percent_done":1,"total_files":8,"files_restored":8,'
+           '"total_bytes":4000000,"bytes_restored":4000000}\n')
+    assert events == [("upload", "25% — 2/8 files, 1.0/4.0 MB, about 9 s left"),
+                      ("upload", "100% — 8/8 files, 4.0/4.0 MB")]
+    assert parser.summary == {"message_type": "summary", "snapshot_id": "abc", "files_new": 3}
+    assert parser.errors == ["/x: permission denied"]
