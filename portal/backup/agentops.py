@@ -129,8 +129,13 @@ def backup_restore(ctx: Context, snapshot: str = "latest") -> dict[str, Any]:
     """Replace this appliance's mail, accounts, keys and settings with `snapshot` (a job)."""
     from .service import check_snapshot_id
 
+    from ..agent.jobs import latest
+
     with refusals():
         snapshot = check_snapshot_id(snapshot)
+    running = latest(ctx, "backup_restore")
+    if running is not None and running["state"] == "running":
+        return running  # one restore at a time; this request is not queued
     path = _request_path(ctx)
     ctx.state_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")

@@ -3,7 +3,8 @@ scheduler and the CLI call. Every run records its outcome in
 <state>/backup-state.json (read by the health checks):
 
     {"last_backup": {"at", "ok", "error", "snapshot", "seconds"},
-     "last_verify": {"at", "ok", "error", "snapshot", "seconds", "messages"}}
+     "last_verify": {"at", "ok", "error", "snapshot", "seconds", "messages"},
+     "last_restore": {"at", "ok", "error", "snapshot", "seconds"}}
 
 A failed run is recorded and never blocks the next one: each run starts from a
 fresh staging folder, stale restic locks are removed (see restic.clear_stale_locks),
@@ -358,9 +359,24 @@ class ComposeStack:
 def restore(env: Env, snapshot: str = "latest", progress: Progress = _quiet) -> dict[str, Any]:
     """Bring the appliance back to `snapshot`: checked first (version, manifest,
     SHA-256 of every message), then the stack is stopped, files and volumes are
-    put back, and the stack is deployed and waited for until healthy."""
+    put back, and the stack is deployed and waited for until healthy.
+    Recorded as "last_restore" in backup-state.json."""
     snapshot = check_snapshot_id(snapshot)
     start = time.monotonic()
+    entry: dict[str, Any] = {"at": now_iso(), "ok": False, "error": None, "snapshot": snapshot, "seconds": 0}
+    try:
+        result = _restore(env, snapshot, progress, start)
+        entry.update(ok=True, snapshot=result["snapshot"])
+        return result
+    except Exception as err:
+        entry["error"] = err.message if isinstance(err, BackupError) else f"{type(err).__name__}: {str(err)[:300]}"
+        raise
+    finally:
+        entry["seconds"] = round(time.monotonic() - start, 1)
+        record(env, "last_restore", entry)
+
+
+def _restore(env: Env, snapshot: str, progress: Progress, start: float) -> dict[str, Any]:
     with run_lock(env, "restore"):
         r = env.restic()
         clear_stale_locks(r, env.timeout, progress)

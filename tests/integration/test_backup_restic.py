@@ -126,6 +126,7 @@ def test_local_round_trip_onto_a_fresh_state(tmp_path):
     assert [s["id"] for s in snapshots(env2)] == [result["snapshot"]]
     done = restore(env2, "latest")
     assert done["snapshot"] == result["snapshot"] and done["messages"] == 6
+    assert read_state(env2)["last_restore"]["ok"] is True
     assert stack.calls == ["start"]  # a fresh appliance: nothing to stop; deployed from the restored settings
 
     after_state = {k: v for k, v in tree(new_state).items() if not k.startswith(("secrets/backup", "backup-"))}
@@ -277,13 +278,15 @@ def test_a_snapshot_from_a_newer_version_is_refused_untouched(tmp_path):
     stack = NoStack()
     old = Env(new_state, VERSION, volumes=FolderVolumes(new_vols), stack=stack, timeout=60)
     configure(old, cfg.validate("local", path=str(tmp_path / "repo")), password=password)
-    def settled() -> dict[str, str]:  # restic's cache may fill; nothing else may change
-        return {k: v for k, v in tree(new_state).items() if not k.startswith("backup-cache/") and k != "backup.lock"}
+    def settled() -> dict[str, str]:  # restic's cache may fill, the outcome is recorded; nothing else may change
+        return {k: v for k, v in tree(new_state).items()
+                if not k.startswith("backup-cache/") and k not in ("backup.lock", "backup-state.json")}
 
     before = settled()
     with pytest.raises(BackupError) as err:
         restore(old, "latest")
     assert err.value.code == "newer_version"
+    assert read_state(old)["last_restore"]["ok"] is False
     assert "Mailstead 9.0.0" in err.value.message and "upgrade this appliance" in err.value.message
     assert stack.calls == [] and settled() == before and not new_vols.exists()
 
