@@ -240,3 +240,19 @@ def test_progress_lines_become_throttled_events():
                       ("upload", "100% — 8/8 files, 4.0/4.0 MB")]
     assert parser.summary == {"message_type": "summary", "snapshot_id": "abc", "files_new": 3}
     assert parser.errors == ["/x: permission denied"]
+
+
+def test_volumes_are_never_skipped_silently_when_docker_is_down(tmp_path, monkeypatch):
+    """No docker on PATH (failure injection): the backup fails naming the volume, never leaves the mail out."""
+    from portal.backup.contents import DockerVolumes
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "docker").write_text("#!/bin/sh\necho 'Cannot connect to the Docker daemon at unix:///var/run/docker.sock.' >&2\nexit 1\n")
+    (fake / "docker").chmod(0o755)
+    monkeypatch.setenv("PATH", str(fake))
+    with pytest.raises(BackupError) as err:
+        DockerVolumes("mailstead", "mailstead-base:0.1.0").dump("mail", tmp_path / "out")
+    assert err.value.field == "volumes" and "is docker running" in err.value.message
+    (fake / "docker").write_text("#!/bin/sh\necho 'Error: No such volume: mailstead_mail' >&2\nexit 1\n")
+    assert DockerVolumes("mailstead", "mailstead-base:0.1.0").dump("mail", tmp_path / "out") is False
