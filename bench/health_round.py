@@ -10,12 +10,17 @@ running). Without it, a test stack comes up on the host's docker engine
 is taken down at the end. Each round runs every check in parallel, as
 health_run does (history recorded in the state folder, alerts off); then
 each check runs alone to show where the time goes. Target: a round <= 5 s.
+
+Measured here (2 cores, test stack): first round 1.83 s (the `apt list` of
+the updates check, kept afterwards until apt's lists or dpkg change), then
+0.08-0.14 s; postfix's `postqueue -j` (docker exec, 0.1 s) is the slowest.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -96,6 +101,7 @@ def main() -> int:
         out["stack"] = f"test stack {args.project} (tests/integration/stackharness.py)"
     finally:
         stack.down()
+        shutil.rmtree(state, ignore_errors=True)
     print(json.dumps(out, indent=2))
     return 0
 
