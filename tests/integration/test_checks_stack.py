@@ -9,6 +9,7 @@ import json
 import shutil
 import ssl
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -160,3 +161,48 @@ def test_queue_counts_messages_postfix_holds(stack: Stack) -> None:
         assert r.status == "fail" and "postqueue -p" in r.fix
     finally:
         stack.exec("postfix", "postsuper", "-d", "ALL")
+
+
+def test_the_scheduled_health_job_in_a_real_agent_sees_a_stopped_container(stack: Stack, tmp_path: Path) -> None:
+    """The agent's own scheduler runs health_run: a stopped container shows at its next
+    run, and several runs in the same state make one webhook alert, not one per run."""
+    from portal.agent.client import AgentClient
+    from tests.conftest import launch_agent
+
+    load_all()
+    with serving(HookServer()) as hook:
+        appliance_settings(stack, alert_webhook_url=f"http://127.0.0.1:{hook.port}/alerts")
+        state = stack.settings.state_dir
+        agent = launch_agent(tmp_path, "--docker-host", "unix:///var/run/docker.sock",
+                             env={"MAILSTEAD_STATE_DIR": str(state), "MAILSTEAD_SCHEDULER": "1"})
+        try:
+            client = AgentClient(str(agent.socket), timeout=30)
+            client.call("schedule_set", job="health", cron="*/2 * * * * *")
+
+            def containers_now(status: str, after: float) -> None:
+                rows = client.call("health_history", check="containers", limit=1)["history"]
+                assert rows and rows[0]["at"] > after and rows[0]["status"] == status, rows
+
+            t0 = time.time()
+            retry(lambda: containers_now("ok", t0), 30, "a scheduled round with the stack up")
+            posts_before = len(hook.posts)
+            stack.container("dovecot").stop(timeout=10)
+            try:
+                t1 = time.time()
+                retry(lambda: containers_now("fail", t1), 30, "the scheduled round that sees dovecot stopped")
+                time.sleep(5)  # two or three more rounds in the same state
+                down = [p for p in hook.posts[posts_before:]
+                        if any(c["id"] == "containers" and c["new"] == "fail" for c in p["json"]["changes"])]
+                assert len(down) == 1, hook.posts
+                rounds = [r for r in client.call("health_history", check="containers", limit=50)["history"]
+                          if r["at"] > t1]
+                assert len(rounds) >= 2 and all(r["status"] == "fail" for r in rounds)
+                assert "dovecot is exited" in rounds[0]["message"]
+                runs = client.call("schedule_runs", job="health", limit=5)["runs"]
+                assert runs and all(r["outcome"] == "ok" for r in runs), runs
+            finally:
+                stack.container("dovecot").start()
+            retry(lambda: all_healthy(stack), 120, "dovecot healthy again")
+            client.call("schedule_set", job="health", cron="default")
+        finally:
+            agent.stop()
