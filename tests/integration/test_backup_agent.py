@@ -4,7 +4,6 @@ progress, backup_list, backup_state, backup_verify, and refusals naming the fiel
 
 from __future__ import annotations
 
-import shutil
 import time
 
 import pytest
@@ -13,7 +12,6 @@ from portal.agent.client import AgentClient, AgentError
 from portal.db import write_settings
 from tests.conftest import launch_agent
 
-pytestmark = pytest.mark.skipif(shutil.which("restic") is None, reason="restic is not installed")
 
 
 def wait_job(client: AgentClient, job: dict, timeout: float = 120) -> dict:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import signal
 import sqlite3
 import stat
@@ -26,7 +25,6 @@ from portal.db import write_settings
 
 from .backup_targets import Moto, Sshd
 
-pytestmark = pytest.mark.skipif(shutil.which("restic") is None, reason="restic is not installed")
 VERSION = "0.1.0"
 
 

@@ -4,8 +4,8 @@ through the stack's own docker volumes, the stack and its state wiped
 recovery sheet's password; IMAP login with the old passwords reads every
 message back. Compose project mstest-i6b, ports 32000+.
 
-Uses the images already loaded in docker (mailstead-*:0.1.0): the test never
-loads or builds images, and skips when they are not there."""
+The images come from the harness's ensure_images (loaded from the image
+build's output, building it first when it is missing)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,8 @@ import time
 from email.message import EmailMessage
 from pathlib import Path
 
-import pytest
 
-docker = pytest.importorskip("docker")
+import docker
 
 from portal.agent.ops import Context, docker_factory  # noqa: E402
 from portal.backup import config as cfg  # noqa: E402
@@ -30,42 +29,23 @@ from portal.db import write_settings  # noqa: E402
 from portal.stack import deploy as deploy_mod  # noqa: E402
 from portal.backup.service import ComposeStack  # noqa: E402
 from portal.stack.agentops import mailbox_create  # noqa: E402
-from portal.stack.images import loaded_images  # noqa: E402
 from portal.stack.store import load_settings  # noqa: E402
-from portal.stack.settings import SERVICES  # noqa: E402
 from tests.conftest import retry  # noqa: E402
 
-from .stackharness import DOMAIN, HOSTNAME, SHARED_DKIM, VERSION, make_settings  # noqa: E402
+from .stackharness import DOMAIN, HOSTNAME, SHARED_DKIM, ensure_images, make_settings  # noqa: E402
 
 PROJECT, PORT_BASE = "mstest-i6b", 32000
 USERS = {f"alice@{DOMAIN}": ("alice-old-password-1", 3), f"bob@{DOMAIN}": ("bob-old-password-2", 2)}
-pytestmark = pytest.mark.skipif(shutil.which("restic") is None, reason="restic is not installed")
-
-
-def images_ready() -> str:
-    """Why the stack cannot start from the images already loaded ('' when it can)."""
-    try:
-        client = docker.from_env(timeout=30)
-    except Exception as exc:  # noqa: BLE001
-        return f"no docker engine: {exc}"
-    try:
-        client.images.get(f"mailstead-base:{VERSION}")
-        missing = set(SERVICES) - set(loaded_images(client, VERSION))
-        return f"images not loaded: {sorted(missing)}" if missing else ""
-    except Exception as exc:  # noqa: BLE001
-        return str(exc)
-    finally:
-        client.close()
 
 
 class LoadedImagesStack(ComposeStack):
     """ComposeStack (its real `compose down`), deployed like stack_deploy but from the
-    images already loaded (the tests never load or build images), without the host nginx."""
+    harness's images (ensure_images), without the host nginx."""
 
     def start(self, progress) -> dict:
         client = docker.from_env(timeout=120)
         try:
-            settings = load_settings(self.ctx.state_dir).with_images(loaded_images(client, VERSION))
+            settings = load_settings(self.ctx.state_dir).with_images(ensure_images(client))
             result = deploy_mod.deploy(client, settings, timeout=600, progress=progress)
         finally:
             client.close()
@@ -114,9 +94,6 @@ def compose_down(volumes: bool) -> None:
 
 
 def test_stack_round_trip_through_restic(tmp_path):
-    why = images_ready()
-    if why:
-        pytest.skip(f"the mail stack images are not loaded ({why})")
     state = tmp_path / "state"
     compose_down(volumes=True)  # an interrupted earlier run
     try:

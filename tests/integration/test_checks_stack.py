@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import imaplib
 import json
-import shutil
 import ssl
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -25,10 +23,6 @@ from portal.stack.dovecot_keys import DovecotKeys
 from tests.conftest import retry
 from tests.unit.checks_support import HookServer, serving
 
-from portal.stack.images import loaded_images
-from portal.stack.settings import SERVICES
-
-from . import stackharness as sh
 from .stackharness import DOMAIN, Stack, start_stack
 
 PROJECT, PORT_BASE = "mstest-i6a", 31000
@@ -51,21 +45,7 @@ def check_env(stack: Stack) -> CheckEnv:
 
 
 def make_stack(state: Path, project: str = PROJECT, port_base: int = PORT_BASE) -> Stack:
-    """start_stack, or, when the image tars are not in this checkout but the images are
-    loaded in docker (e.g. by another checkout's run), the same with those images."""
-    if (sh.IMAGES_DIR / "mailstead-base.tar").exists():
-        return start_stack(state, project, port_base)
-    import docker
-
-    client = docker.from_env(timeout=120)
-    ids = loaded_images(client, sh.VERSION)
-    if set(ids) != set(SERVICES):
-        pytest.skip(f"no image tars in {sh.IMAGES_DIR} and the images are not loaded: run scripts/build-image")
-    settings = sh.make_settings(state, project, port_base).with_images(ids)
-    shutil.copytree(sh.SHARED_DKIM, settings.dkim_dir, dirs_exist_ok=True)
-    subprocess.run(["docker", "compose", "-p", project, "down", "--volumes", "--remove-orphans"],
-                   capture_output=True, check=False)
-    return Stack(client, settings)
+    return start_stack(state, project, port_base)  # loads (or builds) the images
 
 
 @pytest.fixture(scope="module")

@@ -3,19 +3,15 @@ through the configured resolver (the setting dns_resolvers)."""
 
 from __future__ import annotations
 
-import os
-import shutil
 
 import pytest
 
 from portal import checks
-from tests.integration.knot import Knot, Record
+from .knot import Knot, Record
 
-from .checks_support import write_settings
-from .test_checks import env_for
+from tests.unit.checks_support import write_settings
+from tests.unit.test_checks import env_for
 
-pytestmark = pytest.mark.skipif(shutil.which("knotd") is None and not os.path.exists("/usr/sbin/knotd"),
-                                reason="knot is not installed (scripts/test installs it)")
 
 checks.load_all()
 LISTED, CLEAN = "192.0.2.10", "192.0.2.11"
