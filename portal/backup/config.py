@@ -262,6 +262,38 @@ def write_ssh_files(paths: Paths, target: Target, key: str | None) -> str:
     return pub.stdout.strip()
 
 
+def sftp_preflight(paths: Paths, target: Target, timeout: float = 30) -> None:
+    """Log in once with sftp (an empty batch) before restic does: ssh's own answer
+    says reliably whether the host is unreachable, the host key changed or the key
+    is refused (restic relays ssh's messages only partly when it gives up)."""
+    import subprocess
+
+    try:
+        proc = subprocess.run(["sftp", "-F", str(paths.ssh_config), "-b", "-", SSH_ALIAS], input="",
+                              capture_output=True, text=True, timeout=timeout, check=False)
+    except FileNotFoundError:
+        raise BackupError("sftp: the OpenSSH client is not installed; install openssh-client",
+                          "target", "restic") from None
+    except subprocess.TimeoutExpired:
+        raise BackupError(f"target: the SFTP server {target.host} port {target.port} did not answer within "
+                          f"{timeout:g} s; is it up and reachable from this appliance?", "target",
+                          "unreachable") from None
+    if proc.returncode == 0:
+        return
+    low = proc.stderr.lower()
+    if "host key verification failed" in low or "remote host identification has changed" in low:
+        raise BackupError(f"host: the SFTP server {target.host} presents a different host key than the one "
+                          "recorded at configuration; if the server was rebuilt, configure the target again",
+                          "host", "host_key")
+    if "permission denied" in low:
+        raise BackupError(f"key: the SFTP server {target.host} refused user {target.user} with the appliance's "
+                          "key; add the public key shown at configuration to the user's authorized_keys",
+                          "key", "bad_credentials")
+    detail = " ".join(proc.stderr.split())[-200:] or f"sftp exited {proc.returncode}"
+    raise BackupError(f"target: cannot reach the SFTP server {target.host} port {target.port} ({detail}); "
+                      "is the server up and reachable from this appliance?", "target", "unreachable")
+
+
 def restic_env(paths: Paths, target: Target, cache_dir: Path, password_file: Path | None = None) -> dict[str, str]:
     """restic's environment: nothing inherited but PATH (no stray RESTIC_* or AWS_*)."""
     env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),

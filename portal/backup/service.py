@@ -158,6 +158,8 @@ def configure(env: Env, target: cfg.Target, *, password: str = "", key: str = ""
             raise BackupError(f"path: cannot create {target.path}: {exc.strerror}", "path", "invalid") from None
     new = not password
     secret = password.strip() if password else cfg.new_password()
+    if target.kind == "sftp":
+        cfg.sftp_preflight(paths, target)
     trial = paths.secrets / ".backup-password.new"
     cfg.write_secret(trial, secret + "\n")
     r = env.restic(target, password_file=trial)
