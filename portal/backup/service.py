@@ -409,7 +409,9 @@ def _restore(env: Env, snapshot: str, progress: Progress, start: float) -> dict[
                     progress("volumes", f"putting back the {name} volume")
                     volumes.load(name, dest / "volumes" / name)
         deployed = None
-        if stack is not None:
+        # Only a stack the backed-up appliance had (its rendered compose file came back):
+        # a snapshot taken before setup's Deploy has none to start.
+        if stack is not None and (env.state_dir / "stack" / "compose.yaml").exists():
             progress("deploy", "starting the restored stack and waiting until it is healthy")
             deployed = stack.start(progress)
     return {"snapshot": snap_id, "version": made_by, "messages": manifest.get("messages", 0),

@@ -1,0 +1,66 @@
+"""`mailstead backup configure|run|list|verify` and `mailstead restore` against
+real agents and real restic (a local folder target): progress printed, the
+recovery sheet shown once, a fresh appliance restored from the sheet's password,
+and failures exit non-zero with a message naming what to fix."""
+
+from __future__ import annotations
+
+import io
+import re
+
+from portal import cli
+from portal.db import read_setting, write_settings
+from tests.conftest import launch_agent
+
+
+def test_backup_then_restore_onto_a_fresh_state_with_the_cli(tmp_path, monkeypatch, capsys):
+    old, repo = tmp_path / "old" / "state", tmp_path / "repo"
+    # A compose project no test stack uses: only files are backed up (the stack tests cover volumes).
+    write_settings(old / "state.db", {"domain": "example.test", "mail_host": "mail.example.test",
+                                      "stack_project": "mstest-i6-cli-none"})
+    (old / "secrets" / "dkim").mkdir(parents=True)
+    (old / "secrets" / "dkim" / "example.test.key").write_text("dkim private key\n")
+    agent = launch_agent(tmp_path / "old", "--no-scheduler", env={"MAILSTEAD_STATE_DIR": str(old)})
+    try:
+        sock = ["--socket", str(agent.socket)]
+        assert cli.main([*sock, "backup", "run"]) == 1  # not configured yet: says how
+        assert "backup configure" in capsys.readouterr().err
+
+        assert cli.main([*sock, "backup", "configure", "--target", "local", "--path", str(repo)]) == 0
+        out = capsys.readouterr().out
+        assert "RECOVERY SHEET" in out and "not shown again" in out
+        password = re.search(r"^Password:\s+(\S+)$", out, re.M).group(1)
+
+        assert cli.main([*sock, "backup", "run"]) == 0
+        run = capsys.readouterr()
+        assert re.search(r"\[\s*[\d.]+ s\] upload:", run.err), run.err  # restic's progress, as it goes
+        assert cli.main([*sock, "backup", "list"]) == 0
+        listed = capsys.readouterr().out
+        assert re.search(r"^[0-9a-f]{8}  \d{4}-\d\d-\d\d \d\d:\d\d:\d\d  Mailstead ", listed, re.M), listed
+        assert cli.main([*sock, "backup", "verify"]) == 0
+        assert '"ok": true' in capsys.readouterr().out
+    finally:
+        agent.stop()
+
+    new = tmp_path / "new" / "state"
+    new.mkdir(parents=True)
+    fresh = launch_agent(tmp_path / "new", "--no-scheduler", env={"MAILSTEAD_STATE_DIR": str(new)})
+    try:
+        sock = ["--socket", str(fresh.socket)]
+        monkeypatch.setattr("sys.stdin", io.StringIO("not-the-password\n"))
+        assert cli.main([*sock, "restore", "--target", "local", "--path", str(repo), "--secret-stdin",
+                         "--yes"]) == 1
+        assert "password:" in capsys.readouterr().err
+        assert not (new / "secrets" / "dkim").exists()
+
+        monkeypatch.setattr("sys.stdin", io.StringIO(password + "\n"))
+        assert cli.main([*sock, "restore", "--target", "local", "--path", str(repo), "--secret-stdin",
+                         "--yes"]) == 0
+        done = capsys.readouterr()
+        assert "files: putting back" in done.err and '"messages": 0' in done.out  # progress, then the result
+        assert (new / "secrets" / "dkim" / "example.test.key").read_text() == "dkim private key\n"
+        assert read_setting(new / "state.db", "mail_host") == "mail.example.test"
+        assert cli.main([*sock, "restore", "--snapshot", "deadbeef", "--yes"]) == 1
+        assert "--snapshot" in capsys.readouterr().err
+    finally:
+        fresh.stop()
