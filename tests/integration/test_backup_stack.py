@@ -1,14 +1,17 @@
-"""A real stack round trip: mail in 2 mailboxes (encrypted at rest), backed up
-through the stack's own docker volumes, the stack and its state wiped
+"""A real stack round trip: 1,000 messages in 3 mailboxes (encrypted at rest),
+an alias, a calendar event, DKIM keys, the certificate and the settings, backed
+up through the stack's own docker volumes; the stack and its state wiped
 (`down --volumes`, state folder gone), restored onto a fresh state from the
-recovery sheet's password; IMAP login with the old passwords reads every
-message back. Compose project mstest-i6b, ports 32000+.
+recovery sheet's password. Every message is back (SHA-256), IMAP login with the
+old passwords reads it, and the rest is byte-for-byte the same.
+Compose project mstest-i6b, ports 32000+.
 
 The images come from the harness's ensure_images (loaded from the image
 build's output, building it first when it is missing)."""
 
 from __future__ import annotations
 
+import hashlib
 import imaplib
 import json
 import shutil
@@ -19,23 +22,27 @@ from email.message import EmailMessage
 from pathlib import Path
 
 
+import caldav
 import docker
 
 from portal.agent.ops import Context, docker_factory  # noqa: E402
 from portal.backup import config as cfg  # noqa: E402
 from portal.backup.agentops import env_for  # noqa: E402
 from portal.backup.service import backup, configure, restore, verify  # noqa: E402
-from portal.db import write_settings  # noqa: E402
+from portal.db import read_setting, write_settings  # noqa: E402
 from portal.stack import deploy as deploy_mod  # noqa: E402
 from portal.backup.service import ComposeStack  # noqa: E402
-from portal.stack.agentops import mailbox_create  # noqa: E402
+from portal.stack.agentops import alias_add, mailbox_create, mailbox_list  # noqa: E402
 from portal.stack.store import load_settings  # noqa: E402
 from tests.conftest import retry  # noqa: E402
 
 from .stackharness import DOMAIN, HOSTNAME, SHARED_DKIM, ensure_images, make_settings  # noqa: E402
 
 PROJECT, PORT_BASE = "mstest-i6b", 32000
-USERS = {f"alice@{DOMAIN}": ("alice-old-password-1", 3), f"bob@{DOMAIN}": ("bob-old-password-2", 2)}
+USERS = {f"alice@{DOMAIN}": ("alice-old-password-1", 400), f"bob@{DOMAIN}": ("bob-old-password-2", 350),
+         f"carol@{DOMAIN}": ("carol-old-password-3", 250)}
+ALIAS = (f"info@{DOMAIN}", f"alice@{DOMAIN}")
+EVENT_UID = "mailstead-backup-round-trip-0001"
 
 
 class LoadedImagesStack(ComposeStack):
@@ -76,16 +83,28 @@ def imap(state: Path) -> imaplib.IMAP4_SSL:
     return imaplib.IMAP4_SSL("127.0.0.1", PORT_BASE + 993, ssl_context=tls, timeout=30)
 
 
-def read_all(state: Path, user: str, password: str) -> list[bytes]:
+def read_all(state: Path, user: str, password: str) -> list[str]:
+    """SHA-256 of every message in the INBOX (one FETCH for all), sorted."""
     with imap(state) as conn:
         conn.login(user, password)
-        conn.select("INBOX", readonly=True)
-        _typ, data = conn.search(None, "ALL")
-        out = []
-        for num in data[0].split():
-            _typ, msg = conn.fetch(num, "(BODY.PEEK[])")
-            out.append(msg[0][1])
-        return sorted(out)
+        typ, count = conn.select("INBOX", readonly=True)
+        if int(count[0]) == 0:
+            return []
+        _typ, data = conn.fetch("1:*", "(BODY.PEEK[])")
+        return sorted(hashlib.sha256(part[1]).hexdigest() for part in data if isinstance(part, tuple))
+
+
+def dav(user: str) -> caldav.DAVClient:
+    client = caldav.DAVClient(url=f"http://127.0.0.1:{PORT_BASE + 232}/", username=user,
+                              password=USERS[user][0], timeout=60)
+    client.session.trust_env = False
+    return client
+
+
+def snapshot_of_files(state: Path) -> dict[str, bytes]:
+    """The keys and certificate that must come back byte for byte."""
+    files = sorted((state / "secrets" / "dkim").rglob("*")) + [state / "tls" / "cert.pem", state / "tls" / "key.pem"]
+    return {str(f.relative_to(state)): f.read_bytes() for f in files if f.is_file()}
 
 
 def compose_down(volumes: bool) -> None:
@@ -100,7 +119,7 @@ def test_stack_round_trip_through_restic(tmp_path):
         write_stack_settings(state)
         ctx = context(state, tmp_path)
         ctx.backup_stack.start(lambda *_: None)
-        sent: dict[str, list[bytes]] = {}
+        sent: dict[str, list[str]] = {}
         for user, (password, n) in USERS.items():
             mailbox_create(ctx, address=user, password=password)
             with imap(state) as conn:
@@ -112,6 +131,15 @@ def test_stack_round_trip_through_restic(tmp_path):
                     conn.append("INBOX", "", imaplib.Time2Internaldate(time.time()), msg.as_bytes())
             sent[user] = read_all(state, user, password)
             assert len(sent[user]) == n
+        alias_add(ctx, source=ALIAS[0], destination=ALIAS[1])
+        accounts_before = mailbox_list(ctx)
+        calendar = retry(lambda: dav(ALIAS[1]).principal(), 60, "radicale").make_calendar(name="Work", cal_id="work")
+        calendar.save_event("BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//Mailstead tests//EN\r\n"
+                            f"BEGIN:VEVENT\r\nUID:{EVENT_UID}\r\nDTSTAMP:20300101T080000Z\r\n"
+                            "DTSTART:20300102T090000Z\r\nDTEND:20300102T100000Z\r\n"
+                            "SUMMARY:Backed up and back\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n")
+        files_before = snapshot_of_files(state)
+        settings_before = {k: read_setting(state / "state.db", k) for k in ("domain", "mail_host", "stack_ports")}
 
         env = env_for(ctx)
         made = configure(env, cfg.validate("local", path=str(tmp_path / "repo")))
@@ -119,7 +147,7 @@ def test_stack_round_trip_through_restic(tmp_path):
                         if x.startswith("Password:"))
         events: list[tuple[str, str]] = []
         result = backup(env, lambda s, d: events.append((s, d)))
-        assert result["messages"] == 5 and result["mailboxes"] == 2
+        assert result["messages"] == 1000 and result["mailboxes"] == 3
         assert {"mail", "dav", "redis", "rspamd"} <= set(result["volumes"])
         assert verify(env)["ok"] is True
 
@@ -136,7 +164,7 @@ def test_stack_round_trip_through_restic(tmp_path):
         configure(env, cfg.validate("local", path=str(tmp_path / "repo")), password=password)
         steps: list[tuple[str, str]] = []
         done = restore(env, "latest", lambda s, d: steps.append((s, d)))
-        assert done["messages"] == 5 and done["stack"]["services"]
+        assert done["messages"] == 1000 and done["stack"]["services"]
         assert [s for s, _ in steps].count("deploy") >= 1
         states = deploy_mod.service_states(docker.from_env(), PROJECT)
         assert all(st.ok for st in states.values()), states
@@ -144,5 +172,12 @@ def test_stack_round_trip_through_restic(tmp_path):
         for user, (old_password, _n) in USERS.items():
             got = retry(lambda u=user, p=old_password: read_all(state, u, p), 60, f"IMAP login as {user}")
             assert got == sent[user]
+        assert mailbox_list(ctx) == accounts_before
+        assert {"source": ALIAS[0], "destination": ALIAS[1]} in accounts_before["aliases"]
+        assert snapshot_of_files(state) == files_before and len(files_before) >= 4
+        assert {k: read_setting(state / "state.db", k) for k in settings_before} == settings_before
+        event = retry(lambda: dav(ALIAS[1]).principal().calendar(cal_id="work").event_by_uid(EVENT_UID), 60,
+                      "the restored calendar")
+        assert str(event.icalendar_component["summary"]) == "Backed up and back"
     finally:
         compose_down(volumes=True)
