@@ -51,6 +51,11 @@ JOBS: dict[str, JobSpec] = {
     "upgrade_check": JobSpec("upgrade_check", "50 4 * * 1", 24 * 3600, "Look for a newer appliance version"),
 }
 
+# Jobs whose outcome a health check reports: a health round follows each run, so
+# a failed backup or a verification mismatch is alerted at once, not at the next
+# 5-minute round (the round alerts only on a change of state).
+HEALTH_AFTER = {"backup", "verify", "cert_renew"}
+
 TABLE = "scheduler_jobs"
 RUNS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS scheduler_runs (
@@ -221,6 +226,11 @@ def run_operation(name: str, args: Mapping[str, Any] | None = None, job: str = "
     except sqlite3.Error as err:
         log.error("could not record the run of %s: %s", job, err)
     log.info("job=%s op=%s outcome=%s seconds=%.1f", job, name, outcome, seconds)
+    if job in HEALTH_AFTER and not busy and "health_run" in REGISTRY:
+        try:
+            REGISTRY["health_run"](ctx, {})
+        except Exception:  # noqa: BLE001 - the 5-minute round tries again
+            log.exception("the health round after %s failed", job)
     return {"job": job, "outcome": outcome, "message": message, "seconds": round(seconds, 3)}
 
 

@@ -58,7 +58,24 @@ def test_default_schedules_are_those_of_the_issue():
 def in_process(tmp_path, monkeypatch):
     ctx = ops.Context(docker=ops.docker_factory(f"unix://{tmp_path}/none.sock"), state_dir=tmp_path / "state")
     monkeypatch.setattr(scheduler, "_ctx", ctx)
+    monkeypatch.setattr(scheduler, "HEALTH_AFTER", set())  # no real health round after these fakes
     return ctx
+
+
+def test_a_backup_or_verify_run_is_followed_by_a_health_round(in_process, monkeypatch):
+    """So a failed backup or a verification mismatch is alerted at once (the round
+    alerts on a change of state), not up to 5 minutes later."""
+    rounds = []
+    registry = dict(ops.REGISTRY)
+    ops.operation("t_fail", registry)(lambda ctx: (_ for _ in ()).throw(ops.OpError("failed", "target: down")))
+    ops.operation("health_run", registry)(lambda ctx: rounds.append(ctx) or {"summary": {}})
+    monkeypatch.setattr(scheduler, "REGISTRY", registry)
+    monkeypatch.setattr(scheduler, "HEALTH_AFTER", {"backup", "verify", "cert_renew"})
+    assert scheduler.run_operation("t_fail", {}, job="verify")["outcome"] == "failed"
+    assert rounds == [in_process]
+    scheduler.run_operation("t_fail", {}, job="backup")
+    scheduler.run_operation("t_fail", {}, job="dns_check")  # its result is checked by the next round
+    assert len(rounds) == 2
 
 
 def test_missing_operation_is_recorded_as_not_available_yet(in_process):
