@@ -231,5 +231,28 @@ def check_offline_stack(m: Machine, report: dict) -> None:
         m.succeed("echo correct-horse-battery | mailstead mailbox-create postmaster@example.test --password-stdin")
         guest_python(m, MAIL_ROUND_TRIP, timeout=300)
         report["uefi_stack_memory_used_mb"] = int(m.succeed("free -m | awk '/^Mem:/ {print $3}'").strip())
+        check_maintenance(m, report)
     finally:
         m.qmp("set_link", name="net0", up=True)
+
+
+def check_maintenance(m: Machine, report: dict) -> None:
+    """Issue 6 in the image: the agent's scheduler has its jobs, the health checks
+    run from the CLI, and a backup to a local folder is made and verified with the
+    image's restic, docker volumes included; OS security updates are unattended."""
+    jobs = json.loads(m.succeed("mailstead schedule-list"))
+    names = {j["job"] for j in jobs["jobs"] if j["cron"]}
+    assert {"backup", "verify", "cert_renew", "health", "dns_check", "upgrade_check"} <= names, jobs
+    status = json.loads(m.succeed("mailstead status --json --no-alert || true", timeout=300))
+    by_id = {r["id"]: r for r in status["results"]}
+    assert by_id["containers"]["status"] == "ok", by_id["containers"]
+    m.succeed("mailstead backup configure --target local --path /var/backups/mailstead-vm", timeout=400)
+    started = m.boot_seconds()
+    m.succeed("mailstead backup run", timeout=900)
+    report["uefi_seconds_backup"] = round(m.boot_seconds() - started, 1)
+    listed = m.succeed("mailstead backup list")
+    assert "Mailstead" in listed, listed
+    verified = json.loads(m.succeed("mailstead backup verify", timeout=900))
+    assert verified["ok"] is True and verified["messages"] >= 1, verified
+    m.succeed("apt-config dump | grep -q 'APT::Periodic::Unattended-Upgrade \"1\"'")
+    m.succeed("test -x /usr/bin/restic && test -x /usr/bin/unattended-upgrade")
