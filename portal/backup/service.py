@@ -27,7 +27,7 @@ from typing import Any
 
 from . import BackupError
 from . import config as cfg
-from .contents import MANIFEST, VOLUMES, DockerVolumes, FolderVolumes, VolumeIO, compare, stage
+from .contents import FORMAT, MANIFEST, VOLUMES, DockerVolumes, FolderVolumes, VolumeIO, compare, stage
 from .restic import HOST, TAG, ProgressParser, Restic, clear_stale_locks, retention_args
 
 Progress = Callable[[str, str], None]
@@ -389,6 +389,13 @@ def _restore(env: Env, snapshot: str, progress: Progress, start: float) -> dict[
             raise BackupError(f"snapshot {snapshot} was made by Mailstead {made_by}, newer than this appliance "
                               f"({env.version}); upgrade this appliance to {made_by} or later, then restore "
                               "(nothing was changed)", "snapshot", "newer_version")
+        fmt = manifest.get("format")
+        if not isinstance(fmt, int) or fmt < 1 or fmt > FORMAT:
+            raise BackupError(f"snapshot {snapshot} has backup format {fmt!r}, which this Mailstead ({env.version}) "
+                              f"does not read (it reads format 1 to {FORMAT}); upgrade this appliance, then restore "
+                              "(nothing was changed)", "snapshot", "newer_version")
+        # Older snapshots of a known format restore as they are: state.db's tables are
+        # created or extended by the portal on start (db.py), so settings carry over.
         with scratch(env, "restore") as dest:
             progress("download", f"restoring snapshot {snapshot} into a scratch folder")
             snap_id = restore_into(r, snapshot, dest, env.timeout, progress)

@@ -289,6 +289,22 @@ def test_a_snapshot_from_a_newer_version_is_refused_untouched(tmp_path):
     assert stack.calls == [] and settled() == before and not new_vols.exists()
 
 
+def test_a_snapshot_in_an_unknown_backup_format_is_refused_untouched(tmp_path, monkeypatch):
+    from portal.backup import contents, service
+
+    state, vols = make_state(tmp_path)
+    env = Env(state, VERSION, volumes=FolderVolumes(vols), timeout=60)
+    configure(env, cfg.validate("local", path=str(tmp_path / "repo")))
+    monkeypatch.setattr(contents, "FORMAT", 2)  # a later Mailstead's backup format, same version string
+    backup(env)
+    monkeypatch.setattr(contents, "FORMAT", 1)
+    stack = NoStack()
+    with pytest.raises(BackupError) as err:
+        restore(Env(state, VERSION, volumes=FolderVolumes(vols), stack=stack, timeout=60), "latest")
+    assert service.FORMAT == 1 and "backup format 2" in err.value.message and "nothing was changed" in err.value.message
+    assert stack.calls == []
+
+
 # -- S3 (moto) and SFTP (sshd) ---------------------------------------------------------
 
 @pytest.fixture
