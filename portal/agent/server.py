@@ -180,6 +180,20 @@ def bind_socket(path: Path, group: int | None) -> socket.socket:
     return sock
 
 
+def prepare_state_db(path: Path, owner: tuple[int, int] | None) -> None:
+    """Make state.db, if it is missing, as the web user's file (0660). The portal
+    creates and writes it; the agent (root) writes it too, but a file root created
+    (the scheduler's job store at the first boot) would be read-only to the portal."""
+    if path.exists():
+        return
+    from .. import db
+
+    db.connect(path).close()
+    if owner is not None:
+        os.chown(path, *owner)
+    os.chmod(path, 0o660)
+
+
 def allowed_uids(users: list[str], uids: list[int], root: bool) -> set[int]:
     result = set(uids)
     for user in users:
@@ -241,6 +255,11 @@ def main(argv: list[str] | None = None) -> int:
     server.socket.close()
     server.socket = sock
     signal.signal(signal.SIGTERM, _terminate)
+    web_user = None
+    if args.allow_user and os.geteuid() == 0:
+        entry = pwd.getpwnam(args.allow_user[0])
+        web_user = (entry.pw_uid, entry.pw_gid)
+    prepare_state_db(ctx.state_dir / "state.db", web_user)
     notify_ready()
     if not args.no_scheduler:  # in the background: operations are served meanwhile
         _scheduler.start_in_background(ctx)

@@ -370,3 +370,20 @@ def test_notify_ready_tells_systemd(tmp_path, monkeypatch):
         listener.close()
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     notify_ready()  # not under systemd: nothing to do
+
+
+def test_state_db_made_by_the_agent_belongs_to_the_web_user(tmp_path):
+    """At first boot the agent's scheduler may open state.db before the portal: the
+    file must then be the portal's (a root-owned one made the portal answer 500)."""
+    import os
+    import stat
+
+    from portal.agent.server import prepare_state_db
+
+    path = tmp_path / "state" / "state.db"
+    prepare_state_db(path, (65534, 65534))
+    st = path.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (65534, 65534, 0o660)
+    os.chown(path, 0, 0)
+    prepare_state_db(path, (65534, 65534))  # an existing file is left as it is
+    assert path.stat().st_uid == 0

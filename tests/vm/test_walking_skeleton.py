@@ -142,6 +142,8 @@ def test_boot_to_token_gated_portal(image: Path, firmware: str, report: dict, tm
         pid = m.succeed("systemctl show -P MainPID mailstead-web.service").strip()
         assert m.succeed(f"ps -o user= -p {pid}").strip() == "mailstead"
         assert m.succeed("stat -c '%a %U' /var/lib/mailstead/setup-token").split()[0] in {"400", "440"}
+        # state.db is the portal's file even though the agent's scheduler may open it first.
+        assert m.succeed("stat -c '%U' /var/lib/mailstead/state.db").strip() == "mailstead"
 
         # The screen's login prompt shows the same banner (getty waits for first boot).
         issue = m.succeed("cat /etc/issue.d/50-mailstead.issue")
