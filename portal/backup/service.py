@@ -151,7 +151,7 @@ def configure(env: Env, target: cfg.Target, *, password: str = "", key: str = ""
         pubkey = cfg.write_ssh_files(paths, target, key or None)
     elif key:
         raise BackupError("key: only an SFTP target takes an SSH key", "key", "invalid")
-    if target.kind == "local":
+    if target.kind == "local" and not password:  # an existing repository's folder is never made
         try:
             Path(target.path).mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
