@@ -31,7 +31,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from portal import create_app, db
+from portal import create_app
 from portal.adminauth import take_pending_mailboxes
 from portal.agent import ops
 from portal.agent.client import AgentClient, AgentError
