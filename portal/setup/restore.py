@@ -406,7 +406,8 @@ def done() -> ResponseReturnValue:
         return redirect(url_for("restore.index"), code=303)
     job, error = the_job()
     if job is None:
-        return render("restore/done.html", "done", 503, job=None, error=error or "the restore job is gone",
+        return render("restore/done.html", "done", 404, job=None,
+                      error=error or "the restore job is gone; start the restore again",
                       complete=setup_complete(), settings={}, notes=[], detect_error=None,
                       login=login_url())
     if job["state"] == "running":
@@ -424,8 +425,3 @@ def done() -> ResponseReturnValue:
     return render("restore/done.html", "done", 200,
                   job=job, error=job.get("error"), complete=complete, settings=settings, notes=notes,
                   detect_error=detect_error, login=login_url(), result=job.get("result") or {})
-
-
-@bp.app_template_filter("restore_when")
-def _when_filter(stamp: str) -> str:
-    return when(stamp)
