@@ -12,6 +12,7 @@ walk the wizard's restore path as the owner would.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -182,36 +183,45 @@ class Fresh:
         return out
 
 
-@pytest.fixture
-def fresh(tmp_path: Path) -> Iterator[Fresh]:
-    state, vols = tmp_path / "state", tmp_path / "vols"
+@contextlib.contextmanager
+def fresh_appliance_agent(root: Path) -> Iterator[tuple[Path, Path, RecordingStack, Path]]:
+    """A freshly flashed appliance's state folder (only the setup token) and its agent:
+    the real server and operations on a unix socket, in a thread, with the stack's
+    volumes as folders and a recorded stack. Yields (state, vols, stack, socket)."""
+    state, vols = root / "state", root / "vols"
     state.mkdir()
     vols.mkdir()
     token = state / "setup-token"
     token.write_text(TEST_TOKEN + "\n")
     token.chmod(0o440)
-    os_release = tmp_path / "os-release"
+    os_release = root / "os-release"
     os_release.write_text(f'NAME="Mailstead Test"\nPRETTY_NAME="{OS_PRETTY_NAME}"\n')
-    ctx = ops.Context(docker=ops.docker_factory(f"unix://{tmp_path}/no-docker.sock"), os_release=os_release,
-                      state_dir=state, images_dir=tmp_path / "no-images", nginx_dir=tmp_path / "nginx",
-                      www_dir=tmp_path / "www", acme_dir=tmp_path / "acme", reload_nginx=False)
+    ctx = ops.Context(docker=ops.docker_factory(f"unix://{root}/no-docker.sock"), os_release=os_release,
+                      state_dir=state, images_dir=root / "no-images", nginx_dir=root / "nginx",
+                      www_dir=root / "www", acme_dir=root / "acme", reload_nginx=False)
     stack = RecordingStack()
     ctx.backup_volumes = FolderVolumes(vols)  # type: ignore[attr-defined]
     ctx.backup_stack = stack  # type: ignore[attr-defined]
     ctx.restic_bin = RESTIC  # type: ignore[attr-defined]
-    sock = tmp_path / "agent.sock"
+    sock = root / "agent.sock"
     server = AgentServer(str(sock), ctx, {os.getuid()}, conn_timeout=30)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    app = create_app({"TESTING": True, "STATE_DIR": str(state), "RUN_DIR": str(tmp_path / "run"),
-                      "AGENT_SOCKET": str(sock), "AGENT_TIMEOUT": 5.0, "TOKEN_RATE_LIMIT": "1000 per minute",
-                      "LOGIN_RATE_LIMIT": "1000 per minute"})
     try:
-        yield Fresh(state, vols, stack, sock, app, https_client(app))
+        yield state, vols, stack, sock
     finally:
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+
+
+@pytest.fixture
+def fresh(tmp_path: Path) -> Iterator[Fresh]:
+    with fresh_appliance_agent(tmp_path) as (state, vols, stack, sock):
+        app = create_app({"TESTING": True, "STATE_DIR": str(state), "RUN_DIR": str(tmp_path / "run"),
+                          "AGENT_SOCKET": str(sock), "AGENT_TIMEOUT": 5.0, "TOKEN_RATE_LIMIT": "1000 per minute",
+                          "LOGIN_RATE_LIMIT": "1000 per minute"})
+        yield Fresh(state, vols, stack, sock, app, https_client(app))
 
 
 def target_form(page: str, **fields: str) -> dict[str, str]:
@@ -312,7 +322,7 @@ def test_the_first_boot_wizard_restore_works_on_a_fresh_state_folder(old: Old, f
     text = " ".join(done.text.split())
     assert "Your appliance is restored" in text and older in text
     assert f'id="restored-domain">{DOMAIN}<' in text and f'id="restored-admin">{ADMIN}<' in text
-    assert 'id="restored-accounts">2 mailboxes, 1 aliases<' in text
+    assert 'id="restored-accounts">2 mailboxes, 1 alias<' in text
     assert 'id="restored-mail">3 messages in 2 mailboxes<' in text and 'id="restored-dkim">2<' in text
     found = f.agent("net_addresses")
     # The restored public addresses are documentation ones: never this machine's, so DNS must be updated.
