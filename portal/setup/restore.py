@@ -47,6 +47,7 @@ MAX_KEY = 16000
 LIST_TIMEOUT = 150.0     # the agent gives restic 120 s to list the snapshots
 CONFIGURE_TIMEOUT = 330.0  # the agent gives restic up to 300 s to open the repository
 TRUE_VALUES = {"1", "true", "yes"}
+AGENT_DOWN = ("unavailable", "timeout", "bad_response")  # portal.agent.client's own codes
 
 KINDS = [("local", "A folder or disk on this appliance"), ("sftp", "An SFTP server"),
          ("s3", "S3-compatible storage")]
@@ -222,8 +223,9 @@ def index() -> ResponseReturnValue:
         except AgentError as err:
             current_app.logger.info("restore: the backup target was refused (%s)", err.code)
             error = attach_error(form, err)
-            status = 422 if err.code in ("invalid", "bad_args", "wrong_password", "no_repository",
-                                         "bad_credentials", "host_key", "exists") else 502
+            # On a field: the owner fixes it (422). Else the agent is not there (503) or the
+            # target could not be opened for another reason the message gives (409).
+            status = 422 if error is None else 503 if err.code in AGENT_DOWN else 409
         else:
             session["restore_target"] = result.get("target") or {}
             session["restore_ssh_key"] = result.get("ssh_public_key") or ""
@@ -292,7 +294,7 @@ def snapshots() -> ResponseReturnValue:
     snaps, error = listed()
     form = SnapshotForm()
     form.snapshot.choices = [(s["id"], snapshot_label(s)) for s in snaps]
-    status = 200 if not error else 502
+    status = 200 if not error else 409
     if form.validate_on_submit():
         chosen = next(s for s in snaps if s["id"] == form.snapshot.data)
         session["restore_snapshot"] = {k: chosen.get(k) for k in ("id", "time", "when", "version", "host",
@@ -328,7 +330,7 @@ def start() -> ResponseReturnValue:
     try:
         job = call("setup_restore", snapshot=str(chosen["id"]))
     except AgentError as err:
-        return render("restore/confirm.html", "confirm", 409 if err.code == "forbidden" else 502, form=form,
+        return render("restore/confirm.html", "confirm", 503 if err.code in AGENT_DOWN else 409, form=form,
                       chosen=chosen, target=session["restore_target"], error=err.message)
     session["restore_job"] = job["id"]
     security.rotate_csrf()

@@ -394,7 +394,7 @@ def test_a_missing_or_unreachable_target_is_said_clearly(old: Old, fresh: Fresh,
     closed = free_port()  # nothing listens there
     response = open_backups(f, target="sftp", host="127.0.0.1", port=str(closed), user="backup",
                             path="/srv/backup", password=old.password)
-    assert response.status_code == 502
+    assert response.status_code == 422
     message = error_text(response.text, "host")
     assert f"Cannot reach the SFTP server 127.0.0.1 port {closed}" in message and "reachable" in message
     assert 'id="restore-ssh-key">ssh-ed25519 ' in response.text  # to add to authorized_keys meanwhile
