@@ -23,6 +23,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     from . import agentweb, config as config_mod, db, errors, security, wizard
     from . import auth
     from .setup import bp as setup_bp, register_rate_limit
+    from .setup.restore import bp as restore_bp
     from .dashboard import area_modules
     from .steps import step_modules
 
@@ -42,6 +43,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     app.register_blueprint(setup_bp)
     app.register_blueprint(wizard.bp)
+    app.register_blueprint(restore_bp)  # the wizard's "Restore from a backup"
     app.register_blueprint(agentweb.bp)
     for module in step_modules() + area_modules():
         app.register_blueprint(module.bp)

@@ -35,6 +35,10 @@ FALLBACK_HOME = "auth.login"  # shows "signed in as …" while the dashboard has
 PUBLIC_AFTER_SETUP = frozenset({"static", "healthz", "auth.login", "setup.token"})
 # Answered with 401 JSON instead of a redirect (polled by static/jobs.js).
 JSON_BLUEPRINTS = frozenset({"jobs"})
+# The wizard's restore (portal/setup/restore.py) puts back a state that says setup is
+# complete while the owner still watches it: its progress and outcome stay open to the
+# setup session that started it (nothing else does; its forms are refused).
+RESTORE_FOLLOW_UP = frozenset({"restore.progress", "restore.status", "restore.done"})
 TRUE_VALUES = {"1", "true", "yes"}
 
 bp = Blueprint("auth", __name__)
@@ -84,7 +88,7 @@ def wizard_endpoints() -> frozenset[str]:
     if cached is None:
         from .steps import step_modules
 
-        blueprints = {"wizard"} | {m.bp.name for m in step_modules()}
+        blueprints = {"wizard", "restore"} | {m.bp.name for m in step_modules()}
         cached = frozenset(e for e in current_app.view_functions if e.partition(".")[0] in blueprints)
         current_app.extensions["mailstead.wizard_endpoints"] = cached
     return cached
@@ -101,6 +105,8 @@ def gate() -> ResponseReturnValue | None:
             return None  # says that setup is not finished
         return wizard.route_to_next_step()
     if endpoint in PUBLIC_AFTER_SETUP:
+        return None
+    if endpoint in RESTORE_FOLLOW_UP and session.get("setup") and session.get("restore_job"):
         return None
     t = now()
     problem = session_problem(t)

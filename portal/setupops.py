@@ -7,6 +7,10 @@
 - `send_test_message(to)`: one message from postmaster@<domain> through the
   local postfix (port 25 as published), to an address of a hosted domain.
 - `setup_finish()`: setup_complete=1 and the setup token deleted for good.
+- `setup_restore(snapshot)` / job `setup_restore`: the wizard's "Restore from a
+  backup" (portal/setup/restore.py): refused once setup is complete; runs the
+  backup restore (portal/backup/service.py) and, when the restored state says
+  setup is complete, deletes the setup token (as setup_finish does).
 - `system_status()`: free space of the state directory's file system, memory.
 - `stack_logs(service, lines)`: the last lines of one service's container log.
 
@@ -200,6 +204,96 @@ def setup_finish(ctx: Context) -> dict[str, Any]:
     existed = token.exists()
     token.unlink(missing_ok=True)
     return {"setup_complete": True, "token_deleted": existed}
+
+
+# -- restoring onto a fresh appliance (the wizard's "Restore from a backup") ------------------
+
+RESTORE_JOB = "setup_restore"
+TRUE_VALUES = {"1", "true", "yes"}
+
+
+def setup_is_complete(ctx: Context) -> bool:
+    return (db.read_setting(ctx.state_dir / "state.db", "setup_complete") or "").strip().lower() in TRUE_VALUES
+
+
+def _refuse_after_setup(ctx: Context) -> None:
+    if setup_is_complete(ctx):
+        raise OpError("forbidden", "setup is finished: this appliance restores a backup from the dashboard "
+                                   "(Backups), not from the setup wizard")
+
+
+@operation("setup_restore")
+def setup_restore(ctx: Context, snapshot: str = "latest") -> dict[str, Any]:
+    """The wizard's restore of `snapshot` (a job, watched with job_status). The backup
+    target must be configured first (backup_configure with the recovery sheet's password).
+    Refused once setup is complete."""
+    from .agent.jobs import latest, start
+    from .backup import agentops as backup_ops
+    from .backup.service import check_snapshot_id
+
+    _refuse_after_setup(ctx)
+    with backup_ops.refusals():
+        snapshot = check_snapshot_id(snapshot)
+    running = latest(ctx, RESTORE_JOB)
+    if running is not None and running["state"] == "running":
+        return running  # one restore at a time; this request is not queued
+    path = backup_ops._request_path(ctx)  # the request the backup's restore job reads
+    ctx.state_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"snapshot": snapshot}))
+    os.replace(tmp, path)
+    return start(ctx, RESTORE_JOB)
+
+
+def restored_summary(state_dir: Path) -> dict[str, Any]:
+    """What the restored state holds, for the wizard's last page (no secrets)."""
+    import sqlite3
+
+    admin: Any = None
+    try:
+        record = json.loads((state_dir / "secrets" / "admin.json").read_text(encoding="utf-8"))
+        admin = str(record.get("address")) if isinstance(record, dict) and record.get("address") else None
+    except (OSError, ValueError):
+        pass
+    accounts = {"mailboxes": 0, "aliases": 0}
+    path = state_dir / "accounts" / "accounts.db"
+    if path.exists():
+        try:
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+            try:
+                for table in accounts:
+                    accounts[table] = conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # noqa: S608
+            finally:
+                conn.close()
+        except sqlite3.Error:
+            pass
+    dkim = state_dir / "secrets" / "dkim"
+    return {"admin_address": admin, **accounts,
+            "dkim_keys": sum(1 for p in dkim.iterdir() if p.is_file()) if dkim.is_dir() else 0,
+            "certificate": (state_dir / "tls" / "live").exists() or (state_dir / "tls" / "cert.pem").exists()}
+
+
+@job_kind(RESTORE_JOB)
+def setup_restore_job(ctx: Context, progress: Progress) -> dict[str, Any]:
+    """The backup's restore job, then the end of setup when the restored state says it is
+    complete: the setup token is deleted (also when the restored stack failed to start,
+    since the portal is then the dashboard already)."""
+    from .backup.agentops import restore_job
+
+    _refuse_after_setup(ctx)
+    token = ctx.state_dir / "setup-token"
+    try:
+        result = restore_job(ctx, progress)
+    finally:
+        complete = setup_is_complete(ctx)
+        existed = complete and token.exists()
+        if complete:
+            token.unlink(missing_ok=True)
+            progress("setup", "setup is complete (from the backup): the setup token is deleted")
+    if not complete:
+        progress("setup", "the backup was made before setup was finished: continue in the setup wizard")
+    return {**result, "setup_complete": complete, "token_deleted": existed,
+            "restored": restored_summary(ctx.state_dir)}
 
 
 # -- dashboard -------------------------------------------------------------------------------

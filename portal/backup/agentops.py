@@ -1,5 +1,5 @@
 """The agent's backup operations: backup_configure, backup_run, backup_list,
-backup_verify, backup_restore, backup_state.
+backup_verify, backup_restore, backup_state, backup_ssh_key.
 
 backup_run, backup_verify and backup_restore start background jobs (jobs.py:
 kinds "backup_run", "backup_verify", "backup_restore") and return the job;
@@ -77,6 +77,22 @@ def backup_target(ctx: Context) -> dict[str, Any]:
     except BackupError:
         return {"target": None}
     return {"target": t.public()}
+
+
+@operation("backup_ssh_key")
+def backup_ssh_key(ctx: Context) -> dict[str, Any]:
+    """The appliance's SSH public key for an SFTP target (made by backup_configure), to add
+    to the server's authorized_keys; {"ssh_public_key": null} before the first SFTP attempt."""
+    import subprocess
+
+    from . import config as cfg
+
+    key = cfg.Paths(ctx.state_dir / "secrets").ssh_key
+    if not key.exists():
+        return {"ssh_public_key": None}
+    pub = subprocess.run(["ssh-keygen", "-y", "-f", str(key)], capture_output=True, text=True, timeout=30,
+                         check=False)
+    return {"ssh_public_key": (pub.stdout.strip() or None) if pub.returncode == 0 else None}
 
 
 @job_kind("backup_run")

@@ -151,7 +151,7 @@ def configure(env: Env, target: cfg.Target, *, password: str = "", key: str = ""
         pubkey = cfg.write_ssh_files(paths, target, key or None)
     elif key:
         raise BackupError("key: only an SFTP target takes an SSH key", "key", "invalid")
-    if target.kind == "local":
+    if target.kind == "local" and not password:  # an existing repository's folder is never made
         try:
             Path(target.path).mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
@@ -226,7 +226,10 @@ def _backup(env: Env, progress: Progress, entry: dict[str, Any]) -> dict[str, An
         progress("upload", f"backing up {manifest['messages']} messages in {len(manifest['mailboxes'])} mailboxes")
         parser = ProgressParser(progress)
         # Staging is rebuilt each run: inode and ctime always change, so restic decides by size and mtime.
-        r.run("backup", ".", "--host", HOST, "--tag", TAG, "--tag", f"version={env.version}",
+        # The mail host as a tag too: the snapshot list can say which appliance made each
+        # snapshot (restic's own host is HOST for all, so retention groups them).
+        mail_host = ["--tag", f"host={values['mail_host']}"] if values.get("mail_host") else []
+        r.run("backup", ".", "--host", HOST, "--tag", TAG, "--tag", f"version={env.version}", *mail_host,
               "--ignore-inode", "--ignore-ctime", "--exclude-caches", timeout=left(), on_line=parser, cwd=staging)
     summary = parser.summary or {}
     entry["snapshot"] = (summary.get("snapshot_id") or "")[:8] or None
@@ -248,9 +251,10 @@ def snapshots(env: Env, timeout: float = 300) -> list[dict[str, Any]]:
     for s in data:
         tags = s.get("tags") or []
         version = next((t.split("=", 1)[1] for t in tags if t.startswith("version=")), "")
+        host = next((t.split("=", 1)[1] for t in tags if t.startswith("host=")), "")
         summ = s.get("summary") or {}
         out.append({"id": s.get("short_id") or s.get("id", "")[:8], "full_id": s.get("id", ""),
-                    "time": s.get("time", ""), "version": version,
+                    "time": s.get("time", ""), "version": version, "host": host,
                     "files": summ.get("total_files_processed"), "bytes": summ.get("total_bytes_processed")})
     return sorted(out, key=lambda x: x["time"], reverse=True)
 

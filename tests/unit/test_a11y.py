@@ -123,7 +123,7 @@ def _descendants(el: Element) -> list[Element]:
 
 PAGES: dict[str, list[str]] = {
     "token": ["/setup/token", "/no-such-page"],
-    "at:domain": ["/setup/domain"],
+    "at:domain": ["/setup/domain", "/setup/restore"],
     "at:admin": ["/setup/admin"],
     "at:dns": ["/setup/dns"],
     "at:certs": ["/setup/certs"],
@@ -140,7 +140,13 @@ CASES = [(state, path) for state, paths in PAGES.items() for path in paths]
 BAD_POSTS: dict[str, list[tuple[str, str, dict[str, str]]]] = {
     "token": [("/setup/token", "/setup/token", {"token": "wrong"})],
     "at:domain": [("/setup/domain", "/setup/domain", {"domain": "bad domain", "public_ipv4": "10.0.0.1",
-                                                      "public_ipv6": "nope", "dns_resolvers": "x y"})],
+                                                      "public_ipv6": "nope", "dns_resolvers": "x y"}),
+                  ("/setup/restore", "/setup/restore", {"target": "sftp", "port": "x", "user": "a\x00",
+                                                         "password": ""}),
+                  ("/setup/restore", "/setup/restore", {"target": "local", "path": "relative/folder",
+                                                         "password": "abcd-efgh"}),
+                  ("/setup/restore", "/setup/restore", {"target": "local", "path": "/nonexistent/backups",
+                                                         "password": "abcd-efgh"})],
     "at:admin": [("/setup/admin", "/setup/admin", {"address": "", "password": "short", "password_confirm": "x",
                                                    "totp_code": "abc"})],
     "at:dns": [("/setup/dns", "/setup/dns/push-config", {"rfc2136_server": "", "rfc2136_port": "0",

@@ -172,7 +172,8 @@ def test_setup_session_after_setup_is_finished(rig: Callable[..., Rig]) -> None:
     r2 = rig("dashboard")  # same state dir: setup now complete
     assert r2.client.get("/admin/").status_code in (200, 409)
     before = r.stored()
-    for path in ("/setup/domain", "/setup/admin", "/setup/deploy", "/", "/admin/", "/admin/mailboxes/"):
+    for path in ("/setup/domain", "/setup/admin", "/setup/deploy", "/setup/restore", "/setup/restore/done", "/",
+                 "/admin/", "/admin/mailboxes/"):
         response = r.client.get(path)
         assert response.status_code == 302 and response.headers["Location"].startswith("/login"), path
     response = r.client.post("/setup/domain", data={**BASE_SETTINGS, "domain": "attacker.example",

@@ -199,6 +199,9 @@ DNS_PUSH = {"rfc2136_server": "192.0.2.53", "rfc2136_port": "53", "rfc2136_key_n
 ACME = {"acme_ca": "letsencrypt-staging", "acme_directory": "", "acme_ca_bundle_pem": "",
         "acme_contact": ADMIN, "acme_challenge": "http-01", "save_acme": "Save"}
 ACME_RELATED = {"acme_ca": _f("acme_directory", "acme_ca_bundle_pem")}
+RESTORE_TARGET = {"target": "local", "path": "/nonexistent/mailstead-fuzz-backups", "host": "", "port": "",
+                  "user": "", "key": "", "endpoint": "", "bucket": "", "region": "", "access_key_id": "",
+                  "secret_access_key": "", "password": "abcd-efgh-jkmn-pqrs"}
 
 FORMS = [
     Form("token", "token", "/setup/token", "/setup/token", {"token": "not-the-token"}),
@@ -221,6 +224,11 @@ FORMS = [
     Form("clients profile", "clients", "/setup/deploy/clients", "/setup/deploy/profile.mobileconfig",
          {"address": ADMIN}, csrf=None),
     Form("finish", "clients", "/setup/deploy/clients", "/setup/deploy/finish", {}),
+    # The wizard's "Restore from a backup": no repository in the rig, so the plausible
+    # target is refused on its path (and the agent names the field of any other refusal).
+    Form("restore target", "at:domain", "/setup/restore", "/setup/restore", RESTORE_TARGET, also=_f("path")),
+    Form("restore snapshot", "at:domain", "/setup/restore", "/setup/restore/snapshots", {"snapshot": "0123abcd"}),
+    Form("restore start", "at:domain", "/setup/restore", "/setup/restore/start", {}),
     Form("login", "login", "/login", "/login", {"address": ADMIN, "password": PASSWORD, "code": "000000"}),
     Form("mailbox create", "dashboard", "/admin/mailboxes/", "/admin/mailboxes/create",
          {"create-address": f"carol@{DOMAIN}", "create-password": PASSWORD, "create-quota_mb": "0"},
