@@ -376,7 +376,13 @@ def restore(args: argparse.Namespace, client_for: Any) -> int:
             print("mailstead: nothing was changed", file=sys.stderr)
             return 1
     client = client_for(DEFAULT_TIMEOUT)
-    job = client.call("backup_restore", snapshot=chosen["full_id"] or chosen["id"])
+    snapshot = chosen["full_id"] or chosen["id"]
+    try:  # before setup is finished: as the wizard's restore (the setup token goes when done)
+        job = client.call("setup_restore", snapshot=snapshot)
+    except AgentError as exc:
+        if exc.code != "forbidden":
+            raise
+        job = client.call("backup_restore", snapshot=snapshot)
     return job_outcome(follow(client, job))
 
 

@@ -17,7 +17,7 @@ def test_backup_then_restore_onto_a_fresh_state_with_the_cli(tmp_path, monkeypat
     old, repo = tmp_path / "old" / "state", tmp_path / "repo"
     # A compose project no test stack uses: only files are backed up (the stack tests cover volumes).
     write_settings(old / "state.db", {"domain": "example.test", "mail_host": "mail.example.test",
-                                      "stack_project": "mstest-i6-cli-none"})
+                                      "stack_project": "mstest-i6-cli-none", "setup_complete": "1"})
     (old / "secrets" / "dkim").mkdir(parents=True)
     (old / "secrets" / "dkim" / "example.test.key").write_text("dkim private key\n")
     agent = launch_agent(tmp_path / "old", "--no-scheduler", env={"MAILSTEAD_STATE_DIR": str(old)})
@@ -44,6 +44,7 @@ def test_backup_then_restore_onto_a_fresh_state_with_the_cli(tmp_path, monkeypat
 
     new = tmp_path / "new" / "state"
     new.mkdir(parents=True)
+    (new / "setup-token").write_text("fresh-appliance-token\n")
     fresh = launch_agent(tmp_path / "new", "--no-scheduler", env={"MAILSTEAD_STATE_DIR": str(new)})
     try:
         sock = ["--socket", str(fresh.socket)]
@@ -60,6 +61,7 @@ def test_backup_then_restore_onto_a_fresh_state_with_the_cli(tmp_path, monkeypat
         assert "files: putting back" in done.err and '"messages": 0' in done.out  # progress, then the result
         assert (new / "secrets" / "dkim" / "example.test.key").read_text() == "dkim private key\n"
         assert read_setting(new / "state.db", "mail_host") == "mail.example.test"
+        assert not (new / "setup-token").exists()  # the restored appliance is set up: the token is gone
         assert cli.main([*sock, "restore", "--snapshot", "deadbeef", "--yes"]) == 1
         assert "--snapshot" in capsys.readouterr().err
     finally:
