@@ -19,7 +19,7 @@ from flask_wtf import FlaskForm
 from .agent.client import AgentClient, AgentError
 
 # The jobs the web may start (the agent has its own allowlist too).
-WEB_JOBS = frozenset({"stack_deploy", "cert_issue", "dns_check", "setup_deploy"})
+WEB_JOBS = frozenset({"stack_deploy", "cert_issue", "dns_check", "setup_deploy", "backup_run", "backup_verify"})
 
 
 def call(op: str, timeout: float | None = None, **args: Any) -> dict[str, Any]:

@@ -159,7 +159,13 @@ def configure(env: Env, target: cfg.Target, *, password: str = "", key: str = ""
     new = not password
     secret = password.strip() if password else cfg.new_password()
     if target.kind == "sftp":
-        cfg.sftp_preflight(paths, target)
+        try:
+            cfg.sftp_preflight(paths, target)
+        except BackupError as err:
+            if err.code == "bad_credentials":  # the key to add is shown nowhere else (the owner cannot read secrets/)
+                err.message = f"{err.message} (the appliance's public key: {pubkey})"
+                err.args = (err.message,)
+            raise
     trial = paths.secrets / ".backup-password.new"
     cfg.write_secret(trial, secret + "\n")
     r = env.restic(target, password_file=trial)

@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS health_history (
     check_id TEXT NOT NULL,
     at       REAL NOT NULL,
     status   TEXT NOT NULL,
-    message  TEXT NOT NULL
+    message  TEXT NOT NULL,
+    fix      TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS health_history_check ON health_history (check_id, id);
 """
@@ -47,6 +48,11 @@ def _db(state_dir: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(state_dir / "state.db", timeout=10)
     conn.row_factory = sqlite3.Row
     conn.executescript(SCHEMA)
+    if "fix" not in {row["name"] for row in conn.execute("PRAGMA table_info(health_history)")}:
+        try:  # a table from before the fix was kept (the dashboard shows the latest fix)
+            conn.execute("ALTER TABLE health_history ADD COLUMN fix TEXT NOT NULL DEFAULT ''")
+        except sqlite3.OperationalError:
+            pass  # another connection added it just now
     return conn
 
 
@@ -64,8 +70,8 @@ def record(state_dir: Path, results: list[CheckResult], at: float | None = None)
                 old = row["status"] if row else "ok"
                 if old != r.status:
                     changes.append({"id": r.id, "old": old, "new": r.status, "message": r.message, "fix": r.fix})
-                conn.execute("INSERT INTO health_history (check_id, at, status, message) VALUES (?, ?, ?, ?)",
-                             (r.id, at, r.status, r.message[:500]))
+                conn.execute("INSERT INTO health_history (check_id, at, status, message, fix) VALUES (?, ?, ?, ?, ?)",
+                             (r.id, at, r.status, r.message[:500], r.fix[:500]))
                 conn.execute("DELETE FROM health_history WHERE check_id = ? AND id <= "
                              "(SELECT id FROM health_history WHERE check_id = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
                              (r.id, r.id, KEEP))
@@ -84,7 +90,8 @@ def history(state_dir: Path, check_id: str | None = None, limit: int = 100) -> l
             rows = conn.execute("SELECT * FROM health_history ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
     finally:
         conn.close()
-    return [{"id": r["check_id"], "at": r["at"], "status": r["status"], "message": r["message"]} for r in rows]
+    return [{"id": r["check_id"], "at": r["at"], "status": r["status"], "message": r["message"], "fix": r["fix"]}
+            for r in rows]
 
 
 # -- alerts -------------------------------------------------------------------------------

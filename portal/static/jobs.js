@@ -6,13 +6,14 @@
 // the browser goes there; a job that was already finished on load does not
 // redirect (no reload loops). Rows with data-service="NAME" (e.g. a deploy's
 // services) get the latest detail of events whose step is NAME, and a class
-// svc-ok / svc-bad / svc-busy from it.
+// svc-ok / svc-bad / svc-busy from it. Buttons with data-copy="ID" copy that element's text;
+// buttons with data-print print the page. data-idle on the section: what to say while no job runs.
 (function () {
   "use strict";
   function render(box, job) {
     var list = box.querySelector("[data-job-events]");
     var state = box.querySelector("[data-job-state]");
-    if (!job) { if (state) state.textContent = "Not started yet."; return; }
+    if (!job) { if (state) state.textContent = box.getAttribute("data-idle") || "Not started yet."; return; }
     if (list) {
       list.textContent = "";
       (job.events || []).forEach(function (e) {
@@ -80,6 +81,9 @@
         form.addEventListener("submit", function (ev) { ev.preventDefault(); start(box, form); });
       }
       poll(box);  // a reload picks up a running (or finished) job
+    });
+    document.querySelectorAll("[data-print]").forEach(function (button) {
+      button.addEventListener("click", function () { window.print(); });
     });
     document.querySelectorAll("[data-copy]").forEach(function (button) {
       button.addEventListener("click", function () {

@@ -358,6 +358,7 @@ def test_sftp_round_trip_down_and_back(tmp_path, sshd):
         configure(env, target)
     assert err.value.field == "key" and "authorized_keys" in err.value.message
     pub = (state / "secrets" / "backup-ssh" / "id_ed25519.pub").read_text()
+    assert pub.split()[1] in err.value.message  # the owner cannot read secrets/: the key is in the message
     with open(sshd.authorized, "a") as f:
         f.write(pub)
     made = configure(env, target)

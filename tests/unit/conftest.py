@@ -90,8 +90,18 @@ def unlocked(client: FlaskClient) -> FlaskClient:
 def rig(make_app: Callable[..., Flask], token_file: Path, state_dir: Path,
         start_agent: Callable[..., Any]) -> Callable[..., Any]:
     """rig(state) -> an app in that state with a real agent and a client
-    (states and helpers: tests/unit/test_fuzz_forms.py build_rig)."""
+    (states and helpers: tests/unit/test_fuzz_forms.py build_rig). The agent starts
+    at the first call, with its scheduler only for the "maintenance" state."""
     from tests.unit.test_fuzz_forms import build_rig
 
-    agent = start_agent(env={"MAILSTEAD_STATE_DIR": str(state_dir)})
-    return lambda state, **config: build_rig(state, make_app, state_dir, agent, **config)
+    agents: list[Any] = []
+
+    def make(state: str, **config: Any) -> Any:
+        if not agents:
+            env = {"MAILSTEAD_STATE_DIR": str(state_dir)}
+            if state == "maintenance":
+                env["MAILSTEAD_SCHEDULER"] = "1"
+            agents.append(start_agent(env=env))
+        return build_rig(state, make_app, state_dir, agents[0], **config)
+
+    return make

@@ -132,7 +132,8 @@ PAGES: dict[str, list[str]] = {
     "login": ["/login", "/setup/token"],
     "dashboard": ["/admin/", "/admin/mailboxes/", f"/admin/mailboxes/delete?address=bob@{BASE_SETTINGS['domain']}",
                   "/admin/dns", "/admin/certs", "/admin/clients/", "/admin/logs/",
-                  "/admin/logs/?service=postfix&lines=0"],
+                  "/admin/logs/?service=postfix&lines=0", "/admin/health/", "/admin/backups/"],
+    "maintenance": ["/admin/schedules/"],
 }
 CASES = [(state, path) for state, paths in PAGES.items() for path in paths]
 
@@ -173,6 +174,14 @@ BAD_POSTS: dict[str, list[tuple[str, str, dict[str, str]]]] = {
         ("/admin/dns", "/admin/dns/push-config", {"rfc2136_server": "a b"}),
         ("/admin/certs", "/admin/certs/settings", {"acme_ca": "nope"}),
         ("/admin/clients/", "/admin/clients/test", {"to": "x"}),
+        ("/admin/health/", "/admin/health/alerts", {"alert_webhook_url": "ftp://x", "dnsbl_zones": "not a zone"}),
+        ("/admin/backups/", "/admin/backups/target", {"target": "sftp", "host": "", "port": "x", "key": "k\x00"}),
+        ("/admin/backups/", "/admin/backups/target", {"target": "local", "path": "relative"}),  # the agent's
+        ("/admin/backups/", "/admin/backups/restore", {"snapshot": "zz"}),
+    ],
+    "maintenance": [
+        ("/admin/schedules/", "/admin/schedules/upgrade_check", {"upgrade_check-cron": "61 * * * *"}),
+        ("/admin/schedules/", "/admin/schedules/health", {"health-cron": ""}),
     ],
 }
 BAD_CASES = [(state, *post) for state, posts in BAD_POSTS.items() for post in posts]

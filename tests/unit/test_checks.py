@@ -267,6 +267,20 @@ def test_history_is_bounded_per_check(state, monkeypatch):
     assert len(history.history(state, "memory", 100)) == 3
 
 
+def test_history_keeps_the_fix_and_upgrades_an_older_table(state):
+    """The dashboard shows each check's latest fix from the history; a table made
+    before the fix column existed gets it (its old rows with an empty fix)."""
+    import sqlite3
+
+    with sqlite3.connect(state / "state.db") as c:
+        c.execute("CREATE TABLE health_history (id INTEGER PRIMARY KEY AUTOINCREMENT, check_id TEXT NOT NULL, "
+                  "at REAL NOT NULL, status TEXT NOT NULL, message TEXT NOT NULL)")
+        c.execute("INSERT INTO health_history (check_id, at, status, message) VALUES ('disk', 1, 'ok', 'old')")
+    history.record(state, [CheckResult("disk", "warn", "low", "delete old files")])
+    assert [(r["message"], r["fix"]) for r in history.history(state, "disk", 10)] == [
+        ("low", "delete old files"), ("old", "")]
+
+
 @pytest.fixture
 def alerting(state):
     with serving(SmtpSink()) as sink, serving(HookServer()) as hook:

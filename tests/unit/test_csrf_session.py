@@ -28,7 +28,7 @@ def post_rules(app: Flask, prefix: str) -> list[str]:
     out = []
     for rule in app.url_map.iter_rules():
         if "POST" in (rule.methods or ()) and rule.rule.startswith(prefix):
-            out.append(rule.rule.replace("<kind>", "dns_check"))
+            out.append(rule.rule.replace("<kind>", "dns_check").replace("<job>", "backup"))
     return sorted(out)
 
 
@@ -71,7 +71,7 @@ def test_a_token_from_another_session_is_refused(rig: Callable[..., Rig], state:
     urls = [u for p in STATE_PREFIXES[state] for u in post_rules(r.app, p)]
     before = r.stored()
     for url in urls:
-        prefixes = {"", "create-", "reset-", "quota-", "alias-", "unalias-", "delete-"}
+        prefixes = {"", "create-", "reset-", "quota-", "alias-", "unalias-", "delete-", "backup-"}
         refused(r.client.post(url, data={f"{p}csrf_token": stolen for p in prefixes}))
     assert r.stored() == before
 
@@ -92,6 +92,11 @@ REPLAYS = [
      {"quota-address": f"bob@{BASE_SETTINGS['domain']}", "quota-quota_mb": "2048"}, {"quota-quota_mb": "1"}),
     ("dashboard", "/admin/dns", "/admin/dns/push-config", DNS_PUSH, {"rfc2136_key_name": "attacker"}),
     ("dashboard", "/admin/certs", "/admin/certs/settings", ACME, {"acme_challenge": "dns-01"}),
+    ("dashboard", "/admin/health/", "/admin/health/alerts",
+     {"alert_webhook_url": "https://hooks.example.com/a", "dnsbl_zones": "zen.spamhaus.org"},
+     {"alert_webhook_url": "https://attacker.example/x"}),
+    ("maintenance", "/admin/schedules/", "/admin/schedules/upgrade_check", {"upgrade_check-cron": "0 1 1 1 *"},
+     {"upgrade_check-cron": "* * * * *"}),
 ]
 
 

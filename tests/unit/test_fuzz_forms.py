@@ -101,8 +101,14 @@ def step_order(step_id: str) -> int:
 
 # The states a page can be seen in: "token" (locked wizard), "at:<step>" (unlocked,
 # the steps before <step> done), "clients" (deployed, before Finish), "login" (setup
-# complete, no session) and "dashboard" (setup complete, signed in).
-STATES = ("token", "at:domain", "at:admin", "at:dns", "at:certs", "at:deploy", "clients", "login", "dashboard")
+# complete, no session), "dashboard" (setup complete, signed in) and "maintenance" (the
+# dashboard with the agent's scheduler running, every job moved to a far-off time;
+# resolvers and mail ports on loopback, so a job that runs anyway stays on this machine).
+STATES = ("token", "at:domain", "at:admin", "at:dns", "at:certs", "at:deploy", "clients", "login", "dashboard",
+          "maintenance")
+FAR_OFF = "0 0 1 1 *"
+LOOPBACK_ONLY = {"dns_resolvers": "127.0.0.1:9", "publish_addresses": "127.0.0.1",
+                 "stack_ports": '{"smtp": 9, "submission": 9, "submissions": 9, "imaps": 9, "pop3s": 9, "dav": 9}'}
 
 
 def build_rig(state: str, make_app: Callable[..., Flask], state_dir: Path, agent: AgentProcess,
@@ -129,7 +135,11 @@ def build_rig(state: str, make_app: Callable[..., Flask], state_dir: Path, agent
                        step_order("deploy"))
         assert unlock(rig.client).status_code == 302
         return rig
-    write_settings(state_dir, BASE_SETTINGS, step_order("deploy"))
+    write_settings(state_dir, {**BASE_SETTINGS, **(LOOPBACK_ONLY if state == "maintenance" else {})},
+                   step_order("deploy"))
+    if state == "maintenance":
+        for job in rig.agent_call("schedule_list")["jobs"]:
+            rig.agent_call("schedule_set", job=job["job"], cron=FAR_OFF)
     rig.totp = create_admin(rig.agent_call)
     write_settings(state_dir, {"setup_complete": "1", "stack_deployed": "1", "admin_address": ADMIN},
                    step_order("deploy") + 1)
@@ -137,7 +147,7 @@ def build_rig(state: str, make_app: Callable[..., Flask], state_dir: Path, agent
     accounts.add_domain(DOMAIN)
     accounts.create_mailbox(ADMIN, PASSWORD, 0, keys=NoKeys())
     accounts.create_mailbox(f"bob@{DOMAIN}", PASSWORD, 100, keys=NoKeys())
-    if state == "dashboard":
+    if state in ("dashboard", "maintenance"):
         with rig.client.session_transaction() as s:
             s["admin"] = ADMIN
             s["auth_at"] = s["seen"] = time.time()
@@ -254,6 +264,25 @@ FORMS = [
     Form("dashboard clients test", "dashboard", "/admin/clients/", "/admin/clients/test", {"to": ADMIN}),
     Form("dashboard clients profile", "dashboard", "/admin/clients/", "/admin/clients/profile.mobileconfig",
          {"address": ADMIN}, csrf=None),
+    Form("health run", "dashboard", "/admin/health/", "/admin/health/run", {}),
+    Form("alerts", "dashboard", "/admin/health/", "/admin/health/alerts",
+         {"alert_webhook_url": "https://hooks.example.com/mailstead", "dnsbl_zones": "zen.spamhaus.org",
+          "save_alerts": "Save"}),
+    Form("alerts test", "dashboard", "/admin/health/", "/admin/health/alerts/test", {}),
+    # S3 with a refused endpoint: the target is never created (a fuzzed local folder would be).
+    Form("backup target", "dashboard", "/admin/backups/", "/admin/backups/target",
+         {"target": "s3", "path": "mailstead", "endpoint": "ftp://s3.example.com", "bucket": "mailstead-backup",
+          "region": "", "access_key_id": "AKIAEXAMPLE", "secret_access_key": "example-secret", "host": "",
+          "port": "22", "user": "", "key": "", "password": "", "save_target": "Save"},
+         also=_f("endpoint"), related={"target": _f("path", "host", "port", "user", "bucket", "access_key_id",
+                                                    "secret_access_key", "region", "key")}),
+    Form("backup run", "dashboard", "/admin/backups/", "/admin/backups/run", {}),
+    Form("backup verify", "dashboard", "/admin/backups/", "/admin/backups/verify", {}),
+    Form("backup restore", "dashboard", "/admin/backups/", "/admin/backups/restore",
+         {"snapshot": "latest", "confirm": ""}, also=_f("confirm")),
+    Form("schedule", "maintenance", "/admin/schedules/", "/admin/schedules/upgrade_check",
+         {"upgrade_check-cron": FAR_OFF, "upgrade_check-save": "Save"}, csrf="upgrade_check-csrf_token"),
+    Form("schedule run now", "maintenance", "/admin/schedules/", "/admin/schedules/upgrade_check/run", {}),
     Form("logout", "dashboard", "/admin/", "/logout", {}),
 ]
 

@@ -1,0 +1,120 @@
+"""The dashboard's Backups area end to end with a real agent, real restic and a local
+folder target: configure (recovery sheet once), Back up now as jobs.js starts it, the
+snapshot in the list, Verify now without JavaScript, then a restore of that snapshot
+behind its confirmation box, watched until it ends.
+
+The stack's volumes are asked for through the host's docker engine under a compose
+project no test stack uses (as test_backup_agent.py does): they do not exist, so only
+the databases and files are backed up. No stack is deployed, so the restore puts the
+files back and then reports that the stack did not come back (nothing here can start it).
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask.testing import FlaskClient
+
+from portal import create_app
+from portal.db import write_settings
+from tests.conftest import AgentProcess, launch_agent
+from tests.unit.conftest import https_client
+
+ADMIN = "postmaster@example.test"
+CSRF_RE = re.compile(r'name="csrf_token" type="hidden" value="([^"]+)"')
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[tuple[FlaskClient, AgentProcess, Path]]:
+    state = tmp_path / "state"
+    write_settings(state / "state.db", {"domain": "example.test", "mail_host": "mail.example.test",
+                                        "setup_complete": "1", "admin_address": ADMIN,
+                                        "stack_project": "mstest-i6dash-none", "dnsbl_zones": "before.example"})
+    (state / "secrets" / "dkim").mkdir(parents=True)
+    (state / "secrets" / "dkim" / "k.key").write_text("dkim")
+    agent = launch_agent(tmp_path, "--no-scheduler", env={"MAILSTEAD_STATE_DIR": str(state)})
+    app = create_app({"TESTING": True, "STATE_DIR": str(state), "RUN_DIR": str(tmp_path / "run"),
+                      "AGENT_SOCKET": str(agent.socket), "AGENT_TIMEOUT": 5.0})
+    client = https_client(app)
+    with client.session_transaction() as s:
+        s["admin"] = ADMIN
+        s["auth_at"] = s["seen"] = time.time()
+    try:
+        yield client, agent, state
+    finally:
+        agent.stop()
+
+
+def token(client: FlaskClient) -> str:
+    return html.unescape(CSRF_RE.search(client.get("/admin/backups/").text).group(1))
+
+
+def watch(client: FlaskClient, kind: str, timeout: float = 120) -> dict[str, Any]:
+    """Poll the page's status URL as jobs.js does until the job ends."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.get(f"/admin/backups/status/{kind}").get_json()["job"]
+        if job and job["state"] != "running":
+            return job
+        assert time.monotonic() < deadline, f"{kind} still running: {job}"
+        time.sleep(0.3)
+
+
+def test_backup_verify_and_restore_through_the_page(site: tuple[FlaskClient, AgentProcess, Path],
+                                                     tmp_path: Path) -> None:
+    client, agent, state = site
+    repo = tmp_path / "backups"
+    sheet = client.post("/admin/backups/target", data={"csrf_token": token(client), "target": "local",
+                                                        "path": str(repo), "save_target": "y"})
+    assert sheet.status_code == 200 and "This sheet is shown only now." in sheet.text
+    password = re.search(r"Password: +(\S+)", html.unescape(sheet.text)).group(1)
+    assert stat.S_IMODE((state / "secrets" / "backup-password").stat().st_mode) == 0o600
+
+    page = client.get("/admin/backups/").text
+    assert 'data-start-url="/jobs/backup_run/start"' in page and 'id="snapshots-none"' in page
+    started = client.post("/jobs/backup_run/start", data={"csrf_token": token(client)})  # as jobs.js does
+    assert started.status_code == 202, started.text
+    job = watch(client, "backup_run")
+    assert job["state"] == "done", job
+    assert {"databases", "upload", "retention"} <= {e["step"] for e in job["events"]}
+    snapshot = job["result"]["snapshot"]
+    page = client.get("/admin/backups/").text
+    assert f'id="snapshot-{snapshot}"' in page and f'<option value="{snapshot}">' in page
+    assert re.search(r'id="last-backup"><span class="outcome-ok">OK</span>', page)
+    assert f'id="backup-run-done">The last backup succeeded: snapshot <code>{snapshot}</code>' in page
+    # the finished job the page shows is not reported again (jobs.js would reload the page)
+    after = re.search(r'data-status-url="(/admin/backups/status/backup_run\?after=[^"]+)"', page).group(1)
+    assert client.get(html.unescape(after)).get_json() == {"job": None}
+
+    verified = client.post("/admin/backups/verify", data={"csrf_token": token(client)})  # without JavaScript
+    assert verified.status_code == 303 and verified.location.endswith("#backup-verify")
+    job = watch(client, "backup_verify")
+    assert job["state"] == "done" and job["result"]["snapshot"] == snapshot, job
+    assert re.search(r'id="last-verify"><span class="outcome-ok">OK</span>', client.get("/admin/backups/").text)
+
+    # A change after the backup, then the restore: refused without the box, done with it.
+    write_settings(state / "state.db", {"dnsbl_zones": "after.example"})
+    refused = client.post("/admin/backups/restore", data={"csrf_token": token(client), "snapshot": snapshot})
+    assert refused.status_code == 422 and 'id="confirm-error"' in refused.text
+    assert client.get("/admin/backups/status/backup_restore").get_json() == {"job": None}
+    restored = client.post("/admin/backups/restore", data={"csrf_token": token(client), "snapshot": snapshot,
+                                                           "confirm": "y", "restore": "y"})
+    assert restored.status_code == 303 and restored.location.endswith("#backup-restore")
+    job = watch(client, "backup_restore")
+    steps = [e["step"] for e in job["events"]]
+    assert steps[0] == "check" and "files" in steps and "deploy" in steps
+    assert job["state"] == "failed" and "restored, but the stack did not come back" in job["error"]
+    from portal.stack.store import read_settings_table
+
+    assert read_settings_table(state / "state.db")["dnsbl_zones"] == "before.example"  # the files are back
+    page = html.unescape(client.get("/admin/backups/").text)
+    assert "The last run failed: restored, but the stack did not come back" in page
+    assert re.search(r'id="last-restore"><span class="outcome-failed">failed</span>', page)
+    assert password not in page and password not in agent.log_text()
