@@ -499,7 +499,8 @@ def _run(ctx: Any, p: Plan, progress: Progress, entry: dict[str, Any], timeout: 
             deploy_mod.deploy(client, settings, timeout=timeout, progress=progress)
         except deploy_mod.DeployError as err:
             details = "; ".join(f"{s}: {why}" for s, why in sorted(err.failures.items()))
-            failure = _short(f"{err}" + (f" ({details})" if details else ""), 900)
+            said = str(err).removesuffix(" (the previous stack is running again)")  # checked below, said at the end
+            failure = _short(said + (f" ({details})" if details else ""), 900)
             deploy_rolled_back = err.rolled_back
         if failure is None:
             progress("health", f"checking the {new} stack (containers healthy, ports listening)")
