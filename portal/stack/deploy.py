@@ -22,9 +22,6 @@ from .render import render, replace_tree, restore_tree
 from .settings import SERVICES, StackSettings
 
 Progress = Callable[[str, str], None]
-# A fresh container restarted this often while the deploy waits is crash-looping
-# (its restart policy would hide that until the deploy's timeout).
-CRASH_LOOP_RESTARTS = 3
 
 
 class DeployError(RuntimeError):
@@ -43,7 +40,6 @@ class ServiceState:
     status: str          # running, exited, missing, ...
     health: str          # healthy, starting, unhealthy, none
     error: str = ""
-    restarts: int = 0    # docker's RestartCount of this container
 
     @property
     def ok(self) -> bool:
@@ -88,10 +84,7 @@ def service_states(client: Any, project: str, services: tuple[str, ...] = SERVIC
             log = (state.get("Health") or {}).get("Log") or []
             if log:
                 error = error or " ".join(str(log[-1].get("Output", "")).split())[:300]
-        restarts = int(c.attrs.get("RestartCount") or 0)
-        if restarts >= CRASH_LOOP_RESTARTS and not error and state.get("Status") != "running":
-            error = f"crash-looping: exited with code {state.get('ExitCode')}, restarted {restarts} times"
-        found[service] = ServiceState(service, state.get("Status", "unknown"), health, error, restarts)
+        found[service] = ServiceState(service, state.get("Status", "unknown"), health, error)
     return {s: found.get(s, ServiceState(s, "missing", "none", "no container")) for s in services}
 
 
@@ -109,7 +102,7 @@ def wait_healthy(client: Any, project: str, timeout: float, progress: Progress,
         if all(st.ok for st in states.values()):
             return states
         dead = {s: st for s, st in states.items() if st.status in ("exited", "dead", "missing")
-                or st.health == "unhealthy" or st.restarts >= CRASH_LOOP_RESTARTS}
+                or st.health == "unhealthy"}
         if dead or time.monotonic() > deadline:
             bad = dead or {s: st for s, st in states.items() if not st.ok}
             raise DeployError(
