@@ -502,6 +502,8 @@ def _run(ctx: Any, p: Plan, progress: Progress, entry: dict[str, Any], timeout: 
             said = str(err).removesuffix(" (the previous stack is running again)")  # checked below, said at the end
             failure = _short(said + (f" ({details})" if details else ""), 900)
             deploy_rolled_back = err.rolled_back
+        except Exception as err:  # noqa: BLE001 - e.g. compose hung past its timeout: roll back all the same
+            failure = _short(f"the deploy stopped: {type(err).__name__}: {err}", 900)
         if failure is None:
             progress("health", f"checking the {new} stack (containers healthy, ports listening)")
             problems = health_problems(ctx, health_wait, progress)
@@ -573,6 +575,8 @@ def _rollback(ctx: Any, client: Any, p: Plan, previous: dict[str, str], kept_sta
         return False, _short(f"{err}" + (f" ({details})" if details else ""), 600)
     except OSError as err:
         return False, f"the kept config could not be put back ({err})"
+    except Exception as err:  # noqa: BLE001 - said in the outcome, never lost
+        return False, _short(f"{type(err).__name__}: {err}", 600)
     running = running_images(client, p.settings.project)
     wrong = [s for s in SERVICES if running.get(s) != previous[s]]
     if wrong:

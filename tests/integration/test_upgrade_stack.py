@@ -20,6 +20,7 @@ Every image this module tags (mailstead-*:0.1.1 and :0.1.2) is removed at the en
 
 from __future__ import annotations
 
+import contextlib
 import imaplib
 import json
 import shutil
@@ -44,7 +45,7 @@ from portal.db import write_settings
 from portal.stack import pins, upgrade
 from portal.stack.upgradeops import KIND  # and registers upgrade_run, upgrade_check
 from portal.stack.agentops import deploy_stack, mailbox_create
-from portal.stack.deploy import service_states
+from portal.stack.deploy import DeployError, service_states, wait_healthy
 from portal.stack.settings import SERVICES
 from tests.conftest import free_port, retry
 
@@ -315,3 +316,28 @@ def test_a_stack_that_fails_the_health_check_is_rolled_back_to_the_kept_config(b
     last = upgrade.read_state(box.state)["last_upgrade"]
     assert (last["ok"], last["rolled_back"], last["rollback_ok"]) == (False, True, True)
     assert got_mail(box) == box.sent
+
+
+def test_a_crash_looping_container_fails_the_deploy_wait_at_once() -> None:
+    """A broken new image makes its container exit and restart over and over; docker
+    marks it unhealthy as soon as its process exits (long before the health check's
+    start period ends), so the deploy's wait, and with it the upgrade, fails at once."""
+    client = docker.from_env(timeout=120)
+    name = f"{PROJECT}-loop"
+    try:
+        with contextlib.suppress(docker.errors.NotFound):
+            client.containers.get(name).remove(force=True)
+        client.containers.run(f"mailstead-base:{VERSION}", ["/bin/sh", "-c", "echo giving up >&2; exit 3"],
+                              name=name, detach=True, restart_policy={"Name": "always"},
+                              labels={"com.docker.compose.project": PROJECT, "com.docker.compose.service": "loop"},
+                              healthcheck={"test": ["CMD", "/bin/true"], "interval": 10**9 * 60,
+                                           "start_period": 10**9 * 600})
+        t0 = time.monotonic()
+        with pytest.raises(DeployError) as err:
+            wait_healthy(client, PROJECT, 120, lambda *_: None, services=("loop",))
+        assert time.monotonic() - t0 < 60
+        assert "loop" in err.value.failures and "giving up" in err.value.failures["loop"]
+    finally:
+        with contextlib.suppress(docker.errors.NotFound):
+            client.containers.get(name).remove(force=True)
+        client.close()
