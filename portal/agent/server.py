@@ -34,6 +34,7 @@ from .. import setupops as _setup_ops  # noqa: F401  (registers setup_deploy, se
 from .. import scheduler as _scheduler  # noqa: F401  (registers schedule_*; started in main(), not here)
 from ..checks import agentops as _checks_ops  # noqa: F401  (registers health_run, health_history)
 from ..backup import agentops as _backup_ops  # noqa: F401  (registers backup_configure/run/list/verify/restore/state)
+from ..stack import upgradeops as _upgrade_ops  # noqa: F401  (registers upgrade_check/run/state/configure, job kind upgrade)
 
 log = logging.getLogger("mailstead.agent")
 

@@ -241,3 +241,32 @@ def queue(env: CheckEnv) -> CheckResult:
     if len(entries) >= env.queue_warn:
         return CheckResult("queue", "warn", text, fix)
     return CheckResult("queue", "ok", text)
+
+
+@check("upgrade", "Stack version")
+def upgrade(env: CheckEnv) -> CheckResult:
+    """The last upgrade's outcome (upgrade-state.json) and whether a newer version is available."""
+    from ..stack.upgrade import read_state, versions
+
+    info = versions(env.ctx)
+    current = info["current"]
+    if current is None:
+        return CheckResult("upgrade", "warn", "not checked: the stack is not deployed yet", NOT_SET_UP)
+    last = read_state(env.state_dir).get("last_upgrade") or {}
+    if last and not last.get("ok") and last.get("to") != current:
+        when, error = str(last.get("at", ""))[:10], " ".join(str(last.get("error") or "").split())[:300]
+        attempt = f"the upgrade from {last.get('from')} to {last.get('to')} on {when}"
+        if last.get("rolled_back") and not last.get("rollback_ok"):
+            return CheckResult("upgrade", "fail", f"{attempt} failed and so did its rollback: {error}",
+                               f"run mailstead deploy and see docker compose -p {env.values.get('stack_project') or 'mailstead'} "
+                               "logs; restore the backup taken before the upgrade if mail is lost")
+        if last.get("rolled_back"):
+            return CheckResult("upgrade", "warn", f"{attempt} failed and was rolled back; {current} runs: {error}",
+                               "fix what failed (the message above and the upgrade job's log say what) and upgrade again")
+        return CheckResult("upgrade", "warn", f"{attempt} did not run; nothing was changed: {error}",
+                           "fix what stopped it and upgrade again")
+    if info["upgrade_available"]:
+        return CheckResult("upgrade", "warn", f"{info['available']} is available; the stack runs {current}",
+                           "upgrade: mailstead upgrade (it backs up first and rolls back if the new version "
+                           "fails its health check)")
+    return CheckResult("upgrade", "ok", f"the stack runs {current}, the newest this appliance has")

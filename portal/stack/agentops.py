@@ -11,6 +11,7 @@ import contextlib
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 from ..agent.jobs import job_kind
@@ -18,6 +19,7 @@ from ..agent.ops import Context, OpError, operation
 from . import deploy as deploy_mod
 from .accounts import AccountError, Accounts, MailboxKeys
 from .images import ImageError, load_images, loaded_images
+from .pins import present, read_pin, write_pin
 from .settings import SettingsError, StackSettings
 from .store import load_settings
 
@@ -89,12 +91,12 @@ def deploy_stack(ctx: Context, progress: Callable[[str, str], None], timeout: in
     client = ctx.docker()
     try:
         with refusals():
-            progress("images", "loading the container images (first time only)")
-            settings = settings.with_images(ensure_images(ctx, client, settings, progress=progress))
+            settings = pinned_settings(ctx, client, settings, progress)
             ensure_keys(settings.dkim_dir, settings.dkim_selectors)
             accounts_for(settings)
             progress("deploy", "starting the services")
             result = deploy_mod.deploy(client, settings, timeout=timeout, progress=progress)
+            write_pin(ctx.state_dir, settings.version, settings.images)
             web = publish_web(ctx, settings)
             progress("web", "client settings and MTA-STS published")
     finally:
@@ -104,6 +106,23 @@ def deploy_stack(ctx: Context, progress: Callable[[str, str], None], timeout: in
         "seconds_to_healthy": round(result.seconds_to_healthy, 1),
         "services": {s: {"status": st.status, "health": st.health} for s, st in result.services.items()},
     }
+
+
+def pinned_settings(ctx: Context, client: Any, settings: StackSettings,
+                    progress: Callable[[str, str], None]) -> StackSettings:
+    """`settings` with the images to deploy: the pinned ones (stack-images.json, see
+    pins.py) while docker has them, so a newer appliance version's images come only
+    with an explicit upgrade; else (first deploy) those this appliance ships."""
+    pin = read_pin(ctx.state_dir)
+    ids = present(client, pin.images) if pin else None
+    if pin and ids:
+        progress("images", f"the stack's pinned {pin.version} images")
+        return replace(settings, version=pin.version).with_images(ids)
+    if pin:
+        progress("images", f"the pinned {pin.version} images are no longer in docker; "
+                           f"using the {settings.version} images this appliance ships")
+    progress("images", "loading the container images (first time only)")
+    return settings.with_images(ensure_images(ctx, client, settings, progress=progress))
 
 
 def publish_web(ctx: Context, settings: StackSettings) -> list[str]:

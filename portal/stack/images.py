@@ -77,7 +77,7 @@ def build_layer(client: Any, base_id: str, tar: Path, ref: str, key: str, servic
             info = tarfile.TarInfo("Dockerfile")
             info.size = len(dockerfile)
             out.addfile(info, io.BytesIO(dockerfile))
-            out.add(str(tar), arcname="layer.tar")
+            out.add(str(tar.resolve()), arcname="layer.tar")  # the file itself, also when `tar` is a link
         ctx.seek(0)
         log = []
         for chunk in client.api.build(fileobj=ctx, custom_context=True, tag=ref,

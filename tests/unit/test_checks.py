@@ -58,7 +58,7 @@ def test_check_result_refuses_an_unknown_status():
 
 def test_every_check_is_registered_with_a_title():
     assert list(checks.CHECKS) == ["disk", "memory", "backup", "verify", "updates", "reboot",
-                                   "containers", "ports", "tls", "dns", "dnsbl", "queue"]
+                                   "containers", "ports", "tls", "dns", "dnsbl", "queue", "upgrade"]
 
 
 def test_before_setup_the_stack_checks_say_so(state):

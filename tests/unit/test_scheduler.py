@@ -173,10 +173,10 @@ def test_jobs_persist_across_an_agent_restart(start_agent, tmp_path):
     assert {r[0] for r in conn.execute("SELECT id FROM scheduler_jobs")} == set(scheduler.JOBS)
     conn.close()
     assert client.call("schedule_set", job="backup", cron="default")["cron"] == "0 3 * * *"
-    # A job whose operation this version lacks records that, and the scheduler carries on.
+    # The weekly upgrade check is the upgrade_check operation (nothing is deployed here: no upgrade).
     ran = client.call("schedule_run_now", job="upgrade_check")
-    assert ran["outcome"] == "skipped" and "not available yet" in ran["message"]
-    assert client.call("schedule_runs", job="upgrade_check")["runs"][0]["outcome"] == "skipped"
+    assert ran["outcome"] == "ok" and "upgrade_available=False" in ran["message"], ran
+    assert client.call("schedule_runs", job="upgrade_check")["runs"][0]["outcome"] == "ok"
     assert len(client.call("schedule_list")["jobs"]) == len(scheduler.JOBS)
 
 

@@ -1,0 +1,587 @@
+"""Stack upgrades: load a newer version's images, back up, redeploy, health-check,
+and roll back to the previous images and config when the check fails.
+
+The images come from a folder: by default the one the appliance ships
+(ctx.images_dir, /usr/lib/mailstead/images, whose version is the appliance's),
+or a bundle folder named by `source`. A folder holds `mailstead-base.tar` and
+`mailstead-<service>.tar` for every service, in either of two forms:
+
+- as the appliance image builds them (mkosi subimage tars: a base file system
+  and one overlay per service, loaded by portal/stack/images.py), or
+- `docker save` archives of `mailstead-<name>:<version>` images.
+
+Its version is the first line of a `VERSION` file; without one, the ships-with
+folder is the appliance's own version and a docker-save bundle's is the tag its
+images carry. The folder and its files must belong to root (the agent's user)
+and be writable by no one else: what they hold runs with the mail.
+
+Nothing is changed before the new images are loaded and, when a backup
+target is configured, a backup has succeeded. The previous pin (version and
+image IDs) and a copy of the rendered stack folder are kept in
+`<state>/upgrade/previous/`; the outcome of the last upgrade and the last
+check go to `<state>/upgrade-state.json`:
+
+    {"last_check": {"at", "current", "available", "upgrade_available"},
+     "last_upgrade": {"at", "ok", "from", "to", "source", "backup", "changed",
+                      "rolled_back", "rollback_ok", "error", "seconds"}}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import tarfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from .pins import Pin, present, read_pin, running_images, write_pin
+from .settings import SERVICES, StackSettings
+
+Progress = Callable[[str, str], None]
+NAMES = ("base", *SERVICES)
+STATE_FILE = "upgrade-state.json"
+HEALTH_CHECKS = ["containers", "ports"]
+VERSION_RE = re.compile(r"^[0-9]{1,6}(\.[0-9]{1,6}){1,3}(-[0-9A-Za-z][0-9A-Za-z.]{0,39})?$")
+
+
+class UpgradeError(Exception):
+    """An upgrade was refused or failed: `code` for callers, a message that says what to do."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _quiet(_step: str, _detail: str) -> None:
+    pass
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# -- versions -------------------------------------------------------------------------
+
+def check_version(text: str, where: str) -> str:
+    v = text.strip()
+    if not VERSION_RE.match(v):
+        raise UpgradeError("invalid", f"{where}: '{v[:40]}' is not a version (e.g. 0.2.0 or 0.2.0-rc1)")
+    return v
+
+
+def version_key(v: str) -> tuple[Any, ...]:
+    """Orders versions: 0.1.10 > 0.1.9 > 0.1.9-rc1."""
+    main, _, pre = v.partition("-")
+    nums = [int(p) for p in main.split(".")]
+    return (*nums, *[0] * (4 - len(nums)), 0 if pre else 1, pre)
+
+
+# -- bundles --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Bundle:
+    folder: Path
+    version: str
+    form: str            # "mkosi" or "docker"
+    shipped: bool        # the folder the appliance ships (ctx.images_dir)
+
+    def tar(self, name: str) -> Path:
+        return self.folder / f"mailstead-{name}.tar"
+
+
+def _trusted(path: Path, what: str) -> os.stat_result:
+    """Refuse a file or folder that anyone but root (the agent) could have written."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise UpgradeError("invalid", f"source: {what} {path}: {exc.strerror}") from None
+    if st.st_uid not in (0, os.geteuid()) or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UpgradeError("invalid", f"source: {what} {path} must belong to root and be writable by no one "
+                                      f"else (it is uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}); "
+                                      "its images would run with the mail: chown root and chmod go-w it")
+    return st
+
+
+def docker_tags(tar: Path) -> list[str] | None:
+    """The image tags in a `docker save` archive, or None when `tar` is not one."""
+    try:
+        with tarfile.open(tar, "r:") as archive:
+            for member in archive:
+                if member.name.lstrip("./") == "manifest.json" and member.isfile():
+                    f = archive.extractfile(member)
+                    data = json.loads(f.read(1 << 20)) if f else []
+                    return [str(t) for entry in data for t in (entry.get("RepoTags") or [])]
+    except (OSError, tarfile.TarError, ValueError, AttributeError) as exc:
+        raise UpgradeError("invalid", f"source: {tar} is not a readable tar archive "
+                                      f"({' '.join(str(exc).split())[:120]})") from None
+    return None
+
+
+def read_bundle(folder: Path, shipped_version: str | None = None) -> Bundle:
+    """The images folder `folder` and its version (`shipped_version`: the folder the
+    appliance ships, whose version is the appliance's unless a VERSION file says otherwise)."""
+    if not folder.is_absolute():
+        raise UpgradeError("invalid", f"source: give an absolute path to a folder of image tars, not '{str(folder)[:80]}'")
+    if not folder.is_dir():
+        raise UpgradeError("invalid", f"source: {folder} is not a folder (a bundle holds mailstead-base.tar "
+                                      "and one mailstead-<service>.tar per service)")
+    _trusted(folder, "folder")
+    missing = [f"mailstead-{n}.tar" for n in NAMES if not (folder / f"mailstead-{n}.tar").is_file()]
+    if missing:
+        raise UpgradeError("invalid", f"source: {folder} lacks {', '.join(missing)} (a bundle holds "
+                                      f"{', '.join(f'mailstead-{n}.tar' for n in NAMES)})")
+    for n in NAMES:
+        _trusted(folder / f"mailstead-{n}.tar", "image")
+    tags = {n: docker_tags(folder / f"mailstead-{n}.tar") for n in NAMES}
+    forms = {n: "mkosi" if t is None else "docker" for n, t in tags.items()}
+    if len(set(forms.values())) != 1:
+        docker_ones = sorted(n for n, f in forms.items() if f == "docker")
+        raise UpgradeError("invalid", f"source: {folder} mixes `docker save` archives ({', '.join(docker_ones)}) "
+                                      "with image-build tars; a bundle holds one kind")
+    form = forms["base"]
+    version_file = folder / "VERSION"
+    if version_file.exists():
+        _trusted(version_file, "file")
+        version = check_version(version_file.read_text(errors="replace").split("\n", 1)[0], f"source: {version_file}")
+    elif form == "docker":
+        found = {t.rsplit(":", 1)[1] for n, ts in tags.items() for t in ts or []
+                 if t.startswith(f"mailstead-{n}:")}
+        if len(found) != 1:
+            raise UpgradeError("invalid", f"source: the images in {folder} are tagged with "
+                                          f"{', '.join(sorted(found)) or 'no mailstead-<name>:<version> tag'}; "
+                                          "give them one version (or a VERSION file)")
+        version = check_version(found.pop(), f"source: the tags in {folder}")
+    elif shipped_version:
+        version = check_version(shipped_version, "the appliance's version")
+    else:
+        raise UpgradeError("invalid", f"source: {folder} has no VERSION file naming the version of its images")
+    if form == "docker":
+        for n, ts in tags.items():
+            if f"mailstead-{n}:{version}" not in (ts or []):
+                raise UpgradeError("invalid", f"source: {folder / f'mailstead-{n}.tar'} holds "
+                                              f"{', '.join(ts or []) or 'no tagged image'}, "
+                                              f"not mailstead-{n}:{version}")
+    return Bundle(folder, version, form, shipped_version is not None)
+
+
+def shipped_version(ctx: Any) -> str | None:
+    """The version of the images the appliance ships (its VERSION file, else the
+    appliance's own version), or None when its images folder holds none. Quick:
+    the tars are not read."""
+    folder = Path(ctx.images_dir)
+    if not (folder / "mailstead-base.tar").is_file():
+        return None
+    version_file = folder / "VERSION"
+    if version_file.exists():
+        return check_version(version_file.read_text(errors="replace").split("\n", 1)[0], str(version_file))
+    return check_version(ctx.portal_version, "the appliance's version")
+
+
+@contextlib.contextmanager
+def _load_lock(state_dir: Path) -> Iterator[None]:
+    from .images import load_lock
+
+    with load_lock(state_dir / "images.lock"):
+        yield
+
+
+def load_bundle(client: Any, bundle: Bundle, state_dir: Path, progress: Progress = _quiet,
+                timeout: float = 1800) -> dict[str, str]:
+    """Load the bundle's images into docker; {service: image ID}."""
+    from .images import ImageError, load_images
+
+    if bundle.form == "mkosi":
+        try:
+            return load_images(client, bundle.folder, bundle.version, lock_path=state_dir / "images.lock",
+                               progress=progress)
+        except ImageError as exc:
+            raise UpgradeError("images", f"loading the {bundle.version} images failed: {exc}") from None
+    import docker.errors
+
+    ids = {}
+    with _load_lock(state_dir):
+        for name in NAMES:
+            progress(name, f"loading {bundle.tar(name).name}")
+            t0 = time.monotonic()
+            try:
+                r = subprocess.run(["docker", "load", "--quiet", "--input", str(bundle.tar(name))],
+                                   capture_output=True, text=True, timeout=timeout, check=False)
+            except subprocess.TimeoutExpired:
+                raise UpgradeError("images", f"docker load {bundle.tar(name)} took more than {timeout:g} s") from None
+            if r.returncode != 0:
+                raise UpgradeError("images", f"docker load {bundle.tar(name)} failed: "
+                                             f"{' '.join(r.stderr.split())[-300:]}")
+            progress(name, f"loaded in {time.monotonic() - t0:.1f} s")
+        for service in SERVICES:
+            ref = f"mailstead-{service}:{bundle.version}"
+            try:
+                image = client.images.get(ref)
+            except docker.errors.ImageNotFound:
+                raise UpgradeError("images", f"{ref} is not in docker after loading {bundle.tar(service)}") from None
+            label = (image.attrs.get("Config", {}).get("Labels") or {}).get("org.mailstead.service")
+            if label != service:
+                raise UpgradeError("images", f"{ref} is not a Mailstead {service} image (its label "
+                                             f"org.mailstead.service is {label or 'missing'})")
+            ids[service] = image.id
+    return ids
+
+
+# -- the state file -------------------------------------------------------------------
+
+def state_path(state_dir: Path) -> Path:
+    return state_dir / STATE_FILE
+
+
+def read_state(state_dir: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(state_path(state_dir).read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def record(state_dir: Path, key: str, entry: dict[str, Any]) -> None:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    data = read_state(state_dir)
+    data[key] = entry
+    path = state_path(state_dir)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def previous_dir(state_dir: Path) -> Path:
+    return state_dir / "upgrade" / "previous"
+
+
+# -- check ----------------------------------------------------------------------------
+
+def versions(ctx: Any) -> dict[str, Any]:
+    """{current, available, upgrade_available, images_dir, message}: the stack's
+    pinned version against the images the appliance ships."""
+    pin = read_pin(ctx.state_dir)
+    out: dict[str, Any] = {"current": pin.version if pin else None, "available": None,
+                           "upgrade_available": False, "images_dir": str(ctx.images_dir)}
+    try:
+        available = shipped_version(ctx)
+    except UpgradeError as err:
+        out["message"] = err.message
+        return out
+    if available is None:
+        out["message"] = f"{ctx.images_dir} holds no images"
+        return out
+    out["available"] = available
+    if pin is None:
+        out["message"] = f"the stack is not deployed yet; deploying it installs {available}"
+    elif version_key(available) > version_key(pin.version):
+        out["upgrade_available"] = True
+        out["message"] = f"{available} is available (the stack runs {pin.version}): mailstead upgrade"
+    else:
+        out["message"] = f"the stack runs {pin.version}, the newest this appliance has"
+    return out
+
+
+def check(ctx: Any) -> dict[str, Any]:
+    """versions(), recorded as last_check."""
+    out = versions(ctx)
+    record(ctx.state_dir, "last_check", {"at": now_iso(), **{k: out[k] for k in
+                                                              ("current", "available", "upgrade_available")}})
+    return out
+
+
+# -- plan -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Plan:
+    settings: StackSettings
+    current: Pin
+    bundle: Bundle
+    backup: bool         # a backup target is configured: back up first
+
+
+def backup_configured(state_dir: Path) -> bool:
+    from ..backup import BackupError
+    from ..backup import config as cfg
+
+    try:
+        cfg.load_target(cfg.Paths(state_dir / "secrets"))
+    except BackupError:
+        return False
+    return True
+
+
+def plan(ctx: Any, source: str = "", force: bool = False, without_backup: bool = False) -> Plan:
+    """Everything that can be refused before anything is touched."""
+    from .settings import SettingsError
+    from .store import load_settings
+
+    try:
+        settings = load_settings(ctx.state_dir)
+    except SettingsError as exc:
+        raise UpgradeError("invalid", f"{exc.field}: {exc.message}") from None
+    current = read_pin(ctx.state_dir)
+    if current is None:
+        raise UpgradeError("not_deployed", "the stack is not deployed yet, so there is nothing to upgrade: "
+                                           "deploy it (mailstead deploy), which installs the images "
+                                           "this appliance has")
+    if source.strip():
+        folder = Path(source.strip())
+        shipped = folder == Path(ctx.images_dir)
+    else:
+        folder, shipped = Path(ctx.images_dir), True
+        if not (folder / "mailstead-base.tar").is_file():
+            raise UpgradeError("invalid", f"source: the appliance's images folder {folder} holds no images; "
+                                          "give the folder of an upgrade bundle")
+    bundle = read_bundle(folder, ctx.portal_version if shipped else None)
+    if not force and version_key(bundle.version) <= version_key(current.version):
+        older = "an older version, " if version_key(bundle.version) < version_key(current.version) else ""
+        raise UpgradeError("not_newer", f"nothing to upgrade: the stack runs {current.version} and {folder} holds "
+                                        f"{bundle.version} ({older}nothing newer); to reinstall these images "
+                                        "anyway, give force=True")
+    has_backup = backup_configured(ctx.state_dir)
+    if not has_backup and not without_backup:
+        raise UpgradeError("no_backup", "no backup target is configured, so an upgrade cannot back up the mail "
+                                        "first: configure one (dashboard Backups, or mailstead backup configure), or give "
+                                        "without_backup=True to upgrade without a backup")
+    return Plan(settings, current, bundle, has_backup)
+
+
+# -- health ---------------------------------------------------------------------------
+
+def health_problems(ctx: Any, wait: float, progress: Progress = _quiet) -> list[str]:
+    """The stack's health checks (containers healthy, ports listening), retried for up
+    to `wait` seconds; [] when they pass, else what the last round found."""
+    from ..checks import load_all, run_all
+    from ..checks.agentops import make_env
+
+    load_all()
+    deadline = time.monotonic() + wait
+    said = None
+    while True:
+        results = run_all(make_env(ctx), only=HEALTH_CHECKS, timeout=30)
+        bad = [f"{r.id}: {r.message}" for r in results if r.status != "ok"]
+        if not bad:
+            progress("health", "; ".join(r.message for r in results))
+            return []
+        if time.monotonic() >= deadline:
+            return bad
+        if bad != said:
+            progress("health", "waiting: " + "; ".join(bad)[:250])
+            said = bad
+        time.sleep(2)
+
+
+# -- run ------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def upgrade_lock(state_dir: Path) -> Iterator[None]:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state_dir / "upgrade.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UpgradeError("busy", "another upgrade is running; watch it (job_latest upgrade)") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def keep_previous(state_dir: Path, pin: Pin, stack_dir: Path) -> Path:
+    """Copy the running stack's folder and pin to <state>/upgrade/previous (0700)."""
+    prev = previous_dir(state_dir)
+    (state_dir / "upgrade").mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(state_dir / "upgrade", 0o700)
+    tmp = prev.with_name("previous.new")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(mode=0o700)
+    shutil.copytree(stack_dir, tmp / "stack", symlinks=True)
+    (tmp / "pin.json").write_text(json.dumps({**pin.public(), "kept": now_iso()}, indent=1, sort_keys=True))
+    shutil.rmtree(prev, ignore_errors=True)
+    os.replace(tmp, prev)
+    return prev
+
+
+def put_back_config(stack_dir: Path, kept: Path) -> None:
+    """Replace the stack folder with the kept copy of the previous one."""
+    nxt = stack_dir.with_name(stack_dir.name + ".rollback")
+    failed = stack_dir.with_name(stack_dir.name + ".failed")
+    shutil.rmtree(nxt, ignore_errors=True)
+    shutil.copytree(kept, nxt, symlinks=True)
+    shutil.rmtree(failed, ignore_errors=True)
+    if stack_dir.exists():
+        os.replace(stack_dir, failed)
+    os.replace(nxt, stack_dir)
+
+
+def _short(text: str, limit: int = 400) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def run(ctx: Any, progress: Progress = _quiet, *, source: str = "", force: bool = False,
+        without_backup: bool = False, timeout: float = 900, health_wait: float = 120) -> dict[str, Any]:
+    """The upgrade (see the module's text). Raises UpgradeError when refused or failed;
+    the message says whether anything changed and whether the previous stack runs again."""
+    t0 = time.monotonic()
+    entry: dict[str, Any] = {"at": now_iso(), "ok": False, "from": None, "to": None, "source": None,
+                             "backup": None, "changed": False, "rolled_back": False, "rollback_ok": None,
+                             "error": None, "seconds": 0}
+    with upgrade_lock(ctx.state_dir):
+        p = plan(ctx, source, force, without_backup)  # refusals: nothing recorded, nothing touched
+        entry.update({"from": p.current.version, "to": p.bundle.version, "source": str(p.bundle.folder)})
+        try:
+            result = _run(ctx, p, progress, entry, timeout, health_wait)
+            entry["ok"] = True
+            return result
+        except UpgradeError as err:
+            entry["error"] = err.message
+            raise
+        except Exception as err:  # e.g. the agent's OpError when docker is down: recorded, then raised
+            entry["error"] = getattr(err, "message", None) or f"{type(err).__name__}: {_short(err, 300)}"
+            raise
+        finally:
+            entry["seconds"] = round(time.monotonic() - t0, 1)
+            record(ctx.state_dir, "last_upgrade", entry)
+
+
+def _run(ctx: Any, p: Plan, progress: Progress, entry: dict[str, Any], timeout: float,
+         health_wait: float) -> dict[str, Any]:
+    from . import deploy as deploy_mod
+
+    old, new = p.current.version, p.bundle.version
+    progress("check", f"upgrading the stack from {old} to {new} (images from {p.bundle.folder})")
+    client = ctx.docker()
+    try:
+        # 1. The new images: loading them changes nothing that runs.
+        progress("images", f"loading the {new} images")
+        new_ids = load_bundle(client, p.bundle, ctx.state_dir, progress)
+        previous = present(client, p.current.images)
+        if previous is None:
+            raise UpgradeError("images", f"the running {old} images are no longer all in docker, so there "
+                                         "would be nothing to roll back to; nothing was changed. Run "
+                                         "mailstead deploy first")
+
+        # 2. Back up first.
+        if p.backup:
+            entry["backup"] = _backup(ctx, progress, old)
+        else:
+            entry["backup"] = "skipped (without_backup: no backup target is configured)"
+            progress("backup", "skipped: no backup target is configured and without_backup was given")
+
+        # 3. What runs now, kept for the rollback.
+        stack_dir = p.settings.stack_dir
+        if not (stack_dir / "compose.yaml").is_file():
+            raise UpgradeError("not_deployed", f"{stack_dir}/compose.yaml is missing, so the running stack's "
+                                               "config cannot be kept for a rollback; nothing was changed. "
+                                               "Run mailstead deploy first")
+        kept = keep_previous(ctx.state_dir, replace(p.current, images=previous), stack_dir)
+        progress("record", f"kept the {old} image IDs and config in {kept}")
+
+        # 4. Redeploy with the new images; 5. health-check.
+        entry["changed"] = True
+        settings = replace(p.settings, version=new).with_images(new_ids)
+        progress("deploy", f"starting the {new} services")
+        failure, deploy_rolled_back = None, False
+        try:
+            deploy_mod.deploy(client, settings, timeout=timeout, progress=progress)
+        except deploy_mod.DeployError as err:
+            details = "; ".join(f"{s}: {why}" for s, why in sorted(err.failures.items()))
+            said = str(err).removesuffix(" (the previous stack is running again)")  # checked below, said at the end
+            failure = _short(said + (f" ({details})" if details else ""), 900)
+            deploy_rolled_back = err.rolled_back
+        except Exception as err:  # noqa: BLE001 - e.g. compose hung past its timeout: roll back all the same
+            failure = _short(f"the deploy stopped: {type(err).__name__}: {err}", 900)
+        if failure is None:
+            progress("health", f"checking the {new} stack (containers healthy, ports listening)")
+            problems = health_problems(ctx, health_wait, progress)
+            if problems:
+                failure = _short("the health check failed: " + "; ".join(problems), 900)
+        if failure is None:
+            write_pin(ctx.state_dir, new, new_ids)
+            progress("done", f"the stack runs {new}")
+            return {"from": old, "to": new, "images": new_ids, "backup": entry["backup"],
+                    "previous": str(kept)}
+
+        # 6. Roll back to the previous images and config.
+        entry["rolled_back"] = True
+        progress("rollback", f"the {new} stack failed ({failure[:200]}); bringing back {old}")
+        ok, why = _rollback(ctx, client, p, previous, kept / "stack", deploy_rolled_back, timeout,
+                            health_wait, progress)
+        entry["rollback_ok"] = ok
+        if ok:
+            progress("rollback", f"{old} runs again and passed the health check")
+            raise UpgradeError("upgrade_failed", f"the upgrade from {old} to {new} failed: {failure}. Rolled "
+                                                 f"back: {old} (its images and config) runs again and passed "
+                                                 "the health check")
+        backup_hint = (f" Restore the backup taken before the upgrade ({entry['backup']}) with mailstead "
+                       "backup restore if the data is damaged." if p.backup else "")
+        raise UpgradeError("rollback_failed", f"the upgrade from {old} to {new} failed: {failure}; rolling back "
+                                              f"to {old} failed too: {why}. Mail may be down: run mailstead "
+                                              f"deploy and see docker compose -p {p.settings.project} logs."
+                                              + backup_hint)
+    finally:
+        client.close()
+
+
+def _backup(ctx: Any, progress: Progress, old: str) -> str:
+    from ..backup import BackupError
+    from ..backup.agentops import env_for
+    from ..backup.service import backup
+
+    progress("backup", "backing up before the upgrade")
+    try:
+        done = backup(env_for(ctx), progress)
+    except BackupError as err:
+        raise UpgradeError("backup_failed", f"the backup before the upgrade failed: {err.message}. Nothing was "
+                                            f"changed: the stack still runs {old}. Fix the backup (mailstead "
+                                            "backup run shows the same error) and upgrade again") from None
+    progress("backup", f"snapshot {done.get('snapshot')} ({done.get('messages')} messages)")
+    return f"snapshot {done.get('snapshot')}"
+
+
+def _rollback(ctx: Any, client: Any, p: Plan, previous: dict[str, str], kept_stack: Path,
+              deploy_rolled_back: bool, timeout: float, health_wait: float,
+              progress: Progress) -> tuple[bool, str]:
+    """Bring the previous images and config back; (ok, why not)."""
+    from . import deploy as deploy_mod
+
+    if deploy_rolled_back:
+        # The deploy put its previous folder (the same config, same image IDs) back and
+        # brought it up: make sure that is what runs and that it is healthy.
+        running = running_images(client, p.settings.project)
+        if all(running.get(s) == previous[s] for s in SERVICES) and not health_problems(ctx, health_wait, progress):
+            return True, ""
+        progress("rollback", "the deploy's own rollback did not bring the previous stack back; "
+                             "restoring the kept config")
+    try:
+        put_back_config(p.settings.stack_dir, kept_stack)
+        deploy_mod.up(client, replace(p.settings, version=p.current.version).with_images(previous),
+                      timeout, progress)
+    except deploy_mod.DeployError as err:
+        details = "; ".join(f"{s}: {why}" for s, why in sorted(err.failures.items()))
+        return False, _short(f"{err}" + (f" ({details})" if details else ""), 600)
+    except OSError as err:
+        return False, f"the kept config could not be put back ({err})"
+    except Exception as err:  # noqa: BLE001 - said in the outcome, never lost
+        return False, _short(f"{type(err).__name__}: {err}", 600)
+    running = running_images(client, p.settings.project)
+    wrong = [s for s in SERVICES if running.get(s) != previous[s]]
+    if wrong:
+        return False, f"{', '.join(wrong)} do not run the previous images"
+    problems = health_problems(ctx, health_wait, progress)
+    if problems:
+        return False, "the health check failed: " + "; ".join(problems)
+    return True, ""

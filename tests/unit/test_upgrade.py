@@ -1,0 +1,301 @@
+"""Stack upgrades without a docker engine: versions, bundle folders, the pinned
+images, every refusal before anything is touched, the opt-in automatic upgrade
+at the weekly check, and the health check that reports the last outcome.
+(The real upgrade and rollback run against docker in
+tests/integration/test_upgrade_stack.py.)"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from portal import checks
+from portal.agent import jobs, ops
+from portal.agent.client import AgentClient, AgentError
+from portal.backup import config as backup_cfg
+from portal.checks.env import CheckEnv
+from portal.stack import pins, upgrade, upgradeops
+from portal.stack.render import render, write_tree
+from portal.stack.settings import SERVICES, StackSettings
+from tests.conftest import retry
+
+from .checks_support import write_settings
+
+checks.load_all()
+DOMAIN = "example.test"
+OLD_IDS = {s: "sha256:" + f"{i:x}" * 64 for i, s in enumerate(SERVICES, start=1)}
+
+
+def make_tar(path: Path, members: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w") as t:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+
+
+def mkosi_folder(folder: Path, version: str | None = None) -> Path:
+    """A folder shaped like the image build's output (tiny file-system tars)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in upgrade.NAMES:
+        make_tar(folder / f"mailstead-{name}.tar", {f"usr/share/{name}/hello": b"hello\n"})
+    if version:
+        (folder / "VERSION").write_text(version + "\n")
+    return folder
+
+
+def docker_folder(folder: Path, version: str, tags: dict[str, str] | None = None) -> Path:
+    """A folder of `docker save`-shaped archives (a manifest.json naming the tags)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in upgrade.NAMES:
+        tag = (tags or {}).get(name, f"mailstead-{name}:{version}")
+        make_tar(folder / f"mailstead-{name}.tar",
+                 {"manifest.json": json.dumps([{"Config": "x.json", "RepoTags": [tag], "Layers": []}]).encode()})
+    return folder
+
+
+@pytest.fixture
+def ctx(tmp_path):
+    state = tmp_path / "state"
+    write_settings(state, domain=DOMAIN, mail_host=f"mail.{DOMAIN}")
+    return ops.Context(docker=ops.docker_factory(f"unix://{tmp_path}/no-docker.sock"), state_dir=state,
+                       images_dir=mkosi_folder(tmp_path / "shipped"), portal_version="0.1.0")
+
+
+def deployed(ctx, version="0.1.0"):
+    pins.write_pin(ctx.state_dir, version, OLD_IDS)
+
+
+def configure_backup_target(ctx, tmp_path):
+    paths = backup_cfg.Paths(ctx.state_dir / "secrets")
+    paths.secrets.mkdir(mode=0o700, parents=True, exist_ok=True)
+    backup_cfg.save_target(paths, backup_cfg.validate("local", path=str(tmp_path / "repo")), "2026-01-01T00:00:00+00:00")
+    backup_cfg.write_secret(paths.password, "not-a-real-repository-password\n")
+
+
+def refused(ctx, **args) -> ops.OpError:
+    with pytest.raises(ops.OpError) as err:
+        ops.REGISTRY["upgrade_run"](ctx, args)
+    assert not (ctx.state_dir / upgradeops.REQUEST_FILE).exists()
+    assert jobs.latest(ctx, "upgrade") is None  # refused before any job started
+    return err.value
+
+
+# -- versions -------------------------------------------------------------------------
+
+def test_versions_order_numerically_and_a_prerelease_comes_first():
+    ordered = ["0.1.0", "0.1.1-rc1", "0.1.1", "0.1.9", "0.1.10", "0.2", "1.0.0"]
+    assert sorted(reversed(ordered), key=upgrade.version_key) == ordered
+    assert upgrade.version_key("0.2") == upgrade.version_key("0.2.0")
+
+
+@pytest.mark.parametrize("text", ["", "v0.1.1", "0.1.1; rm -rf /", "latest", "1", "0.1.1-", "0..1"])
+def test_a_bad_version_is_refused(text):
+    with pytest.raises(upgrade.UpgradeError, match="is not a version"):
+        upgrade.check_version(text, "VERSION")
+
+
+# -- pins -----------------------------------------------------------------------------
+
+def test_pin_file_round_trip_and_a_stack_from_before_it_read_from_compose_yaml(tmp_path):
+    state = tmp_path / "state"
+    assert pins.read_pin(state) is None
+    settings = StackSettings(domain=DOMAIN, hostname=f"mail.{DOMAIN}", state_dir=state, version="0.0.9").with_images(OLD_IDS)
+    state.mkdir()
+    write_tree(render(settings, {"redis_password": "x"}), state / "stack")
+    pin = pins.read_pin(state)
+    assert (pin.version, pin.images, pin.source) == ("0.0.9", OLD_IDS, "compose.yaml")
+    pins.write_pin(state, "0.1.0", OLD_IDS)
+    assert pins.read_pin(state) == pins.Pin("0.1.0", OLD_IDS, "pin file")
+
+
+# -- bundle folders -------------------------------------------------------------------
+
+def test_bundle_folders_of_both_kinds_and_their_versions(tmp_path):
+    b = upgrade.read_bundle(mkosi_folder(tmp_path / "m", "0.2.0"))
+    assert (b.version, b.form) == ("0.2.0", "mkosi")
+    assert upgrade.read_bundle(mkosi_folder(tmp_path / "shipped"), "0.1.0").version == "0.1.0"
+    b = upgrade.read_bundle(docker_folder(tmp_path / "d", "0.1.1"))
+    assert (b.version, b.form) == ("0.1.1", "docker")
+
+
+@pytest.mark.parametrize("case, words", [
+    ("relative", "give an absolute path"),
+    ("missing_tar", "lacks mailstead-dovecot.tar"),
+    ("no_version", "has no VERSION file"),
+    ("bad_version", "is not a version"),
+    ("other_writable", "must belong to root and be writable by no one else"),
+    ("mixed", "mixes `docker save` archives (redis)"),
+    ("wrong_tag", "holds mailstead-redis:0.1.0, not mailstead-redis:0.1.1"),
+    ("not_a_tar", "is not a readable tar archive"),
+])
+def test_a_bad_bundle_folder_is_refused_naming_what_to_fix(tmp_path, case, words):
+    folder = tmp_path / "bundle"
+    if case == "relative":
+        folder = Path("bundle")
+    elif case == "missing_tar":
+        mkosi_folder(folder, "0.1.1")
+        (folder / "mailstead-dovecot.tar").unlink()
+    elif case == "no_version":
+        mkosi_folder(folder)
+    elif case == "bad_version":
+        mkosi_folder(folder, "0.1.1 && reboot")
+    elif case == "other_writable":
+        mkosi_folder(folder, "0.1.1")
+        os.chmod(folder / "mailstead-postfix.tar", 0o666)
+    elif case == "mixed":
+        mkosi_folder(folder, "0.1.1")
+        docker_folder(tmp_path / "d", "0.1.1")
+        os.replace(tmp_path / "d" / "mailstead-redis.tar", folder / "mailstead-redis.tar")
+    elif case == "wrong_tag":
+        docker_folder(folder, "0.1.1", tags={"redis": "mailstead-redis:0.1.0"})
+        (folder / "VERSION").write_text("0.1.1\n")
+    elif case == "not_a_tar":
+        mkosi_folder(folder, "0.1.1")
+        (folder / "mailstead-radicale.tar").write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(upgrade.UpgradeError) as err:
+        upgrade.read_bundle(folder)
+    assert err.value.code == "invalid" and err.value.message.startswith("source: ") and words in err.value.message
+
+
+# -- refusals before anything is touched ----------------------------------------------
+
+def test_nothing_deployed_yet_is_refused(ctx):
+    err = refused(ctx, without_backup=True)
+    assert err.code == "not_deployed" and "mailstead deploy" in err.message
+
+
+def test_nothing_newer_is_refused_with_a_clear_message(ctx, tmp_path):
+    deployed(ctx, "0.1.0")
+    err = refused(ctx, without_backup=True)  # the shipped images are the appliance's 0.1.0
+    assert err.code == "not_newer"
+    assert err.message == (f"nothing to upgrade: the stack runs 0.1.0 and {ctx.images_dir} holds 0.1.0 (nothing "
+                           "newer); to reinstall these images anyway, give force=True")
+    older = mkosi_folder(tmp_path / "older", "0.0.9")
+    err = refused(ctx, source=str(older), without_backup=True)
+    assert err.code == "not_newer" and "holds 0.0.9 (an older version, nothing newer)" in err.message
+
+
+def test_without_a_backup_target_the_upgrade_is_refused_naming_the_option(ctx, tmp_path):
+    deployed(ctx, "0.1.0")
+    newer = mkosi_folder(tmp_path / "newer", "0.1.1")
+    err = refused(ctx, source=str(newer))
+    assert err.code == "no_backup"
+    assert "no backup target is configured" in err.message and "without_backup=True" in err.message
+    assert upgrade.read_state(ctx.state_dir) == {}  # a refusal is not an attempt
+
+
+@pytest.mark.parametrize("args, words", [
+    ({"timeout": 5}, "timeout: give a number of seconds from 60 to 3600"),
+    ({"source": "relative/folder", "without_backup": True}, "source: give an absolute path"),
+    ({"source": "/nonexistent/bundle", "without_backup": True}, "source: /nonexistent/bundle is not a folder"),
+])
+def test_bad_arguments_are_refused(ctx, args, words):
+    deployed(ctx)
+    err = refused(ctx, **args)
+    assert err.code == "invalid" and words in err.message
+
+
+def test_an_upgrade_that_cannot_reach_docker_changes_nothing_and_says_so(ctx, tmp_path):
+    """Past the refusals the job starts; its first step needs docker. The outcome is
+    recorded (not run, nothing changed) and the pin stays."""
+    deployed(ctx, "0.1.0")
+    newer = mkosi_folder(tmp_path / "newer", "0.1.1")
+    job = ops.REGISTRY["upgrade_run"](ctx, {"source": str(newer), "without_backup": True})
+    assert job["kind"] == "upgrade" and job["state"] == "running"
+    done = retry(lambda: _finished(ctx, job["id"]), 30, "the upgrade job to end")
+    assert done["state"] == "failed" and "no docker socket" in done["error"]
+    last = upgrade.read_state(ctx.state_dir)["last_upgrade"]
+    assert last["ok"] is False and last["changed"] is False and last["rolled_back"] is False
+    assert (last["from"], last["to"]) == ("0.1.0", "0.1.1") and "no docker socket" in last["error"]
+    assert pins.read_pin(ctx.state_dir).version == "0.1.0"
+    assert not (ctx.state_dir / upgradeops.REQUEST_FILE).exists()
+
+
+def _finished(ctx, job_id):
+    job = jobs.status(ctx, job_id)
+    assert job["state"] != "running"
+    return job
+
+
+# -- the weekly check -----------------------------------------------------------------
+
+def test_check_compares_the_pinned_version_with_the_shipped_images(ctx):
+    out = ops.REGISTRY["upgrade_check"](ctx, {})
+    assert (out["current"], out["available"], out["upgrade_available"]) == (None, "0.1.0", False)
+    deployed(ctx, "0.1.0")
+    out = ops.REGISTRY["upgrade_check"](ctx, {})
+    assert (out["current"], out["available"], out["upgrade_available"], out["auto"]) == ("0.1.0", "0.1.0", False, False)
+    (ctx.images_dir / "VERSION").write_text("0.2.0\n")  # an appliance update shipped newer images
+    out = ops.REGISTRY["upgrade_check"](ctx, {})
+    assert (out["current"], out["available"], out["upgrade_available"]) == ("0.1.0", "0.2.0", True)
+    assert "job" not in out and jobs.latest(ctx, "upgrade") is None  # auto-apply is opt-in
+    assert upgrade.read_state(ctx.state_dir)["last_check"]["upgrade_available"] is True
+
+
+def test_automatic_upgrade_is_opt_in_and_never_without_a_backup(ctx, tmp_path):
+    deployed(ctx, "0.1.0")
+    (ctx.images_dir / "VERSION").write_text("0.2.0\n")
+    assert ops.REGISTRY["upgrade_configure"](ctx, {"auto": True}) == {"auto": True}
+    out = ops.REGISTRY["upgrade_check"](ctx, {})
+    assert out["auto"] is True and "job" not in out and "without_backup" in out["auto_refused"]
+    configure_backup_target(ctx, tmp_path)
+    out = ops.REGISTRY["upgrade_check"](ctx, {})
+    assert out["job"]["kind"] == "upgrade"
+    retry(lambda: _finished(ctx, out["job"]["id"]), 30, "the upgrade job to end")  # no docker here: it fails
+    ops.REGISTRY["upgrade_configure"](ctx, {"auto": False})
+    assert "job" not in ops.REGISTRY["upgrade_check"](ctx, {})
+
+
+def test_the_operations_are_served_by_the_agent(start_agent, tmp_path):
+    state = tmp_path / "state"
+    write_settings(state, domain=DOMAIN)
+    agent = start_agent(env={"MAILSTEAD_STATE_DIR": str(state), "MAILSTEAD_IMAGES_DIR": str(mkosi_folder(tmp_path / "img"))})
+    client = AgentClient(str(agent.socket))
+    out = client.call("upgrade_check")
+    assert out["current"] is None and out["upgrade_available"] is False
+    with pytest.raises(AgentError) as err:
+        client.call("upgrade_run", without_backup=True)
+    assert err.value.code == "not_deployed"
+    assert client.call("upgrade_state")["pinned"] is None
+    assert client.call("job_latest", kind="upgrade") == {"job": None}
+
+
+# -- the health check -----------------------------------------------------------------
+
+def run_check(ctx):
+    result = checks.run_one("upgrade", CheckEnv(ctx, reboot_file=ctx.state_dir / "reboot-required"))
+    assert result.status == "ok" or result.fix, result
+    return result
+
+
+def test_health_check_reports_the_last_upgrade_and_an_available_one(ctx):
+    r = run_check(ctx)
+    assert r.status == "warn" and "not deployed yet" in r.message
+    deployed(ctx, "0.1.0")
+    r = run_check(ctx)
+    assert r.status == "ok" and r.message == "the stack runs 0.1.0, the newest this appliance has"
+    (ctx.images_dir / "VERSION").write_text("0.2.0\n")
+    r = run_check(ctx)
+    assert r.status == "warn" and "0.2.0 is available; the stack runs 0.1.0" in r.message
+
+    attempt = {"at": "2026-03-02T04:50:00+00:00", "ok": False, "from": "0.1.0", "to": "0.2.0", "changed": True,
+               "rolled_back": True, "rollback_ok": True, "error": "the upgrade from 0.1.0 to 0.2.0 failed: dovecot"}
+    upgrade.record(ctx.state_dir, "last_upgrade", attempt)
+    r = run_check(ctx)
+    assert r.status == "warn" and "failed and was rolled back; 0.1.0 runs" in r.message and "2026-03-02" in r.message
+    upgrade.record(ctx.state_dir, "last_upgrade", {**attempt, "rollback_ok": False})
+    r = run_check(ctx)
+    assert r.status == "fail" and "so did its rollback" in r.message and "mailstead deploy" in r.fix
+    upgrade.record(ctx.state_dir, "last_upgrade", {**attempt, "changed": False, "rolled_back": False,
+                                                   "rollback_ok": None, "error": "the backup failed"})
+    r = run_check(ctx)
+    assert r.status == "warn" and "did not run; nothing was changed: the backup failed" in r.message
+    deployed(ctx, "0.2.0")  # upgraded since (by hand, or a later run)
+    (ctx.images_dir / "VERSION").write_text("0.2.0\n")
+    assert run_check(ctx).status == "ok"
