@@ -109,12 +109,12 @@ def test_backup_verify_and_restore_through_the_page(site: tuple[FlaskClient, Age
     assert restored.status_code == 303 and restored.location.endswith("#backup-restore")
     job = watch(client, "backup_restore")
     steps = [e["step"] for e in job["events"]]
-    assert steps[0] == "check" and "files" in steps and "deploy" in steps
-    assert job["state"] == "failed" and "restored, but the stack did not come back" in job["error"]
+    # The backed-up appliance had no stack deployed (no rendered compose file): none is started.
+    assert steps[0] == "check" and "files" in steps and "deploy" not in steps
+    assert job["state"] == "done" and job["result"]["stack"] is None, job
     from portal.stack.store import read_settings_table
 
     assert read_settings_table(state / "state.db")["dnsbl_zones"] == "before.example"  # the files are back
     page = html.unescape(client.get("/admin/backups/").text)
-    assert "The last run failed: restored, but the stack did not come back" in page
-    assert re.search(r'id="last-restore"><span class="outcome-failed">failed</span>', page)
+    assert re.search(r'id="last-restore"><span class="outcome-ok">OK</span>', page), page[:3000]
     assert password not in page and password not in agent.log_text()
