@@ -254,7 +254,8 @@ def check_maintenance(m: Machine, report: dict) -> None:
     report["uefi_seconds_backup"] = round(m.boot_seconds() - started, 1)
     listed = m.succeed("mailstead backup list")
     assert "Mailstead" in listed, listed
-    verified = json.loads(m.succeed("mailstead backup verify", timeout=900))
+    # progress goes to stderr, the result (JSON) to stdout; the backdoor shell merges them
+    verified = json.loads(m.succeed("mailstead backup verify 2>/dev/null", timeout=900))
     assert verified["ok"] is True and verified["messages"] >= 1, verified
     m.succeed("apt-config dump | grep -q 'APT::Periodic::Unattended-Upgrade \"1\"'")
     m.succeed("test -x /usr/bin/restic && test -x /usr/bin/unattended-upgrade")
