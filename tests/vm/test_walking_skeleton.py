@@ -257,5 +257,6 @@ def check_maintenance(m: Machine, report: dict) -> None:
     # progress goes to stderr, the result (JSON) to stdout; the backdoor shell merges them
     verified = json.loads(m.succeed("mailstead backup verify 2>/dev/null", timeout=900))
     assert verified["ok"] is True and verified["messages"] >= 1, verified
-    m.succeed("apt-config dump | grep -q 'APT::Periodic::Unattended-Upgrade \"1\"'")
+    # (apt-config shell, not `dump | grep -q`: the shell runs with pipefail and grep -q's early exit is SIGPIPE)
+    assert m.succeed("apt-config shell v APT::Periodic::Unattended-Upgrade").strip() == "v='1'"
     m.succeed("test -x /usr/bin/restic && test -x /usr/bin/unattended-upgrade")
