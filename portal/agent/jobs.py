@@ -81,7 +81,11 @@ def start(ctx: Context, kind: str) -> dict[str, Any]:
             job = _read(folder / f"{running}.json")
             if job and job["state"] == "running":
                 return _public(job)
-        job_id = f"{time.strftime('%Y%m%d%H%M%S', time.gmtime())}-{kind}-{secrets.token_hex(4)}"
+        # Microseconds in the id: two jobs of a kind started within one second still
+        # sort in start order (latest() and pruning go by name).
+        now = time.time()
+        job_id = (f"{time.strftime('%Y%m%d%H%M%S', time.gmtime(now))}{int(now * 1e6) % 1_000_000:06d}"
+                  f"-{kind}-{secrets.token_hex(4)}")
         path = folder / f"{job_id}.json"
         job = {"id": job_id, "kind": kind, "state": "running", "agent": _BOOT,
                "started": time.time(), "finished": None, "events": [], "result": None, "error": None}

@@ -97,3 +97,33 @@ def test_the_real_kinds_are_registered():
     from portal.agent import server  # noqa: F401
 
     assert {"stack_deploy", "cert_issue", "dns_check"} <= set(jobs.KINDS)
+
+
+def test_latest_is_the_last_started_even_within_one_second(tmp_path):
+    """Two jobs of a kind started in the same second: job_latest is the second one
+    (ids sorted by name once tied on the second, by their random suffix)."""
+    import threading
+
+    from portal.agent import jobs
+    from portal.agent.ops import Context
+
+    ctx = Context(state_dir=tmp_path / "state")
+    gate = threading.Event()
+    jobs.KINDS["t_same_second"] = lambda ctx, progress: gate.wait(5) and {}
+    try:
+        started = []
+        for _ in range(20):  # many pairs: a tie broken by the random suffix would lose about half
+            first = jobs.start(ctx, "t_same_second")
+            gate.set()
+            while jobs.status(ctx, first["id"])["state"] == "running":
+                pass
+            gate.clear()
+            second = jobs.start(ctx, "t_same_second")
+            gate.set()
+            while jobs.status(ctx, second["id"])["state"] == "running":
+                pass
+            gate.clear()
+            started.append((second["id"], jobs.latest(ctx, "t_same_second")["id"]))
+        assert all(a == b for a, b in started), started
+    finally:
+        del jobs.KINDS["t_same_second"]
