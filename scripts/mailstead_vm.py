@@ -89,6 +89,9 @@ class VMConfig:
     cpus: int = 2
     disk_size: str | None = "16G"  # grow the disk before boot (an overlay: the image is untouched)
     forwards: dict[int, int] = field(default_factory=dict)  # host port -> guest port (tcp)
+    # "unsafe" is fastest; "writeback" keeps every write the guest saw flushed when qemu is
+    # killed (a power loss test: qcow2's metadata cache would otherwise die with qemu).
+    cache: str = "unsafe"
     backdoor: bool = False  # needs the image's `test` profile
     workdir: Path | None = None
     accel: str | None = None  # None: auto (kvm if usable, else tcg)
@@ -114,8 +117,10 @@ class VM:
         self.started_at = 0.0
 
     # -- command line -------------------------------------------------------
-    def _disk(self) -> Path:
+    def _disk(self, fresh: bool = True) -> Path:
         disk = self.workdir / "disk.qcow2"
+        if not fresh and disk.exists():
+            return disk  # boot again from what the last run left on the disk
         disk.unlink(missing_ok=True)
         cmd = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(self.cfg.image.resolve()), str(disk)]
         if self.cfg.disk_size:
@@ -137,7 +142,7 @@ class VM:
             "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}",
         ]  # fmt: skip
 
-    def command(self) -> list[str]:
+    def command(self, fresh_disk: bool = True) -> list[str]:
         accel = self.accel or ("kvm" if kvm_usable()[0] else "tcg")
         self.accel = accel
         fwd = "".join(f",hostfwd=tcp:127.0.0.1:{h}-:{g}" for h, g in self.cfg.forwards.items())
@@ -154,7 +159,7 @@ class VM:
             "-chardev", f"file,id=serial0,path={self.serial_log}",
             "-serial", "chardev:serial0",
             "-nic", f"user,id=net0,model=virtio-net-pci{fwd}",  # id: QMP set_link can cut the cable
-            "-drive", f"if=virtio,format=qcow2,cache=unsafe,discard=unmap,file={self._disk()}",
+            "-drive", f"if=virtio,format=qcow2,cache={self.cfg.cache},discard=unmap,file={self._disk(fresh_disk)}",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
             *self._firmware_args(),
         ]  # fmt: skip
@@ -169,11 +174,12 @@ class VM:
         return cmd
 
     # -- lifecycle -----------------------------------------------------------
-    def start(self) -> None:
+    def start(self, fresh_disk: bool = True) -> None:
+        """Start qemu; `fresh_disk=False` boots the disk the last run left (after a reboot or power loss)."""
         if not MKOSI.exists():
             raise VMError(f"{MKOSI} is missing: run scripts/build-image first (it unpacks mkosi)")
         self.serial_log.write_bytes(b"")
-        cmd = self.command()
+        cmd = self.command(fresh_disk)
         self.started_at = time.monotonic()
         with open(self.qemu_log, "wb") as log:
             self.proc = subprocess.Popen(
@@ -191,6 +197,12 @@ class VM:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+            self.proc.wait()
+
+    def power_loss(self) -> None:
+        """Pull the plug: SIGKILL qemu, no shutdown, no flush beyond what the guest already saw done."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
     def running(self) -> bool:

@@ -74,14 +74,16 @@ class Pebble:
     """pebble on 127.0.0.1 (free ports), resolving names through 127.0.0.1:`dns_port`."""
 
     def __init__(self, workdir: Path, dns_port: int, http_port: int | None = None,
-                 validity_seconds: int = 90 * 86400, env: dict[str, str] | None = None) -> None:
+                 validity_seconds: int = 90 * 86400, env: dict[str, str] | None = None,
+                 tls_ips: tuple[str, ...] = ("127.0.0.1",)) -> None:
         self.workdir, self.dns_port = workdir, dns_port
         self.port, self.management_port = free_port(), free_port()
         self.http_port, self.tls_port = http_port or free_port(), free_port()
         self.validity_seconds = validity_seconds
         self.extra_env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
-        self.ca_bundle, cert, key = make_server_tls(workdir / "tls")
+        # tls_ips: the addresses clients reach pebble at (a VM guest: 10.0.2.2, qemu's host alias)
+        self.ca_bundle, cert, key = make_server_tls(workdir / "tls", ips=tls_ips)
         self.config = workdir / "pebble-config.json"
         self.config.write_text(json.dumps({"pebble": {
             "listenAddress": f"127.0.0.1:{self.port}",

@@ -76,8 +76,8 @@ class SmtpSink(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _SmtpHandler)
+    def __init__(self, port: int = 0) -> None:
+        super().__init__(("127.0.0.1", port), _SmtpHandler)
         self.messages: list[dict[str, Any]] = []
 
     @property

@@ -38,3 +38,9 @@ def report():
     yield data
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     (ARTIFACTS / "report.json").write_text(json.dumps(data, indent=2, sort_keys=True))
+
+
+# Playwright with Debian's chromium, as in the browser tier (the journey walks the wizard in it).
+from tests.browser.conftest import browser_context_args, browser_type_launch_args  # noqa: E402
+
+__all__ = ["browser_context_args", "browser_type_launch_args", "image", "report"]

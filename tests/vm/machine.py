@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import re
+import shutil
 import socket
 import sys
 import time
@@ -30,7 +31,10 @@ from mailstead_vm import (  # noqa: E402
     retry,
 )
 
-__all__ = ["Machine", "VMConfig", "VMError", "free_port", "retry", "PORTAL_RX", "TOKEN_RX", "FPR_RX"]
+__all__ = ["Machine", "VMConfig", "VMError", "boot", "free_port", "retry", "PORTAL_RX", "TOKEN_RX", "FPR_RX"]
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts" / "vm"
+BOOT_TIMEOUT = 900  # TCG on 2 cores: 90-300 s is normal
 
 
 class Machine(VM):
@@ -77,6 +81,26 @@ class Machine(VM):
             self._buf += chunk
         head, _, self._buf = self._buf.partition(marker)
         return head
+
+    def boot_id(self) -> str:
+        return self.succeed("cat /proc/sys/kernel/random/boot_id").strip()
+
+    def reboot(self, timeout: float = 900) -> float:
+        """A clean `systemctl reboot` (qemu keeps running); returns the seconds until the shell answers again."""
+        before = self.boot_id()
+        started = time.monotonic()
+        self.succeed("systemd-run --on-active=1 --unit=mailstead-test-reboot systemctl reboot")
+
+        def rebooted() -> bool:
+            self.check_alive()
+            try:
+                return self.execute("cat /proc/sys/kernel/random/boot_id", timeout=10)[1].strip() not in ("", before)
+            except (OSError, TimeoutError, ConnectionError):
+                self._disconnect()
+                return False
+
+        retry(rebooted, timeout, "the guest to come back from the reboot", interval=3)
+        return time.monotonic() - started
 
     def wait_for_shell(self, timeout: float = 600) -> None:
         """Wait until the guest's backdoor shell answers (i.e. the guest reached multi-user)."""
@@ -155,3 +179,35 @@ class Machine(VM):
         fpr = self.wait_for_console(FPR_RX, 30).group(1)
         urls = re.findall(PORTAL_RX, self.console())
         return {"token": token, "fingerprint": fpr, "urls": " ".join(urls)}
+
+
+def boot(image: Path, name: str, report: dict, workdir: Path, forwards: dict[int, int],
+         firmware: str = "uefi", cache: str = "unsafe") -> tuple[Machine, dict[str, str]]:
+    """Boot a fresh copy of the image; read first boot's banner (token, fingerprint, URLs).
+
+    On a guest kernel failure or a hang retry once, and report it; when KVM is there
+    but guests die on it, the retry emulates (TCG)."""
+    incidents = report.setdefault("incidents", [])
+    accel = None  # auto: KVM when it works
+    for attempt in (1, 2):
+        m = Machine(VMConfig(image=image, firmware=firmware, forwards=forwards, accel=accel, cache=cache,
+                             workdir=workdir / f"{name}-{attempt}"))
+        m.start()
+        try:
+            banner = m.first_boot_banner(timeout=BOOT_TIMEOUT)
+            report[f"{name}_seconds_to_banner"] = round(m.boot_seconds(), 1)
+            report[f"{name}_accel"] = m.accel
+            m.wait_for_shell(timeout=300)
+            return m, banner
+        except (VMError, TimeoutError) as exc:
+            keep = ARTIFACTS / f"{name}-attempt{attempt}-serial.log"
+            keep.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(m.serial_log, keep)
+            m.stop()
+            incidents.append({"vm": name, "attempt": attempt, "error": str(exc)[:2000]})
+            print(f"boot attempt {attempt} ({name}) failed, serial log in {keep}: {exc}")
+            if "KVM" in str(exc):
+                accel = "tcg"
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
