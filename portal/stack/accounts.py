@@ -221,13 +221,14 @@ def hash_password(password: str) -> str:
 
 def verify_password(stored: str, password: str) -> bool:
     """Whether `password` matches `stored` (as made by hash_password)."""
-    from argon2.exceptions import InvalidHashError, VerificationError
+    # InvalidHash: argon2-cffi 21.1 (trixie, the image) has no InvalidHashError (23.1 made it the new name)
+    from argon2.exceptions import InvalidHash, VerificationError
 
     if not isinstance(stored, str) or not isinstance(password, str) or not stored.startswith(SCHEME_PREFIX):
         return False
     try:
         return bool(_hasher().verify(stored.removeprefix(SCHEME_PREFIX), password))
-    except (VerificationError, InvalidHashError):
+    except (VerificationError, InvalidHash):
         return False
 
 
