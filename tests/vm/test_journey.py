@@ -306,6 +306,10 @@ def test_first_boot_to_mail_delivered_surviving_power_loss_and_reboot(
         expect(page).to_have_url(re.compile(r"/setup/deploy/clients"), timeout=1_200_000)
         report["journey_seconds_deploy_to_healthy"] = round(time.monotonic() - started, 1)
         stack_healthy(m)
+        # Where the deploy's time went (each container's start and its first log lines).
+        (ARTIFACTS / "journey-deploy-timeline.log").write_text(m.execute(
+            "for c in $(docker ps --format '{{.Names}}'); do echo \"== $c started $(docker inspect -f "
+            "'{{.State.StartedAt}}' $c)\"; docker logs -t $c 2>&1 | head -n 15; done", timeout=120)[1])
         shot(page, "clients")
         page.click("#finish")
         expect(page).to_have_url(re.compile(r"/login"))
