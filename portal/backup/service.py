@@ -470,8 +470,15 @@ def put_back_files(state_dir: Path, restored: Path) -> None:
 
 
 def _replace_file(src: Path, dest: Path) -> None:
+    """Put `src` in place of `dest`, keeping the owner and mode of the file it replaces:
+    the snapshot's copies were made by root, but this appliance's state.db is the web
+    user's (the portal could not open a root-owned one: found by the VM restore test)."""
     tmp = dest.with_name(f".{dest.name}.restore")
     shutil.copy2(src, tmp)
+    if dest.exists():
+        st = dest.stat()
+        os.chown(tmp, st.st_uid, st.st_gid)
+        os.chmod(tmp, st.st_mode & 0o7777)
     os.replace(tmp, dest)
 
 

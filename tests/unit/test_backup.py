@@ -256,3 +256,28 @@ def test_volumes_are_never_skipped_silently_when_docker_is_down(tmp_path, monkey
     assert err.value.field == "volumes" and "is docker running" in err.value.message
     (fake / "docker").write_text("#!/bin/sh\necho 'Error: No such volume: mailstead_mail' >&2\nexit 1\n")
     assert DockerVolumes("mailstead", "mailstead-base:0.1.0").dump("mail", tmp_path / "out") is False
+
+
+def test_put_back_files_keeps_the_owner_and_mode_of_the_files_it_replaces(tmp_path: Path) -> None:
+    """The snapshot's database copies were made by root; the appliance's state.db is the
+    web user's (0660). A restore that left a root-owned 0600 state.db locked the portal out."""
+    from portal.backup.service import put_back_files
+
+    state, restored = tmp_path / "state", tmp_path / "restored"
+    (restored / "db").mkdir(parents=True)
+    (restored / "db" / "state.db").write_bytes(b"restored state")
+    (restored / "db" / "state.db").chmod(0o600)
+    (restored / "db" / "accounts.db").write_bytes(b"restored accounts")
+    (state / "accounts").mkdir(parents=True)
+    web_uid, web_gid = 4321, 4322
+    for path, mode in ((state / "state.db", 0o660), (state / "accounts" / "accounts.db", 0o640)):
+        path.write_bytes(b"old")
+        os.chown(path, web_uid, web_gid)
+        path.chmod(mode)
+    put_back_files(state, restored)
+    assert (state / "state.db").read_bytes() == b"restored state"
+    st = (state / "state.db").stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (web_uid, web_gid, 0o660)
+    st = (state / "accounts" / "accounts.db").stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (web_uid, web_gid, 0o640)
+    assert not list(state.glob(".*.restore"))
