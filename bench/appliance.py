@@ -34,7 +34,7 @@ TARGETS = {"memory_idle_after_setup_mb": 600, "compressed_image_mb": 600, "deplo
 
 
 def compressed_mb(image: Path) -> float:
-    zstd = subprocess.Popen(["zstd", "-q", "-T0", "-10", "-c", str(image)], stdout=subprocess.PIPE)
+    zstd = subprocess.Popen(["zstd", "-q", "-T0", "-10", "-c", str(image.resolve())], stdout=subprocess.PIPE)
     total = 0
     assert zstd.stdout is not None
     while chunk := zstd.stdout.read(1 << 20):
