@@ -197,6 +197,17 @@ def next_totp_code(secret: str) -> str:
     return totp.at(time.time() + totp.interval)
 
 
+def keep_guest_logs(m: Machine, name: str) -> None:
+    """On a failure: the serial console and the portal's and agent's journal, in artifacts/vm/."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / f"{name}-serial.log").write_text(m.console())
+    try:
+        (ARTIFACTS / f"{name}-guest.log").write_text(m.execute(
+            "journalctl -b --no-pager -n 400 -u mailstead-agent -u mailstead-web; docker ps -a", timeout=60)[1])
+    except Exception as err:  # the guest may be gone
+        print(f"no guest log: {err}")
+
+
 def shot(page: Page, name: str) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"journey-{name}.png"), full_page=True)
@@ -353,13 +364,7 @@ def test_first_boot_to_mail_delivered_surviving_power_loss_and_reboot(
         expect(page.locator("#health-overall")).to_be_visible()
         shot(page, "dashboard-after-reboot")
     except BaseException:
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        (ARTIFACTS / "journey-serial.log").write_text(m.console())
-        try:
-            (ARTIFACTS / "journey-guest.log").write_text(m.execute(
-                "journalctl -b --no-pager -n 400 -u mailstead-agent -u mailstead-web; docker ps -a", timeout=60)[1])
-        except Exception as err:  # the guest may be gone
-            print(f"no guest log: {err}")
+        keep_guest_logs(m, "journey")
         raise
     finally:
         m.stop()
@@ -580,13 +585,7 @@ def test_move_to_new_hardware_restores_from_the_backup(
         expect(page).to_have_url(re.compile(r"/admin/?$"))
         assert not m.succeed(f"ls {STATE}").count("setup-token")
     except BaseException:
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        (ARTIFACTS / "restore-serial.log").write_text(m.console())
-        try:
-            (ARTIFACTS / "restore-guest.log").write_text(m.execute(
-                "journalctl -b --no-pager -n 400 -u mailstead-agent -u mailstead-web; docker ps -a", timeout=60)[1])
-        except Exception as err:
-            print(f"no guest log: {err}")
+        keep_guest_logs(m, "restore")
         raise
     finally:
         m.stop()
