@@ -215,9 +215,12 @@ def _plain(stderr: str) -> str:
 class ProgressParser:
     """restic backup --json lines -> at most one progress event every `every` seconds."""
 
-    def __init__(self, progress: Progress, step: str = "upload", every: float = 2.0) -> None:
-        self.progress, self.step, self.every = progress, step, every
-        self.last = 0.0
+    def __init__(self, progress: Progress, step: str = "upload", every: float = 2.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.progress, self.step, self.every, self.clock = progress, step, every, clock
+        # None, not 0.0: time.monotonic() counts from boot, so on a machine booted
+        # less than `every` seconds ago a 0.0 start dropped the first event.
+        self.last: float | None = None
         self.summary: dict[str, Any] | None = None
         self.errors: list[str] = []
 
@@ -228,8 +231,8 @@ class ProgressParser:
             return
         kind = msg.get("message_type")
         if kind == "status":
-            now = time.monotonic()
-            if now - self.last < self.every and msg.get("percent_done", 0) < 1:
+            now = self.clock()
+            if self.last is not None and now - self.last < self.every and msg.get("percent_done", 0) < 1:
                 return
             self.last = now
             self.progress(self.step, describe_status(msg))

@@ -223,11 +223,14 @@ def test_recorded_state_file_is_readable_by_the_health_check(tmp_path):
     assert os.stat(env.state_file).st_mode & 0o777 == 0o644
 
 
-def test_progress_lines_become_throttled_events():
+@pytest.mark.parametrize("uptime", [0.0, 5.0, 86400.0])
+def test_progress_lines_become_throttled_events(uptime):
+    """The clock is injected: the monotonic clock counts from boot, so a machine
+    booted seconds ago (uptime 0) must see the first event too."""
     from portal.backup.restic import ProgressParser
 
     events: list[tuple[str, str]] = []
-    parser = ProgressParser(lambda s, d: events.append((s, d)), every=3600)
+    parser = ProgressParser(lambda s, d: events.append((s, d)), every=3600, clock=lambda: uptime)
     parser('{"message_type":"status","percent_done":0.25,"total_files":8,"files_done":2,'
            '"total_bytes":4000000,"bytes_done":1000000,"seconds_remaining":9}\n')
     parser('{"message_type":"status","percent_done":0.5,"total_files":8,"files_done":4}\n')  # throttled
