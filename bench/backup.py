@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 from portal.backup import config as cfg  # noqa: E402
 from portal.backup.contents import FolderVolumes  # noqa: E402
 from portal.backup.service import Env, backup, configure, restore, verify  # noqa: E402
-from portal.db import write_settings  # noqa: E402
+from portal.web.db import write_settings  # noqa: E402
 
 
 T0 = time.monotonic()

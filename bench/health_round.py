@@ -44,7 +44,8 @@ def stats(values: list[float]) -> dict[str, float]:
 
 def measure(state: Path, rounds: int) -> dict[str, Any]:
     from portal.agent import ops
-    from portal.checks import CHECKS, agentops, load_all, run_one
+    from portal.checks import CHECKS, load_all, run_one
+    from portal.checks import privileged as agentops
     from portal.checks.env import CheckEnv
 
     load_all()

@@ -43,9 +43,9 @@ sys.path.insert(0, str(REPO))
 import pyotp  # noqa: E402
 import requests  # noqa: E402
 
-from portal import wizard  # noqa: E402
+from portal.web import wizard  # noqa: E402
 from portal.agent.client import AgentClient  # noqa: E402
-from portal.firstboot import make_certificate  # noqa: E402
+from portal.agent.firstboot import make_certificate  # noqa: E402
 from portal.stack.accounts import Accounts, NoKeys  # noqa: E402
 from tests.conftest import TEST_TOKEN, free_port, launch_agent, launch_gunicorn, retry, stop_process  # noqa: E402
 

@@ -30,8 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from portal import db  # noqa: E402
-from portal.adminauth import put_pending_mailbox  # noqa: E402
+from portal.web import db  # noqa: E402
+from portal.admin.privileged import put_pending_mailbox  # noqa: E402
 from portal.agent.client import AgentClient  # noqa: E402
 from portal.stack import deploy as deploy_mod  # noqa: E402
 from portal.stack.settings import DEFAULT_PORTS  # noqa: E402

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .agent.client import DEFAULT_SOCKET, AgentClient, AgentError
+from portal.agent.client import DEFAULT_SOCKET, AgentClient, AgentError
 
 
 def read_password(prompt: str, from_stdin: bool) -> str:
@@ -300,7 +300,7 @@ def job_outcome(job: dict[str, Any]) -> int:
 
 
 def firstboot_paths(state_dir: Path | None) -> Any:
-    from . import firstboot
+    from portal.agent import firstboot
 
     paths = firstboot.Paths.from_env()
     if state_dir is not None:
@@ -312,7 +312,7 @@ NO_TOKEN = "(not made yet: run `systemctl restart mailstead-firstboot`)"
 
 
 def show_token(state_dir: Path | None) -> int:
-    from . import firstboot
+    from portal.agent import firstboot
 
     paths = firstboot_paths(state_dir)
     if firstboot.setup_complete(paths.db_path):
@@ -331,7 +331,7 @@ def show_setup(state_dir: Path | None) -> int:
     """The console message again: portal addresses, token (while unfinished), fingerprint."""
     import socket
 
-    from . import firstboot
+    from portal.agent import firstboot
 
     paths = firstboot_paths(state_dir)
     try:

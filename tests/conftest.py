@@ -54,14 +54,14 @@ def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float = 10) -> N
 
 
 def launch_gunicorn(*bind: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    """gunicorn serving portal.wsgi:app as mailstead-web does (one worker, four threads).
+    """gunicorn serving portal.web.wsgi:app as mailstead-web does (one worker, four threads).
 
     `bind` gives the listener (`--bind ...`, plus `--certfile`/`--keyfile` for https).
     The caller waits for it to answer and stops it (stop_process)."""
     with open(log, "ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "gunicorn", *bind,
-             "--workers", "1", "--threads", "4", "--access-logfile", "-", "portal.wsgi:app"],
+             "--workers", "1", "--threads", "4", "--access-logfile", "-", "portal.web.wsgi:app"],
             stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)  # fmt: skip
 
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .ops import Context, OpError, operation
+from portal.agent.ops import Context, OpError, operation
 
 Progress = Callable[[str, str], None]
 JobFunc = Callable[[Context, Progress], dict[str, Any]]

@@ -23,18 +23,18 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import jobs as _jobs  # noqa: F401  (registers job_start/job_status/job_latest)
-from . import ops
-from .client import DEFAULT_SOCKET
-from .. import adminauth as _adminauth  # noqa: F401  (registers admin_* and net_addresses)
-from ..certs import agentops as _certs_ops  # noqa: F401  (registers the certificate operations)
-from ..dns import agentops as _dns_ops  # noqa: F401  (registers the DNS operations)
-from ..stack import agentops  # noqa: F401  (registers the mail stack operations)
-from .. import setupops as _setup_ops  # noqa: F401  (registers setup_deploy, setup_finish, dashboard ops)
-from .. import scheduler as _scheduler  # noqa: F401  (registers schedule_*; started in main(), not here)
-from ..checks import agentops as _checks_ops  # noqa: F401  (registers health_run, health_history)
-from ..backup import agentops as _backup_ops  # noqa: F401  (registers backup_configure/run/list/verify/restore/state)
-from ..stack import upgradeops as _upgrade_ops  # noqa: F401  (registers upgrade_check/run/state/configure, job kind upgrade)
+from portal.agent import jobs as _jobs  # noqa: F401  (registers job_start/job_status/job_latest)
+from portal.agent import ops
+from portal.agent.client import DEFAULT_SOCKET
+from portal.admin import privileged as _adminauth  # noqa: F401  (registers admin_* and net_addresses)
+from portal.certs import privileged as _certs_ops  # noqa: F401  (registers the certificate operations)
+from portal.dns import privileged as _dns_ops  # noqa: F401  (registers the DNS operations)
+from portal.stack import privileged as agentops  # noqa: F401  (registers the mail stack operations)
+from portal.setup import privileged as _setup_ops  # noqa: F401  (registers setup_deploy, setup_finish, dashboard ops)
+from portal.agent import scheduler as _scheduler  # noqa: F401  (registers schedule_*; started in main(), not here)
+from portal.checks import privileged as _checks_ops  # noqa: F401  (registers health_run, health_history)
+from portal.backup import privileged as _backup_ops  # noqa: F401  (registers backup_configure/run/list/verify/restore/state)
+from portal.stack import upgradeops as _upgrade_ops  # noqa: F401  (registers upgrade_check/run/state/configure, job kind upgrade)
 
 log = logging.getLogger("mailstead.agent")
 
@@ -187,7 +187,7 @@ def prepare_state_db(path: Path, owner: tuple[int, int] | None) -> None:
     (the scheduler's job store at the first boot) would be read-only to the portal."""
     if path.exists():
         return
-    from .. import db
+    from portal.web import db
 
     db.connect(path).close()
     if owner is not None:

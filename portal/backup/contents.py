@@ -23,8 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import BackupError
-from .config import OWN_SECRETS
+from portal.backup import BackupError
+from portal.backup.config import OWN_SECRETS
 
 Progress = Callable[[str, str], None]
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import BackupError
-from .config import Paths, Target, restic_env, restic_options
+from portal.backup import BackupError
+from portal.backup.config import Paths, Target, restic_env, restic_options
 
 Progress = Callable[[str, str], None]
 

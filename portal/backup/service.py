@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import BackupError
-from . import config as cfg
-from .contents import FORMAT, MANIFEST, VOLUMES, DockerVolumes, FolderVolumes, VolumeIO, compare, stage
-from .restic import HOST, TAG, ProgressParser, Restic, clear_stale_locks, retention_args
+from portal.backup import BackupError
+from portal.backup import config as cfg
+from portal.backup.contents import FORMAT, MANIFEST, VOLUMES, DockerVolumes, FolderVolumes, VolumeIO, compare, stage
+from portal.backup.restic import HOST, TAG, ProgressParser, Restic, clear_stale_locks, retention_args
 
 Progress = Callable[[str, str], None]
 DEFAULT_TIMEOUT = 6 * 3600
@@ -76,7 +76,7 @@ class Env:
                       give_up=self.give_up)
 
     def settings_table(self) -> dict[str, str]:
-        from ..stack.store import read_settings_table
+        from portal.stack.store import read_settings_table
 
         return read_settings_table(self.state_dir / "state.db")
 
@@ -358,8 +358,8 @@ class ComposeStack:
             raise BackupError(f"stack: could not stop it: {' '.join(r.stderr.split())[-300:]}", "stack")
 
     def start(self, progress: Progress) -> dict[str, Any]:
-        from ..agent.ops import OpError
-        from ..stack.agentops import deploy_stack
+        from portal.agent.ops import OpError
+        from portal.stack.privileged import deploy_stack
 
         try:
             return deploy_stack(self.ctx, progress)

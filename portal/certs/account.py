@@ -19,9 +19,9 @@ from acme import messages
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from .. import __version__
-from . import CertError
-from .settings import AcmeSettings
+from portal import __version__
+from portal.certs import CertError
+from portal.certs.settings import AcmeSettings
 
 TIMEOUT = 30  # seconds, for every request to the CA
 
@@ -32,7 +32,7 @@ def account_dir(state_dir: Path) -> Path:
 
 def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Atomically write `path` with `mode` (created with it: never readable by others)."""
-    from ..firstboot import write_replace  # the one atomic writer of the project
+    from portal.agent.firstboot import write_replace  # the one atomic writer of the project
 
     write_replace(path, data, mode)
 

@@ -16,7 +16,7 @@ from typing import Protocol
 
 from acme import challenges
 
-from . import CertError
+from portal.certs import CertError
 
 TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")
 Progress = Callable[[str, str], None]
@@ -96,8 +96,8 @@ class DnsChallenge:
     published: list[str] = field(default_factory=list)
 
     def publish(self, pending: list[Pending], progress: Progress) -> None:
-        from ..dns.check import authoritative_servers, wait_until_served
-        from ..dns.update import DnsError, replace_rrset
+        from portal.dns.check import authoritative_servers, wait_until_served
+        from portal.dns.update import DnsError, replace_rrset
 
         values: dict[str, list[str]] = {}
         for item in pending:
@@ -118,7 +118,7 @@ class DnsChallenge:
                             "stays in place", err.field) from None
 
     def cleanup(self, progress: Progress) -> None:
-        from ..dns.update import DnsError, delete_rrset
+        from portal.dns.update import DnsError, delete_rrset
 
         for rrname in self.published:
             try:

@@ -22,10 +22,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from . import CertError
-from .account import ensure_account, ensure_account_key, make_client, reason, unreachable
-from .challenges import ChallengeHandler, Pending, Progress, no_progress
-from .settings import AcmeSettings
+from portal.certs import CertError
+from portal.certs.account import ensure_account, ensure_account_key, make_client, reason, unreachable
+from portal.certs.challenges import ChallengeHandler, Pending, Progress, no_progress
+from portal.certs.settings import AcmeSettings
 
 ORDER_TIMEOUT = 180  # seconds from the first answer to the certificate
 

@@ -22,12 +22,12 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from . import CertError
-from .account import ensure_account_key, make_client, write_private
-from .challenges import ChallengeHandler, Progress, no_progress
-from .issue import issue
-from .settings import AcmeSettings
-from .store import install, read_live, tls_dir
+from portal.certs import CertError
+from portal.certs.account import ensure_account_key, make_client, write_private
+from portal.certs.challenges import ChallengeHandler, Progress, no_progress
+from portal.certs.issue import issue
+from portal.certs.settings import AcmeSettings
+from portal.certs.store import install, read_live, tls_dir
 
 STATE_FILE = "certs-state.json"
 BACKOFF_FIRST = dt.timedelta(hours=1)

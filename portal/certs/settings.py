@@ -9,9 +9,9 @@ from urllib.parse import urlsplit
 
 from cryptography import x509
 
-from ..stack.settings import SettingsError
-from ..stack.store import load_settings, read_settings_table
-from . import CertError
+from portal.stack.settings import SettingsError
+from portal.stack.store import load_settings, read_settings_table
+from portal.certs import CertError
 
 LETSENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 LETSENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"

@@ -26,7 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtensionOID
 
-from . import CertError
+from portal.certs import CertError
 
 KEEP_ARCHIVES = 3
 

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .env import CheckEnv
+    from portal.checks.env import CheckEnv
 
 STATUSES = ("ok", "warn", "fail")
 
@@ -84,7 +84,7 @@ def run_all(env: CheckEnv, only: list[str] | None = None, timeout: float = 20.0)
 
 def load_all() -> dict[str, tuple[str, Check]]:
     """Import the modules that register the checks (cheap: heavy libraries load on use)."""
-    from . import system, stack  # noqa: F401
+    from portal.checks import system, stack  # noqa: F401
 
     return CHECKS
 

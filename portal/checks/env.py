@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..agent.ops import Context
+from portal.agent.ops import Context
 
 DEFAULT_DNSBL_ZONES = ("zen.spamhaus.org", "bl.spamcop.net", "b.barracudacentral.org")
 
@@ -45,14 +45,14 @@ class CheckEnv:
     @functools.cached_property
     def values(self) -> dict[str, str]:
         """The settings table of state.db (read once per round)."""
-        from ..stack.store import read_settings_table
+        from portal.stack.store import read_settings_table
 
         return read_settings_table(self.state_dir / "state.db")
 
     def stack_settings(self) -> Any:
         """StackSettings, or raises SettingsError naming what setup still lacks."""
         if "stack" not in self._cache:
-            from ..stack.store import load_settings
+            from portal.stack.store import load_settings
 
             try:
                 self._cache["stack"] = load_settings(self.state_dir)

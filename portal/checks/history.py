@@ -24,7 +24,7 @@ from email.utils import formatdate, make_msgid
 from pathlib import Path
 from typing import Any
 
-from . import CheckResult
+from portal.checks import CheckResult
 
 log = logging.getLogger("mailstead.checks")
 
@@ -184,7 +184,7 @@ def alert(values: dict[str, str], stack_settings: Any, changes: list[dict[str, A
     elif stack_settings is None:
         out["mail"] = "not sent: the mail stack is not set up yet"
     else:
-        from ..setupops import _smtp_target
+        from portal.setup.privileged import _smtp_target
 
         host, port = _smtp_target(stack_settings)
         try:

@@ -9,8 +9,8 @@ import socket
 import time
 from typing import Any
 
-from . import CheckResult, check
-from .env import DEFAULT_DNSBL_ZONES, CheckEnv
+from portal.checks import CheckResult, check
+from portal.checks.env import DEFAULT_DNSBL_ZONES, CheckEnv
 
 NOT_SET_UP = "run the setup wizard to the end (https://<this server>/setup)"
 
@@ -24,8 +24,8 @@ def _settings_or_result(env: CheckEnv, cid: str) -> Any:
 
 @check("containers", "Mail services running")
 def containers(env: CheckEnv) -> CheckResult:
-    from ..agent.ops import OpError
-    from ..stack.agentops import stack_status
+    from portal.agent.ops import OpError
+    from portal.stack.privileged import stack_status
 
     settings = _settings_or_result(env, "containers")
     if isinstance(settings, CheckResult):
@@ -94,7 +94,7 @@ def ports(env: CheckEnv) -> CheckResult:
 def tls(env: CheckEnv) -> CheckResult:
     from cryptography import x509
 
-    from ..certs.store import cert_names
+    from portal.certs.store import cert_names
 
     settings = _settings_or_result(env, "tls")
     if isinstance(settings, CheckResult):
@@ -133,7 +133,7 @@ def tls(env: CheckEnv) -> CheckResult:
 @check("dns", "DNS records")
 def dns(env: CheckEnv) -> CheckResult:
     """The latest DNS drift check (the scheduled dns_check job; never queried here)."""
-    from ..agent import jobs
+    from portal.agent import jobs
 
     job = jobs.latest(env.ctx, "dns_check")
     if job is None:
@@ -177,8 +177,8 @@ def dnsbl_query(ip: str, zone: str, resolvers: list[tuple[str, int]], timeout: f
 
 @check("dnsbl", "Blocklists (DNSBL)")
 def dnsbl(env: CheckEnv) -> CheckResult:
-    from ..dns import DnsError
-    from ..dns.check import parse_resolvers
+    from portal.dns import DnsError
+    from portal.dns.check import parse_resolvers
 
     values = env.values
     ip = (values.get("public_ipv4") or "").strip()
@@ -246,7 +246,7 @@ def queue(env: CheckEnv) -> CheckResult:
 @check("upgrade", "Stack version")
 def upgrade(env: CheckEnv) -> CheckResult:
     """The last upgrade's outcome (upgrade-state.json) and whether a newer version is available."""
-    from ..stack.upgrade import read_state, versions
+    from portal.stack.upgrade import read_state, versions
 
     info = versions(env.ctx)
     current = info["current"]

@@ -8,8 +8,8 @@ import shutil
 import subprocess
 from typing import Any
 
-from . import CheckResult, check
-from .env import CheckEnv
+from portal.checks import CheckResult, check
+from portal.checks.env import CheckEnv
 
 
 def _gib(n: float) -> str:
@@ -37,7 +37,7 @@ def disk(env: CheckEnv) -> CheckResult:
 
 @check("memory", "Free memory")
 def memory(env: CheckEnv) -> CheckResult:
-    from ..setupops import meminfo
+    from portal.setup.privileged import meminfo
 
     mem = meminfo(env.meminfo)
     total, avail = mem.get("MemTotal", 0), mem.get("MemAvailable", 0)

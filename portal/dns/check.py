@@ -25,10 +25,10 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
 
-from .update import DnsError
+from portal.dns.update import DnsError
 
 if TYPE_CHECKING:
-    from .records import Record
+    from portal.dns.records import Record
 
 Server = tuple[str, str, int]  # (ns name, ip, port)
 
@@ -343,7 +343,7 @@ def _judge(record: Record, expected_here: list[Record], answers: dict[Server, An
 def check(rs: list[Record], zone: str, servers: list[Server], timeout: float = 2.0,
           workers: int = 32) -> list[RecordCheck]:
     """Ask every server for every expected rrset of `zone` (concurrently) and judge each record."""
-    from .records import zone_records
+    from portal.dns.records import zone_records
 
     if not servers:
         raise DnsError(f"no authoritative servers to ask for {zone}; check the zone's NS records")

@@ -1,7 +1,7 @@
 """Domain and host names as the owner types them -> the ASCII (punycode) form.
 
 `normalize_domain` is the one rule for names the appliance puts into DNS. It
-is a superset of portal.steps.domain / portal.stack.accounts.check_domain.
+is a superset of portal.web.steps.domain / portal.stack.accounts.check_domain.
 Choices: surrounding spaces are dropped, upper case is lower-cased, and ONE
 trailing dot (the fully-qualified form some DNS panels show) is accepted and
 removed. International names go to punycode (the `idna` package, IDNA 2008 with
@@ -15,7 +15,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-from .update import DnsError
+from portal.dns.update import DnsError
 
 try:
     import idna as _idna

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 import dns.exception
 import dns.resolver
 
-from .check import make_resolver
+from portal.dns.check import make_resolver
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,11 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
-from ..stack import dkim
-from ..stack.settings import StackSettings
-from ..stack.web import DAV_PATH, mta_sts_policy
-from .settings import DnsSettings
-from .update import DnsError
+from portal.stack import dkim
+from portal.stack.settings import StackSettings
+from portal.stack.web import DAV_PATH, mta_sts_policy
+from portal.dns.settings import DnsSettings
+from portal.dns.update import DnsError
 
 SPF = "v=spf1 mx -all"
 DAV_PORT = 443

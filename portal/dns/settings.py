@@ -7,10 +7,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..stack.settings import DEFAULT_PORTS
-from .check import parse_resolvers
-from .names import normalize_domain
-from .update import DnsError, parse_port
+from portal.stack.settings import DEFAULT_PORTS
+from portal.dns.check import parse_resolvers
+from portal.dns.names import normalize_domain
+from portal.dns.update import DnsError, parse_port
 
 DMARC_POLICIES = ("none", "quarantine", "reject")
 LETSENCRYPT_WORDS = ("letsencrypt", "letsencrypt-staging")
@@ -111,8 +111,8 @@ def load_dns_settings(state_dir: Path, *, allow_private: bool | None = None,
     `allow_private` (default: the `dns_allow_private` setting, off) accepts
     loopback, private and TEST-NET addresses as the public ones: for labs and
     tests whose "internet" is a private network, never for a real deployment."""
-    from ..stack.settings import StackSettings
-    from ..stack.store import read_settings_table
+    from portal.stack.settings import StackSettings
+    from portal.stack.store import read_settings_table
 
     values = read_settings_table(state_dir / "state.db")
     if allow_private is None:

@@ -27,7 +27,7 @@ import dns.tsig
 import dns.tsigkeyring
 import dns.update
 
-from . import DnsError
+from portal.dns import DnsError
 
 ALGORITHMS = {"hmac-sha256": dns.tsig.HMAC_SHA256, "hmac-sha512": dns.tsig.HMAC_SHA512}
 SECRET_FILE = "rfc2136.key"
@@ -192,7 +192,7 @@ def parse_port(value: str | int | None, field: str, default: int = 53) -> int:
 
 def load_update_target(state_dir: Path) -> UpdateTarget | None:
     """The RFC 2136 target from the settings and the secret file; None if not configured."""
-    from ..stack.store import read_settings_table
+    from portal.stack.store import read_settings_table
 
     values = read_settings_table(state_dir / "state.db")
     server = values.get("rfc2136_server", "").strip()
@@ -229,7 +229,7 @@ class Change:
 
 
 def _current(target: UpdateTarget, name: str, rdtype: str) -> tuple[dns.rdataset.Rdataset | None, int]:
-    from .check import query
+    from portal.dns.check import query
 
     try:
         response = query((target.server, target.server, target.port), name, rdtype, target.timeout)
@@ -255,7 +255,7 @@ def plan(target: UpdateTarget, records: list, servers: list | None = None) -> li
     the current value on the target server vs the wanted one. The apex TXT rrset is
     merged: only v=spf1 values are replaced, other TXT values there are kept.
     (`servers` is accepted for symmetry with check; the primary is what is compared.)"""
-    from .records import zone_records
+    from portal.dns.records import zone_records
 
     zone = target.zone.rstrip(".")
     owned: dict[tuple[str, str], list] = {}

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .accounts import Accounts
-from .render import render, replace_tree, restore_tree
-from .settings import SERVICES, StackSettings
+from portal.stack.accounts import Accounts
+from portal.stack.render import render, replace_tree, restore_tree
+from portal.stack.settings import SERVICES, StackSettings
 
 Progress = Callable[[str, str], None]
 

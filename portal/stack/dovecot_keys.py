@@ -21,7 +21,7 @@ import hashlib
 import re
 from typing import Any
 
-from .accounts import check_address
+from portal.stack.accounts import check_address
 
 MAIL_ROOT = "/var/mail"
 # dovecot's index cache (plaintext header fields), on a tmpfs in the container.

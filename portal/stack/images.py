@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .settings import SERVICES
+from portal.stack.settings import SERVICES
 
 SOURCE_LABEL = "org.mailstead.source"
 Progress = Callable[[str, str], None]

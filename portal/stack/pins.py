@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .settings import SERVICES
+from portal.stack.settings import SERVICES
 
 PIN_FILE = "stack-images.json"
 _HEADER = re.compile(r"^# Mailstead mail stack (\S+): ", re.MULTILINE)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import jinja2
 
-from .settings import SERVICES, StackSettings
+from portal.stack.settings import SERVICES, StackSettings
 
 # Where recipes/ is installed in the image; tests use the checkout's.
 DEFAULT_RECIPES_DIR = Path("/usr/share/mailstead/recipes")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from portal import __version__
 
 SERVICES = ("postfix", "dovecot", "rspamd", "redis", "radicale")
 
@@ -109,7 +109,7 @@ class StackSettings:
         return replace(self, images=dict(images))
 
     def validate(self) -> StackSettings:
-        from .accounts import check_domain  # one domain rule for settings and accounts
+        from portal.stack.accounts import check_domain  # one domain rule for settings and accounts
 
         check_domain(self.domain, "domain")
         check_domain(self.hostname, "hostname")

@@ -6,8 +6,8 @@ import json
 import sqlite3
 from pathlib import Path
 
-from .accounts import check_domain
-from .settings import SettingsError, StackSettings
+from portal.stack.accounts import check_domain
+from portal.stack.settings import SettingsError, StackSettings
 
 
 def read_settings_table(db_path: Path) -> dict[str, str]:

@@ -44,8 +44,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .pins import Pin, present, read_pin, running_images, write_pin
-from .settings import SERVICES, StackSettings
+from portal.stack.pins import Pin, present, read_pin, running_images, write_pin
+from portal.stack.settings import SERVICES, StackSettings
 
 Progress = Callable[[str, str], None]
 NAMES = ("base", *SERVICES)
@@ -190,7 +190,7 @@ def shipped_version(ctx: Any) -> str | None:
 
 @contextlib.contextmanager
 def _load_lock(state_dir: Path) -> Iterator[None]:
-    from .images import load_lock
+    from portal.stack.images import load_lock
 
     with load_lock(state_dir / "images.lock"):
         yield
@@ -199,7 +199,7 @@ def _load_lock(state_dir: Path) -> Iterator[None]:
 def load_bundle(client: Any, bundle: Bundle, state_dir: Path, progress: Progress = _quiet,
                 timeout: float = 1800) -> dict[str, str]:
     """Load the bundle's images into docker; {service: image ID}."""
-    from .images import ImageError, load_images
+    from portal.stack.images import ImageError, load_images
 
     if bundle.form == "mkosi":
         try:
@@ -312,8 +312,8 @@ class Plan:
 
 
 def backup_configured(state_dir: Path) -> bool:
-    from ..backup import BackupError
-    from ..backup import config as cfg
+    from portal.backup import BackupError
+    from portal.backup import config as cfg
 
     try:
         cfg.load_target(cfg.Paths(state_dir / "secrets"))
@@ -324,8 +324,8 @@ def backup_configured(state_dir: Path) -> bool:
 
 def plan(ctx: Any, source: str = "", force: bool = False, without_backup: bool = False) -> Plan:
     """Everything that can be refused before anything is touched."""
-    from .settings import SettingsError
-    from .store import load_settings
+    from portal.stack.settings import SettingsError
+    from portal.stack.store import load_settings
 
     try:
         settings = load_settings(ctx.state_dir)
@@ -363,8 +363,8 @@ def plan(ctx: Any, source: str = "", force: bool = False, without_backup: bool =
 def health_problems(ctx: Any, wait: float, progress: Progress = _quiet) -> list[str]:
     """The stack's health checks (containers healthy, ports listening), retried for up
     to `wait` seconds; [] when they pass, else what the last round found."""
-    from ..checks import load_all, run_all
-    from ..checks.agentops import make_env
+    from portal.checks import load_all, run_all
+    from portal.checks.privileged import make_env
 
     load_all()
     deadline = time.monotonic() + wait
@@ -459,7 +459,7 @@ def run(ctx: Any, progress: Progress = _quiet, *, source: str = "", force: bool 
 
 def _run(ctx: Any, p: Plan, progress: Progress, entry: dict[str, Any], timeout: float,
          health_wait: float) -> dict[str, Any]:
-    from . import deploy as deploy_mod
+    from portal.stack import deploy as deploy_mod
 
     old, new = p.current.version, p.bundle.version
     progress("check", f"upgrading the stack from {old} to {new} (images from {p.bundle.folder})")
@@ -537,9 +537,9 @@ def _run(ctx: Any, p: Plan, progress: Progress, entry: dict[str, Any], timeout: 
 
 
 def _backup(ctx: Any, progress: Progress, old: str) -> str:
-    from ..backup import BackupError
-    from ..backup.agentops import env_for
-    from ..backup.service import backup
+    from portal.backup import BackupError
+    from portal.backup.privileged import env_for
+    from portal.backup.service import backup
 
     progress("backup", "backing up before the upgrade")
     try:
@@ -556,7 +556,7 @@ def _rollback(ctx: Any, client: Any, p: Plan, previous: dict[str, str], kept_sta
               deploy_rolled_back: bool, timeout: float, health_wait: float,
               progress: Progress) -> tuple[bool, str]:
     """Bring the previous images and config back; (ok, why not)."""
-    from . import deploy as deploy_mod
+    from portal.stack import deploy as deploy_mod
 
     if deploy_rolled_back:
         # The deploy put its previous folder (the same config, same image IDs) back and

@@ -15,9 +15,9 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ..agent.jobs import job_kind, latest
-from ..agent.jobs import start as start_job
-from ..agent.ops import Context, OpError, operation
+from portal.agent.jobs import job_kind, latest
+from portal.agent.jobs import start as start_job
+from portal.agent.ops import Context, OpError, operation
 
 Progress = Callable[[str, str], None]
 KIND = "upgrade"
@@ -26,7 +26,7 @@ REQUEST_FILE = "upgrade-request.json"
 
 @contextlib.contextmanager
 def refusals() -> Iterator[None]:
-    from .upgrade import UpgradeError
+    from portal.stack.upgrade import UpgradeError
 
     try:
         yield
@@ -42,7 +42,7 @@ def start_upgrade(ctx: Context, source: str = "", force: bool = False, without_b
                   timeout: int = 900) -> dict[str, Any]:
     """Check the request (refusals raise), then start the "upgrade" job with it (or
     return the upgrade job already running: one at a time, requests are not queued)."""
-    from .upgrade import plan
+    from portal.stack.upgrade import plan
 
     running = latest(ctx, KIND)
     if running is not None and running["state"] == "running":
@@ -61,7 +61,7 @@ def start_upgrade(ctx: Context, source: str = "", force: bool = False, without_b
 def upgrade_job(ctx: Context, progress: Progress) -> dict[str, Any]:
     """The upgrade with the request upgrade_run left (started bare: the shipped images,
     no force, and a backup target required)."""
-    from .upgrade import run
+    from portal.stack.upgrade import run
 
     try:
         request = json.loads(_request_path(ctx).read_text())
@@ -80,8 +80,8 @@ def upgrade_check(ctx: Context) -> dict[str, Any]:
     """The stack's version against the images this appliance ships: {current, available,
     upgrade_available, auto, message}. With upgrade_auto on and an upgrade available,
     starts it (the result's `job`, or `auto_refused` saying why not)."""
-    from ..stack.store import read_settings_table
-    from .upgrade import check
+    from portal.stack.store import read_settings_table
+    from portal.stack.upgrade import check
 
     out = check(ctx)
     out["auto"] = read_settings_table(ctx.state_dir / "state.db").get("upgrade_auto", "").strip() == "1"
@@ -112,8 +112,8 @@ def upgrade_run(ctx: Context, source: str = "", force: bool = False, without_bac
 def upgrade_state(ctx: Context) -> dict[str, Any]:
     """The last check's and the last upgrade's outcome (upgrade-state.json), the pinned
     version and image IDs, and the kept previous version (for the dashboard)."""
-    from .pins import read_pin
-    from .upgrade import previous_dir, read_state
+    from portal.stack.pins import read_pin
+    from portal.stack.upgrade import previous_dir, read_state
 
     pin = read_pin(ctx.state_dir)
     out = read_state(ctx.state_dir)
@@ -129,7 +129,7 @@ def upgrade_state(ctx: Context) -> dict[str, Any]:
 def upgrade_configure(ctx: Context, auto: bool) -> dict[str, Any]:
     """Opt in (auto=True) or out of applying an available upgrade at the weekly check
     (it always backs up first, so it needs a backup target)."""
-    from .. import db
+    from portal.web import db
 
     db.write_settings(ctx.state_dir / "state.db", {"upgrade_auto": "1" if auto else "0"})
     return {"auto": auto}

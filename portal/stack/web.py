@@ -29,8 +29,8 @@ import xml.etree.ElementTree as ET
 from encodings import idna
 from pathlib import Path
 
-from .accounts import check_domain
-from .settings import DEFAULT_PORTS, SettingsError, StackSettings
+from portal.stack.accounts import check_domain
+from portal.stack.settings import DEFAULT_PORTS, SettingsError, StackSettings
 
 NGINX_DIR = Path("/etc/nginx/conf.d")
 NGINX_CONF_NAME = "mailstead-stack.conf"

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import requests
 
-from portal.firstboot import make_certificate
+from portal.agent.firstboot import make_certificate
 from tests.conftest import REPO, TEST_TOKEN, free_port, launch_agent, launch_gunicorn, retry, stop_process
 
 ARTIFACTS = REPO / "artifacts" / "browser"
@@ -56,7 +56,7 @@ def running_portal(root: Path) -> Iterator[Portal]:
     state.mkdir()
     run.mkdir()
     (state / "setup-token").write_text(TEST_TOKEN + "\n")
-    from portal import db
+    from portal.web import db
 
     db.write_settings(state / "state.db", {"dns_allow_private": "1"})  # loopback stands in for the internet
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import requests
 from playwright.sync_api import Page, expect
 
-from portal.firstboot import make_certificate
+from portal.agent.firstboot import make_certificate
 from tests.conftest import TEST_TOKEN, free_port, launch_gunicorn, retry, stop_process
 from tests.integration.test_wizard_restore import ADMIN, VERSION, fresh_appliance_agent, make_old_appliance
 

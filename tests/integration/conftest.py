@@ -1,7 +1,7 @@
 """Integration tier: the appliance's nginx front config as shipped, served by a
 real nginx on loopback, proxying to the real portal (gunicorn on a unix socket,
 with a real agent behind it). State, certificate and token come from a real
-`python -m portal.firstboot` run in a temporary state dir."""
+`python -m portal.agent.firstboot` run in a temporary state dir."""
 
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def start_nginx(prefix: Path, site: Path, *shown: Path) -> subprocess.Popen[byte
 
 @dataclass
 class Portal:
-    """gunicorn serving portal.wsgi:app on a unix socket, as mailstead-web does."""
+    """gunicorn serving portal.web.wsgi:app on a unix socket, as mailstead-web does."""
 
     sock: Path
     env: dict[str, str]
@@ -155,7 +155,7 @@ def front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Front]:
 
     env = {**os.environ, "MAILSTEAD_STATE_DIR": str(state), "MAILSTEAD_RUN_DIR": str(run),
            "MAILSTEAD_ISSUE_PATH": str(root / "issue"), "MAILSTEAD_AGENT_SOCKET": str(run / "agent.sock")}
-    subprocess.run([sys.executable, "-m", "portal.firstboot"], env=env, cwd=REPO, check=True,
+    subprocess.run([sys.executable, "-m", "portal.agent.firstboot"], env=env, cwd=REPO, check=True,
                    capture_output=True, timeout=60)
 
     agent = launch_agent(run)

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from portal.agent.client import AgentClient, AgentError
-from portal.db import write_settings
+from portal.web.db import write_settings
 from tests.conftest import launch_agent
 
 

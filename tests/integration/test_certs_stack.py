@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from portal import db
+from portal.web import db
 from portal.agent import server  # noqa: F401  (registers every operation)
 from portal.agent.ops import REGISTRY, Context
 from portal.certs.store import read_live

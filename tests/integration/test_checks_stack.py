@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from portal import db
+from portal.web import db
 from portal.agent import ops
-from portal.checks import agentops, load_all
+from portal.checks import privileged as agentops, load_all
 from portal.checks.env import CheckEnv
 from portal.stack.accounts import Accounts
 from portal.stack.deploy import service_states

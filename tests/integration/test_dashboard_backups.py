@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
-from portal import create_app
-from portal.db import write_settings
+from portal.web import create_app
+from portal.web.db import write_settings
 from tests.conftest import AgentProcess, launch_agent
 from tests.unit.conftest import https_client
 

@@ -13,7 +13,7 @@ import warnings
 import pytest
 import requests
 
-from portal.setup import WRONG_TOKEN
+from portal.web.token import WRONG_TOKEN
 from tests.conftest import OS_PRETTY_NAME, csrf_token
 from tests.integration.conftest import TIMEOUT, Front
 

@@ -17,7 +17,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from portal import create_app, db, wizard
+from portal.web import create_app, db, wizard
 from tests.conftest import TEST_TOKEN, AgentProcess, csrf_token, launch_agent, retry
 from tests.unit.conftest import https_client, unlock
 

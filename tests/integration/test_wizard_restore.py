@@ -32,8 +32,8 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from portal import create_app
-from portal.adminauth import take_pending_mailboxes
+from portal.web import create_app
+from portal.admin.privileged import take_pending_mailboxes
 from portal.agent import ops
 from portal.agent.client import AgentClient, AgentError
 from portal.agent.server import AgentServer

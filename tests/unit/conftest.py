@@ -9,7 +9,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.datastructures import Headers
 
-from portal import create_app
+from portal.web import create_app
 from tests.conftest import TEST_TOKEN, csrf_token
 
 BASE = "https://localhost"

@@ -14,8 +14,10 @@ from flask import Flask
 from flask.testing import FlaskClient
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from portal import adminauth, db
-from portal.steps.admin import qr_svg
+from portal.admin import privileged as adminauth
+
+from portal.web import db
+from portal.web.steps.admin import qr_svg
 from tests.conftest import csrf_token
 from tests.unit.conftest import https_client, unlock
 

@@ -13,9 +13,9 @@ from typing import Any
 import pyotp
 import pytest
 
-from portal import adminauth
+from portal.admin import privileged as adminauth
 from portal.agent.client import AgentClient, AgentError
-from portal.db import write_settings
+from portal.web.db import write_settings
 
 PASSWORD = "correct horse battery staple"
 ADDRESS = "postmaster@example.com"

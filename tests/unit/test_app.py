@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from flask import Flask
 
-from portal import config
+from portal.web import config
 from tests.conftest import REPO
 from tests.unit.conftest import https_client
 
@@ -21,8 +21,8 @@ def test_import_touches_no_disk(tmp_path: Path) -> None:
     state = tmp_path / "state-not-created"
     env = {**os.environ, "MAILSTEAD_STATE_DIR": str(state), "MAILSTEAD_RUN_DIR": str(tmp_path / "run")}
     code = (
-        "import portal, portal.config, portal.db, portal.setup, portal.wizard, portal.steps.domain, "
-        "portal.agent.server, portal.agent.client, portal.firstboot, portal.cli"
+        "import portal, portal.web.config, portal.web.db, portal.web.token, portal.web.wizard, portal.web.steps.domain, "
+        "portal.agent.server, portal.agent.client, portal.agent.firstboot, portal.cli"
     )
     subprocess.run([sys.executable, "-W", "error", "-c", code], check=True, env=env, cwd=REPO)
     assert not state.exists()

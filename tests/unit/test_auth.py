@@ -16,9 +16,9 @@ from flask import Flask, url_for
 from flask.testing import FlaskClient
 from werkzeug.routing import IntegerConverter
 
-from portal import auth, db
+from portal.web import auth, db
 from portal.agent.client import AgentClient
-from portal.db import write_settings
+from portal.web.db import write_settings
 from tests.conftest import csrf_token
 from tests.unit.conftest import https_client, unlock
 

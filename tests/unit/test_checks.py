@@ -15,7 +15,8 @@ import pytest
 
 from portal import checks
 from portal.agent import jobs, ops
-from portal.checks import CheckResult, agentops, history
+from portal.checks import CheckResult, history
+from portal.checks import privileged as agentops
 from portal.checks.env import CheckEnv
 from tests.conftest import free_port
 

@@ -145,7 +145,7 @@ def test_configure_without_a_target_names_the_option():
 
 
 def test_token_is_shown_only_while_setup_is_unfinished(tmp_path, monkeypatch, capsys):
-    from portal.db import write_settings
+    from portal.web.db import write_settings
 
     state = tmp_path / "state"
     state.mkdir()

@@ -1,4 +1,4 @@
-"""Client settings (portal/clientsetup.py): pure values and the Apple profile."""
+"""Client settings (portal/web/clientsetup.py): pure values and the Apple profile."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from portal.clientsetup import MOBILECONFIG_TYPE, client_values, mobileconfig, servers, stack_settings
+from portal.web.clientsetup import MOBILECONFIG_TYPE, client_values, mobileconfig, servers, stack_settings
 from portal.stack.settings import SettingsError
 
 

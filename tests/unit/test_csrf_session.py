@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from portal import auth, wizard
+from portal.web import auth, wizard
 from tests.unit.conftest import https_client, unlock
 from tests.unit.test_fuzz_forms import ACME, ADMIN, BASE_SETTINGS, DNS_PUSH, FORMS, Rig, csrf_of, step_order
 

@@ -11,8 +11,8 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from portal import db, wizard
-from portal.dashboard import nav
+from portal.web import db, wizard
+from portal.web.dashboard import nav
 from tests.conftest import AgentProcess, csrf_token
 from tests.unit.conftest import https_client, unlock
 from tests.unit.test_steps_dns import BASE_SETTINGS, SECRET
@@ -33,7 +33,7 @@ def dash(make_app: Callable[..., Flask], token_file: Path, agent: AgentProcess) 
                 db.mark_step_done(step.id)
     client = https_client(app)
     assert unlock(client).status_code == 302
-    # After setup an admin session is needed (portal/auth.py); sign the session in directly.
+    # After setup an admin session is needed (portal/web/auth.py); sign the session in directly.
     with client.session_transaction() as s:
         import time
         s.update(admin="postmaster@example.org", auth_at=time.time(), seen=time.time())

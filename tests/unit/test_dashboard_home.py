@@ -14,7 +14,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from portal.agent.client import AgentError
-from portal.dashboard.home import (AMBER, GREEN, RED, cert_health, disk_health, dns_health, overall,
+from portal.web.dashboard.home import (AMBER, GREEN, RED, cert_health, disk_health, dns_health, overall,
                                    services_health)
 from tests.unit.conftest import https_client
 

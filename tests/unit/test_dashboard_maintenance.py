@@ -19,7 +19,7 @@ from flask.testing import FlaskClient
 
 from portal.agent.client import AgentClient
 from portal.checks import CheckResult, history
-from portal.dashboard import health, nav
+from portal.web.dashboard import health, nav
 from tests.conftest import AgentProcess, free_port
 from tests.unit.conftest import https_client
 

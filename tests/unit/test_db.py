@@ -7,7 +7,7 @@ from pathlib import Path
 
 from flask import Flask
 
-from portal import db
+from portal.web import db
 
 
 def test_schema_is_created_on_first_use(app: Flask, state_dir: Path) -> None:

@@ -1,4 +1,4 @@
-"""portal.dns.agentops called as the agent does (registry + argument checks), state in a tmp dir."""
+"""portal.dns.privileged called as the agent does (registry + argument checks), state in a tmp dir."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from portal.agent.ops import REGISTRY, Context, OpError
-from portal.dns import agentops
+from portal.dns import privileged as agentops
 from portal.stack.store import read_settings_table
 
 SECRET = base64.b64encode(bytes(range(32))).decode()

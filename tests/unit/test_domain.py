@@ -11,8 +11,8 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from portal import db
-from portal.steps.domain import dns_name_problem
+from portal.web import db
+from portal.web.steps.domain import dns_name_problem
 from tests.conftest import csrf_token
 from tests.unit.conftest import https_client, unlock
 

@@ -19,8 +19,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from portal import firstboot
-from portal.firstboot import Paths
+from portal.agent import firstboot
+from portal.agent.firstboot import Paths
 from tests.conftest import REPO
 
 HOSTNAME = "mailstead-test"
@@ -164,7 +164,7 @@ def test_main_as_a_process(tmp_path: Path) -> None:
     """Runs the real `ip -j addr show` and hostname, with paths from the environment."""
     env = {**os.environ, "MAILSTEAD_STATE_DIR": str(tmp_path / "state"),
            "MAILSTEAD_ISSUE_PATH": str(tmp_path / "issue")}
-    out = subprocess.run([sys.executable, "-m", "portal.firstboot"], env=env, cwd=REPO,
+    out = subprocess.run([sys.executable, "-m", "portal.agent.firstboot"], env=env, cwd=REPO,
                          check=True, capture_output=True, text=True).stdout
     token = (tmp_path / "state" / "setup-token").read_text().strip()
     assert f"Setup token: {token}" in out.splitlines()

@@ -31,7 +31,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from portal import db, wizard
+from portal.web import db, wizard
 from portal.agent.client import AgentClient
 from portal.stack.accounts import Accounts, NoKeys
 from tests.conftest import TEST_TOKEN, AgentProcess

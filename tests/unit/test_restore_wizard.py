@@ -1,4 +1,4 @@
-"""The wizard's "Restore from a backup" (portal/setup/restore.py) without restic: the
+"""The wizard's "Restore from a backup" (portal/web/restore.py) without restic: the
 choice on the first page, the pure helpers (time stamps, the DNS note, which field an
 agent refusal belongs to), and the gate: the path is only for the setup session before
 setup is complete, except the progress and outcome of the restore that session started.
@@ -13,7 +13,7 @@ import pytest
 from flask import Flask
 
 from portal.agent.client import AgentError
-from portal.setup import restore
+from portal.web import restore
 from tests.unit.conftest import https_client
 from tests.unit.test_fuzz_forms import Rig, csrf_of
 

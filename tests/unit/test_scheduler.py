@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from portal import scheduler
+from portal.agent import scheduler
 from portal.agent import ops
 from portal.agent.client import AgentClient, AgentError
 from tests.conftest import retry

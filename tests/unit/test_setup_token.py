@@ -10,7 +10,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from portal import db
+from portal.web import db
 from tests.conftest import TEST_TOKEN, csrf_token
 from tests.unit.conftest import https_client, unlock
 

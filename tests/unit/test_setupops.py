@@ -1,4 +1,4 @@
-"""The setup and dashboard agent operations (portal/setupops.py): setup_deploy
+"""The setup and dashboard agent operations (portal/setup/privileged.py): setup_deploy
 resumes after an interrupted job and never loses a pending password,
 setup_finish, send_test_message (against a tiny SMTP server on loopback),
 system_status and stack_logs."""
@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from portal import setupops
+from portal.setup import privileged as setupops
 from portal.agent import jobs
 from portal.agent.client import AgentClient, AgentError
 from portal.agent.ops import REGISTRY, Context, OpError
@@ -101,7 +101,7 @@ def world(monkeypatch: pytest.MonkeyPatch) -> FakeWorld:
 def test_setup_deploy_is_a_job_the_web_may_start() -> None:
     import importlib
 
-    from portal import agentweb
+    from portal.web import jobs as agentweb
 
     importlib.import_module("portal.agent.server")  # registers every operation
 

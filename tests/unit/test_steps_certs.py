@@ -18,8 +18,8 @@ from cryptography.x509.oid import NameOID
 from flask import Flask
 from flask.testing import FlaskClient
 
-from portal import db
-from portal.steps import certs as certs_step
+from portal.web import db
+from portal.web.steps import certs as certs_step
 from tests.conftest import AgentProcess, csrf_token
 from tests.unit.conftest import https_client, unlock
 from tests.unit.test_steps_dns import BASE_SETTINGS, set_up

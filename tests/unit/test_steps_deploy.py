@@ -15,8 +15,8 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from portal import wizard
-from portal.steps.deploy import service_progress
+from portal.web import wizard
+from portal.web.steps.deploy import service_progress
 from tests.conftest import TEST_TOKEN, csrf_token, retry
 from tests.unit.conftest import https_client, unlock
 

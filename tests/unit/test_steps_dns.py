@@ -14,8 +14,8 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from portal import db, wizard
-from portal.steps import dns as dns_step
+from portal.web import db, wizard
+from portal.web.steps import dns as dns_step
 from tests.conftest import AgentProcess, csrf_token, retry
 from tests.unit.conftest import unlock
 

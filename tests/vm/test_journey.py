@@ -475,7 +475,7 @@ def check_security(m: Machine, ports: Ports, url: str) -> None:
 
     # The portal refuses every request without a session (all its routes, from the image's own app).
     routes = json.loads(m.succeed(
-        f"cd /tmp && runuser -u mailstead -- {GUEST_PY} -c \"import json; from portal import create_app; "
+        f"cd /tmp && runuser -u mailstead -- {GUEST_PY} -c \"import json; from portal.web import create_app; "
         "app = create_app(); print(json.dumps([[r.rule, r.endpoint, sorted(r.methods - {'HEAD', 'OPTIONS'})] "
         "for r in app.url_map.iter_rules()]))\"", timeout=120).strip().splitlines()[-1])
     public = {"static", "healthz", "auth.login", "setup.token"}

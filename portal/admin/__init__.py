@@ -1,0 +1,1 @@
+"""The administrator account: TOTP enrolment, sign-in with lockout, recovery codes."""

@@ -1,0 +1,177 @@
+"""The agent's backup operations: backup_configure, backup_run, backup_list,
+backup_verify, backup_restore, backup_state, backup_ssh_key.
+
+backup_run, backup_verify and backup_restore start background jobs (jobs.py:
+kinds "backup_run", "backup_verify", "backup_restore") and return the job;
+watch it with job_status. The scheduler calls portal.backup.service directly
+(backup(env_for(ctx)), verify(...)), the same functions the jobs run.
+
+Tests may set on the Context: `backup_volumes` (a VolumeIO, e.g.
+FolderVolumes: no docker), `backup_stack` (stop/start; False: no stack),
+`restic_bin`, `backup_timeout` (seconds).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from portal.agent.jobs import job_kind
+from portal.agent.jobs import start as start_job
+from portal.agent.ops import Context, OpError, operation
+
+Progress = Callable[[str, str], None]
+
+
+@contextlib.contextmanager
+def refusals() -> Iterator[None]:
+    from portal.backup import BackupError
+
+    try:
+        yield
+    except BackupError as exc:
+        raise OpError(exc.code, exc.message) from None
+
+
+def env_for(ctx: Context) -> Any:
+    from portal.backup.service import DEFAULT_TIMEOUT, ComposeStack, Env
+
+    stack = getattr(ctx, "backup_stack", None)
+    if stack is None:
+        stack = ComposeStack(ctx)
+    elif stack is False:
+        stack = None
+    return Env(state_dir=ctx.state_dir, version=ctx.portal_version,
+               restic_bin=getattr(ctx, "restic_bin", "restic"),
+               volumes=getattr(ctx, "backup_volumes", None), stack=stack,
+               timeout=float(getattr(ctx, "backup_timeout", DEFAULT_TIMEOUT)))
+
+
+@operation("backup_configure")
+def backup_configure(ctx: Context, target: str, path: str = "", host: str = "", port: int = 0, user: str = "",
+                     key: str = "", endpoint: str = "", bucket: str = "", region: str = "",
+                     access_key_id: str = "", secret_access_key: str = "", password: str = "") -> dict[str, Any]:
+    """Choose the backup target. Without `password`: a new repository with a generated
+    password, returned once in `recovery_sheet`. With `password` (from a recovery
+    sheet): connect to the existing repository."""
+    from portal.backup import config as cfg
+    from portal.backup.service import configure
+
+    with refusals():
+        t = cfg.validate(target, path=path, host=host, port=port, user=user, endpoint=endpoint, bucket=bucket,
+                         region=region, access_key_id=access_key_id, secret_access_key=secret_access_key)
+        return configure(env_for(ctx), t, password=password, key=key)
+
+
+@operation("backup_target")
+def backup_target(ctx: Context) -> dict[str, Any]:
+    """The configured target without credentials, or {"target": null}."""
+    from portal.backup import BackupError
+    from portal.backup import config as cfg
+
+    try:
+        t = cfg.load_target(cfg.Paths(ctx.state_dir / "secrets"))
+    except BackupError:
+        return {"target": None}
+    return {"target": t.public()}
+
+
+@operation("backup_ssh_key")
+def backup_ssh_key(ctx: Context) -> dict[str, Any]:
+    """The appliance's SSH public key for an SFTP target (made by backup_configure), to add
+    to the server's authorized_keys; {"ssh_public_key": null} before the first SFTP attempt."""
+    import subprocess
+
+    from portal.backup import config as cfg
+
+    key = cfg.Paths(ctx.state_dir / "secrets").ssh_key
+    if not key.exists():
+        return {"ssh_public_key": None}
+    pub = subprocess.run(["ssh-keygen", "-y", "-f", str(key)], capture_output=True, text=True, timeout=30,
+                         check=False)
+    return {"ssh_public_key": (pub.stdout.strip() or None) if pub.returncode == 0 else None}
+
+
+@job_kind("backup_run")
+def run_job(ctx: Context, progress: Progress) -> dict[str, Any]:
+    from portal.backup.service import backup
+
+    with refusals():
+        return backup(env_for(ctx), progress)
+
+
+@job_kind("backup_verify")
+def verify_job(ctx: Context, progress: Progress) -> dict[str, Any]:
+    from portal.backup.service import verify
+
+    with refusals():
+        return verify(env_for(ctx), progress)
+
+
+def _request_path(ctx: Context) -> Any:
+    return ctx.state_dir / "backup-restore-request.json"
+
+
+@job_kind("backup_restore")
+def restore_job(ctx: Context, progress: Progress) -> dict[str, Any]:
+    from portal.backup.service import restore
+
+    try:
+        request = json.loads(_request_path(ctx).read_text())
+    except (OSError, ValueError):
+        raise OpError("bad_args", "snapshot: no restore was requested; use backup_restore(snapshot)") from None
+    _request_path(ctx).unlink(missing_ok=True)
+    with refusals():
+        return restore(env_for(ctx), request.get("snapshot", "latest"), progress)
+
+
+@operation("backup_run")
+def backup_run(ctx: Context) -> dict[str, Any]:
+    """Back up now (a background job; the running one if a backup is already going)."""
+    return start_job(ctx, "backup_run")
+
+
+@operation("backup_verify")
+def backup_verify(ctx: Context) -> dict[str, Any]:
+    """Restore the latest snapshot into a scratch folder and compare it with its manifest (a job)."""
+    return start_job(ctx, "backup_verify")
+
+
+@operation("backup_restore")
+def backup_restore(ctx: Context, snapshot: str = "latest") -> dict[str, Any]:
+    """Replace this appliance's mail, accounts, keys and settings with `snapshot` (a job)."""
+    from portal.backup.service import check_snapshot_id
+
+    from portal.agent.jobs import latest
+
+    with refusals():
+        snapshot = check_snapshot_id(snapshot)
+    running = latest(ctx, "backup_restore")
+    if running is not None and running["state"] == "running":
+        return running  # one restore at a time; this request is not queued
+    path = _request_path(ctx)
+    ctx.state_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"snapshot": snapshot}))
+    os.replace(tmp, path)
+    return start_job(ctx, "backup_restore")
+
+
+@operation("backup_list")
+def backup_list(ctx: Context) -> dict[str, Any]:
+    """The snapshots in the repository, newest first."""
+    from portal.backup.service import snapshots
+
+    with refusals():
+        return {"snapshots": snapshots(env_for(ctx), timeout=120)}
+
+
+@operation("backup_state")
+def backup_state(ctx: Context) -> dict[str, Any]:
+    """The last backup's and the last verification's outcome (backup-state.json)."""
+    from portal.backup.service import read_state
+
+    return read_state(env_for(ctx))

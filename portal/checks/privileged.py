@@ -1,0 +1,92 @@
+"""The agent's health operations: health_run (all checks, history, alerts) and health_history.
+
+Imports nothing heavy at agent start: the checks load dnspython, cryptography
+and docker only when they run.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from portal.agent.ops import Context, OpError, operation
+
+_round_lock = threading.Lock()  # one round at a time (the scheduler and `mailstead status` may overlap)
+
+
+def make_env(ctx: Context) -> Any:
+    """The checks' view of the world; tests may set ctx.check_env (a callable ctx -> CheckEnv)."""
+    from portal.checks.env import CheckEnv
+
+    factory = getattr(ctx, "check_env", None)
+    return factory(ctx) if factory else CheckEnv(ctx)
+
+
+def health_round(ctx: Context, alert: bool = True, env: Any = None,
+                 only: list[str] | None = None) -> dict[str, Any]:
+    from portal.checks import history, load_all, run_all, summary
+
+    load_all()
+    env = env or make_env(ctx)
+    with _round_lock:
+        t0 = time.monotonic()
+        results = run_all(env, only)
+        seconds = time.monotonic() - t0
+        changes = history.record(ctx.state_dir, results)
+        try:
+            settings = env.stack_settings()
+        except Exception:  # noqa: BLE001 - no stack yet: alerts say so
+            settings = None
+        alerts = history.alert(env.values, settings, changes) if alert else {"mail": "off", "webhook": "off"}
+    return {"results": [r.as_dict() for r in results], "summary": summary(results), "changes": changes,
+            "alerts": alerts, "seconds": round(seconds, 2)}
+
+
+@operation("health_run")
+def health_run(ctx: Context, alert: bool = True) -> dict[str, Any]:
+    """Run every health check now; record the round and alert on changes of state."""
+    return health_round(ctx, alert=alert)
+
+
+@operation("health_history")
+def health_history(ctx: Context, check: str = "", limit: int = 100) -> dict[str, Any]:
+    """The recorded results (newest first) of one check, or of all checks when `check` is empty."""
+    from portal.checks import history, load_all
+
+    checks = load_all()
+    if check and check not in checks:
+        raise OpError("invalid", f"check: unknown check '{check[:40]}'; choose one of {', '.join(checks)}")
+    if not 1 <= limit <= history.KEEP:
+        raise OpError("invalid", f"limit: give a number from 1 to {history.KEEP}")
+    return {"history": history.history(ctx.state_dir, check or None, limit),
+            "checks": {cid: title for cid, (title, _f) in checks.items()}}
+
+
+@operation("alerts_configure")
+def alerts_configure(ctx: Context, webhook_url: str = "", dnsbl_zones: str = "") -> dict[str, Any]:
+    """Store the alert webhook (empty: none) and the DNSBL zones (empty: the defaults)."""
+    from portal.web import db
+    from portal.checks.env import DEFAULT_DNSBL_ZONES
+    from portal.checks.history import AlertSettingError, check_dnsbl_zones, check_webhook_url
+
+    try:
+        url, zones = check_webhook_url(webhook_url), check_dnsbl_zones(dnsbl_zones)
+    except AlertSettingError as err:
+        raise OpError("invalid", str(err)) from None
+    db.write_settings(ctx.state_dir / "state.db", {"alert_webhook_url": url, "dnsbl_zones": zones})
+    return {"webhook": bool(url), "dnsbl_zones": (zones or ",".join(DEFAULT_DNSBL_ZONES)).split(",")}
+
+
+@operation("alerts_test")
+def alerts_test(ctx: Context) -> dict[str, Any]:
+    """Send a test alert to the admin (mail) and the webhook; says what happened to each."""
+    from portal.checks import history
+
+    env = make_env(ctx)
+    try:
+        settings = env.stack_settings()
+    except Exception:  # noqa: BLE001 - said in the result
+        settings = None
+    change = {"id": "test", "old": "ok", "new": "ok", "message": "This is a test alert from Mailstead.", "fix": ""}
+    return history.alert(env.values, settings, [change])

@@ -1,0 +1,153 @@
+"""The agent's DNS operations: records, check, push, push configuration, network checks.
+
+Thin calls into portal.dns; JSON-able results; DnsErrors become OpErrors that
+name the field. The TSIG secret is written to <state>/secrets/rfc2136.key and
+never returned or logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from portal.agent.jobs import job_kind
+from portal.agent.ops import Context, OpError, operation
+from portal.web.db import write_settings
+from portal.stack import dkim
+from portal.dns import DnsError
+
+if TYPE_CHECKING:
+    from portal.dns.settings import DnsSettings
+
+# dnspython, idna and the record builders are imported by the operations that
+# use them: the agent imports this module at start (see portal/certs/privileged.py).
+
+DEFAULT_SMTP_PROBE = "gmail-smtp-in.l.google.com"
+
+
+@contextlib.contextmanager
+def refusals() -> Iterator[None]:
+    try:
+        yield
+    except DnsError as exc:
+        raise OpError("invalid" if exc.field else "dns", str(exc)) from None
+    except dkim.DkimError as exc:
+        raise OpError("dkim", str(exc)) from None
+
+
+def _settings(ctx: Context, dnssec: bool | None = None) -> DnsSettings:
+    from portal.dns.settings import load_dns_settings
+
+    s = load_dns_settings(ctx.state_dir, dnssec=dnssec)
+    dkim.ensure_keys(s.dkim_dir, s.dkim_selectors)  # the records publish them: make them if missing
+    return s
+
+
+def _servers(s: DnsSettings) -> list[tuple[str, str, int]]:
+    from portal.dns.check import authoritative_servers
+
+    if not s.resolvers:
+        raise DnsError("dns_resolvers is not set; enter the recursive resolver(s) to look up your zone's name "
+                       "servers with, e.g. 9.9.9.9", "dns_resolvers")
+    return authoritative_servers(s.zone, list(s.resolvers), auth_port=s.auth_port)
+
+
+@operation("dns_records")
+def dns_records(ctx: Context, dnssec: bool = False) -> dict[str, Any]:
+    """The expected records, as a BIND fragment and as a table (with notes and the MTA-STS policy)."""
+    from portal.dns import records as rec
+    from portal.dns.names import normalize_domain
+
+    with refusals():
+        s = _settings(ctx, dnssec=dnssec or None)
+        rs = rec.records(s)
+        return {"domain": s.domain, "domain_unicode": normalize_domain(s.domain).unicode,
+                "zone": rec.zone_fragment(rs, s.zone), "table": rec.table(rs), "notes": rec.notes(s),
+                "mta_sts_policy": rec.mta_sts_policy_text(s)}
+
+
+@job_kind("dns_check")
+def check_job(ctx: Context, progress: Callable[[str, str], None]) -> dict[str, Any]:
+    """dns_check as a background job (the wizard's "Check now")."""
+    progress("check", "asking each authoritative server")
+    return dns_check(ctx)
+
+
+@operation("dns_check")
+def dns_check(ctx: Context) -> dict[str, Any]:
+    """Ask each authoritative server for every expected record."""
+    from portal.dns import records as rec
+    from portal.dns.check import check, detect_dnssec
+    from portal.dns.settings import load_dns_settings
+
+    with refusals():
+        s = _settings(ctx)
+        servers = _servers(s)
+        signed = detect_dnssec(s.zone, servers)
+        results = check(rec.records(load_dns_settings(ctx.state_dir, dnssec=signed)), s.zone, servers)
+        counts: dict[str, int] = {}
+        for r in results:
+            counts[r.verdict] = counts.get(r.verdict, 0) + 1
+        required_ok = all(r.verdict == "ok" for r in results if r.record.required)
+        return {"servers": [list(x) for x in servers], "dnssec": signed, "summary": counts,
+                "required_ok": required_ok, "results": [r.as_dict() for r in results]}
+
+
+@operation("dns_push")
+def dns_push(ctx: Context, dry_run: bool = False) -> dict[str, Any]:
+    """Bring the zone's owned rrsets to the expected records with RFC 2136 (dry_run: only the plan)."""
+    from portal.dns import records as rec
+    from portal.dns.update import load_update_target, push
+
+    with refusals():
+        target = load_update_target(ctx.state_dir)
+        if target is None:
+            raise OpError("not_configured", "rfc2136_server: DNS updates are not configured; run "
+                                            "dns_configure_push with your DNS provider's server and TSIG key")
+        s = _settings(ctx)
+        changes = push(target, rec.records(s), dry_run=dry_run)
+        return {"dry_run": dry_run, "server": f"{target.server}:{target.port}", "zone": target.zone,
+                "changed": sum(c.action != "unchanged" for c in changes) if not dry_run else 0,
+                "changes": [c.as_dict() for c in changes]}
+
+
+@operation("dns_configure_push")
+def dns_configure_push(ctx: Context, server: str, key_name: str, secret: str, algorithm: str = "hmac-sha256",
+                       port: int = 53) -> dict[str, Any]:
+    """Store the RFC 2136 server and TSIG key (the secret goes to a 0600 file, never back to the caller)."""
+    from portal.dns.names import normalize_domain
+    from portal.dns.update import TsigKey, parse_port, write_secret
+
+    with refusals():
+        server = (server or "").strip()
+        try:
+            server = ipaddress.ip_address(server).compressed
+        except ValueError:
+            server = normalize_domain(server, "rfc2136_server").ascii
+        port = parse_port(port, "rfc2136_port")
+        key = TsigKey.parse(key_name, secret, algorithm)
+        write_secret(ctx.state_dir, key.secret)
+        values = {"rfc2136_server": server, "rfc2136_port": str(port), "rfc2136_key_name": key.name,
+                  "rfc2136_algorithm": key.algorithm}
+        write_settings(ctx.state_dir / "state.db", values)
+        return {**values, "secret_file": str(ctx.state_dir / "secrets" / "rfc2136.key")}
+
+
+@operation("net_check")
+def net_check(ctx: Context, smtp_host: str = DEFAULT_SMTP_PROBE, smtp_port: int = 25,
+              timeout: float = 5.0) -> dict[str, Any]:
+    """Reverse DNS of the public addresses, and whether outbound SMTP gets a greeting."""
+    from portal.dns.netcheck import ptr_check, smtp_outbound_check
+    from portal.dns.settings import load_dns_settings
+
+    with refusals():
+        s = load_dns_settings(ctx.state_dir)
+        if not s.resolvers:
+            raise DnsError("dns_resolvers is not set; enter the recursive resolver(s), e.g. 9.9.9.9",
+                           "dns_resolvers")
+        results = [ptr_check(ip, s.mail_host, list(s.resolvers), timeout=timeout)
+                   for ip in (s.public_ipv4, s.public_ipv6) if ip]
+        results.append(smtp_outbound_check(smtp_host, smtp_port, timeout=timeout))
+        return {"checks": [r.as_dict() for r in results]}

@@ -1,0 +1,367 @@
+"""The agent's operations for the end of setup and for the dashboard.
+
+- job `setup_deploy`: deploy the stack (with per-service progress), then create
+  the admin mailbox(es) the Admin step left pending, then mark `stack_deployed`.
+  Safe to repeat: a mailbox that exists already is left alone, and the pending
+  passwords are kept (0600, in secrets/) until their mailbox exists.
+- `send_test_message(to)`: one message from postmaster@<domain> through the
+  local postfix (port 25 as published), to an address of a hosted domain.
+- `setup_finish()`: setup_complete=1 and the setup token deleted for good.
+- `setup_restore(snapshot)` / job `setup_restore`: the wizard's "Restore from a
+  backup" (portal/web/restore.py): refused once setup is complete; runs the
+  backup restore (portal/backup/service.py) and, when the restored state says
+  setup is complete, deletes the setup token (as setup_finish does).
+- `system_status()`: free space of the state directory's file system, memory.
+- `stack_logs(service, lines)`: the last lines of one service's container log.
+
+Passwords are never logged, returned or put in a progress event.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import smtplib
+import socket
+import time
+from collections.abc import Callable
+from email.message import EmailMessage
+from email.utils import formatdate, make_msgid
+from pathlib import Path
+from typing import Any
+
+from portal.web import db
+from portal.agent.jobs import job_kind
+from portal.agent.ops import Context, OpError, operation
+from portal.stack import privileged as stack_ops
+from portal.stack.accounts import check_address
+from portal.stack.settings import DEFAULT_PORTS, SERVICES
+
+Progress = Callable[[str, str], None]
+
+MAX_LOG_LINES = 500
+MAX_LOG_LINE_CHARS = 1000
+SMTP_TIMEOUT = 20.0
+# Taken from the Admin step's pending file, not yet made into mailboxes.
+DEPLOY_STASH = "deploy-mailboxes.json"
+
+
+def deploy_stack(ctx: Context, progress: Progress) -> dict[str, Any]:
+    """The stack's own deploy job (portal/stack/privileged.py); a seam for tests."""
+    return stack_ops.deploy_stack(ctx, progress)
+
+
+def take_pending(state_dir: Path) -> list[tuple[str, str]]:
+    """The Admin step's pending mailboxes (returned and deleted by portal.admin.privileged)."""
+    try:
+        from portal.admin.privileged import take_pending_mailboxes
+    except ImportError:
+        raise OpError("not_ready", "the administrator account code is missing from this "
+                                   "portal version; update Mailstead and deploy again") from None
+    return [(str(a), str(p)) for a, p in take_pending_mailboxes(state_dir)]
+
+
+def make_mailbox(ctx: Context, address: str, password: str) -> bool:
+    """Create the mailbox with the stack's own operation; False if it exists already."""
+    with stack_ops.refusals():
+        accounts = stack_ops.accounts_for(stack_ops.settings_for(ctx))
+        if accounts.get_mailbox(address) is not None:
+            return False
+    stack_ops.mailbox_create(ctx, address, password)
+    return True
+
+
+def _stash_path(ctx: Context) -> Path:
+    return ctx.state_dir / "secrets" / DEPLOY_STASH
+
+
+def _read_stash(path: Path) -> dict[str, str]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        raise OpError("internal", f"{path} is unreadable; remove it and enter the administrator "
+                                  f"password again in the Admin step") from None
+    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def _write_stash(path: Path, pending: dict[str, str]) -> None:
+    if not pending:
+        path.unlink(missing_ok=True)
+        return
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(pending, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def create_pending_mailboxes(ctx: Context, progress: Progress) -> list[str]:
+    """Make every pending mailbox; each password is forgotten only once its mailbox exists."""
+    stash = _stash_path(ctx)
+    pending = _read_stash(stash)
+    taken = take_pending(ctx.state_dir)
+    if taken:
+        pending.update({address.lower(): password for address, password in taken})
+        _write_stash(stash, pending)
+    made = []
+    for address in sorted(pending):
+        progress("mailbox", f"creating the mailbox {address}")
+        created = make_mailbox(ctx, address, pending[address])
+        progress("mailbox", f"{address} {'created' if created else 'exists already'}")
+        del pending[address]
+        _write_stash(stash, pending)
+        made.append(address)
+    return made
+
+
+@job_kind("setup_deploy")
+def setup_deploy(ctx: Context, progress: Progress) -> dict[str, Any]:
+    """The wizard's Deploy: stack up (per-service progress), admin mailbox(es), stack_deployed=1."""
+    result = deploy_stack(ctx, progress)
+    mailboxes = create_pending_mailboxes(ctx, progress)
+    db.write_settings(ctx.state_dir / "state.db", {"stack_deployed": "1"})
+    progress("done", "the mail server is running")
+    return {**result, "mailboxes": mailboxes, "stack_deployed": True}
+
+
+# -- test message ------------------------------------------------------------------------
+
+def _smtp_target(settings: Any) -> tuple[str, int]:
+    port = {**DEFAULT_PORTS, **settings.ports}["smtp"]
+    addrs = list(settings.publish_addresses)
+    if not addrs or "0.0.0.0" in addrs or "127.0.0.1" in addrs:
+        return "127.0.0.1", port
+    return ("::1" if addrs[0] == "::" else addrs[0]), port
+
+
+def _hosted(ctx: Context, settings: Any, address: str) -> bool:
+    accounts = stack_ops.accounts_for(settings)
+    domain = address.rsplit("@", 1)[1]
+    return domain in accounts.domains()
+
+
+@operation("send_test_message")
+def send_test_message(ctx: Context, to: str) -> dict[str, Any]:
+    """Submit a test message from postmaster@<domain> to `to` (an address of a hosted
+    domain) through the local postfix; says whether postfix accepted it."""
+    with stack_ops.refusals():
+        settings = stack_ops.settings_for(ctx)
+        to = check_address(to, "to")
+        if not _hosted(ctx, settings, to):
+            raise OpError("invalid", f"to: {to} is not in a domain of this server; send the test "
+                                     f"to your own mailbox, such as postmaster@{settings.domain}")
+    sender = f"postmaster@{settings.domain}"
+    msg = EmailMessage()
+    msg["From"] = f"Mailstead <{sender}>"
+    msg["To"] = to
+    msg["Subject"] = "Mailstead test message"
+    msg["Date"] = formatdate(localtime=False)
+    msg["Message-ID"] = make_msgid(domain=settings.hostname)
+    msg.set_content(f"This is a test message from your Mailstead appliance ({settings.hostname}).\n\n"
+                    f"If you can read it in your mail app, receiving mail works.\n")
+    host, port = _smtp_target(settings)
+    try:
+        with smtplib.SMTP(host, port, local_hostname=settings.hostname, timeout=SMTP_TIMEOUT) as smtp:
+            smtp.send_message(msg, from_addr=sender, to_addrs=[to])
+    except smtplib.SMTPRecipientsRefused as err:
+        code, reply = next(iter(err.recipients.values()))
+        raise OpError("invalid", f"to: the mail server refused {to} ({code} "
+                                 f"{_reply(reply)}); is it a mailbox or alias here?") from None
+    except smtplib.SMTPResponseException as err:
+        raise OpError("smtp", f"the mail server refused the message ({err.smtp_code} "
+                              f"{_reply(err.smtp_error)})") from None
+    except (OSError, smtplib.SMTPException) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else type(err).__name__
+        if isinstance(err, socket.timeout):
+            reason = f"no answer within {SMTP_TIMEOUT:g} s"
+        raise OpError("smtp", f"could not reach the mail server at {host}:{port} ({reason}); "
+                              f"is the stack deployed and postfix healthy?") from None
+    return {"sent": True, "to": to, "from": sender, "message_id": msg["Message-ID"],
+            "server": f"{host}:{port}"}
+
+
+def _reply(value: bytes | str) -> str:
+    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    return " ".join(text.split())[:200]
+
+
+# -- finishing setup -----------------------------------------------------------------------
+
+@operation("setup_finish")
+def setup_finish(ctx: Context) -> dict[str, Any]:
+    """End setup for good: setup_complete=1, and the setup token file deleted."""
+    state_db = ctx.state_dir / "state.db"
+    if db.read_setting(state_db, "stack_deployed") != "1":
+        raise OpError("not_ready", "the mail server has not been deployed yet; press Deploy first")
+    db.write_settings(state_db, {"setup_complete": "1"})
+    token = ctx.state_dir / "setup-token"
+    existed = token.exists()
+    token.unlink(missing_ok=True)
+    return {"setup_complete": True, "token_deleted": existed}
+
+
+# -- restoring onto a fresh appliance (the wizard's "Restore from a backup") ------------------
+
+RESTORE_JOB = "setup_restore"
+TRUE_VALUES = {"1", "true", "yes"}
+
+
+def setup_is_complete(ctx: Context) -> bool:
+    return (db.read_setting(ctx.state_dir / "state.db", "setup_complete") or "").strip().lower() in TRUE_VALUES
+
+
+def _refuse_after_setup(ctx: Context) -> None:
+    if setup_is_complete(ctx):
+        raise OpError("forbidden", "setup is finished: this appliance restores a backup from the dashboard "
+                                   "(Backups), not from the setup wizard")
+
+
+@operation("setup_restore")
+def setup_restore(ctx: Context, snapshot: str = "latest") -> dict[str, Any]:
+    """The wizard's restore of `snapshot` (a job, watched with job_status). The backup
+    target must be configured first (backup_configure with the recovery sheet's password).
+    Refused once setup is complete."""
+    from portal.agent.jobs import latest, start
+    from portal.backup import privileged as backup_ops
+    from portal.backup.service import check_snapshot_id
+
+    _refuse_after_setup(ctx)
+    with backup_ops.refusals():
+        snapshot = check_snapshot_id(snapshot)
+    running = latest(ctx, RESTORE_JOB)
+    if running is not None and running["state"] == "running":
+        return running  # one restore at a time; this request is not queued
+    path = backup_ops._request_path(ctx)  # the request the backup's restore job reads
+    ctx.state_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"snapshot": snapshot}))
+    os.replace(tmp, path)
+    return start(ctx, RESTORE_JOB)
+
+
+def restored_summary(state_dir: Path) -> dict[str, Any]:
+    """What the restored state holds, for the wizard's last page (no secrets)."""
+    import sqlite3
+
+    admin: Any = None
+    try:
+        record = json.loads((state_dir / "secrets" / "admin.json").read_text(encoding="utf-8"))
+        admin = str(record.get("address")) if isinstance(record, dict) and record.get("address") else None
+    except (OSError, ValueError):
+        pass
+    accounts = {"mailboxes": 0, "aliases": 0}
+    path = state_dir / "accounts" / "accounts.db"
+    if path.exists():
+        try:
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+            try:
+                for table in accounts:
+                    accounts[table] = conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # noqa: S608
+            finally:
+                conn.close()
+        except sqlite3.Error:
+            pass
+    dkim = state_dir / "secrets" / "dkim"
+    return {"admin_address": admin, **accounts,
+            "dkim_keys": sum(1 for p in dkim.iterdir() if p.is_file()) if dkim.is_dir() else 0,
+            "certificate": (state_dir / "tls" / "live").exists() or (state_dir / "tls" / "cert.pem").exists()}
+
+
+@job_kind(RESTORE_JOB)
+def setup_restore_job(ctx: Context, progress: Progress) -> dict[str, Any]:
+    """The backup's restore job, then the end of setup when the restored state says it is
+    complete: the setup token is deleted (also when the restored stack failed to start,
+    since the portal is then the dashboard already)."""
+    from portal.backup.privileged import restore_job
+
+    _refuse_after_setup(ctx)
+    token = ctx.state_dir / "setup-token"
+    try:
+        result = restore_job(ctx, progress)
+    finally:
+        complete = setup_is_complete(ctx)
+        existed = complete and token.exists()
+        if complete:
+            token.unlink(missing_ok=True)
+            progress("setup", "setup is complete (from the backup): the setup token is deleted")
+    if not complete:
+        progress("setup", "the backup was made before setup was finished: continue in the setup wizard")
+    return {**result, "setup_complete": complete, "token_deleted": existed,
+            "restored": restored_summary(ctx.state_dir)}
+
+
+# -- dashboard -------------------------------------------------------------------------------
+
+def meminfo(path: Path = Path("/proc/meminfo")) -> dict[str, int]:
+    """MemTotal and MemAvailable in bytes ({} if unreadable)."""
+    out: dict[str, int] = {}
+    try:
+        text = path.read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("MemTotal", "MemAvailable"):
+            try:
+                out[key] = int(rest.split()[0]) * 1024
+            except (ValueError, IndexError):
+                pass
+    return out
+
+
+@operation("system_status")
+def system_status(ctx: Context) -> dict[str, Any]:
+    """Free space of the state directory's file system, memory, load and uptime."""
+    out: dict[str, Any] = {}
+    try:
+        usage = shutil.disk_usage(ctx.state_dir)
+        out["disk"] = {"path": str(ctx.state_dir), "total": usage.total, "free": usage.free,
+                       "used_percent": round(100 * (usage.total - usage.free) / usage.total, 1)
+                       if usage.total else 0.0}
+    except OSError as err:
+        out["disk"] = {"path": str(ctx.state_dir), "error": err.strerror or type(err).__name__}
+    mem = meminfo()
+    if mem:
+        out["memory"] = {"total": mem.get("MemTotal", 0), "available": mem.get("MemAvailable", 0)}
+    try:
+        out["load"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    out["time"] = time.time()
+    return out
+
+
+@operation("stack_logs")
+def stack_logs(ctx: Context, service: str, lines: int = 100) -> dict[str, Any]:
+    """The last `lines` (1 to 500) lines of a service's container log, with timestamps."""
+    if service not in SERVICES:
+        raise OpError("invalid", f"service: choose one of {', '.join(SERVICES)}")
+    if lines < 1:
+        raise OpError("invalid", f"lines: must be between 1 and {MAX_LOG_LINES}")
+    lines = min(lines, MAX_LOG_LINES)
+    with stack_ops.refusals():
+        settings = stack_ops.settings_for(ctx)
+    client = ctx.docker()
+    try:
+        found = client.containers.list(all=True, filters={"label": [
+            f"com.docker.compose.project={settings.project}", f"com.docker.compose.service={service}"]})
+        if not found:
+            raise OpError("not_found", f"service: there is no {service} container yet; deploy the stack first")
+        container = found[0]
+        raw = container.logs(tail=lines, timestamps=True)
+    except OpError:
+        raise
+    except Exception as err:  # docker refused or went away: say so, briefly
+        raise OpError("docker", f"the docker engine could not give the {service} log: "
+                                f"{' '.join(str(err).split())[:200]}") from None
+    finally:
+        client.close()
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+    out = [line[:MAX_LOG_LINE_CHARS] for line in text.splitlines()][-lines:]
+    return {"service": service, "container": getattr(container, "name", service), "lines": out}
