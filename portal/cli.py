@@ -1,4 +1,13 @@
-"""`mailstead` command line: talks to the agent like the web process does."""
+"""`mailstead` command line: calls the agent's operations through their stubs,
+as the web process does.
+
+Each command names its operation once (`set_defaults(op=...)`); its arguments are
+the options whose names are the operation's parameters, and the operation's
+declared secrets are asked at a prompt (or read from stdin with --password-stdin
+/ --secret-stdin), never taken from the command line. How long to wait is the
+operation's own declaration; a job (deploy, certificate issue, DNS check, backup,
+restore, upgrade) is followed with its progress.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +17,25 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from portal.agent.client import DEFAULT_SOCKET, AgentClient, AgentError
+from portal.admin import privileged as admin_ops
+from portal.agent import jobs as jobs_ops
+from portal.agent import registry
+from portal.agent import scheduler as schedule_ops
+from portal.agent.client import DEFAULT_SOCKET, AgentError, use_socket
+from portal.agent.registry import Operation
+from portal.backup import privileged as backup_ops
+from portal.certs import privileged as cert_ops
+from portal.checks import privileged as check_ops
+from portal.dns import privileged as dns_ops
+from portal.setup import privileged as setup_ops
+from portal.stack import privileged as stack_ops
+
+SECRET_PROMPTS = {"password": "Password", "new_password": "New password", "old_password": "Current password",
+                  "secret": "TSIG secret (base64)"}
 
 
 def read_password(prompt: str, from_stdin: bool) -> str:
@@ -24,81 +48,120 @@ def read_password(prompt: str, from_stdin: bool) -> str:
     return first
 
 
+def read_secret(prompt: str, from_stdin: bool) -> str:
+    if from_stdin:
+        return sys.stdin.readline().strip()
+    return getpass.getpass(f"{prompt}: ").strip()
+
+
+def command(commands: Any, name: str, op: Operation | None, help: str,
+            build: Callable[[argparse.Namespace], dict[str, Any]] | None = None) -> argparse.ArgumentParser:
+    """A subcommand that runs `op` (arguments from its options, or from `build`)."""
+    p = commands.add_parser(name, help=help)
+    p.set_defaults(op=op, build=build)
+    return p
+
+
+def collect(ns: argparse.Namespace, op: Operation) -> dict[str, Any]:
+    """The operation's arguments: options of the same names; secrets asked, never argv."""
+    out = {name: getattr(ns, name) for name in op.params
+           if name not in op.secret and getattr(ns, name, None) is not None}
+    stdin = bool(getattr(ns, "stdin", False))
+    for name in op.params:
+        if name in op.secret:
+            prompt = SECRET_PROMPTS.get(name, name.replace("_", " ").capitalize())
+            if name == "old_password":
+                out[name] = sys.stdin.readline().rstrip("\n") if stdin else getpass.getpass(f"{prompt}: ")
+            elif name in ("password", "new_password"):
+                out[name] = read_password(prompt, stdin)
+            else:
+                out[name] = read_secret(prompt, stdin)
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mailstead", description="Mailstead appliance tools")
     parser.add_argument("--socket", default=os.environ.get("MAILSTEAD_AGENT_SOCKET", DEFAULT_SOCKET),
                         help="agent socket (env MAILSTEAD_AGENT_SOCKET; default %(default)s)")
     parser.add_argument("--timeout", type=float, default=None,
-                        help="seconds to wait for the agent (default: 60; 900 for load-images and deploy)")
+                        help="seconds to wait for the agent (default: each operation's own)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = commands.add_parser("status", help="run the health checks and print them (exit 1 if one fails)")
+    p = command(commands, "status", check_ops.health_run,
+                "run the health checks and print them (exit 1 if one fails)", build=status_args)
     p.add_argument("--versions", action="store_true", help="only show OS, docker engine and portal versions (JSON)")
     p.add_argument("--json", action="store_true", help="print the checks as JSON")
     p.add_argument("--no-alert", action="store_true", help="do not mail the admin about changes seen by this run")
-    commands.add_parser("schedule-list", help="the maintenance jobs, their schedules and last runs")
-    p = commands.add_parser("schedule-set", help="change a job's schedule (crontab text, or 'default')")
+    command(commands, "schedule-list", schedule_ops.schedule_list, "the maintenance jobs, their schedules and last runs")
+    p = command(commands, "schedule-set", schedule_ops.schedule_set, "change a job's schedule (crontab text, or 'default')")
     p.add_argument("job", help="backup, verify, cert_renew, health, dns_check or upgrade_check")
     p.add_argument("cron", help="e.g. '0 3 * * *' for 03:00 daily (minute hour day month weekday)")
-    p = commands.add_parser("schedule-runs", help="the latest runs of a job (or of all jobs)")
+    p = command(commands, "schedule-runs", schedule_ops.schedule_runs, "the latest runs of a job (or of all jobs)")
     p.add_argument("job", nargs="?", default="")
     p.add_argument("--limit", type=int, default=20)
-    p = commands.add_parser("alerts-configure", help="where alerts go besides the admin's mail, and the DNSBLs")
+    p = command(commands, "alerts-configure", check_ops.alerts_configure,
+                "where alerts go besides the admin's mail, and the DNSBLs")
     p.add_argument("--webhook-url", default="", help="https:// URL that gets a JSON POST per change (empty: none)")
     p.add_argument("--dnsbl-zones", default="", help="blocklist zones, comma separated (empty: the defaults)")
-    commands.add_parser("alerts-test", help="send a test alert to the admin and the webhook")
-    commands.add_parser("load-images", help="load the preloaded mail stack images into docker")
-    commands.add_parser("deploy", help="render the mail stack from the settings and start it")
-    commands.add_parser("stack-status", help="state and health of each mail stack service")
-    commands.add_parser("mailbox-list", help="mailboxes and aliases")
-    for name, text in (("mailbox-create", "create a mailbox (password asked, or --password-stdin)"),
-                       ("mailbox-reset-password", "set a new password for a forgotten one "
-                                                  "(mail stored until now becomes unreadable)")):
-        p = commands.add_parser(name, help=text)
-        p.add_argument("address")
-        p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
-        if name == "mailbox-create":
-            p.add_argument("--quota-mb", type=int, default=0, help="0 means no limit (default)")
-    p = commands.add_parser("mailbox-password", help="change a password (old and new on stdin or asked)")
+    command(commands, "alerts-test", check_ops.alerts_test, "send a test alert to the admin and the webhook")
+    command(commands, "load-images", stack_ops.stack_load_images, "load the preloaded mail stack images into docker")
+    command(commands, "deploy", stack_ops.stack_deploy, "render the mail stack from the settings and start it")
+    command(commands, "stack-status", stack_ops.stack_status, "state and health of each mail stack service")
+    command(commands, "mailbox-list", stack_ops.mailbox_list, "mailboxes and aliases")
+    p = command(commands, "mailbox-create", stack_ops.mailbox_create,
+                "create a mailbox (password asked, or --password-stdin)")
     p.add_argument("address")
-    p.add_argument("--password-stdin", action="store_true", help="read old, then new password from stdin")
-    p = commands.add_parser("mailbox-delete", help="delete a mailbox and its mail")
+    p.add_argument("--password-stdin", dest="stdin", action="store_true", help="read the password from stdin")
+    p.add_argument("--quota-mb", type=int, default=0, help="0 means no limit (default)")
+    p = command(commands, "mailbox-reset-password", stack_ops.mailbox_reset_password,
+                "set a new password for a forgotten one (mail stored until now becomes unreadable)")
     p.add_argument("address")
-    p = commands.add_parser("mailbox-rename", help="rename a mailbox, keeping its mail")
+    p.add_argument("--password-stdin", dest="stdin", action="store_true", help="read the password from stdin")
+    p = command(commands, "mailbox-password", stack_ops.mailbox_password,
+                "change a password (old and new on stdin or asked)")
+    p.add_argument("address")
+    p.add_argument("--password-stdin", dest="stdin", action="store_true", help="read old, then new password from stdin")
+    p = command(commands, "mailbox-delete", stack_ops.mailbox_delete, "delete a mailbox and its mail")
+    p.add_argument("address")
+    p = command(commands, "mailbox-rename", stack_ops.mailbox_rename, "rename a mailbox, keeping its mail")
     p.add_argument("address")
     p.add_argument("new_address")
-    for name in ("alias-add", "alias-remove"):
-        p = commands.add_parser(name, help=f"{name.split('-')[1]} an alias")
+    for name, op in (("alias-add", stack_ops.alias_add), ("alias-remove", stack_ops.alias_remove)):
+        p = command(commands, name, op, f"{name.split('-')[1]} an alias")
         p.add_argument("source")
         p.add_argument("destination")
-    p = commands.add_parser("dns-records", help="the DNS records the appliance needs (table, or --zone)")
+    p = command(commands, "dns-records", dns_ops.dns_records, "the DNS records the appliance needs (table, or --zone)")
     p.add_argument("--zone", action="store_true", help="print only the BIND zone fragment")
     p.add_argument("--dnssec", action="store_true", help="include the TLSA record (for a DNSSEC-signed zone)")
-    commands.add_parser("dns-check", help="ask each authoritative server for every expected record")
-    p = commands.add_parser("dns-push", help="publish the records by RFC 2136 (see dns-configure-push)")
+    command(commands, "dns-check", dns_ops.dns_check, "ask each authoritative server for every expected record")
+    p = command(commands, "dns-push", dns_ops.dns_push, "publish the records by RFC 2136 (see dns-configure-push)")
     p.add_argument("--dry-run", action="store_true", help="only show what would change")
-    p = commands.add_parser("dns-configure-push", help="store the RFC 2136 server and TSIG key "
-                                                       "(secret asked, or --secret-stdin)")
+    p = command(commands, "dns-configure-push", dns_ops.dns_configure_push,
+                "store the RFC 2136 server and TSIG key (secret asked, or --secret-stdin)")
     p.add_argument("server", help="IP address of the primary DNS server that accepts updates")
     p.add_argument("key_name", help="TSIG key name, e.g. mailstead-key")
     p.add_argument("--port", type=int, default=53)
     p.add_argument("--algorithm", default="hmac-sha256", choices=("hmac-sha256", "hmac-sha512"))
-    p.add_argument("--secret-stdin", action="store_true", help="read the base64 TSIG secret from stdin")
-    p = commands.add_parser("net-check", help="reverse DNS of the public addresses and outbound port 25")
+    p.add_argument("--secret-stdin", dest="stdin", action="store_true", help="read the base64 TSIG secret from stdin")
+    p = command(commands, "net-check", dns_ops.net_check, "reverse DNS of the public addresses and outbound port 25")
     p.add_argument("--smtp-host", default=None, help="SMTP server to greet (default: a large public MX)")
     p.add_argument("--smtp-port", type=int, default=25)
-    p = commands.add_parser("acme-configure", help="choose the certificate authority (ACME) and how to prove the names")
+    p = command(commands, "acme-configure", cert_ops.acme_configure,
+                "choose the certificate authority (ACME) and how to prove the names", build=acme_args)
     p.add_argument("--directory", default="letsencrypt",
                    help="letsencrypt, letsencrypt-staging, or an https:// ACME directory URL")
     p.add_argument("--contact", default="", help="email address the CA writes to about expiry")
     p.add_argument("--challenge", default="http-01", choices=("http-01", "dns-01"))
     p.add_argument("--include-apex", action="store_true", help="also cover the bare domain")
     p.add_argument("--reuse-key", action="store_true", help="keep the key across renewals (for TLSA)")
-    p.add_argument("--ca-bundle", default="", help="PEM file to trust for a private CA's directory")
+    p.add_argument("--ca-bundle", default="", help="PEM file to trust for a private CA's directory (its text is sent)")
     p.add_argument("--caa-issuer", default="", help="the CA's CAA domain, for a custom CA")
-    commands.add_parser("cert-issue", help="get a certificate from the CA now and install it")
-    p = commands.add_parser("cert-renew", help="renew the certificate if due (or --force)")
+    command(commands, "cert-issue", cert_ops.cert_issue, "get a certificate from the CA now and install it")
+    p = command(commands, "cert-renew", cert_ops.cert_renew, "renew the certificate if due (or --force)")
     p.add_argument("--force", action="store_true")
-    commands.add_parser("cert-status", help="the certificate in use, its expiry and renewal")
+    command(commands, "cert-status", cert_ops.cert_status, "the certificate in use, its expiry and renewal")
+    p = command(commands, "admin-unlock", admin_ops.admin_unlock,
+                "lift the sign-in lockout (all client addresses, or --client)")
+    p.add_argument("--client", default="", help="only this client address")
     add_maintenance_commands(commands)
     return parser
 
@@ -115,29 +178,32 @@ def add_target_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bucket", default="", help="s3: bucket name")
     p.add_argument("--region", default="", help="s3: region (if the store needs one)")
     p.add_argument("--access-key-id", default="", help="s3: access key ID (the secret key is asked)")
-    p.add_argument("--secret-stdin", action="store_true",
+    p.add_argument("--secret-stdin", dest="stdin", action="store_true",
                    help="read the S3 secret key (then, for restore, the password) from stdin, one per line")
 
 
 def add_maintenance_commands(commands: Any) -> None:
-    """The maintenance commands (issue 6): setup, token, backup, restore, upgrade, certs."""
-    commands.add_parser("setup", help="where and how to finish setup (portal addresses, token, fingerprint)")
-    commands.add_parser("token", help="print the setup token while setup is unfinished")
+    """The maintenance commands: setup, token, backup, restore, upgrade, certs."""
+    command(commands, "setup", None, "where and how to finish setup (portal addresses, token, fingerprint)")
+    command(commands, "token", None, "print the setup token while setup is unfinished")
     backup = commands.add_parser("backup", help="encrypted backups: configure, run, list, verify")
     sub = backup.add_subparsers(dest="action", required=True, metavar="ACTION")
-    p = sub.add_parser("configure", help="choose the target; a new repository prints its recovery sheet once")
+    p = command(sub, "configure", backup_ops.backup_configure,
+                "choose the target; a new repository prints its recovery sheet once",
+                build=lambda ns: target_args(ns, password=ns.existing))
     add_target_arguments(p)
     p.add_argument("--existing", action="store_true",
                    help="connect to an existing repository (its password from the recovery sheet is asked)")
-    sub.add_parser("run", help="back up now (shows progress)")
-    sub.add_parser("list", help="the snapshots in the repository, newest first")
-    sub.add_parser("verify", help="restore the latest snapshot into a scratch folder and compare it")
-    sub.add_parser("status", help="the last backup, verification and restore")
-    p = commands.add_parser("restore", help="bring back mail, accounts, keys and settings from a backup")
+    command(sub, "run", backup_ops.backup_run, "back up now (shows progress)")
+    command(sub, "list", backup_ops.backup_list, "the snapshots in the repository, newest first")
+    command(sub, "verify", backup_ops.backup_verify, "restore the latest snapshot into a scratch folder and compare it")
+    command(sub, "status", backup_ops.backup_state, "the last backup, verification and restore")
+    p = command(commands, "restore", None, "bring back mail, accounts, keys and settings from a backup")
     add_target_arguments(p)
     p.add_argument("--snapshot", default="latest", help="snapshot ID from `mailstead backup list` (default latest)")
     p.add_argument("--yes", action="store_true", help="do not ask before replacing this appliance's data")
-    p = commands.add_parser("upgrade", help="load newer mail stack images, back up, redeploy; rolls back on failure")
+    p = command(commands, "upgrade", stack_ops.upgrade_run,
+                "load newer mail stack images, back up, redeploy; rolls back on failure", build=upgrade_args)
     p.add_argument("--check", action="store_true", help="only say whether a newer version is available")
     p.add_argument("--source", default="", help="a folder holding the newer images (default: the ones in the OS)")
     p.add_argument("--without-backup", action="store_true",
@@ -145,31 +211,41 @@ def add_maintenance_commands(commands: Any) -> None:
     p.add_argument("--force", action="store_true", help="redeploy even when the images are not newer")
     certs = commands.add_parser("certs", help="TLS certificates: status, renew")
     sub = certs.add_subparsers(dest="action", required=True, metavar="ACTION")
-    p = sub.add_parser("renew", help="renew the certificate if due (or --force)")
+    p = command(sub, "renew", cert_ops.cert_renew, "renew the certificate if due (or --force)")
     p.add_argument("--force", action="store_true")
-    sub.add_parser("status", help="the certificate in use, its expiry and renewal")
+    command(sub, "status", cert_ops.cert_status, "the certificate in use, its expiry and renewal")
 
 
-# How long the CLI waits for an answer. A mailbox change hashes the password
-# (argon2id) and runs doveadm in the container: well under a second on real
-# hardware, but 10 s was too short for a busy emulated VM.
-DEFAULT_TIMEOUT = 60.0
-# Operations that take minutes (the agent keeps working; the CLI waits this long).
-LONG_OPS = {"stack_load_images": 900.0, "stack_deploy": 900.0, "cert_issue": 600.0, "cert_renew": 600.0,
-            "dns_check": 120.0, "dns_push": 120.0, "net_check": 60.0, "health_run": 60.0,
-            "backup_configure": 360.0, "backup_list": 180.0, "upgrade_check": 120.0}
-# Operations that start a background job: the CLI follows it, printing its progress.
-JOB_OPS = {"backup_run", "backup_verify", "backup_restore", "upgrade_run"}
+def status_args(ns: argparse.Namespace) -> dict[str, Any]:
+    if ns.versions:
+        ns.op = registry.status
+        return {}
+    return {"alert": not ns.no_alert}
 
 
-def read_secret(prompt: str, from_stdin: bool) -> str:
-    if from_stdin:
-        return sys.stdin.readline().strip()
-    return getpass.getpass(f"{prompt}: ").strip()
+def upgrade_args(ns: argparse.Namespace) -> dict[str, Any]:
+    if ns.check:
+        ns.op = stack_ops.upgrade_check
+        return {}
+    return {"source": ns.source, "without_backup": ns.without_backup, "force": ns.force}
+
+
+def acme_args(ns: argparse.Namespace) -> dict[str, Any]:
+    out = {"directory": ns.directory, "contact": ns.contact, "challenge": ns.challenge,
+           "include_apex": ns.include_apex, "reuse_key": ns.reuse_key, "caa_issuer": ns.caa_issuer}
+    if ns.ca_bundle:
+        try:  # read here, as the user who runs the command: the agent reads no path it is given
+            out["ca_bundle_pem"] = Path(ns.ca_bundle).read_text(encoding="utf-8", errors="replace")
+        except OSError as exc:
+            raise SystemExit(f"mailstead: --ca-bundle: cannot read {ns.ca_bundle}: {exc.strerror}") from None
+    return out
 
 
 def target_args(args: argparse.Namespace, password: bool) -> dict[str, Any]:
     """backup_configure's arguments from --target and friends (secrets asked, never argv)."""
+    if not args.target:
+        raise SystemExit("mailstead: --target: choose local, sftp or s3")
+    from_stdin = bool(getattr(args, "stdin", False))
     out: dict[str, Any] = {"target": args.target, "path": args.path, "host": args.host, "port": args.port,
                            "user": args.user, "endpoint": args.endpoint, "bucket": args.bucket,
                            "region": args.region, "access_key_id": args.access_key_id}
@@ -179,85 +255,22 @@ def target_args(args: argparse.Namespace, password: bool) -> dict[str, Any]:
         except OSError as exc:
             raise SystemExit(f"mailstead: --key-file: cannot read {args.key_file}: {exc.strerror}") from None
     if args.target == "s3":
-        out["secret_access_key"] = read_secret("S3 secret access key", args.secret_stdin)
+        out["secret_access_key"] = read_secret("S3 secret access key", from_stdin)
     if password:
-        out["password"] = read_secret("Repository password (from the recovery sheet)", args.secret_stdin)
+        out["password"] = read_secret("Repository password (from the recovery sheet)", from_stdin)
         if not out["password"]:
             raise SystemExit("mailstead: password: give the password printed on the recovery sheet")
     return out
 
 
-def request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
-    """The agent operation and arguments for the parsed command line."""
-    cmd = args.command
-    simple = {"load-images": "stack_load_images", "deploy": "stack_deploy",
-              "stack-status": "stack_status", "mailbox-list": "mailbox_list", "schedule-list": "schedule_list"}
-    if cmd in simple:
-        return simple[cmd], {}
-    if cmd == "status":
-        return ("status", {}) if args.versions else ("health_run", {"alert": not args.no_alert})
-    if cmd == "schedule-set":
-        return "schedule_set", {"job": args.job, "cron": args.cron}
-    if cmd == "schedule-runs":
-        return "schedule_runs", {"job": args.job, "limit": args.limit}
-    if cmd == "alerts-configure":
-        return "alerts_configure", {"webhook_url": args.webhook_url, "dnsbl_zones": args.dnsbl_zones}
-    if cmd == "alerts-test":
-        return "alerts_test", {}
-    if cmd == "mailbox-create":
-        return "mailbox_create", {"address": args.address, "quota_mb": args.quota_mb,
-                                  "password": read_password("Password", args.password_stdin)}
-    if cmd == "mailbox-reset-password":
-        return "mailbox_reset_password", {"address": args.address,
-                                          "new_password": read_password("New password", args.password_stdin)}
-    if cmd == "mailbox-password":
-        old = (sys.stdin.readline().rstrip("\n") if args.password_stdin
-               else getpass.getpass("Current password: "))
-        return "mailbox_password", {"address": args.address, "old_password": old,
-                                    "new_password": read_password("New password", args.password_stdin)}
-    if cmd == "mailbox-delete":
-        return "mailbox_delete", {"address": args.address}
-    if cmd == "mailbox-rename":
-        return "mailbox_rename", {"address": args.address, "new_address": args.new_address}
-    if cmd == "dns-records":
-        return "dns_records", {"dnssec": args.dnssec}
-    if cmd in ("dns-check", "cert-issue", "cert-status"):
-        return cmd.replace("-", "_"), {}
-    if cmd == "dns-push":
-        return "dns_push", {"dry_run": args.dry_run}
-    if cmd == "dns-configure-push":
-        secret = (sys.stdin.readline().strip() if args.secret_stdin
-                  else getpass.getpass("TSIG secret (base64): ").strip())
-        return "dns_configure_push", {"server": args.server, "key_name": args.key_name, "port": args.port,
-                                      "algorithm": args.algorithm, "secret": secret}
-    if cmd == "net-check":
-        op_args: dict[str, Any] = {"smtp_port": args.smtp_port}
-        if args.smtp_host:
-            op_args["smtp_host"] = args.smtp_host
-        return "net_check", op_args
-    if cmd == "acme-configure":
-        return "acme_configure", {"directory": args.directory, "contact": args.contact,
-                                  "challenge": args.challenge, "include_apex": args.include_apex,
-                                  "reuse_key": args.reuse_key, "ca_bundle": args.ca_bundle,
-                                  "caa_issuer": args.caa_issuer}
-    if cmd == "cert-renew":
-        return "cert_renew", {"force": args.force}
-    if cmd in ("alias-add", "alias-remove"):
-        return cmd.replace("-", "_"), {"source": args.source, "destination": args.destination}
-    if cmd == "backup":
-        if args.action == "configure":
-            if not args.target:
-                raise SystemExit("mailstead: --target: choose local, sftp or s3")
-            return "backup_configure", target_args(args, password=args.existing)
-        return {"run": "backup_run", "list": "backup_list", "verify": "backup_verify",
-                "status": "backup_state"}[args.action], {}
-    if cmd == "certs":
-        return ("cert_renew", {"force": args.force}) if args.action == "renew" else ("cert_status", {})
-    if cmd == "upgrade":
-        if args.check:
-            return "upgrade_check", {}
-        return "upgrade_run", {"source": args.source, "without_backup": args.without_backup, "force": args.force}
-    raise AssertionError(cmd)
+def request(ns: argparse.Namespace) -> tuple[Operation, dict[str, Any]]:
+    """The operation and its arguments for the parsed command line."""
+    op: Operation | None = getattr(ns, "op", None)
+    if op is None:
+        raise AssertionError(f"{ns.command} runs no single operation")
+    build = getattr(ns, "build", None)
+    args = build(ns) if build is not None else collect(ns, op)
+    return ns.op, args
 
 
 MARKS = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}
@@ -275,7 +288,7 @@ def format_checks(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def follow(client: AgentClient, job: dict[str, Any], out: Any = None) -> dict[str, Any]:
+def follow(job: dict[str, Any], out: Any = None) -> dict[str, Any]:
     """Print a background job's progress (stderr) until it ends; return the final job."""
     out = out or sys.stderr
     seen = 0
@@ -287,7 +300,7 @@ def follow(client: AgentClient, job: dict[str, Any], out: Any = None) -> dict[st
         if job.get("state") != "running":
             return job
         time.sleep(1.0)
-        job = client.call("job_status", job_id=job["id"])
+        job = jobs_ops.job_status(job_id=job["id"])
 
 
 def job_outcome(job: dict[str, Any]) -> int:
@@ -315,13 +328,15 @@ def show_token(state_dir: Path | None) -> int:
     from portal.agent import firstboot
 
     paths = firstboot_paths(state_dir)
-    if firstboot.setup_complete(paths.db_path):
+    if firstboot.setup_finished(paths):
         print("mailstead: setup is finished and the setup token was deleted; sign in to the dashboard "
               "with the admin account", file=sys.stderr)
         return 1
     try:
-        print(paths.token.read_text(encoding="ascii").strip())
-    except OSError:
+        from portal.core import safefs
+
+        print(safefs.read_text(paths.token, 4096).strip())
+    except (OSError, UnicodeDecodeError, safefs.UnsafePathError):
         print(f"mailstead: there is no setup token at {paths.token} {NO_TOKEN}", file=sys.stderr)
         return 1
     return 0
@@ -338,12 +353,14 @@ def show_setup(state_dir: Path | None) -> int:
         fp = paths.fingerprint.read_text().strip()
     except OSError:
         fp = NO_TOKEN
-    done = firstboot.setup_complete(paths.db_path)
+    done = firstboot.setup_finished(paths)
     token = None
     if not done:
         try:
-            token = paths.token.read_text(encoding="ascii").strip()
-        except OSError:
+            from portal.core import safefs
+
+            token = safefs.read_text(paths.token, 4096).strip()
+        except (OSError, UnicodeDecodeError, safefs.UnsafePathError):
             token = NO_TOKEN
     print(firstboot.issue_text(socket.gethostname(), firstboot.local_addresses(), token, fp), end="")
     if done:
@@ -355,11 +372,11 @@ def show_setup(state_dir: Path | None) -> int:
     return 0
 
 
-def restore(args: argparse.Namespace, client_for: Any) -> int:
+def restore(args: argparse.Namespace) -> int:
     """mailstead restore: connect to the target (if given), pick the snapshot, confirm, follow the job."""
     if args.target:
-        client_for(360.0).call("backup_configure", **target_args(args, password=True))
-    snapshots = client_for(180.0).call("backup_list")["snapshots"]
+        backup_ops.backup_configure(**target_args(args, password=True))
+    snapshots = backup_ops.backup_list()["snapshots"]
     if not snapshots:
         print("mailstead: the repository holds no snapshot; nothing to restore", file=sys.stderr)
         return 1
@@ -375,19 +392,28 @@ def restore(args: argparse.Namespace, client_for: Any) -> int:
         if answer.strip().lower() != "yes":
             print("mailstead: nothing was changed", file=sys.stderr)
             return 1
-    client = client_for(DEFAULT_TIMEOUT)
     snapshot = chosen["full_id"] or chosen["id"]
     try:  # before setup is finished: as the wizard's restore (the setup token goes when done)
-        job = client.call("setup_restore", snapshot=snapshot)
+        job = setup_ops.setup_restore(snapshot=snapshot)
     except AgentError as exc:
         if exc.code != "forbidden":
             raise
-        job = client.call("backup_restore", snapshot=snapshot)
-    return job_outcome(follow(client, job))
+        job = backup_ops.backup_restore(snapshot=snapshot)
+    return job_outcome(follow(job))
+
+
+def call(op: Operation, args: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+    """Run `op` through its stub (its declared timeout unless --timeout)."""
+    if timeout is None:
+        return op(**args)
+    from portal.agent.client import channel
+
+    return channel(timeout).call(op.name, **args)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    use_socket(args.socket)
     state_dir = Path(os.environ["MAILSTEAD_STATE_DIR"]) if os.environ.get("MAILSTEAD_STATE_DIR") else None
     if args.command == "token":
         return show_token(state_dir)
@@ -395,23 +421,21 @@ def main(argv: list[str] | None = None) -> int:
         return show_setup(state_dir)
     try:
         if args.command == "restore":
-            return restore(args, lambda t: AgentClient(args.socket, timeout=args.timeout or t))
+            return restore(args)
         op, op_args = request(args)
-        timeout = args.timeout or LONG_OPS.get(op, DEFAULT_TIMEOUT)
-        client = AgentClient(args.socket, timeout=timeout)
-        result = client.call(op, **op_args)
-        if op in JOB_OPS:
-            return job_outcome(follow(client, result))
+        result = call(op, op_args, args.timeout)
+        if op.job:
+            return job_outcome(follow(result))
     except AgentError as exc:
-        print(f"mailstead: {exc.message} ({exc.code})", file=sys.stderr)
+        print(f"mailstead: {exc} ({exc.code})", file=sys.stderr)
         return 1
-    if op == "backup_configure":
+    if op is backup_ops.backup_configure:
         return print_configured(result)
-    if op == "backup_list":
+    if op is backup_ops.backup_list:
         return print_snapshots(result)
     if args.command == "dns-records" and args.zone:
         print(result.get("zone", ""), end="")
-    elif op == "health_run" and not args.json:
+    elif op is check_ops.health_run and not args.json:
         print(format_checks(result), end="")
         return 1 if result["summary"]["status"] == "fail" else 0
     else:

@@ -21,7 +21,6 @@ import contextlib
 import hashlib
 import hmac
 import ipaddress
-import json
 import os
 import secrets
 import threading
@@ -31,8 +30,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from portal.agent.ops import Context, OpError, operation
-from portal.web.db import read_setting
+from portal.agent.registry import Context, OpError, privileged
+from portal.core import safefs, store
+from portal.core.errors import UnsafePathError
+from portal.core.layout import StateLayout
+from portal.core.store import read_setting
 from portal.stack.accounts import (
     MAX_PASSWORD_LENGTH, MIN_PASSWORD_LENGTH, AccountError, check_address, hash_password,
     verify_password,
@@ -59,33 +61,20 @@ _lock = threading.RLock()
 # -- files ------------------------------------------------------------------------
 
 def secrets_dir(state_dir: Path) -> Path:
-    folder = Path(state_dir) / "secrets"
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(folder, 0o700)
-    return folder
+    return safefs.ensure_dir(StateLayout(Path(state_dir)).secrets, 0o700)
 
 
 def _write_json(path: Path, data: Any) -> None:
-    """Atomically replace `path` with `data` as JSON, mode 0600."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.chmod(path, 0o600)
+    """Atomically replace `path` with `data` as JSON, mode 0600 (the safe-write helper)."""
+    safefs.write_json(path, data, 0o600)
 
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
+        return safefs.read_json(path, None)
+    except UnsafePathError:
+        raise OpError("admin_state", f"{path.name} in the secrets folder is not a regular file; "
+                                     "as root, remove it and run the Admin step again") from None
     except (OSError, ValueError):
         raise OpError("admin_state", f"{path.name} in the secrets folder is unreadable or damaged; "
                                      "as root, check it or remove it and run the Admin step again") from None
@@ -106,9 +95,9 @@ def take_pending_mailboxes(state_dir: Path) -> list[tuple[str, str]]:
     """The mailboxes waiting for the stack, as (address, password); the file is deleted.
     If creating them fails, give them back with put_pending_mailbox."""
     with _lock:
-        path = Path(state_dir) / "secrets" / PENDING_MAILBOXES
+        path = StateLayout(Path(state_dir)).secrets / PENDING_MAILBOXES
         entries = _read_json(path) or []
-        path.unlink(missing_ok=True)
+        safefs.remove(path)
     return [(str(e["address"]), str(e["password"])) for e in entries
             if isinstance(e, dict) and "address" in e and "password" in e]
 
@@ -116,7 +105,7 @@ def take_pending_mailboxes(state_dir: Path) -> list[tuple[str, str]]:
 # -- checks -----------------------------------------------------------------------
 
 def _setting(ctx: Context, key: str) -> str:
-    return read_setting(ctx.state_dir / "state.db", key) or ""
+    return read_setting(ctx.state_dir, key)
 
 
 def _setup_complete(ctx: Context) -> bool:
@@ -128,27 +117,27 @@ def check_admin_address(ctx: Context, address: str) -> str:
     try:
         normalized = check_address((address or "").strip(), "address")
     except AccountError as exc:
-        raise OpError("invalid", f"address: {exc.message}") from None
+        raise OpError("invalid", f"{exc.message}", "address") from None
     domain = _setting(ctx, "domain").strip()
     if not domain:
-        raise OpError("invalid", "address: the mail domain is not set yet; finish the Domain step first")
+        raise OpError("invalid", "the mail domain is not set yet; finish the Domain step first", "address")
     if normalized.rpartition("@")[2] != domain:
-        raise OpError("invalid", f"address: the administrator's address must be in your domain; "
-                                 f"enter one ending in @{domain}, such as postmaster@{domain}")
+        raise OpError("invalid", f"the administrator's address must be in your domain; "
+                                 f"enter one ending in @{domain}, such as postmaster@{domain}", "address")
     return normalized
 
 
 def check_admin_password(password: str, address: str) -> None:
     if not isinstance(password, str) or len(password) < MIN_PASSWORD_LENGTH:
-        raise OpError("invalid", f"password: use at least {MIN_PASSWORD_LENGTH} characters "
-                                 "(a few random words work well)")
+        raise OpError("invalid", f"use at least {MIN_PASSWORD_LENGTH} characters "
+                                 "(a few random words work well)", "password")
     if len(password) > MAX_PASSWORD_LENGTH:
-        raise OpError("invalid", f"password: use at most {MAX_PASSWORD_LENGTH} characters")
+        raise OpError("invalid", f"use at most {MAX_PASSWORD_LENGTH} characters", "password")
     if any(ch in password for ch in "\0\n\r"):
-        raise OpError("invalid", "password: must not contain line breaks or NUL characters")
+        raise OpError("invalid", "must not contain line breaks or NUL characters", "password")
     if password.strip().lower() in (address.lower(), address.partition("@")[0].lower()):
-        raise OpError("invalid", "password: must not be the address itself; choose something others "
-                                 "cannot guess")
+        raise OpError("invalid", "must not be the address itself; choose something others "
+                                 "cannot guess", "password")
 
 
 def _refuse_after_setup(ctx: Context) -> None:
@@ -185,7 +174,7 @@ def _clean_code(code: str) -> str:
     return "".join((code or "").split()).replace("-", "")
 
 
-@operation("admin_totp_begin")
+@privileged(web=True, timeout=10.0)
 def admin_totp_begin(ctx: Context, address: str) -> dict[str, Any]:
     """Start (or continue) TOTP enrolment: the pending secret (made once, kept
     until admin_setup succeeds) and its otpauth:// URI for `address`."""
@@ -204,7 +193,7 @@ def admin_totp_begin(ctx: Context, address: str) -> dict[str, Any]:
         return {"secret": pending["secret"], "uri": totp_uri(pending["secret"], address), "address": address}
 
 
-@operation("admin_setup")
+@privileged(web=True, timeout=30.0, secret=("password", "totp_code"))
 def admin_setup(ctx: Context, address: str, password: str, totp_code: str) -> dict[str, Any]:
     """Create the administrator: checks the address, the password and a code from the
     pending TOTP secret; stores admin.json and the admin mailbox for Deploy; returns
@@ -216,15 +205,15 @@ def admin_setup(ctx: Context, address: str, password: str, totp_code: str) -> di
         folder = secrets_dir(ctx.state_dir)
         pending = _read_json(folder / PENDING_TOTP)
         if not isinstance(pending, dict) or not isinstance(pending.get("secret"), str):
-            raise OpError("invalid", "totp_code: the authenticator enrolment has expired; reload the page, "
-                                     "scan the new QR code and enter the code it shows")
+            raise OpError("invalid", "the authenticator enrolment has expired; reload the page, "
+                                     "scan the new QR code and enter the code it shows", "totp_code")
         code = _clean_code(totp_code)
         if not (len(code) == 6 and code.isascii() and code.isdigit()):
-            raise OpError("invalid", "totp_code: enter the 6-digit code your authenticator app shows")
+            raise OpError("invalid", "enter the 6-digit code your authenticator app shows", "totp_code")
         step = _totp_step(pending["secret"], code)
         if step is None:
-            raise OpError("invalid", "totp_code: that code is not right; check that the phone's clock is "
-                                     "correct and enter the current 6-digit code")
+            raise OpError("invalid", "that code is not right; check that the phone's clock is "
+                                     "correct and enter the current 6-digit code", "totp_code")
         codes = ["-".join("".join(secrets.choice(RECOVERY_ALPHABET) for _ in range(4))
                           for _ in range(RECOVERY_GROUPS)) for _ in range(RECOVERY_CODES)]
         record = {
@@ -236,13 +225,14 @@ def admin_setup(ctx: Context, address: str, password: str, totp_code: str) -> di
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         _write_json(folder / ADMIN_RECORD, record)
+        store.write_settings(ctx.state_dir, {"admin_address": address})
         put_pending_mailbox(ctx.state_dir, address, password)
-        (folder / PENDING_TOTP).unlink(missing_ok=True)
-        (folder / LOCKOUT).unlink(missing_ok=True)
+        safefs.remove(folder / PENDING_TOTP)
+        safefs.remove(folder / LOCKOUT)
         return {"address": address, "recovery_codes": codes}
 
 
-@operation("admin_status")
+@privileged(web=True, timeout=5.0)
 def admin_status(ctx: Context) -> dict[str, Any]:
     """Whether the administrator exists, its address and how many recovery codes are left."""
     with _lock:
@@ -274,27 +264,155 @@ def _locked_message(until: float, now: float) -> str:
             f"(in {span}).")
 
 
-@contextlib.contextmanager
-def _lockout(ctx: Context, now: float) -> Iterator[dict[str, Any]]:
-    path = secrets_dir(ctx.state_dir) / LOCKOUT
-    state = _read_json(path)
-    if not isinstance(state, dict):
-        state = {"failures": 0, "locked_until": 0.0}
-    before = dict(state)
+MAX_CLIENTS = 512            # lockout records kept (the oldest unlocked ones go first)
+SESSIONS = "admin-sessions.json"
+MAX_SESSIONS = 20            # signed-in browsers kept; the oldest is signed out first
+SESSION_SEEN_EVERY = 60.0    # seconds between updates of a session's "seen" time
+SESSION_IDLE = 15 * 60       # as the web's own cookie checks (portal/web/auth.py)
+SESSION_MAX_AGE = 8 * 60 * 60
+
+
+def client_key(client: str) -> str:
+    """Whose failures count together: an IPv4 address, an IPv6 /64 (one user's many
+    addresses), or "unknown" when the web could not tell."""
     try:
-        yield state
+        addr = ipaddress.ip_address((client or "").strip())
+    except ValueError:
+        return "unknown"
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{addr}/64", strict=False))
+    return str(addr)
+
+
+@contextlib.contextmanager
+def _lockout(ctx: Context, client: str) -> Iterator[dict[str, Any]]:
+    """The failure record of one client (address or /64), saved if it changed. Each client
+    has its own: an attacker elsewhere cannot lock the owner out."""
+    path = secrets_dir(ctx.state_dir) / LOCKOUT
+    data = _read_json(path)
+    clients = data.get("clients") if isinstance(data, dict) else None
+    if not isinstance(clients, dict):
+        clients = {}
+    entry = clients.get(client)
+    if not isinstance(entry, dict):
+        entry = {"failures": 0, "locked_until": 0.0}
+    before = dict(entry)
+    try:
+        yield entry
     finally:
-        if state != before:
-            _write_json(path, state)
+        if entry != before:
+            entry["seen"] = time.time()
+            if entry.get("failures"):
+                clients[client] = entry
+            else:
+                clients.pop(client, None)
+            if len(clients) > MAX_CLIENTS:
+                now = time.time()
+                unlocked = sorted((c for c, e in clients.items() if float(e.get("locked_until", 0)) <= now),
+                                  key=lambda c: float(clients[c].get("seen", 0)))
+                for old in unlocked[:len(clients) - MAX_CLIENTS]:
+                    del clients[old]
+            _write_json(path, {"clients": clients})
 
 
-@operation("admin_login")
-def admin_login(ctx: Context, address: str, password: str, code: str) -> dict[str, Any]:
-    """Check the administrator's address, password and TOTP code (or an unused recovery
-    code, which is then spent). After 5 failures in a row sign-in is locked for 1 minute,
-    doubling with each further failure up to 1 hour."""
+@privileged(timeout=10.0)
+def admin_unlock(ctx: Context, client: str = "") -> dict[str, Any]:
+    """Lift the sign-in lockout: of every client, or of one address (root only: the
+    console's `mailstead admin-unlock`)."""
+    with _lock:
+        path = secrets_dir(ctx.state_dir) / LOCKOUT
+        data = _read_json(path)
+        clients = data.get("clients") if isinstance(data, dict) else {}
+        clients = clients if isinstance(clients, dict) else {}
+        if client:
+            key = client_key(client)
+            if key == "unknown":
+                raise OpError("invalid", "give an IP address, or nothing to unlock every client", "client")
+            removed = [key] if clients.pop(key, None) is not None else []
+            _write_json(path, {"clients": clients})
+        else:
+            removed = sorted(clients)
+            safefs.remove(path)
+        return {"unlocked": removed}
+
+
+# -- sessions (server side: signing out ends them; a password change ends the others) --------
+
+def _session_hash(sid: str) -> str:
+    return hashlib.sha256(sid.encode("ascii", "replace")).hexdigest()
+
+
+def _sessions(ctx: Context) -> dict[str, dict[str, float]]:
+    data = _read_json(secrets_dir(ctx.state_dir) / SESSIONS)
+    return {k: v for k, v in data.items() if isinstance(v, dict)} if isinstance(data, dict) else {}
+
+
+def _save_sessions(ctx: Context, sessions: dict[str, dict[str, float]]) -> None:
+    _write_json(secrets_dir(ctx.state_dir) / SESSIONS, sessions)
+
+
+def new_session(ctx: Context) -> str:
+    """A new signed-in session: its id goes into the browser's (signed) cookie, only its
+    hash is kept here."""
+    sid = secrets.token_urlsafe(32)
     now = time.time()
-    with _lock, _lockout(ctx, now) as lock:
+    with _lock:
+        sessions = _sessions(ctx)
+        sessions[_session_hash(sid)] = {"created": now, "seen": now}
+        for old in sorted(sessions, key=lambda h: sessions[h].get("seen", 0))[:-MAX_SESSIONS]:
+            del sessions[old]
+        _save_sessions(ctx, sessions)
+    return sid
+
+
+def session_valid(ctx: Context, sid: str, max_idle: float = SESSION_IDLE,
+                  max_age: float = SESSION_MAX_AGE) -> bool:
+    """Whether `sid` is a live session (not signed out, not idle or old); its "seen" time
+    is refreshed (at most once a minute)."""
+    if not sid or len(sid) > 200:
+        return False
+    now = time.time()
+    with _lock:
+        sessions = _sessions(ctx)
+        entry = sessions.get(_session_hash(sid))
+        if entry is None:
+            return False
+        if now - float(entry.get("seen", 0)) > max_idle or now - float(entry.get("created", 0)) > max_age:
+            del sessions[_session_hash(sid)]
+            _save_sessions(ctx, sessions)
+            return False
+        if now - float(entry.get("seen", 0)) > SESSION_SEEN_EVERY:
+            entry["seen"] = now
+            _save_sessions(ctx, sessions)
+        return True
+
+
+@privileged(web=True, timeout=10.0, secret=("session",))
+def admin_logout(ctx: Context, session: str, everywhere: bool = False) -> dict[str, Any]:
+    """End this session (its id), or every session of the administrator (`everywhere`)."""
+    with _lock:
+        sessions = _sessions(ctx)
+        if everywhere:
+            ended = len(sessions)
+            sessions = {}
+        else:
+            ended = int(sessions.pop(_session_hash(session), None) is not None)
+        _save_sessions(ctx, sessions)
+    return {"ended": ended}
+
+
+@privileged(web=True, timeout=30.0, secret=("password", "code"))
+def admin_login(ctx: Context, address: str, password: str, code: str, client: str = "") -> dict[str, Any]:
+    """Check the administrator's address, password and TOTP code (or an unused recovery
+    code, which is then spent). `client` is the browser's address as the web saw it: after
+    5 failures in a row from one client (an IPv4 address or an IPv6 /64) sign-in is locked
+    for that client for 1 minute, doubling with each further failure up to 1 hour; other
+    clients, the owner among them, are not affected. A good sign-in returns a session id
+    (the agent keeps its hash: signing out ends it)."""
+    now = time.time()
+    with _lock, _lockout(ctx, client_key(client)) as lock:
         if lock.get("locked_until", 0) > now:
             raise OpError("locked", _locked_message(lock["locked_until"], now))
         record = _read_json(ctx.state_dir / "secrets" / ADMIN_RECORD)
@@ -329,7 +447,7 @@ def admin_login(ctx: Context, address: str, password: str, code: str) -> dict[st
             record["totp_last_step"] = step
         _write_json(ctx.state_dir / "secrets" / ADMIN_RECORD, record)
         return {"address": record["address"], "used_recovery_code": used_recovery,
-                "recovery_codes_left": len(record.get("recovery_codes", []))}
+                "recovery_codes_left": len(record.get("recovery_codes", [])), "session": new_session(ctx)}
 
 
 # -- the Domain step's defaults ------------------------------------------------------
@@ -352,7 +470,7 @@ def resolv_conf_nameservers(path: Path) -> list[str]:
     return found
 
 
-@operation("net_addresses")
+@privileged(web=True, timeout=5.0)
 def net_addresses(ctx: Context) -> dict[str, Any]:
     """The interfaces' global IPv4/IPv6 addresses (with the setting dns_allow_private=1
     also private ones, for labs) and the nameservers of /etc/resolv.conf."""

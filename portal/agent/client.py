@@ -1,22 +1,51 @@
-"""Client for the agent socket, used by the web process and the CLI."""
+"""Client for the agent socket: what the operation stubs (portal/agent/registry.py)
+send their calls through, in the web process and the CLI.
+
+`channel(timeout)` is the client for this process: inside a Flask app context the
+app's AGENT_SOCKET, else the socket named by `use_socket` (the CLI's --socket) or
+MAILSTEAD_AGENT_SOCKET, else /run/mailstead/agent.sock."""
 
 from __future__ import annotations
 
 import json
+import os
 import socket
+import sys
 from typing import Any
+
+from portal.core.errors import MailsteadError
 
 MAX_RESPONSE = 1024 * 1024
 DEFAULT_SOCKET = "/run/mailstead/agent.sock"
 
 
-class AgentError(Exception):
-    """The agent refused or failed a call, or could not be reached."""
+class AgentError(MailsteadError):
+    """The agent refused or failed a call, or could not be reached: the error's
+    code, field and message as the agent sent them."""
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
+    def __init__(self, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(message, field=field, code=code)
+
+
+_socket_override: str | None = None
+
+
+def use_socket(path: str | None) -> None:
+    """Send this process's calls to `path` (the CLI's --socket)."""
+    global _socket_override
+    _socket_override = path
+
+
+def socket_path() -> str:
+    flask = sys.modules.get("flask")
+    if flask is not None and flask.has_app_context() and "AGENT_SOCKET" in flask.current_app.config:
+        return str(flask.current_app.config["AGENT_SOCKET"])
+    return _socket_override or os.environ.get("MAILSTEAD_AGENT_SOCKET") or DEFAULT_SOCKET
+
+
+def channel(timeout: float) -> AgentClient:
+    """The client this process talks to the agent with, waiting up to `timeout` s."""
+    return AgentClient(socket_path(), timeout=timeout)
 
 
 class AgentClient:
@@ -67,4 +96,6 @@ class AgentClient:
             result = response.get("result")
             return result if isinstance(result, dict) else {"value": result}
         err = response.get("error") or {}
-        raise AgentError(str(err.get("code", "error")), str(err.get("message", "the agent refused the call")))
+        field = err.get("field")
+        raise AgentError(str(err.get("code", "error")), str(err.get("message", "the agent refused the call")),
+                         field if isinstance(field, str) and field else None)

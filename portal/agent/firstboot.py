@@ -1,17 +1,18 @@
 """mailstead-firstboot: setup token, bootstrap TLS certificate, console message.
 
 Idempotent: the token and certificate are made once and never replaced; the
-console message is rewritten on every run (addresses can change).
+console message is rewritten on every run (addresses can change). Once setup
+is finished (the agent made `setup-finished`) no token is ever made again,
+whatever the settings say. Every file goes through the safe-write helper.
 
 Environment: MAILSTEAD_STATE_DIR (default /var/lib/mailstead), MAILSTEAD_DB_PATH
 (default STATE_DIR/state.db), MAILSTEAD_ISSUE_PATH (default
-/etc/issue.d/50-mailstead.issue), MAILSTEAD_GROUP (default mailstead).
+/etc/issue.d/50-mailstead.issue), MAILSTEAD_GROUP (unused; kept for old units).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import grp
 import ipaddress
 import json
 import os
@@ -19,7 +20,6 @@ import secrets
 import socket
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +29,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from portal.web import db
+from portal.core import safefs, store
+from portal.core.layout import StateLayout
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 CERT_DAYS = 825
@@ -77,62 +78,35 @@ class Paths:
 
 def write_new(path: Path, data: bytes, mode: int, gid: int | None = None) -> bool:
     """Create `path` atomically with `mode` unless it exists. True if written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            if gid is not None:
-                os.fchown(f.fileno(), 0, gid)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)  # fails if the file exists: never replaces
-        except FileExistsError:
-            return False
-        return True
-    finally:
-        os.unlink(tmp)
+    safefs.ensure_dir(path.parent, 0o755)
+    return safefs.write_new(path, data, mode, None if gid is None else (0, gid))
 
 
 def write_replace(path: Path, data: bytes, mode: int) -> None:
     """Write `path` atomically, replacing it; untouched if the content is the same."""
     try:
-        if path.read_bytes() == data and (path.stat().st_mode & 0o777) == mode:
+        if safefs.read_bytes(path) == data and (path.stat().st_mode & 0o777) == mode:
             return
     except FileNotFoundError:
         pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def group_id(name: str) -> int | None:
-    """gid to give the token file: only when running as root and the group exists."""
-    if os.geteuid() != 0:
-        return None
-    try:
-        return grp.getgrnam(name).gr_gid
-    except KeyError:
-        return None
+    safefs.write_bytes(path, data, mode)
 
 
 # -- setup token ------------------------------------------------------------------------
 
-def ensure_token(paths: Paths) -> str:
-    """Make the setup token once: 0440 root:mailstead so the web user can read it."""
-    write_new(paths.token, secrets.token_urlsafe(32).encode() + b"\n", 0o440, group_id(paths.group))
-    return paths.token.read_text(encoding="ascii").strip()
+def setup_finished(paths: Paths) -> bool:
+    """Setup was finished once: the marker file, or (older states) the setting."""
+    return StateLayout(paths.state_dir).setup_finished.exists() or setup_complete(paths.db_path)
+
+
+def ensure_token(paths: Paths) -> str | None:
+    """Make the setup token once (root, 0400: the web asks the agent to check a token),
+    never after setup was finished; None then."""
+    if setup_finished(paths):
+        safefs.remove(paths.token)
+        return None
+    write_new(paths.token, secrets.token_urlsafe(32).encode() + b"\n", 0o400)
+    return safefs.read_text(paths.token).strip()
 
 
 # -- addresses --------------------------------------------------------------------------
@@ -220,13 +194,13 @@ def fingerprint(cert_pem: bytes) -> str:
 
 def ensure_certificate(paths: Paths, hostname: str, addresses: Sequence[IPAddress]) -> str:
     """Make the bootstrap certificate once (cert and key together); return its fingerprint."""
-    paths.tls_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(paths.tls_dir, 0o755)
+    safefs.ensure_dir(paths.state_dir, 0o755)
+    safefs.ensure_dir(paths.tls_dir, 0o755)
     if not (paths.cert.exists() and paths.key.exists()):
         cert_pem, key_pem = make_certificate(hostname, addresses)
         write_replace(paths.key, key_pem, 0o600)
         write_replace(paths.cert, cert_pem, 0o644)  # written last: its presence means "done"
-    fp = fingerprint(paths.cert.read_bytes())
+    fp = fingerprint(safefs.read_bytes(paths.cert))
     write_replace(paths.fingerprint, fp.encode() + b"\n", 0o644)
     return fp
 
@@ -249,17 +223,18 @@ def issue_text(hostname: str, addresses: Sequence[IPAddress], token: str | None,
 
 
 def setup_complete(db_path: Path) -> bool:
-    return (db.read_setting(db_path, "setup_complete") or "").lower() in {"1", "true", "yes"}
+    return store.read_setting(db_path.parent, "setup_complete") == "1"
 
 
 def run(paths: Paths, hostname: str | None = None, ip_json: str | None = None) -> str:
     """Do everything; return the console message."""
     hostname = hostname or socket.gethostname()
     addresses = local_addresses(ip_json)
-    token = ensure_token(paths)
     fp = ensure_certificate(paths, hostname, addresses)
-    text = issue_text(hostname, addresses, None if setup_complete(paths.db_path) else token, fp)
+    token = ensure_token(paths)
+    text = issue_text(hostname, addresses, token, fp)
     # The token is a secret: the issue file is for agetty (root) only.
+    safefs.ensure_dir(paths.issue_path.parent, 0o755)
     write_replace(paths.issue_path, text.encode(), 0o600)
     return text
 

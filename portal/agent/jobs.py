@@ -1,10 +1,12 @@
 """Long operations as background jobs with progress (deploy, certificate issue, DNS check).
 
-The web process starts a job with `job_start(kind)` and polls `job_status(id)`
-(or `job_latest(kind)` after a reload): the agent runs the job's function in a
-thread and records each progress event in `<state>/jobs/<id>.json` (written
-whole, then renamed), so a page reload, a second browser tab or the CLI see the
-same progress. A job whose agent died (killed, rebooted) is reported as
+A job is an operation declared with `job=True` (portal/agent/registry.py):
+calling it starts the job and returns its record; callers poll `job_status(id)`
+(or `job_latest(kind)` after a reload). The agent runs the job's function in a
+thread and records each progress event in `<state>/jobs/<id>.json` (root, 0600,
+written whole through the safe-write helper), so a page reload, a second
+browser tab or the CLI see the same progress. A job's arguments are passed to
+its function directly: nothing is handed over through a request file. A job whose agent died (killed, rebooted) is reported as
 `interrupted`; starting the kind again runs it anew (the operations are safe
 to repeat). At most one job of a kind runs at a time: starting a running kind
 returns the running job.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import threading
 import time
@@ -21,13 +24,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from portal.agent.ops import Context, OpError, operation
+from portal.agent.registry import REGISTRY, Context, OpError, privileged
+from portal.core import safefs
+from portal.core.layout import StateLayout
 
 Progress = Callable[[str, str], None]
-JobFunc = Callable[[Context, Progress], dict[str, Any]]
 
-# kind -> function(ctx, progress) -> result; filled by the modules that own the work.
-KINDS: dict[str, JobFunc] = {}
 KEEP = 20  # finished job files kept per kind
 MAX_EVENTS = 500
 
@@ -36,27 +38,24 @@ _running: dict[str, str] = {}  # kind -> job id, in this agent process
 _BOOT = f"{os.getpid()}-{time.time_ns()}"  # tells this agent's jobs from a dead agent's
 
 
-def job_kind(name: str) -> Callable[[JobFunc], JobFunc]:
-    def register(func: JobFunc) -> JobFunc:
-        KINDS[name] = func
-        return func
-    return register
+def kinds() -> list[str]:
+    return sorted(name for name, op in REGISTRY.items() if op.job)
 
 
 def jobs_dir(ctx: Context) -> Path:
-    return ctx.state_dir / "jobs"
+    return StateLayout(ctx.state_dir).jobs
 
 
 def _write(path: Path, job: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(job, sort_keys=True))
-    os.replace(tmp, path)
+    safefs.write_bytes(path, json.dumps(job, sort_keys=True).encode(), 0o600)
 
 
 def _read(path: Path) -> dict[str, Any] | None:
     try:
-        job = json.loads(path.read_text())
+        job = safefs.read_json(path)
     except (OSError, ValueError):
+        return None
+    if not isinstance(job, dict):
         return None
     if job.get("state") == "running" and job.get("agent") != _BOOT:
         job["state"] = "interrupted"
@@ -69,12 +68,20 @@ def _public(job: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in job.items() if k != "agent"}
 
 
-def start(ctx: Context, kind: str) -> dict[str, Any]:
-    func = KINDS.get(kind)
-    if func is None:
-        raise OpError("bad_args", f"kind: unknown job '{kind[:40]}'; known: {', '.join(sorted(KINDS))}")
+def _job_op(kind: str) -> Any:
+    op = REGISTRY.get(kind)
+    if op is None or not op.job:
+        raise OpError("bad_args", f"unknown job '{kind[:40]}'; known: {', '.join(kinds())}", "kind")
+    return op
+
+
+def start(ctx: Context, kind: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run job operation `kind` with `args` in a thread (or return the one of this kind
+    already running: jobs of a kind run one at a time, requests are not queued)."""
+    func = _job_op(kind).func
+    args = dict(args or {})
     folder = jobs_dir(ctx)
-    folder.mkdir(mode=0o750, parents=True, exist_ok=True)
+    safefs.ensure_dir(folder, 0o700)
     with _lock:
         running = _running.get(kind)
         if running:
@@ -101,7 +108,7 @@ def start(ctx: Context, kind: str) -> dict[str, Any]:
 
     def run() -> None:
         try:
-            result = func(ctx, progress)
+            result = func(ctx, progress, **args)
             outcome: dict[str, Any] = {"state": "done", "result": result}
         except OpError as err:
             outcome = {"state": "failed", "error": err.message, "code": err.code}
@@ -127,15 +134,18 @@ def start(ctx: Context, kind: str) -> dict[str, Any]:
 def _prune(folder: Path, kind: str) -> None:
     files = sorted(folder.glob(f"*-{kind}-*.json"))
     for old in files[:-KEEP]:
-        old.unlink(missing_ok=True)
+        safefs.remove(old)
+
+
+JOB_ID = re.compile(r"[0-9]{20}-[a-z0-9_]{1,40}-[0-9a-f]{8}")
 
 
 def status(ctx: Context, job_id: str) -> dict[str, Any]:
-    if not job_id or "/" in job_id or job_id.startswith("."):
-        raise OpError("bad_args", "job_id: not a job id")
+    if not JOB_ID.fullmatch(job_id or ""):
+        raise OpError("bad_args", "not a job id", "job_id")
     job = _read(jobs_dir(ctx) / f"{job_id}.json")
     if job is None:
-        raise OpError("not_found", f"job_id: no job {job_id[:60]}")
+        raise OpError("not_found", f"no job {job_id[:60]}", "job_id")
     return _public(job)
 
 
@@ -148,21 +158,14 @@ def latest(ctx: Context, kind: str) -> dict[str, Any] | None:
     return None
 
 
-@operation("job_start")
-def job_start(ctx: Context, kind: str) -> dict[str, Any]:
-    """Start a long operation in the background (or return the one of this kind already running)."""
-    return start(ctx, kind)
-
-
-@operation("job_status")
+@privileged(web=True, timeout=10.0)
 def job_status(ctx: Context, job_id: str) -> dict[str, Any]:
     """A job's state (running, done, failed, interrupted), progress events and result."""
     return status(ctx, job_id)
 
 
-@operation("job_latest")
+@privileged(web=True, timeout=10.0)
 def job_latest(ctx: Context, kind: str) -> dict[str, Any]:
     """The newest job of `kind` (to resume watching after a reload), or {"job": null}."""
-    if kind not in KINDS:
-        raise OpError("bad_args", f"kind: unknown job '{kind[:40]}'; known: {', '.join(sorted(KINDS))}")
+    _job_op(kind)
     return {"job": latest(ctx, kind)}

@@ -1,12 +1,16 @@
 """The maintenance scheduler: APScheduler 3.x inside the agent process.
 
-Jobs live in state.db (SQLAlchemy job store, table `scheduler_jobs`), so they
-survive an agent restart and a reboot. Each job is a one-line call to an agent
-operation by name (`run_operation`, a module-level function the job store can
-serialise): the same operations the CLI and the dashboard use, all safe to
-run twice. Every job coalesces missed runs into one (an agent that was down
-over several fire times runs the job once when it is back, if the last missed
-time is within the job's misfire grace time).
+Schedules are plain data in the agent's state.db (table `schedules`: job id,
+crontab text, the next fire time), so they survive an agent restart and a
+reboot; the scheduler itself keeps its jobs in memory (APScheduler's
+MemoryJobStore). Nothing is ever pickled or unpickled: an earlier version's
+pickled job table (`scheduler_jobs`) is dropped unread at the agent's start.
+
+Each job is a one-line call to an agent operation (`run_operation`): the same
+operations the CLI and the dashboard use, all safe to run twice. Every job
+coalesces missed runs into one: an agent that was down over several fire times
+runs the job once when it is back, if the first missed time is within the
+job's misfire grace time.
 
 Each run's outcome and duration go to the `scheduler_runs` table (bounded:
 KEEP_RUNS per job). Outcomes: ok, failed, skipped (the operation is not
@@ -28,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from portal.agent.ops import REGISTRY, Context, OpError, operation
+from portal.agent.registry import REGISTRY, Context, OpError, privileged
 
 log = logging.getLogger("mailstead.scheduler")
 
@@ -56,8 +60,12 @@ JOBS: dict[str, JobSpec] = {
 # 5-minute round (the round alerts only on a change of state).
 HEALTH_AFTER = {"backup", "verify", "cert_renew"}
 
-TABLE = "scheduler_jobs"
 RUNS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS schedules (
+    job       TEXT PRIMARY KEY,
+    cron      TEXT NOT NULL,
+    next_run  REAL
+);
 CREATE TABLE IF NOT EXISTS scheduler_runs (
     id       INTEGER PRIMARY KEY AUTOINCREMENT,
     job      TEXT NOT NULL,
@@ -131,11 +139,50 @@ def parse_cron(text: str, timezone: Any = None) -> Any:
 # -- runs ------------------------------------------------------------------------------
 
 def _db(state_dir: Path) -> sqlite3.Connection:
-    state_dir.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(state_dir / "state.db", timeout=10)
-    conn.row_factory = sqlite3.Row
+    from portal.core import store
+
+    conn = store.connect(state_dir)
     conn.executescript(RUNS_SCHEMA)
     return conn
+
+
+# -- schedules (plain data: job, crontab text, next fire time) -------------------------
+
+def stored_schedules(state_dir: Path) -> dict[str, tuple[str, float | None]]:
+    """{job: (cron, next_run epoch or None)} for the known jobs whose stored cron parses."""
+    conn = _db(state_dir)
+    try:
+        rows = conn.execute("SELECT job, cron, next_run FROM schedules").fetchall()
+    finally:
+        conn.close()
+    out = {}
+    for row in rows:
+        if row["job"] not in JOBS:
+            continue
+        try:
+            parse_cron(row["cron"])
+        except CronError:
+            log.warning("ignoring the stored schedule of %s: not a valid crontab text", row["job"])
+            continue
+        nxt = row["next_run"]
+        out[row["job"]] = (row["cron"], float(nxt) if isinstance(nxt, (int, float)) else None)
+    return out
+
+
+def store_schedule(state_dir: Path, job: str, cron: str | None = None, next_run: Any = None) -> None:
+    """Store a job's schedule (when `cron` is given) and its next fire time."""
+    when = next_run.timestamp() if next_run is not None else None
+    conn = _db(state_dir)
+    try:
+        with conn:
+            if cron is not None:
+                conn.execute("INSERT INTO schedules (job, cron, next_run) VALUES (?, ?, ?) "
+                             "ON CONFLICT(job) DO UPDATE SET cron = excluded.cron, next_run = excluded.next_run",
+                             (job, cron, when))
+            else:
+                conn.execute("UPDATE schedules SET next_run = ? WHERE job = ?", (when, job))
+    finally:
+        conn.close()
 
 
 def record_run(state_dir: Path, job: str, op: str, started: float, seconds: float, outcome: str,
@@ -169,11 +216,14 @@ def runs(state_dir: Path, job: str | None = None, limit: int = 20) -> list[dict[
 # -- the job function ------------------------------------------------------------------
 
 def _call(ctx: Context, name: str, args: Mapping[str, Any]) -> tuple[str, str]:
-    """Run operation (or background job kind) `name`; (outcome, message)."""
+    """Run operation `name` (a job operation as a background job); (outcome, message)."""
     from portal.agent import jobs
 
-    if name in jobs.KINDS and not args:  # as a background job: progress and result kept (jobs.py)
-        job = jobs.start(ctx, name)
+    op = REGISTRY.get(name)
+    if op is None:
+        return "skipped", NOT_AVAILABLE.format(op=name)
+    if op.job:  # as a background job: progress and result kept (jobs.py)
+        job = op.start(ctx, **args)
         deadline = time.monotonic() + JOB_WAIT
         while job["state"] == "running" and time.monotonic() < deadline:
             time.sleep(0.25)
@@ -181,10 +231,7 @@ def _call(ctx: Context, name: str, args: Mapping[str, Any]) -> tuple[str, str]:
         if job["state"] == "done":
             return "ok", f"job {job['id']}"
         return "failed", f"job {job['id']} {job['state']}: {job.get('error') or 'still running'}"
-    if name in REGISTRY:
-        result = REGISTRY[name](ctx, dict(args))
-        return "ok", _summary(result)
-    return "skipped", NOT_AVAILABLE.format(op=name)
+    return "ok", _summary(op.run(ctx, **args))
 
 
 def _summary(result: Any) -> str:
@@ -228,7 +275,7 @@ def run_operation(name: str, args: Mapping[str, Any] | None = None, job: str = "
     log.info("job=%s op=%s outcome=%s seconds=%.1f", job, name, outcome, seconds)
     if job in HEALTH_AFTER and not busy and "health_run" in REGISTRY:
         try:
-            REGISTRY["health_run"](ctx, {})
+            REGISTRY["health_run"].run(ctx)
         except Exception:  # noqa: BLE001 - the 5-minute round tries again
             log.exception("the health round after %s failed", job)
     return {"job": job, "outcome": outcome, "message": message, "seconds": round(seconds, 3)}
@@ -243,41 +290,61 @@ def _cron_text(trigger: Any) -> str:
     return text if fields["second"] == "0" else f"{fields['second']} {text}"
 
 
-def _add(scheduler: Any, job: str, cron: str, replace: bool) -> None:
+def _add(scheduler: Any, job: str, cron: str, replace: bool, next_run_time: Any = None) -> None:
     spec = JOBS[job]
+    extra = {"next_run_time": next_run_time} if next_run_time is not None else {}
     scheduler.add_job(run_operation, trigger=parse_cron(cron), id=job, name=spec.title,
                       args=[spec.op, {}], kwargs={"job": job}, coalesce=True,
-                      misfire_grace_time=spec.grace, max_instances=1, replace_existing=replace)
+                      misfire_grace_time=spec.grace, max_instances=1, replace_existing=replace, **extra)
 
 
-def make_scheduler(state_dir: Path) -> Any:
-    from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+def make_scheduler() -> Any:
     from apscheduler.schedulers.background import BackgroundScheduler
 
-    state_dir.mkdir(parents=True, exist_ok=True)
-    store = SQLAlchemyJobStore(url=f"sqlite:///{state_dir / 'state.db'}", tablename=TABLE,
-                               engine_options={"connect_args": {"timeout": 10}})
-    return BackgroundScheduler(jobstores={"default": store},
-                               job_defaults={"coalesce": True, "max_instances": 1},
+    # The default job store is APScheduler's MemoryJobStore: nothing is pickled.
+    return BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1},
                                executors={"default": {"type": "threadpool", "max_workers": 4}})
 
 
+def _remember_next_run(event: Any) -> None:
+    """After each run: store the job's next fire time (what a restart catches up from)."""
+    scheduler, ctx = _scheduler, _ctx
+    if scheduler is None or ctx is None or event.job_id not in JOBS:
+        return
+    job = scheduler.get_job(event.job_id)
+    try:
+        store_schedule(ctx.state_dir, event.job_id, next_run=job.next_run_time if job else None)
+    except sqlite3.Error as err:
+        log.error("could not store the next run of %s: %s", event.job_id, err)
+
+
 def start(ctx: Context) -> Any:
-    """Start the scheduler in this process (the agent's main()); add the default
-    jobs that are missing and keep the owner's schedules of the others."""
+    """Start the scheduler in this process (the agent's main()): each job on its stored
+    schedule (the default if none is stored). A job whose stored next fire time passed
+    while the agent was down runs once now, if that time is within its grace time."""
     global _ctx, _scheduler
+    from datetime import datetime
+
+    from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED
+
     _ctx = ctx
-    scheduler = make_scheduler(ctx.state_dir)
+    scheduler = make_scheduler()
     scheduler.start(paused=True)
+    stored = stored_schedules(ctx.state_dir)
+    now = time.time()
     for job, spec in JOBS.items():
-        existing = scheduler.get_job(job)
-        if existing is None:
-            _add(scheduler, job, spec.cron, replace=False)
-        elif list(existing.args) != [spec.op, {}] or existing.misfire_grace_time != spec.grace:
-            scheduler.modify_job(job, func=run_operation, args=[spec.op, {}], kwargs={"job": job},
-                                 coalesce=True, misfire_grace_time=spec.grace)
-    scheduler.resume()
+        cron, next_run = stored.get(job, (spec.cron, None))
+        catch_up = None
+        if next_run is not None and next_run <= now and now - next_run <= spec.grace:
+            catch_up = datetime.now().astimezone()
+            log.info("job %s missed its run at %s: running it once now", job,
+                     datetime.fromtimestamp(next_run).astimezone().isoformat(timespec="seconds"))
+        _add(scheduler, job, cron, replace=False, next_run_time=catch_up)
+        if job not in stored or catch_up is None:
+            store_schedule(ctx.state_dir, job, cron, scheduler.get_job(job).next_run_time)
+    scheduler.add_listener(_remember_next_run, EVENT_JOB_EXECUTED | EVENT_JOB_ERROR)
     _scheduler = scheduler
+    scheduler.resume()
     _started.set()
     log.info("scheduler started: %s", ", ".join(f"{j.id}@{j.next_run_time:%Y-%m-%d %H:%M}"
                                                  for j in scheduler.get_jobs() if j.next_run_time))
@@ -285,7 +352,7 @@ def start(ctx: Context) -> Any:
 
 
 def start_in_background(ctx: Context) -> threading.Thread:
-    """start(ctx) in a thread: the agent serves operations while SQLAlchemy loads."""
+    """start(ctx) in a thread: the agent serves operations while APScheduler loads."""
     global _start_error
 
     def run() -> None:
@@ -324,13 +391,13 @@ def _need_scheduler() -> Any:
 
 def _check_job(job: str) -> str:
     if job not in JOBS:
-        raise OpError("invalid", f"job: unknown job '{job[:40]}'; choose one of {', '.join(JOBS)}")
+        raise OpError("invalid", f"unknown job '{job[:40]}'; choose one of {', '.join(JOBS)}", "job")
     return job
 
 
 # -- operations ------------------------------------------------------------------------
 
-@operation("schedule_list")
+@privileged(web=True, timeout=20.0)
 def schedule_list(ctx: Context) -> dict[str, Any]:
     """Each job: its schedule (crontab text), the next run and the last run's outcome."""
     scheduler = _need_scheduler()
@@ -348,7 +415,7 @@ def schedule_list(ctx: Context) -> dict[str, Any]:
     return {"jobs": out}
 
 
-@operation("schedule_set")
+@privileged(web=True, timeout=20.0)
 def schedule_set(ctx: Context, job: str, cron: str) -> dict[str, Any]:
     """Change a job's schedule (crontab text; 'default' restores the default)."""
     _check_job(job)
@@ -356,25 +423,26 @@ def schedule_set(ctx: Context, job: str, cron: str) -> dict[str, Any]:
     try:
         parse_cron(text)
     except CronError as err:
-        raise OpError("invalid", f"cron: {err.message}") from None
+        raise OpError("invalid", f"{err.message}", "cron") from None
     scheduler = _need_scheduler()
     _add(scheduler, job, text, replace=True)
     j = scheduler.get_job(job)
+    store_schedule(ctx.state_dir, job, text, j.next_run_time)
     return {"job": job, "cron": _cron_text(j.trigger),
             "next_run": j.next_run_time.isoformat(timespec="seconds") if j.next_run_time else None}
 
 
-@operation("schedule_runs")
+@privileged(web=True, timeout=10.0)
 def schedule_runs(ctx: Context, job: str = "", limit: int = 20) -> dict[str, Any]:
     """The latest runs (newest first) of one job, or of all jobs when `job` is empty."""
     if job:
         _check_job(job)
     if not 1 <= limit <= KEEP_RUNS:
-        raise OpError("invalid", f"limit: give a number from 1 to {KEEP_RUNS}")
+        raise OpError("invalid", f"give a number from 1 to {KEEP_RUNS}", "limit")
     return {"runs": runs(ctx.state_dir, job or None, limit)}
 
 
-@operation("schedule_run_now")
+@privileged(web=True, timeout=120.0)
 def schedule_run_now(ctx: Context, job: str) -> dict[str, Any]:
     """Run a job now, outside its schedule (recorded like a scheduled run)."""
     _check_job(job)

@@ -2,8 +2,13 @@
 
 Protocol: one JSON object per line, `{"op": NAME, "args": {...}}`; one JSON line
 back, `{"ok": true, "result": {...}}` or
-`{"ok": false, "error": {"code": CODE, "message": TEXT}}`. Error codes:
-forbidden, bad_request, unknown_op, bad_args, internal, plus any an operation raises.
+`{"ok": false, "error": {"code": CODE, "field": FIELD or null, "message": TEXT}}`.
+Error codes: forbidden, bad_request, unknown_op, bad_args, internal, plus any an
+operation raises.
+
+Callers: root (the CLI, the scheduler's own process) may call every operation;
+the web user (--allow-user) only those declared `web=True`. Operations are
+declared once (portal/agent/registry.py) and loaded from PRIVILEGED_MODULES.
 """
 
 from __future__ import annotations
@@ -23,18 +28,11 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any, NoReturn
 
-from portal.agent import jobs as _jobs  # noqa: F401  (registers job_start/job_status/job_latest)
-from portal.agent import ops
+from portal.agent import registry as ops
 from portal.agent.client import DEFAULT_SOCKET
-from portal.admin import privileged as _adminauth  # noqa: F401  (registers admin_* and net_addresses)
-from portal.certs import privileged as _certs_ops  # noqa: F401  (registers the certificate operations)
-from portal.dns import privileged as _dns_ops  # noqa: F401  (registers the DNS operations)
-from portal.stack import privileged as agentops  # noqa: F401  (registers the mail stack operations)
-from portal.setup import privileged as _setup_ops  # noqa: F401  (registers setup_deploy, setup_finish, dashboard ops)
-from portal.agent import scheduler as _scheduler  # noqa: F401  (registers schedule_*; started in main(), not here)
-from portal.checks import privileged as _checks_ops  # noqa: F401  (registers health_run, health_history)
-from portal.backup import privileged as _backup_ops  # noqa: F401  (registers backup_configure/run/list/verify/restore/state)
-from portal.stack import upgradeops as _upgrade_ops  # noqa: F401  (registers upgrade_check/run/state/configure, job kind upgrade)
+from portal.core.errors import MailsteadError
+from portal.core.layout import StateLayout
+from portal.core import store
 
 log = logging.getLogger("mailstead.agent")
 
@@ -46,18 +44,23 @@ def is_allowed(uid: int, allowed_uids: Collection[int]) -> bool:
     return uid in allowed_uids
 
 
+ROOT, WEB = "root", "web"
+
+
 def peer_uid(sock: socket.socket) -> int:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", creds)
     return uid
 
 
-def error(code: str, message: str) -> dict[str, Any]:
-    return {"ok": False, "error": {"code": code, "message": message}}
+def error(code: str, message: str, field: str | None = None) -> dict[str, Any]:
+    return {"ok": False, "error": {"code": code, "field": field, "message": message}}
 
 
-def handle_request(line: bytes, registry: ops.Registry, ctx: ops.Context) -> tuple[dict[str, Any], str]:
-    """Answer one request line. Returns (response, op name safe to log)."""
+def handle_request(line: bytes, registry: ops.Registry, ctx: ops.Context,
+                   caller: str = ROOT) -> tuple[dict[str, Any], str]:
+    """Answer one request line from `caller` (ROOT or WEB). Returns (response, what to log:
+    the op name and its arguments with secrets masked)."""
     try:
         request = json.loads(line)
     except (ValueError, UnicodeDecodeError):
@@ -73,10 +76,14 @@ def handle_request(line: bytes, registry: ops.Registry, ctx: ops.Context) -> tup
     op = registry.get(name)
     if op is None:
         return error("unknown_op", f"unknown operation '{ops.shorten(name)}'"), "?"
+    if caller != ROOT and not op.web:
+        return error("forbidden", f"operation '{name}' is for root only (the mailstead command on the "
+                                  "appliance's console), not for the web portal"), name
+    logged = f"{name} {op.loggable(request.get('args'))}".rstrip()
     try:
-        return {"ok": True, "result": op(ctx, request.get("args", {}))}, name
-    except ops.OpError as exc:
-        return error(exc.code, exc.message), name
+        return {"ok": True, "result": op.invoke(ctx, request.get("args", {}))}, logged
+    except MailsteadError as exc:
+        return error(exc.code, exc.message, exc.field), logged
     except Exception:
         log.exception("operation %s failed", name)
         return error("internal", f"operation '{name}' failed; see the agent log (journalctl -u mailstead-agent)"), name
@@ -96,7 +103,11 @@ class Handler(socketserver.StreamRequestHandler):
     def handle(self) -> None:
         uid = peer_uid(self.request)
         try:
-            if not is_allowed(uid, self.server.allowed_uids):
+            if is_allowed(uid, self.server.allowed_uids):
+                caller = ROOT
+            elif is_allowed(uid, self.server.web_uids):
+                caller = WEB
+            else:
                 log.warning("uid=%d outcome=forbidden", uid)
                 self.send(error("forbidden", f"uid {uid} may not use the mailstead agent"))
                 return
@@ -108,9 +119,9 @@ class Handler(socketserver.StreamRequestHandler):
                     log.warning("uid=%d outcome=bad_request (oversized)", uid)
                     self.send(error("bad_request", f"request larger than {MAX_REQUEST // 1024} KiB"))
                     return  # the rest of the line is unread: the stream cannot be resynchronised
-                response, name = handle_request(line, self.server.registry, self.server.ctx)
+                response, logged = handle_request(line, self.server.registry, self.server.ctx, caller)
                 outcome = "ok" if response["ok"] else response["error"]["code"]
-                log.info("op=%s uid=%d outcome=%s", name, uid, outcome)
+                log.info("op=%s uid=%d outcome=%s", logged, uid, outcome)
                 self.send(response)
         except TimeoutError:
             log.info("uid=%d connection timed out", uid)
@@ -129,10 +140,12 @@ class AgentServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         registry: ops.Registry | None = None,
         conn_timeout: float = 30.0,
         bind_and_activate: bool = True,
+        web_uids: Collection[int] = (),
     ) -> None:
         self.ctx = ctx
         self.allowed_uids = frozenset(allowed_uids)
-        self.registry = ops.REGISTRY if registry is None else registry
+        self.web_uids = frozenset(web_uids) - self.allowed_uids
+        self.registry = ops.load_all() if registry is None else registry
         self.conn_timeout = conn_timeout
         super().__init__(address, Handler, bind_and_activate=bind_and_activate)
 
@@ -181,21 +194,8 @@ def bind_socket(path: Path, group: int | None) -> socket.socket:
     return sock
 
 
-def prepare_state_db(path: Path, owner: tuple[int, int] | None) -> None:
-    """Make state.db, if it is missing, as the web user's file (0660). The portal
-    creates and writes it; the agent (root) writes it too, but a file root created
-    (the scheduler's job store at the first boot) would be read-only to the portal."""
-    if path.exists():
-        return
-    from portal.web import db
-
-    db.connect(path).close()
-    if owner is not None:
-        os.chown(path, *owner)
-    os.chmod(path, 0o660)
-
-
 def allowed_uids(users: list[str], uids: list[int], root: bool) -> set[int]:
+    """Every uid in `uids` and of the named `users`, plus root's unless `root` is False."""
     result = set(uids)
     for user in users:
         try:
@@ -212,9 +212,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--socket", default=os.environ.get("MAILSTEAD_AGENT_SOCKET", DEFAULT_SOCKET),
                    help="unix socket path (env MAILSTEAD_AGENT_SOCKET; default %(default)s)")
     p.add_argument("--allow-user", action="append", default=[], metavar="NAME",
-                   help="user allowed to call the agent (repeatable), e.g. mailstead")
+                   help="the web user: may call the operations declared for the web (repeatable), "
+                        "e.g. mailstead")
+    p.add_argument("--web-uid", action="append", default=[], type=int, metavar="UID",
+                   help="uid that may call the web's operations, like --allow-user (repeatable)")
     p.add_argument("--allow-uid", action="append", default=[], type=int, metavar="UID",
-                   help="uid allowed to call the agent (repeatable)")
+                   help="uid allowed to call every operation, as root may (repeatable)")
     p.add_argument("--no-root", action="store_true",
                    help="do not implicitly allow uid 0 (for tests)")
     p.add_argument("--docker-host",
@@ -239,8 +242,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
                         format="%(levelname)s %(name)s: %(message)s")
-    uids = allowed_uids(args.allow_user, args.allow_uid, root=not args.no_root)
+    uids = allowed_uids([], args.allow_uid, root=not args.no_root)
+    web = allowed_uids(args.allow_user, args.web_uid, root=False)
     ctx = ops.Context(docker=ops.docker_factory(args.docker_host), os_release=Path(args.os_release))
+    layout = StateLayout(ctx.state_dir)
+    layout.prepare()  # root's folders, refusing any a symlink or another user's
+    dropped = store.drop_legacy_tables(layout)
+    if dropped:
+        log.warning("dropped the unused table(s) %s from state.db (never read)", ", ".join(dropped))
 
     path = Path(args.socket)
     activated = systemd_socket()
@@ -252,26 +261,27 @@ def main(argv: list[str] | None = None) -> int:
             group = pwd.getpwnam(args.allow_user[0]).pw_gid
         sock, owns_path = bind_socket(path, group), True
 
-    server = AgentServer(str(path), ctx, uids, conn_timeout=args.timeout, bind_and_activate=False)
+    server = AgentServer(str(path), ctx, uids, conn_timeout=args.timeout, bind_and_activate=False,
+                         web_uids=web)
     server.socket.close()
     server.socket = sock
     signal.signal(signal.SIGTERM, _terminate)
-    web_user = None
-    if args.allow_user and os.geteuid() == 0:
-        entry = pwd.getpwnam(args.allow_user[0])
-        web_user = (entry.pw_uid, entry.pw_gid)
-    prepare_state_db(ctx.state_dir / "state.db", web_user)
     notify_ready()
     if not args.no_scheduler:  # in the background: operations are served meanwhile
-        _scheduler.start_in_background(ctx)
-    log.info("listening on %s (allowed uids: %s; ops: %s)", path,
-             ",".join(map(str, sorted(uids))), ",".join(sorted(server.registry)))
+        from portal.agent import scheduler
+
+        scheduler.start_in_background(ctx)
+    log.info("listening on %s (root uids: %s; web uids: %s; %d operations, %d for the web)", path,
+             ",".join(map(str, sorted(uids))), ",".join(map(str, sorted(server.web_uids))) or "-",
+             len(server.registry), sum(op.web for op in server.registry.values()))
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
-        _scheduler.shutdown()
+        from portal.agent import scheduler
+
+        scheduler.shutdown()
         server.server_close()
         if owns_path:
             path.unlink(missing_ok=True)

@@ -14,14 +14,10 @@ FolderVolumes: no docker), `backup_stack` (stop/start; False: no stack),
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from portal.agent.jobs import job_kind
-from portal.agent.jobs import start as start_job
-from portal.agent.ops import Context, OpError, operation
+from portal.agent.registry import Context, OpError, privileged
 
 Progress = Callable[[str, str], None]
 
@@ -33,7 +29,7 @@ def refusals() -> Iterator[None]:
     try:
         yield
     except BackupError as exc:
-        raise OpError(exc.code, exc.message) from None
+        raise OpError(exc.code, exc.message, exc.field) from None
 
 
 def env_for(ctx: Context) -> Any:
@@ -50,7 +46,7 @@ def env_for(ctx: Context) -> Any:
                timeout=float(getattr(ctx, "backup_timeout", DEFAULT_TIMEOUT)))
 
 
-@operation("backup_configure")
+@privileged(web=True, timeout=360.0, secret=("key", "secret_access_key", "password"))
 def backup_configure(ctx: Context, target: str, path: str = "", host: str = "", port: int = 0, user: str = "",
                      key: str = "", endpoint: str = "", bucket: str = "", region: str = "",
                      access_key_id: str = "", secret_access_key: str = "", password: str = "") -> dict[str, Any]:
@@ -66,7 +62,7 @@ def backup_configure(ctx: Context, target: str, path: str = "", host: str = "", 
         return configure(env_for(ctx), t, password=password, key=key)
 
 
-@operation("backup_target")
+@privileged(web=True, timeout=10.0)
 def backup_target(ctx: Context) -> dict[str, Any]:
     """The configured target without credentials, or {"target": null}."""
     from portal.backup import BackupError
@@ -79,7 +75,7 @@ def backup_target(ctx: Context) -> dict[str, Any]:
     return {"target": t.public()}
 
 
-@operation("backup_ssh_key")
+@privileged(web=True, timeout=30.0)
 def backup_ssh_key(ctx: Context) -> dict[str, Any]:
     """The appliance's SSH public key for an SFTP target (made by backup_configure), to add
     to the server's authorized_keys; {"ssh_public_key": null} before the first SFTP attempt."""
@@ -95,72 +91,42 @@ def backup_ssh_key(ctx: Context) -> dict[str, Any]:
     return {"ssh_public_key": (pub.stdout.strip() or None) if pub.returncode == 0 else None}
 
 
-@job_kind("backup_run")
-def run_job(ctx: Context, progress: Progress) -> dict[str, Any]:
+@privileged(web=True, job=True, timeout=10.0)
+def backup_run(ctx: Context, progress: Progress) -> dict[str, Any]:
+    """Back up now (a background job; the running one if a backup is already going)."""
     from portal.backup.service import backup
 
     with refusals():
         return backup(env_for(ctx), progress)
 
 
-@job_kind("backup_verify")
-def verify_job(ctx: Context, progress: Progress) -> dict[str, Any]:
+@privileged(web=True, job=True, timeout=10.0)
+def backup_verify(ctx: Context, progress: Progress) -> dict[str, Any]:
+    """Restore the latest snapshot into a scratch folder and compare it with its manifest (a job)."""
     from portal.backup.service import verify
 
     with refusals():
         return verify(env_for(ctx), progress)
 
 
-def _request_path(ctx: Context) -> Any:
-    return ctx.state_dir / "backup-restore-request.json"
-
-
-@job_kind("backup_restore")
-def restore_job(ctx: Context, progress: Progress) -> dict[str, Any]:
-    from portal.backup.service import restore
-
-    try:
-        request = json.loads(_request_path(ctx).read_text())
-    except (OSError, ValueError):
-        raise OpError("bad_args", "snapshot: no restore was requested; use backup_restore(snapshot)") from None
-    _request_path(ctx).unlink(missing_ok=True)
-    with refusals():
-        return restore(env_for(ctx), request.get("snapshot", "latest"), progress)
-
-
-@operation("backup_run")
-def backup_run(ctx: Context) -> dict[str, Any]:
-    """Back up now (a background job; the running one if a backup is already going)."""
-    return start_job(ctx, "backup_run")
-
-
-@operation("backup_verify")
-def backup_verify(ctx: Context) -> dict[str, Any]:
-    """Restore the latest snapshot into a scratch folder and compare it with its manifest (a job)."""
-    return start_job(ctx, "backup_verify")
-
-
-@operation("backup_restore")
-def backup_restore(ctx: Context, snapshot: str = "latest") -> dict[str, Any]:
-    """Replace this appliance's mail, accounts, keys and settings with `snapshot` (a job)."""
+def check_restore(ctx: Context, snapshot: str = "latest") -> dict[str, Any]:
+    """A restore's request, checked before its job starts."""
     from portal.backup.service import check_snapshot_id
 
-    from portal.agent.jobs import latest
+    with refusals():
+        return {"snapshot": check_snapshot_id(snapshot)}
+
+
+@privileged(web=True, job=True, timeout=10.0, check=check_restore)
+def backup_restore(ctx: Context, progress: Progress, snapshot: str = "latest") -> dict[str, Any]:
+    """Replace this appliance's mail, accounts, keys and settings with `snapshot` (a job)."""
+    from portal.backup.service import restore
 
     with refusals():
-        snapshot = check_snapshot_id(snapshot)
-    running = latest(ctx, "backup_restore")
-    if running is not None and running["state"] == "running":
-        return running  # one restore at a time; this request is not queued
-    path = _request_path(ctx)
-    ctx.state_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"snapshot": snapshot}))
-    os.replace(tmp, path)
-    return start_job(ctx, "backup_restore")
+        return restore(env_for(ctx), snapshot, progress)
 
 
-@operation("backup_list")
+@privileged(web=True, timeout=180.0)
 def backup_list(ctx: Context) -> dict[str, Any]:
     """The snapshots in the repository, newest first."""
     from portal.backup.service import snapshots
@@ -169,7 +135,7 @@ def backup_list(ctx: Context) -> dict[str, Any]:
         return {"snapshots": snapshots(env_for(ctx), timeout=120)}
 
 
-@operation("backup_state")
+@privileged(web=True, timeout=10.0)
 def backup_state(ctx: Context) -> dict[str, Any]:
     """The last backup's and the last verification's outcome (backup-state.json)."""
     from portal.backup.service import read_state

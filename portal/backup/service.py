@@ -76,9 +76,9 @@ class Env:
                       give_up=self.give_up)
 
     def settings_table(self) -> dict[str, str]:
-        from portal.stack.store import read_settings_table
+        from portal.core.store import read_settings
 
-        return read_settings_table(self.state_dir / "state.db")
+        return read_settings(self.state_dir)
 
     def project(self) -> str:
         return self.settings_table().get("stack_project", "").strip() or "mailstead"
@@ -358,7 +358,7 @@ class ComposeStack:
             raise BackupError(f"stack: could not stop it: {' '.join(r.stderr.split())[-300:]}", "stack")
 
     def start(self, progress: Progress) -> dict[str, Any]:
-        from portal.agent.ops import OpError
+        from portal.agent.registry import OpError
         from portal.stack.privileged import deploy_stack
 
         try:

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import os
 from dataclasses import replace
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from portal.agent.jobs import job_kind
-from portal.agent.ops import Context, OpError, operation
+from portal.agent.registry import Context, OpError, privileged
+from portal.core import safefs
 from portal.stack.settings import SettingsError, StackSettings
-from portal.stack.store import load_settings, read_settings_table
+from portal.core.store import read_settings
+from portal.stack.store import load_settings
 from portal.certs import CertError
 
 if TYPE_CHECKING:
@@ -38,17 +38,16 @@ def refusals() -> Iterator[None]:
     try:
         yield
     except CertError as exc:
-        invalid = exc.field is not None and exc.message.startswith(exc.field + ":")
-        raise OpError("invalid" if invalid else "cert_failed", exc.message) from None
+        raise OpError(exc.code, exc.message, exc.field) from None
     except SettingsError as exc:
-        raise OpError("invalid", f"{exc.field}: {exc.message}") from None
+        raise OpError("invalid", exc.message, exc.field) from None
 
 
 def _dns_setup(state_dir: Path) -> tuple[Any, list[tuple[str, int]], int]:
     from portal.dns.check import parse_resolvers
     from portal.dns.update import DnsError, load_update_target, parse_port
 
-    values = read_settings_table(state_dir / "state.db")
+    values = read_settings(state_dir)
     try:
         target = load_update_target(state_dir)
         if not values.get("dns_resolvers", "").strip():
@@ -80,7 +79,7 @@ def tlsa_updater(ctx: Context, settings: StackSettings) -> Tlsa | None:
     """When the key changes and `_25._tcp.<mail host>` TLSA is published (which only
     makes sense in a DNSSEC-signed zone), publish the new hash next to the old one
     and wait until every authoritative server has it, before the switch."""
-    values = read_settings_table(ctx.state_dir / "state.db")
+    values = read_settings(ctx.state_dir)
     if not values.get("rfc2136_server"):
         return None
 
@@ -174,67 +173,66 @@ def check_ca_bundle_pem(text: str) -> bytes:
     fix = ("paste the CA's root certificate(s) in PEM form: lines from -----BEGIN CERTIFICATE----- "
            "to -----END CERTIFICATE-----")
     if len(data) > MAX_CA_BUNDLE:
-        raise OpError("invalid", f"acme_ca_bundle_pem: the bundle is larger than {MAX_CA_BUNDLE // 1024} KiB; {fix}")
+        raise OpError("invalid", f"the bundle is larger than {MAX_CA_BUNDLE // 1024} KiB; {fix}", "acme_ca_bundle_pem")
     if b"PRIVATE KEY" in data:
-        raise OpError("invalid", "acme_ca_bundle_pem: this is a private key, which must never leave its server; "
-                                 + fix)
+        raise OpError("invalid", "this is a private key, which must never leave its server; " + fix,
+                      "acme_ca_bundle_pem")
     try:
         certs = x509.load_pem_x509_certificates(data)
     except ValueError:
         certs = []
     if not certs:
-        raise OpError("invalid", f"acme_ca_bundle_pem: no PEM certificate found; {fix}")
+        raise OpError("invalid", f"no PEM certificate found; {fix}", "acme_ca_bundle_pem")
     return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
 
 
+def ca_bundle_path(state_dir: Path) -> Path:
+    """Where a pasted CA bundle is kept: the only file acme_ca_bundle may name."""
+    return Path(state_dir) / CA_BUNDLE_FILE
+
+
 def write_ca_bundle(state_dir: Path, pem: bytes) -> Path:
-    """<state>/acme-ca-bundle.pem (public data: 0644), written whole then renamed."""
-    path = state_dir / CA_BUNDLE_FILE
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(pem)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    """<state>/acme-ca-bundle.pem (public data: 0644), through the safe-write helper."""
+    path = ca_bundle_path(state_dir)
+    safefs.write_bytes(path, pem, 0o644)
     return path
 
 
-@operation("acme_configure")
+@privileged(web=True, timeout=30.0, secret=("ca_bundle_pem",))
 def acme_configure(ctx: Context, directory: str = "letsencrypt", contact: str = "", challenge: str = "http-01",
-                   include_apex: bool = False, reuse_key: bool = False, ca_bundle: str = "",
+                   include_apex: bool = False, reuse_key: bool = False, keep_ca_bundle: bool = False,
                    caa_issuer: str = "", ca_bundle_pem: str = "") -> dict[str, Any]:
     """Check and store the ACME settings (all of them: what is not given gets its default).
     `ca_bundle_pem`: the CA's root certificate(s) as PEM text (a custom CA whose TLS
-    the system does not trust); stored in <state>/acme-ca-bundle.pem and used as
-    `ca_bundle` (it wins over a path given there)."""
-    from portal.web import db
+    the system does not trust), stored in <state>/acme-ca-bundle.pem; `keep_ca_bundle`
+    keeps the one stored before. A CA bundle only ever comes as pasted text: the agent
+    reads no path it is given."""
+    from portal.core import store
     from portal.certs.settings import parse_acme_settings
 
     pem = check_ca_bundle_pem(ca_bundle_pem) if ca_bundle_pem.strip() else None
+    kept = keep_ca_bundle and pem is None and ca_bundle_path(ctx.state_dir).is_file()
     values = {"acme_directory": directory.strip(), "acme_contact": contact.strip(),
               "acme_challenge": challenge.strip().lower(), "acme_include_apex": "1" if include_apex else "0",
-              "acme_reuse_key": "1" if reuse_key else "0", "acme_ca_bundle": "" if pem else ca_bundle.strip(),
+              "acme_reuse_key": "1" if reuse_key else "0",
+              "acme_ca_bundle": str(ca_bundle_path(ctx.state_dir)) if kept else "",
               "acme_caa_issuer": caa_issuer.strip()}
     with refusals():
         stack = load_settings(ctx.state_dir)
-        merged = read_settings_table(ctx.state_dir / "state.db") | values
+        merged = read_settings(ctx.state_dir) | values
         acme = parse_acme_settings(merged, stack.domain, stack.hostname, ctx.state_dir)
     if pem is not None:  # checked above; stored only once every other setting is valid too
         values["acme_ca_bundle"] = str(write_ca_bundle(ctx.state_dir, pem))
         acme = replace(acme, ca_bundle=Path(values["acme_ca_bundle"]))
-    db.write_settings(ctx.state_dir / "state.db", values)
+    store.write_settings(ctx.state_dir, values)
     return {"directory": acme.directory, "names": list(acme.names), "challenge": acme.challenge,
             "contact": acme.contact, "reuse_key": acme.reuse_key, "ca_bundle": str(acme.ca_bundle or "")}
 
 
-@operation("cert_issue")
-def cert_issue(ctx: Context) -> dict[str, Any]:
-    """Get a certificate from the CA now and install it (the old one stays on any failure)."""
-    steps: list[str] = []
-    return {**issue_cert(ctx, _progress(steps)), "steps": steps}
-
-
-@job_kind("cert_issue")
-def issue_cert(ctx: Context, progress: Callable[[str, str], None]) -> dict[str, Any]:
-    """cert_issue with progress (account, order, each challenge, finalize, install, reload)."""
+@privileged(web=True, job=True, timeout=10.0)
+def cert_issue(ctx: Context, progress: Callable[[str, str], None]) -> dict[str, Any]:
+    """Get a certificate from the CA now and install it (the old one stays on any failure);
+    a job, with progress (account, order, each challenge, finalize, install, reload)."""
     from portal.certs.renew import obtain
 
     with refusals():
@@ -245,7 +243,7 @@ def issue_cert(ctx: Context, progress: Callable[[str, str], None]) -> dict[str, 
     return {**result, **switch_stack(ctx)}
 
 
-@operation("cert_renew")
+@privileged(timeout=600.0)
 def cert_renew(ctx: Context, force: bool = False) -> dict[str, Any]:
     """Renew when due (the CA's ARI, else a third of the lifetime left) or when forced;
     failures back off (1 h doubling to 24 h). The scheduler runs this daily."""
@@ -268,16 +266,16 @@ def switch_stack(ctx: Context) -> dict[str, Any]:
     settings = load_settings(ctx.state_dir)  # live/ exists now
     if not redeploy_needed(settings):
         return {"redeployed": False}
-    from portal.stack.privileged import stack_deploy
+    from portal.stack.privileged import deploy_stack
 
     try:
-        deployed = stack_deploy(ctx)
+        deployed = deploy_stack(ctx, lambda _step, _detail: None)
     except OpError as err:  # the certificate is installed; say what is left to do
         return {"redeployed": False, "redeploy_error": f"{err.message}; run `mailstead deploy` to retry"}
     return {"redeployed": True, "deploy": deployed}
 
 
-@operation("cert_status")
+@privileged(web=True, timeout=10.0)
 def cert_status(ctx: Context) -> dict[str, Any]:
     """The certificate being served (the CA's, else the bootstrap one), when it gets
     renewed (offline: the lifetime rule; cert_renew asks the CA's ARI) and the last error."""

@@ -10,7 +10,8 @@ from urllib.parse import urlsplit
 from cryptography import x509
 
 from portal.stack.settings import SettingsError
-from portal.stack.store import load_settings, read_settings_table
+from portal.core.store import read_settings
+from portal.stack.store import load_settings
 from portal.certs import CertError
 
 LETSENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
@@ -58,21 +59,27 @@ def directory_url(value: str) -> str:
     return value
 
 
-def check_ca_bundle(value: str) -> Path | None:
+def check_ca_bundle(value: str, state_dir: Path) -> Path | None:
+    """The stored CA bundle: only the file the agent wrote from pasted text (it reads no
+    other path as root, and says nothing about whether one exists)."""
     if not (value or "").strip():
         return None
-    path = Path(value.strip())
-    fix = "give the path of a PEM file with the CA's root certificate(s), or leave it empty for the system's"
-    if not path.is_absolute():
-        raise CertError(f"acme_ca_bundle: {str(path)[:100]} is not an absolute path; {fix}", "acme_ca_bundle")
+    from portal.core import safefs
+
+    path = Path(state_dir) / "acme-ca-bundle.pem"
+    fix = "paste the CA's root certificate(s) again in the certificate settings"
+    if Path(value.strip()) != path:
+        raise CertError(f"acme_ca_bundle: a CA bundle can only be pasted as text; {fix}", "acme_ca_bundle")
     try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise CertError(f"acme_ca_bundle: cannot read {path}: {err.strerror}; {fix}", "acme_ca_bundle") from None
+        data = safefs.read_bytes(path, 64 * 1024)
+    except (OSError, safefs.UnsafePathError):
+        raise CertError(f"acme_ca_bundle: the stored bundle is missing or unreadable; {fix}",
+                        "acme_ca_bundle") from None
     try:
         x509.load_pem_x509_certificates(data)
     except ValueError:
-        raise CertError(f"acme_ca_bundle: {path} holds no PEM certificate; {fix}", "acme_ca_bundle") from None
+        raise CertError(f"acme_ca_bundle: the stored bundle holds no PEM certificate; {fix}",
+                        "acme_ca_bundle") from None
     return path
 
 
@@ -120,7 +127,7 @@ def parse_acme_settings(values: dict[str, str], domain: str, mail_host: str, sta
         names=acme_names(domain, mail_host, include_apex),
         challenge=challenge,
         contact=check_contact(values.get("acme_contact", "")),
-        ca_bundle=check_ca_bundle(values.get("acme_ca_bundle", "")),
+        ca_bundle=check_ca_bundle(values.get("acme_ca_bundle", ""), state_dir),
         reuse_key=flag(values, "acme_reuse_key"),
         include_apex=include_apex,
         caa_issuer=caa,
@@ -133,5 +140,5 @@ def load_acme_settings(state_dir: Path) -> AcmeSettings:
         stack = load_settings(state_dir)
     except SettingsError as exc:
         raise CertError(f"{exc.field}: {exc.message}", exc.field) from None
-    return parse_acme_settings(read_settings_table(state_dir / "state.db"), stack.domain, stack.hostname,
+    return parse_acme_settings(read_settings(state_dir), stack.domain, stack.hostname,
                                state_dir)

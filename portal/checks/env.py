@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from portal.agent.ops import Context
+from portal.agent.registry import Context
 
 DEFAULT_DNSBL_ZONES = ("zen.spamhaus.org", "bl.spamcop.net", "b.barracudacentral.org")
 
@@ -45,9 +45,9 @@ class CheckEnv:
     @functools.cached_property
     def values(self) -> dict[str, str]:
         """The settings table of state.db (read once per round)."""
-        from portal.stack.store import read_settings_table
+        from portal.core.store import read_settings
 
-        return read_settings_table(self.state_dir / "state.db")
+        return read_settings(self.state_dir)
 
     def stack_settings(self) -> Any:
         """StackSettings, or raises SettingsError naming what setup still lacks."""

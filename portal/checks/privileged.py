@@ -10,7 +10,7 @@ import threading
 import time
 from typing import Any
 
-from portal.agent.ops import Context, OpError, operation
+from portal.agent.registry import Context, OpError, privileged
 
 _round_lock = threading.Lock()  # one round at a time (the scheduler and `mailstead status` may overlap)
 
@@ -43,42 +43,42 @@ def health_round(ctx: Context, alert: bool = True, env: Any = None,
             "alerts": alerts, "seconds": round(seconds, 2)}
 
 
-@operation("health_run")
+@privileged(web=True, timeout=60.0)
 def health_run(ctx: Context, alert: bool = True) -> dict[str, Any]:
     """Run every health check now; record the round and alert on changes of state."""
     return health_round(ctx, alert=alert)
 
 
-@operation("health_history")
+@privileged(web=True, timeout=10.0)
 def health_history(ctx: Context, check: str = "", limit: int = 100) -> dict[str, Any]:
     """The recorded results (newest first) of one check, or of all checks when `check` is empty."""
     from portal.checks import history, load_all
 
     checks = load_all()
     if check and check not in checks:
-        raise OpError("invalid", f"check: unknown check '{check[:40]}'; choose one of {', '.join(checks)}")
+        raise OpError("invalid", f"unknown check '{check[:40]}'; choose one of {', '.join(checks)}", "check")
     if not 1 <= limit <= history.KEEP:
-        raise OpError("invalid", f"limit: give a number from 1 to {history.KEEP}")
+        raise OpError("invalid", f"give a number from 1 to {history.KEEP}", "limit")
     return {"history": history.history(ctx.state_dir, check or None, limit),
             "checks": {cid: title for cid, (title, _f) in checks.items()}}
 
 
-@operation("alerts_configure")
+@privileged(web=True, timeout=10.0)
 def alerts_configure(ctx: Context, webhook_url: str = "", dnsbl_zones: str = "") -> dict[str, Any]:
     """Store the alert webhook (empty: none) and the DNSBL zones (empty: the defaults)."""
-    from portal.web import db
+    from portal.core import store
     from portal.checks.env import DEFAULT_DNSBL_ZONES
     from portal.checks.history import AlertSettingError, check_dnsbl_zones, check_webhook_url
 
     try:
         url, zones = check_webhook_url(webhook_url), check_dnsbl_zones(dnsbl_zones)
     except AlertSettingError as err:
-        raise OpError("invalid", str(err)) from None
-    db.write_settings(ctx.state_dir / "state.db", {"alert_webhook_url": url, "dnsbl_zones": zones})
+        raise OpError("invalid", err.message, err.field) from None
+    store.write_settings(ctx.state_dir, {"alert_webhook_url": url, "dnsbl_zones": zones})
     return {"webhook": bool(url), "dnsbl_zones": (zones or ",".join(DEFAULT_DNSBL_ZONES)).split(",")}
 
 
-@operation("alerts_test")
+@privileged(web=True, timeout=30.0)
 def alerts_test(ctx: Context) -> dict[str, Any]:
     """Send a test alert to the admin (mail) and the webhook; says what happened to each."""
     from portal.checks import history

@@ -24,7 +24,7 @@ def _settings_or_result(env: CheckEnv, cid: str) -> Any:
 
 @check("containers", "Mail services running")
 def containers(env: CheckEnv) -> CheckResult:
-    from portal.agent.ops import OpError
+    from portal.agent.registry import OpError
     from portal.stack.privileged import stack_status
 
     settings = _settings_or_result(env, "containers")

@@ -12,9 +12,8 @@ import ipaddress
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from portal.agent.jobs import job_kind
-from portal.agent.ops import Context, OpError, operation
-from portal.web.db import write_settings
+from portal.agent.registry import Context, OpError, privileged
+from portal.core.store import write_settings
 from portal.stack import dkim
 from portal.dns import DnsError
 
@@ -32,7 +31,7 @@ def refusals() -> Iterator[None]:
     try:
         yield
     except DnsError as exc:
-        raise OpError("invalid" if exc.field else "dns", str(exc)) from None
+        raise OpError("invalid" if exc.field else "dns", exc.message, exc.field) from None
     except dkim.DkimError as exc:
         raise OpError("dkim", str(exc)) from None
 
@@ -54,7 +53,7 @@ def _servers(s: DnsSettings) -> list[tuple[str, str, int]]:
     return authoritative_servers(s.zone, list(s.resolvers), auth_port=s.auth_port)
 
 
-@operation("dns_records")
+@privileged(web=True, timeout=30.0)
 def dns_records(ctx: Context, dnssec: bool = False) -> dict[str, Any]:
     """The expected records, as a BIND fragment and as a table (with notes and the MTA-STS policy)."""
     from portal.dns import records as rec
@@ -68,16 +67,11 @@ def dns_records(ctx: Context, dnssec: bool = False) -> dict[str, Any]:
                 "mta_sts_policy": rec.mta_sts_policy_text(s)}
 
 
-@job_kind("dns_check")
-def check_job(ctx: Context, progress: Callable[[str, str], None]) -> dict[str, Any]:
-    """dns_check as a background job (the wizard's "Check now")."""
+@privileged(web=True, job=True, timeout=10.0)
+def dns_check(ctx: Context, progress: Callable[[str, str], None]) -> dict[str, Any]:
+    """Ask each authoritative server for every expected record (a job: the wizard's
+    "Check now", the dashboard, the daily check)."""
     progress("check", "asking each authoritative server")
-    return dns_check(ctx)
-
-
-@operation("dns_check")
-def dns_check(ctx: Context) -> dict[str, Any]:
-    """Ask each authoritative server for every expected record."""
     from portal.dns import records as rec
     from portal.dns.check import check, detect_dnssec
     from portal.dns.settings import load_dns_settings
@@ -95,7 +89,7 @@ def dns_check(ctx: Context) -> dict[str, Any]:
                 "required_ok": required_ok, "results": [r.as_dict() for r in results]}
 
 
-@operation("dns_push")
+@privileged(web=True, timeout=120.0)
 def dns_push(ctx: Context, dry_run: bool = False) -> dict[str, Any]:
     """Bring the zone's owned rrsets to the expected records with RFC 2136 (dry_run: only the plan)."""
     from portal.dns import records as rec
@@ -104,8 +98,8 @@ def dns_push(ctx: Context, dry_run: bool = False) -> dict[str, Any]:
     with refusals():
         target = load_update_target(ctx.state_dir)
         if target is None:
-            raise OpError("not_configured", "rfc2136_server: DNS updates are not configured; run "
-                                            "dns_configure_push with your DNS provider's server and TSIG key")
+            raise OpError("not_configured", "DNS updates are not configured; run "
+                                            "dns_configure_push with your DNS provider's server and TSIG key", "rfc2136_server")
         s = _settings(ctx)
         changes = push(target, rec.records(s), dry_run=dry_run)
         return {"dry_run": dry_run, "server": f"{target.server}:{target.port}", "zone": target.zone,
@@ -113,7 +107,7 @@ def dns_push(ctx: Context, dry_run: bool = False) -> dict[str, Any]:
                 "changes": [c.as_dict() for c in changes]}
 
 
-@operation("dns_configure_push")
+@privileged(web=True, timeout=30.0, secret=("secret",))
 def dns_configure_push(ctx: Context, server: str, key_name: str, secret: str, algorithm: str = "hmac-sha256",
                        port: int = 53) -> dict[str, Any]:
     """Store the RFC 2136 server and TSIG key (the secret goes to a 0600 file, never back to the caller)."""
@@ -131,11 +125,11 @@ def dns_configure_push(ctx: Context, server: str, key_name: str, secret: str, al
         write_secret(ctx.state_dir, key.secret)
         values = {"rfc2136_server": server, "rfc2136_port": str(port), "rfc2136_key_name": key.name,
                   "rfc2136_algorithm": key.algorithm}
-        write_settings(ctx.state_dir / "state.db", values)
+        write_settings(ctx.state_dir, values)
         return {**values, "secret_file": str(ctx.state_dir / "secrets" / "rfc2136.key")}
 
 
-@operation("net_check")
+@privileged(timeout=60.0)
 def net_check(ctx: Context, smtp_host: str = DEFAULT_SMTP_PROBE, smtp_port: int = 25,
               timeout: float = 5.0) -> dict[str, Any]:
     """Reverse DNS of the public addresses, and whether outbound SMTP gets a greeting."""

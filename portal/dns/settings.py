@@ -112,9 +112,9 @@ def load_dns_settings(state_dir: Path, *, allow_private: bool | None = None,
     loopback, private and TEST-NET addresses as the public ones: for labs and
     tests whose "internet" is a private network, never for a real deployment."""
     from portal.stack.settings import StackSettings
-    from portal.stack.store import read_settings_table
+    from portal.core.store import read_settings
 
-    values = read_settings_table(state_dir / "state.db")
+    values = read_settings(state_dir)
     if allow_private is None:
         allow_private = flag(values, "dns_allow_private")
     if not values.get("domain", "").strip():

@@ -192,9 +192,9 @@ def parse_port(value: str | int | None, field: str, default: int = 53) -> int:
 
 def load_update_target(state_dir: Path) -> UpdateTarget | None:
     """The RFC 2136 target from the settings and the secret file; None if not configured."""
-    from portal.stack.store import read_settings_table
+    from portal.core.store import read_settings
 
-    values = read_settings_table(state_dir / "state.db")
+    values = read_settings(state_dir)
     server = values.get("rfc2136_server", "").strip()
     if not server:
         return None

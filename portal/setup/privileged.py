@@ -19,6 +19,7 @@ Passwords are never logged, returned or put in a progress event.
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
 import shutil
@@ -31,9 +32,9 @@ from email.utils import formatdate, make_msgid
 from pathlib import Path
 from typing import Any
 
-from portal.web import db
-from portal.agent.jobs import job_kind
-from portal.agent.ops import Context, OpError, operation
+from portal.agent.registry import Context, OpError, privileged
+from portal.core import safefs, store
+from portal.core.layout import StateLayout
 from portal.stack import privileged as stack_ops
 from portal.stack.accounts import check_address
 from portal.stack.settings import DEFAULT_PORTS, SERVICES
@@ -68,7 +69,7 @@ def make_mailbox(ctx: Context, address: str, password: str) -> bool:
         accounts = stack_ops.accounts_for(stack_ops.settings_for(ctx))
         if accounts.get_mailbox(address) is not None:
             return False
-    stack_ops.mailbox_create(ctx, address, password)
+    stack_ops.mailbox_create.run(ctx, address, password)
     return True
 
 
@@ -78,10 +79,8 @@ def _stash_path(ctx: Context) -> Path:
 
 def _read_stash(path: Path) -> dict[str, str]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError):
+        data = safefs.read_json(path, {})
+    except (OSError, ValueError, safefs.UnsafePathError):
         raise OpError("internal", f"{path} is unreadable; remove it and enter the administrator "
                                   f"password again in the Admin step") from None
     return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
@@ -89,16 +88,10 @@ def _read_stash(path: Path) -> dict[str, str]:
 
 def _write_stash(path: Path, pending: dict[str, str]) -> None:
     if not pending:
-        path.unlink(missing_ok=True)
+        safefs.remove(path)
         return
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(pending, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    safefs.ensure_dir(path.parent, 0o700)
+    safefs.write_json(path, pending, 0o600)
 
 
 def create_pending_mailboxes(ctx: Context, progress: Progress) -> list[str]:
@@ -120,12 +113,12 @@ def create_pending_mailboxes(ctx: Context, progress: Progress) -> list[str]:
     return made
 
 
-@job_kind("setup_deploy")
+@privileged(web=True, job=True, timeout=10.0)
 def setup_deploy(ctx: Context, progress: Progress) -> dict[str, Any]:
     """The wizard's Deploy: stack up (per-service progress), admin mailbox(es), stack_deployed=1."""
     result = deploy_stack(ctx, progress)
     mailboxes = create_pending_mailboxes(ctx, progress)
-    db.write_settings(ctx.state_dir / "state.db", {"stack_deployed": "1"})
+    store.write_settings(ctx.state_dir, {"stack_deployed": "1"})
     progress("done", "the mail server is running")
     return {**result, "mailboxes": mailboxes, "stack_deployed": True}
 
@@ -146,7 +139,7 @@ def _hosted(ctx: Context, settings: Any, address: str) -> bool:
     return domain in accounts.domains()
 
 
-@operation("send_test_message")
+@privileged(web=True, timeout=60.0)
 def send_test_message(ctx: Context, to: str) -> dict[str, Any]:
     """Submit a test message from postmaster@<domain> to `to` (an address of a hosted
     domain) through the local postfix; says whether postfix accepted it."""
@@ -154,8 +147,8 @@ def send_test_message(ctx: Context, to: str) -> dict[str, Any]:
         settings = stack_ops.settings_for(ctx)
         to = check_address(to, "to")
         if not _hosted(ctx, settings, to):
-            raise OpError("invalid", f"to: {to} is not in a domain of this server; send the test "
-                                     f"to your own mailbox, such as postmaster@{settings.domain}")
+            raise OpError("invalid", f"{to} is not in a domain of this server; send the test "
+                                     f"to your own mailbox, such as postmaster@{settings.domain}", "to")
     sender = f"postmaster@{settings.domain}"
     msg = EmailMessage()
     msg["From"] = f"Mailstead <{sender}>"
@@ -171,8 +164,8 @@ def send_test_message(ctx: Context, to: str) -> dict[str, Any]:
             smtp.send_message(msg, from_addr=sender, to_addrs=[to])
     except smtplib.SMTPRecipientsRefused as err:
         code, reply = next(iter(err.recipients.values()))
-        raise OpError("invalid", f"to: the mail server refused {to} ({code} "
-                                 f"{_reply(reply)}); is it a mailbox or alias here?") from None
+        raise OpError("invalid", f"the mail server refused {to} ({code} "
+                                 f"{_reply(reply)}); is it a mailbox or alias here?", "to") from None
     except smtplib.SMTPResponseException as err:
         raise OpError("smtp", f"the mail server refused the message ({err.smtp_code} "
                               f"{_reply(err.smtp_error)})") from None
@@ -191,29 +184,14 @@ def _reply(value: bytes | str) -> str:
     return " ".join(text.split())[:200]
 
 
-# -- finishing setup -----------------------------------------------------------------------
-
-@operation("setup_finish")
-def setup_finish(ctx: Context) -> dict[str, Any]:
-    """End setup for good: setup_complete=1, and the setup token file deleted."""
-    state_db = ctx.state_dir / "state.db"
-    if db.read_setting(state_db, "stack_deployed") != "1":
-        raise OpError("not_ready", "the mail server has not been deployed yet; press Deploy first")
-    db.write_settings(state_db, {"setup_complete": "1"})
-    token = ctx.state_dir / "setup-token"
-    existed = token.exists()
-    token.unlink(missing_ok=True)
-    return {"setup_complete": True, "token_deleted": existed}
-
-
-# -- restoring onto a fresh appliance (the wizard's "Restore from a backup") ------------------
+# -- the wizard's state (the web asks; only the agent writes) --------------------------------
 
 RESTORE_JOB = "setup_restore"
-TRUE_VALUES = {"1", "true", "yes"}
+WIZARD_STEPS = ("domain", "admin", "dns", "certs", "deploy")
 
 
 def setup_is_complete(ctx: Context) -> bool:
-    return (db.read_setting(ctx.state_dir / "state.db", "setup_complete") or "").strip().lower() in TRUE_VALUES
+    return store.read_setting(ctx.state_dir, "setup_complete") == "1"
 
 
 def _refuse_after_setup(ctx: Context) -> None:
@@ -222,27 +200,151 @@ def _refuse_after_setup(ctx: Context) -> None:
                                    "(Backups), not from the setup wizard")
 
 
-@operation("setup_restore")
-def setup_restore(ctx: Context, snapshot: str = "latest") -> dict[str, Any]:
-    """The wizard's restore of `snapshot` (a job, watched with job_status). The backup
-    target must be configured first (backup_configure with the recovery sheet's password).
-    Refused once setup is complete."""
-    from portal.agent.jobs import latest, start
-    from portal.backup import privileged as backup_ops
-    from portal.backup.service import check_snapshot_id
+def _refuse_wizard_after_setup(ctx: Context) -> None:
+    if setup_is_complete(ctx) or StateLayout(ctx.state_dir).setup_finished.exists():
+        raise OpError("forbidden", "setup is finished: change this in the dashboard, not in the setup wizard")
+
+
+@privileged(web=True, timeout=5.0, secret=("session",))
+def portal_state(ctx: Context, session: str = "") -> dict[str, Any]:
+    """What the portal's pages show and route by: the settings (no secrets are settings),
+    the wizard steps done, whether setup is complete, and whether the browser's admin
+    `session` id is a live session (signing out ends it on the server). Read by the web
+    process once per request instead of opening state.db."""
+    from portal.admin.privileged import session_valid
+    from portal.core.settings import SETTINGS
+
+    values = store.read_settings(ctx.state_dir)
+    return {"settings": {k: v for k, v in values.items() if SETTINGS[k].public},
+            "done_steps": sorted(store.done_steps(ctx.state_dir)),
+            "setup_complete": values.get("setup_complete") == "1",
+            "session_valid": session_valid(ctx, session) if session else False}
+
+
+@privileged(web=True, timeout=5.0, secret=("token",))
+def setup_token_check(ctx: Context, token: str) -> dict[str, Any]:
+    """Whether `token` is the setup token (constant time). The web never reads the token
+    file: it asks here. Refused once setup is finished."""
+    layout = StateLayout(ctx.state_dir)
+    if setup_is_complete(ctx) or layout.setup_finished.exists():
+        raise OpError("finished", "setup is finished: sign in to the dashboard with the administrator account")
+    try:
+        expected = safefs.read_text(layout.setup_token, 4096).strip()
+    except FileNotFoundError:
+        raise OpError("no_token", "the setup token has not been made yet: mailstead-firstboot has not run. "
+                                  "Wait for the appliance to finish booting, or run “systemctl start "
+                                  "mailstead-firstboot” as root, then reload this page.") from None
+    except (OSError, UnicodeDecodeError, safefs.UnsafePathError):
+        raise OpError("no_token", "the setup token file is unreadable; as root, run “systemctl restart "
+                                  "mailstead-firstboot”") from None
+    if not expected:
+        raise OpError("no_token", "the setup token file is empty; as root, remove it and run "
+                                  "“systemctl restart mailstead-firstboot”")
+    given = token.strip().encode("utf-8", "replace")
+    return {"ok": hmac.compare_digest(given, expected.encode("utf-8"))}
+
+
+@privileged(web=True, timeout=10.0)
+def wizard_domain(ctx: Context, domain: str, mail_host: str = "", public_ipv4: str = "",
+                  public_ipv6: str = "", dns_resolvers: str = "") -> dict[str, Any]:
+    """The Domain step: the mail domain, the mail host name (default mail.<domain>), the
+    public addresses (global ones only, unless dns_allow_private is set) and the resolvers.
+    Names are stored in their ASCII (punycode) form."""
+    from portal.dns import DnsError
+    from portal.dns.check import parse_resolvers
+    from portal.dns.names import normalize_domain
+    from portal.dns.settings import check_ip
+
+    _refuse_wizard_after_setup(ctx)
+    allow_private = store.read_setting(ctx.state_dir, "dns_allow_private") == "1"
+    try:
+        name = normalize_domain(domain, "domain").ascii
+        host = normalize_domain(mail_host.strip() or f"mail.{name}", "mail_host").ascii
+        v4 = check_ip(public_ipv4, 4, "public_ipv4", allow_private)
+        if v4 is None:
+            raise DnsError("enter this server's public IPv4 address, e.g. 203.0.113.10", "public_ipv4")
+        v6 = check_ip(public_ipv6, 6, "public_ipv6", allow_private) or ""
+        resolvers = parse_resolvers(dns_resolvers, "dns_resolvers")
+    except DnsError as exc:
+        raise OpError("invalid", exc.message, exc.field) from None
+    values = {"domain": name, "mail_host": host, "public_ipv4": v4, "public_ipv6": v6,
+              "dns_resolvers": ", ".join(h if p == 53 else (f"[{h}]:{p}" if ":" in h else f"{h}:{p}")
+                                         for h, p in resolvers)}
+    store.mark_done(ctx.state_dir, "domain", values)
+    return values
+
+
+@privileged(web=True, timeout=10.0)
+def wizard_admin_done(ctx: Context) -> dict[str, Any]:
+    """The Admin step is done once the administrator exists (the owner saved the codes)."""
+    from portal.admin.privileged import admin_status
+
+    _refuse_wizard_after_setup(ctx)
+    if not admin_status.run(ctx).get("configured"):
+        raise OpError("not_ready", "create the administrator account first")
+    store.mark_done(ctx.state_dir, "admin")
+    return {"done": True}
+
+
+@privileged(web=True, timeout=10.0)
+def wizard_dns_done(ctx: Context, accept_problems: bool = False) -> dict[str, Any]:
+    """The DNS step: done when the latest check found every record, or when the owner
+    accepts the problems it listed (ticked the box)."""
+    from portal.agent.jobs import latest
+
+    _refuse_wizard_after_setup(ctx)
+    job = latest(ctx, "dns_check")
+    result = (job or {}).get("result") if (job or {}).get("state") == "done" else None
+    ok = isinstance(result, dict) and all(r.get("verdict") == "ok" for r in result.get("results") or [])
+    if not ok and not accept_problems:
+        raise OpError("invalid", "tick this box to continue with the problems listed above, or fix them and "
+                                 "check again", "accept_problems")
+    status = "ok" if ok else "problems"
+    store.mark_done(ctx.state_dir, "dns", {"dns_status": status})
+    return {"dns_status": status}
+
+
+@privileged(web=True, timeout=15.0)
+def wizard_certs_done(ctx: Context, choice: str) -> dict[str, Any]:
+    """The Certificates step: "ca" once a CA's certificate is installed, or "self-signed"."""
+    _refuse_wizard_after_setup(ctx)
+    if choice not in ("ca", "self-signed"):
+        raise OpError("invalid", "choose ca or self-signed", "choice")
+    if choice == "ca" and not (StateLayout(ctx.state_dir).tls / "live" / "fullchain.pem").exists():
+        raise OpError("not_ready", "no certificate from a CA is installed yet: get one above, or continue with "
+                                   "the self-signed certificate")
+    store.mark_done(ctx.state_dir, "certs", {"cert_choice": choice})
+    return {"cert_choice": choice}
+
+
+# -- finishing setup -----------------------------------------------------------------------
+
+def _forget_token(ctx: Context) -> bool:
+    """Setup is finished for good: the marker (no token is ever made again, whatever
+    the settings say later) and the token deleted."""
+    layout = StateLayout(ctx.state_dir)
+    safefs.write_new(layout.setup_finished, b"setup finished\n", 0o644)
+    return safefs.remove(layout.setup_token)
+
+
+@privileged(web=True, timeout=10.0)
+def setup_finish(ctx: Context) -> dict[str, Any]:
+    """End setup for good: setup_complete=1, the deploy step done, the setup token deleted
+    and never made again."""
+    if store.read_setting(ctx.state_dir, "stack_deployed") != "1":
+        raise OpError("not_ready", "the mail server has not been deployed yet; press Deploy first")
+    store.mark_done(ctx.state_dir, "deploy", {"setup_complete": "1"})
+    existed = _forget_token(ctx)
+    return {"setup_complete": True, "token_deleted": existed}
+
+
+# -- restoring onto a fresh appliance (the wizard's "Restore from a backup") ------------------
+
+def check_setup_restore(ctx: Context, snapshot: str = "latest") -> dict[str, Any]:
+    from portal.backup.privileged import check_restore
 
     _refuse_after_setup(ctx)
-    with backup_ops.refusals():
-        snapshot = check_snapshot_id(snapshot)
-    running = latest(ctx, RESTORE_JOB)
-    if running is not None and running["state"] == "running":
-        return running  # one restore at a time; this request is not queued
-    path = backup_ops._request_path(ctx)  # the request the backup's restore job reads
-    ctx.state_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"snapshot": snapshot}))
-    os.replace(tmp, path)
-    return start(ctx, RESTORE_JOB)
+    return check_restore(ctx, snapshot)
 
 
 def restored_summary(state_dir: Path) -> dict[str, Any]:
@@ -273,22 +375,24 @@ def restored_summary(state_dir: Path) -> dict[str, Any]:
             "certificate": (state_dir / "tls" / "live").exists() or (state_dir / "tls" / "cert.pem").exists()}
 
 
-@job_kind(RESTORE_JOB)
-def setup_restore_job(ctx: Context, progress: Progress) -> dict[str, Any]:
-    """The backup's restore job, then the end of setup when the restored state says it is
-    complete: the setup token is deleted (also when the restored stack failed to start,
-    since the portal is then the dashboard already)."""
-    from portal.backup.privileged import restore_job
+@privileged(web=True, job=True, timeout=10.0, check=check_setup_restore)
+def setup_restore(ctx: Context, progress: Progress, snapshot: str = "latest") -> dict[str, Any]:
+    """The wizard's restore of `snapshot` (a job, watched with job_status). The backup
+    target must be configured first (backup_configure with the recovery sheet's password).
+    Refused once setup is complete. When the restored state says setup is complete, the
+    setup token is deleted (also when the restored stack failed to start, since the
+    portal is then the dashboard already)."""
+    from portal.backup.privileged import backup_restore
 
     _refuse_after_setup(ctx)
-    token = ctx.state_dir / "setup-token"
+    token = StateLayout(ctx.state_dir).setup_token
     try:
-        result = restore_job(ctx, progress)
+        result = backup_restore.run(ctx, progress=progress, snapshot=snapshot)
     finally:
         complete = setup_is_complete(ctx)
         existed = complete and token.exists()
         if complete:
-            token.unlink(missing_ok=True)
+            _forget_token(ctx)
             progress("setup", "setup is complete (from the backup): the setup token is deleted")
     if not complete:
         progress("setup", "the backup was made before setup was finished: continue in the setup wizard")
@@ -315,7 +419,7 @@ def meminfo(path: Path = Path("/proc/meminfo")) -> dict[str, int]:
     return out
 
 
-@operation("system_status")
+@privileged(web=True, timeout=10.0)
 def system_status(ctx: Context) -> dict[str, Any]:
     """Free space of the state directory's file system, memory, load and uptime."""
     out: dict[str, Any] = {}
@@ -337,13 +441,13 @@ def system_status(ctx: Context) -> dict[str, Any]:
     return out
 
 
-@operation("stack_logs")
+@privileged(web=True, timeout=20.0)
 def stack_logs(ctx: Context, service: str, lines: int = 100) -> dict[str, Any]:
     """The last `lines` (1 to 500) lines of a service's container log, with timestamps."""
     if service not in SERVICES:
-        raise OpError("invalid", f"service: choose one of {', '.join(SERVICES)}")
+        raise OpError("invalid", f"choose one of {', '.join(SERVICES)}", "service")
     if lines < 1:
-        raise OpError("invalid", f"lines: must be between 1 and {MAX_LOG_LINES}")
+        raise OpError("invalid", f"must be between 1 and {MAX_LOG_LINES}", "lines")
     lines = min(lines, MAX_LOG_LINES)
     with stack_ops.refusals():
         settings = stack_ops.settings_for(ctx)
@@ -352,7 +456,7 @@ def stack_logs(ctx: Context, service: str, lines: int = 100) -> dict[str, Any]:
         found = client.containers.list(all=True, filters={"label": [
             f"com.docker.compose.project={settings.project}", f"com.docker.compose.service={service}"]})
         if not found:
-            raise OpError("not_found", f"service: there is no {service} container yet; deploy the stack first")
+            raise OpError("not_found", f"there is no {service} container yet; deploy the stack first", "service")
         container = found[0]
         raw = container.logs(tail=lines, timestamps=True)
     except OpError:

@@ -1,4 +1,4 @@
-"""The agent's mail stack operations: load images, deploy, status, mailboxes, aliases.
+"""The agent's mail stack operations: load images, deploy, status, mailboxes, aliases, upgrades.
 
 Each is a thin call into portal.stack; the web process, the CLI and the
 scheduler use the same operations. Passwords arrive as arguments and are
@@ -8,20 +8,22 @@ never logged or returned.
 from __future__ import annotations
 
 import contextlib
+import json
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
-from portal.agent.jobs import job_kind
-from portal.agent.ops import Context, OpError, operation
+from portal.agent.registry import Context, OpError, privileged
 from portal.stack import deploy as deploy_mod
 from portal.stack.accounts import AccountError, Accounts, MailboxKeys
 from portal.stack.images import ImageError, load_images, loaded_images
 from portal.stack.pins import present, read_pin, write_pin
 from portal.stack.settings import SettingsError, StackSettings
 from portal.stack.store import load_settings
+
+Progress = Callable[[str, str], None]
 
 
 @contextlib.contextmanager
@@ -30,7 +32,7 @@ def refusals() -> Iterator[None]:
     try:
         yield
     except (AccountError, SettingsError) as exc:
-        raise OpError("invalid", f"{exc.field}: {exc.message}") from None
+        raise OpError("invalid", exc.message, exc.field) from None
     except ImageError as exc:
         raise OpError("images", str(exc)) from None
     except deploy_mod.DeployError as exc:
@@ -61,7 +63,7 @@ def accounts_for(settings: StackSettings) -> Accounts:
     return accounts
 
 
-@operation("stack_load_images")
+@privileged(timeout=1800.0)
 def stack_load_images(ctx: Context) -> dict[str, Any]:
     """Load the preloaded images into docker (idempotent; run in the background at boot)."""
     start = time.monotonic()
@@ -75,13 +77,15 @@ def stack_load_images(ctx: Context) -> dict[str, Any]:
     return {"images": ids, "seconds": round(time.monotonic() - start, 1)}
 
 
-@operation("stack_deploy")
-def stack_deploy(ctx: Context, timeout: int = 900) -> dict[str, Any]:
-    """Render the stack from the saved settings and bring it up (rolls back on failure)."""
-    return deploy_stack(ctx, lambda _step, _detail: None, timeout)
+@privileged(web=True, job=True, timeout=30.0)
+def stack_deploy(ctx: Context, progress: Callable[[str, str], None], timeout: int = 900) -> dict[str, Any]:
+    """Render the stack from the saved settings and bring it up (rolls back on failure);
+    a job, with per-service progress."""
+    if not 60 <= timeout <= 3600:
+        raise OpError("invalid", "give a number of seconds from 60 to 3600", "timeout")
+    return deploy_stack(ctx, progress, timeout)
 
 
-@job_kind("stack_deploy")
 def deploy_stack(ctx: Context, progress: Callable[[str, str], None], timeout: int = 900) -> dict[str, Any]:
     """stack_deploy with progress: ("images", ...), then per service ("postfix", "healthy"), ..."""
     from portal.stack.dkim import ensure_keys
@@ -141,7 +145,7 @@ def publish_web(ctx: Context, settings: StackSettings) -> list[str]:
     return [str(p) for p in changed]
 
 
-@operation("stack_status")
+@privileged(web=True, timeout=10.0)
 def stack_status(ctx: Context) -> dict[str, Any]:
     """Each service's container state and health, and which images are loaded."""
     with refusals():
@@ -193,56 +197,147 @@ def _with_accounts(ctx: Context, fn: Callable[[Accounts, MailboxKeys], Any]) -> 
         keys.close()
 
 
-@operation("mailbox_list")
+@privileged(web=True, timeout=10.0)
 def mailbox_list(ctx: Context) -> dict[str, Any]:
     with refusals():
         accounts = accounts_for(settings_for(ctx))
         return {"mailboxes": accounts.list_mailboxes(), "aliases": accounts.list_aliases()}
 
 
-@operation("mailbox_create")
+@privileged(web=True, timeout=60.0, secret=("password",))
 def mailbox_create(ctx: Context, address: str, password: str, quota_mb: int = 0) -> dict[str, Any]:
     _with_accounts(ctx, lambda a, k: a.create_mailbox(address, password, quota_mb, keys=k))
     return {"created": address.lower()}
 
 
-@operation("mailbox_delete")
+@privileged(web=True, timeout=60.0)
 def mailbox_delete(ctx: Context, address: str) -> dict[str, Any]:
     return _with_accounts(ctx, lambda a, k: a.delete_mailbox(address, k))
 
 
-@operation("mailbox_rename")
+@privileged(web=True, timeout=60.0)
 def mailbox_rename(ctx: Context, address: str, new_address: str) -> dict[str, Any]:
     return _with_accounts(ctx, lambda a, k: a.rename_mailbox(address, new_address, k))
 
 
-@operation("mailbox_password")
+@privileged(web=True, timeout=60.0, secret=("old_password", "new_password"))
 def mailbox_password(ctx: Context, address: str, old_password: str, new_password: str) -> dict[str, Any]:
     _with_accounts(ctx, lambda a, k: a.change_password(address, old_password, new_password, k))
     return {"changed": address.lower()}
 
 
-@operation("mailbox_reset_password")
+@privileged(web=True, timeout=60.0, secret=("new_password",))
 def mailbox_reset_password(ctx: Context, address: str, new_password: str) -> dict[str, Any]:
     """For a forgotten password: new keys, so mail stored until now can no longer be read."""
     _with_accounts(ctx, lambda a, k: a.reset_password(address, new_password, k))
     return {"reset": address.lower()}
 
 
-@operation("mailbox_quota")
+@privileged(web=True, timeout=30.0)
 def mailbox_quota(ctx: Context, address: str, quota_mb: int) -> dict[str, Any]:
     with refusals():
         return accounts_for(settings_for(ctx)).set_quota(address, quota_mb)
 
 
-@operation("alias_add")
+@privileged(web=True, timeout=30.0)
 def alias_add(ctx: Context, source: str, destination: str) -> dict[str, Any]:
     with refusals():
         return accounts_for(settings_for(ctx)).add_alias(source, destination)
 
 
-@operation("alias_remove")
+@privileged(web=True, timeout=30.0)
 def alias_remove(ctx: Context, source: str, destination: str) -> dict[str, Any]:
     with refusals():
         accounts_for(settings_for(ctx)).remove_alias(source, destination)
     return {"removed": {"source": source.lower(), "destination": destination.lower()}}
+
+
+# -- upgrades ---------------------------------------------------------------------------------
+# upgrade_run refuses at once what can be refused (nothing newer, no backup target
+# without `without_backup`, a bad source folder), then starts its background job and
+# returns it. The scheduler's weekly `upgrade_check` starts the same job when the
+# owner opted in (setting `upgrade_auto` = "1"), never without a backup target.
+
+@contextlib.contextmanager
+def upgrade_refusals() -> Iterator[None]:
+    from portal.stack.upgrade import UpgradeError
+
+    try:
+        yield
+    except UpgradeError as exc:
+        raise OpError(exc.code, exc.message, exc.field) from None
+
+
+def check_upgrade(ctx: Context, source: str = "", force: bool = False, without_backup: bool = False,
+                  timeout: int = 900) -> dict[str, Any]:
+    """What can be refused at once (nothing newer, no backup target without
+    `without_backup`, a bad source folder, a bad timeout) is refused before the job starts."""
+    from portal.stack.upgrade import plan
+
+    if len(source) > 4096 or "\x00" in source:
+        raise OpError("invalid", "give an absolute path to a folder of image tars", "source")
+    if not 60 <= timeout <= 3600:
+        raise OpError("invalid", "give a number of seconds from 60 to 3600", "timeout")
+    with upgrade_refusals():
+        plan(ctx, source, force, without_backup)
+    return {}
+
+
+@privileged(job=True, timeout=60.0, check=check_upgrade)
+def upgrade_run(ctx: Context, progress: Progress, source: str = "", force: bool = False,
+                without_backup: bool = False, timeout: int = 900) -> dict[str, Any]:
+    """Upgrade the stack to the images in `source` (an absolute folder under a root-only
+    place; default: those this appliance ships): load, back up, redeploy, health-check,
+    roll back on failure. A background job. `force` reinstalls a version that is not newer;
+    `without_backup` upgrades when no backup target is configured; `timeout`: seconds
+    the new stack may take to become healthy."""
+    from portal.stack.upgrade import run
+
+    with upgrade_refusals():
+        return run(ctx, progress, source=source, force=force, without_backup=without_backup,
+                   timeout=float(timeout), health_wait=float(getattr(ctx, "upgrade_health_wait", 120)))
+
+
+@privileged(timeout=120.0)
+def upgrade_check(ctx: Context) -> dict[str, Any]:
+    """The stack's version against the images this appliance ships: {current, available,
+    upgrade_available, auto, message}. With upgrade_auto on and an upgrade available,
+    starts it (the result's `job`, or `auto_refused` saying why not)."""
+    from portal.core.store import read_settings
+    from portal.stack.upgrade import check
+
+    out = check(ctx)
+    out["auto"] = read_settings(ctx.state_dir).get("upgrade_auto", "").strip() == "1"
+    if out["auto"] and out["upgrade_available"]:
+        try:
+            out["job"] = upgrade_run.start(ctx)
+        except OpError as err:
+            out["auto_refused"] = err.message
+    return out
+
+
+@privileged(web=True, timeout=10.0)
+def upgrade_state(ctx: Context) -> dict[str, Any]:
+    """The last check's and the last upgrade's outcome (upgrade-state.json), the pinned
+    version and image IDs, and the kept previous version (for the dashboard)."""
+    from portal.stack.pins import read_pin
+    from portal.stack.upgrade import previous_dir, read_state
+
+    pin = read_pin(ctx.state_dir)
+    out = read_state(ctx.state_dir)
+    out["pinned"] = pin.public() if pin else None
+    try:
+        out["previous"] = json.loads((previous_dir(ctx.state_dir) / "pin.json").read_text())
+    except (OSError, ValueError):
+        out["previous"] = None
+    return out
+
+
+@privileged(timeout=10.0)
+def upgrade_configure(ctx: Context, auto: bool) -> dict[str, Any]:
+    """Opt in (auto=True) or out of applying an available upgrade at the weekly check
+    (it always backs up first, so it needs a backup target)."""
+    from portal.core import store
+
+    store.write_settings(ctx.state_dir, {"upgrade_auto": "1" if auto else "0"})
+    return {"auto": auto}

@@ -1,31 +1,20 @@
-"""Read the stack's settings from state.db (written by the wizard and dashboard)."""
+"""The stack's settings from state.db, checked again where they are used."""
 
 from __future__ import annotations
 
 import json
-import sqlite3
 from pathlib import Path
+
+from portal.core.store import read_settings
 
 from portal.stack.accounts import check_domain
 from portal.stack.settings import SettingsError, StackSettings
 
 
-def read_settings_table(db_path: Path) -> dict[str, str]:
-    if not db_path.exists():
-        return {}
-    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)
-    try:
-        rows = conn.execute("SELECT key, value FROM settings").fetchall()
-    except sqlite3.OperationalError:  # no settings table yet
-        rows = []
-    finally:
-        conn.close()
-    return dict(rows)
-
-
 def load_settings(state_dir: Path) -> StackSettings:
-    """StackSettings from state.db; names the missing setting if setup is not that far."""
-    values = read_settings_table(state_dir / "state.db")
+    """StackSettings from state.db; names the missing setting if setup is not that far,
+    and refuses (naming it) a stored value that does not pass its check."""
+    values = read_settings(state_dir, strict=True)
     domain = values.get("domain", "").strip()
     if not domain:
         raise SettingsError("domain", "is not set yet; finish the Domain step of the setup wizard first")

@@ -22,7 +22,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     from flask import Flask
     from werkzeug.middleware.proxy_fix import ProxyFix
 
-    from portal.web import jobs as agentweb, config as config_mod, db, errors, security, wizard
+    from portal.web import config as config_mod, errors, security, wizard
+    from portal.web import jobs as agentweb
     from portal.web import auth
     from portal.web.token import bp as setup_bp, register_rate_limit
     from portal.web.restore import bp as restore_bp
@@ -39,7 +40,6 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     # nginx terminates TLS in front of gunicorn and sets X-Forwarded-For/-Proto.
     app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1)  # type: ignore[method-assign]
 
-    db.init_app(app)
     security.init_app(app)
     errors.init_app(app)
 

@@ -18,12 +18,12 @@ from flask import (Blueprint, Flask, current_app, flash, get_flashed_messages, j
                    render_template, request, session, url_for)
 from flask.typing import ResponseReturnValue
 from flask_wtf import FlaskForm
-from wtforms import PasswordField, StringField
+from wtforms import BooleanField, PasswordField, StringField
 from wtforms.validators import ValidationError
 
-from portal.web import db, security, wizard
+from portal.web import state, security, wizard
 from portal.agent.client import AgentError
-from portal.web.jobs import call
+from portal.admin import privileged as admin_ops
 
 IDLE_TIMEOUT = 15 * 60
 ABSOLUTE_TIMEOUT = 8 * 60 * 60
@@ -45,7 +45,7 @@ bp = Blueprint("auth", __name__)
 
 
 def setup_complete() -> bool:
-    return (db.get_setting("setup_complete") or "").strip().lower() in TRUE_VALUES
+    return state.setup_complete()
 
 
 def now() -> float:
@@ -56,6 +56,8 @@ def session_problem(t: float) -> str | None:
     """Why the current session is not a valid admin session (None if it is)."""
     if not session.get("admin"):
         return "Sign in to continue."
+    if not state.session_valid():
+        return "You were signed out (on this or another device); sign in again."
     try:
         auth_at, seen = float(session.get("auth_at", 0)), float(session.get("seen", 0))
     except (TypeError, ValueError):
@@ -168,7 +170,7 @@ class LoginForm(FlaskForm):
 
 
 class LogoutForm(FlaskForm):
-    pass
+    everywhere = BooleanField("Sign out everywhere (every browser and device)")
 
 
 @bp.route("/login", methods=["GET", "POST"])
@@ -186,8 +188,8 @@ def login() -> ResponseReturnValue:
     status = 200
     if form.validate_on_submit():
         try:
-            result = call("admin_login", address=form.address.data, password=form.password.data,
-                          code=form.code.data)
+            result = admin_ops.admin_login(address=form.address.data, password=form.password.data,
+                                           code=form.code.data, client=request.remote_addr or "")
         except AgentError as err:
             current_app.logger.warning("admin sign-in refused (%s)", err.code)
             error = err.message
@@ -199,6 +201,8 @@ def login() -> ResponseReturnValue:
             security.rotate_csrf()
             t = now()
             session["admin"] = result["address"]
+            session["sid"] = result["session"]
+            state.forget()
             session["auth_at"] = t
             session["seen"] = t
             session.permanent = True
@@ -214,7 +218,13 @@ def login() -> ResponseReturnValue:
 @bp.post("/logout")
 def logout() -> ResponseReturnValue:
     # CSRFProtect has checked the token; the gate has checked the session.
+    form = LogoutForm()
+    everywhere = bool(form.everywhere.data)
+    try:  # ended on the server too: a copy of the cookie no longer works
+        admin_ops.admin_logout(session=str(session.get("sid") or ""), everywhere=everywhere)
+    except AgentError as err:
+        current_app.logger.warning("sign-out: the agent did not answer (%s)", err.code)
     session.clear()
     security.rotate_csrf()
-    flash("You are signed out.", "info")
+    flash("You are signed out everywhere." if everywhere else "You are signed out.", "info")
     return redirect(url_for("auth.login"), code=303)

@@ -18,11 +18,13 @@ from flask import Response, request, session
 from flask_wtf import FlaskForm
 from wtforms import StringField
 
-from portal.web import jobs as agentweb, db
+from portal.web import state
+from portal.web.jobs import show_error
 from portal.agent.client import AgentError
 from portal.stack.accounts import AccountError, check_address
 from portal.stack.settings import DEFAULT_PORTS, SettingsError, StackSettings
 from portal.stack.web import dav_url
+from portal.setup import privileged as setup_ops
 
 MOBILECONFIG_TYPE = "application/x-apple-aspen-config"
 # uuid5 namespace of Mailstead's profile payloads (a fixed, random UUID).
@@ -170,7 +172,7 @@ def profile_download() -> tuple[Response | None, ProfileForm]:
     if problem:
         form.address.errors = [problem]
         return None, form
-    settings = stack_settings(db.get_settings())
+    settings = stack_settings(state.settings())
     body = mobileconfig(settings, check_address(address) if address else "")
     response = Response(body, mimetype=MOBILECONFIG_TYPE)
     response.headers["Content-Disposition"] = f'attachment; filename="mailstead-{settings.domain}.mobileconfig"'
@@ -189,9 +191,9 @@ def send_test(form: SendTestForm) -> tuple[str | None, str | None]:
         form.to.errors = [problem]
         return None, None
     try:
-        result = agentweb.call("send_test_message", to=to, timeout=60)
+        result = setup_ops.send_test_message(to=to)
     except AgentError as err:
-        return None, agentweb.show_error(form, err)
+        return None, show_error(form, err)
     return (f"Sent to {result.get('to', to)}: the mail server at {result.get('server', 'this appliance')} "
             f"accepted it. Look for “Mailstead test message” in that mailbox."), None
 
@@ -199,7 +201,7 @@ def send_test(form: SendTestForm) -> tuple[str | None, str | None]:
 def page_context(test_form: SendTestForm | None = None, profile_form: ProfileForm | None = None,
                  **extra: Any) -> dict[str, Any]:
     """The template context of the client settings page (templates/_clients.html)."""
-    values = db.get_settings()
+    values = state.settings()
     try:
         client = client_values(stack_settings(values))
     except SettingsError as err:

@@ -10,14 +10,15 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-DEFAULT_STATE_DIR = "/var/lib/mailstead"
+DEFAULT_WEB_DIR = "/var/lib/mailstead-web"
 DEFAULT_RUN_DIR = "/run/mailstead"
 
-# Environment variables the web process reads (all optional).
+# Environment variables the web process reads (all optional). The web process
+# has its own folder (WEB_DIR: its session signing key) and never reads the
+# agent's state folder: it asks the agent (portal/web/state.py).
 ENV = {
-    "STATE_DIR": "MAILSTEAD_STATE_DIR",
+    "WEB_DIR": "MAILSTEAD_WEB_DIR",
     "RUN_DIR": "MAILSTEAD_RUN_DIR",
-    "DB_PATH": "MAILSTEAD_DB_PATH",
     "SECRET_KEY_FILE": "MAILSTEAD_SECRET_KEY_FILE",
     "AGENT_SOCKET": "MAILSTEAD_AGENT_SOCKET",
     "RATELIMIT_STORAGE_URI": "MAILSTEAD_RATELIMIT_STORAGE_URI",
@@ -25,17 +26,15 @@ ENV = {
 
 
 def build(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Defaults < environment < `overrides`; derived paths follow STATE_DIR/RUN_DIR."""
+    """Defaults < environment < `overrides`; derived paths follow WEB_DIR/RUN_DIR."""
     overrides = dict(overrides or {})
     env = {key: os.environ[var] for key, var in ENV.items() if os.environ.get(var)}
     cfg: dict[str, Any] = {
-        "STATE_DIR": DEFAULT_STATE_DIR,
+        "WEB_DIR": DEFAULT_WEB_DIR,
         "RUN_DIR": DEFAULT_RUN_DIR,
         "RATELIMIT_STORAGE_URI": "memory://",
         "RATELIMIT_HEADERS_ENABLED": True,
         "TOKEN_RATE_LIMIT": "5 per minute",
-        "AGENT_TIMEOUT": 3.0,  # quick status calls on every page
-        "AGENT_CALL_TIMEOUT": 30.0,  # form actions (long work runs as agent jobs)
         "SESSION_COOKIE_NAME": "__Host-mailstead",
         "SESSION_COOKIE_SECURE": True,
         "SESSION_COOKIE_HTTPONLY": True,
@@ -46,10 +45,8 @@ def build(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     }
     cfg.update(env)
     cfg.update(overrides)
-    state, run = Path(cfg["STATE_DIR"]), Path(cfg["RUN_DIR"])
-    cfg.setdefault("DB_PATH", str(state / "state.db"))
-    cfg.setdefault("SECRET_KEY_FILE", str(state / "secret_key"))
-    cfg.setdefault("TOKEN_PATH", str(state / "setup-token"))
+    web, run = Path(cfg["WEB_DIR"]), Path(cfg["RUN_DIR"])
+    cfg.setdefault("SECRET_KEY_FILE", str(web / "secret_key"))
     cfg.setdefault("AGENT_SOCKET", str(run / "agent.sock"))
     return cfg
 

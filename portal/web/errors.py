@@ -28,7 +28,22 @@ def error_page(status: int, title: str, message: str, detail: str | None = None)
     ), status
 
 
+AGENT_DOWN = ("The appliance's agent (mailstead-agent) does not answer, so this page cannot be shown. "
+              "Wait a minute and reload; if it keeps happening, check “systemctl status mailstead-agent” "
+              "on the appliance.")
+
+
 def init_app(app: Flask) -> None:
+    from portal.agent.client import AgentError
+
+    @app.errorhandler(AgentError)
+    def agent_error(exc: AgentError) -> tuple[str, int]:
+        # A page that did not expect the agent to fail (the portal's state is the agent's).
+        app.logger.warning("agent call failed: %s (%s)", exc.code, exc.message)
+        if exc.code in ("unavailable", "timeout", "bad_response"):
+            return error_page(503, "The appliance is not answering", AGENT_DOWN, exc.message)
+        return error_page(500, *MESSAGES[500])
+
     @app.errorhandler(CSRFError)
     def csrf_error(exc: CSRFError) -> tuple[str, int]:
         return error_page(400, "Form expired", CSRF_MESSAGE, exc.description)

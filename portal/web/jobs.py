@@ -1,42 +1,34 @@
-"""The web process's way to the agent: calls, field-tied errors, background jobs.
+"""The web process's side of agent errors and background jobs.
 
-Pages call `call(op, **args)`; an AgentError whose message starts with
-"<field>:" (the agent's convention for bad input) is shown on that form field
-by `show_error(form, err)`, anything else as a page-level message. Long work
-(deploy, certificate issue, DNS check) runs as agent jobs: the `jobs`
-blueprint starts them (POST, CSRF-checked) and reports progress as JSON for
-static/jobs.js, which polls without reloading the page.
+Pages call operations through their stubs (`from portal.stack.privileged import
+mailbox_create; mailbox_create(address=..., ...)`). An AgentError carries its
+`field` as data: `show_error(form, err)` puts the message on that form field,
+anything else is shown as a page-level message. Long work (deploy, certificate
+issue, DNS check, backups) runs as agent jobs: the `jobs` blueprint starts the
+ones that take no arguments (POST, CSRF-checked) and reports progress as JSON
+for static/jobs.js, which polls without reloading the page. Which jobs the web
+may start is the operations' own declaration (web=True, job=True).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from flask import Blueprint, abort, current_app, jsonify
+from flask import Blueprint, abort, jsonify
 from flask.typing import ResponseReturnValue
 from flask_wtf import FlaskForm
 
-from portal.agent.client import AgentClient, AgentError
+from portal.agent import jobs as jobs_ops
+from portal.agent.client import AgentError
+from portal.agent.registry import Operation, load_all
 
-# The jobs the web may start (the agent has its own allowlist too).
-WEB_JOBS = frozenset({"stack_deploy", "cert_issue", "dns_check", "setup_deploy", "backup_run", "backup_verify"})
-
-
-def call(op: str, timeout: float | None = None, **args: Any) -> dict[str, Any]:
-    """Run agent operation `op`; raises AgentError (its message is safe to show)."""
-    client = AgentClient(current_app.config["AGENT_SOCKET"],
-                         timeout=timeout or current_app.config.get("AGENT_CALL_TIMEOUT", 30.0))
-    return client.call(op, **args)
+FIELD_CODES = ("invalid", "bad_args", "not_configured")
 
 
 def show_error(form: FlaskForm, err: AgentError, fields: dict[str, str] | None = None) -> str | None:
-    """Attach the agent's "<field>: message" to the form's field (names mapped by
-    `fields`, agent name -> form name); returns the message if no field took it."""
-    name, sep, message = err.message.partition(":")
-    name = name.strip()
-    target = (fields or {}).get(name, name)
-    if sep and target in form._fields and err.code in ("invalid", "bad_args", "not_configured"):
-        form._fields[target].errors = [*form._fields[target].errors, message.strip()]
+    """Attach the agent's message to the form field it names (agent names mapped to
+    form names by `fields`); returns the message if no field took it."""
+    target = (fields or {}).get(err.field or "", err.field or "")
+    if target and target in form._fields and err.code in FIELD_CODES:
+        form._fields[target].errors = [*form._fields[target].errors, err.message]
         return None
     return err.message
 
@@ -44,26 +36,31 @@ def show_error(form: FlaskForm, err: AgentError, fields: dict[str, str] | None =
 bp = Blueprint("jobs", __name__, url_prefix="/jobs")
 
 
-def _kind(kind: str) -> str:
-    if kind not in WEB_JOBS:
+def web_job(kind: str) -> Operation:
+    """The job operation `kind`, if the web may start it with no arguments; else 404."""
+    op = load_all().get(kind)
+    if op is None or not (op.job and op.web) or any(p.required for p in op.params.values()):
         abort(404)
-    return kind
+    return op
 
 
 @bp.post("/<kind>/start")
 def start(kind: str) -> ResponseReturnValue:
     """Start (or rejoin) a job; the page keeps polling /jobs/<kind>."""
+    op = web_job(kind)
     try:
-        job = call("job_start", kind=_kind(kind))
+        job = op()
     except AgentError as err:
-        return jsonify({"state": "failed", "error": err.message}), 503
+        status = 503 if err.code in ("unavailable", "timeout") else 409
+        return jsonify({"state": "failed", "error": err.message, "field": err.field}), status
     return jsonify(job), 202
 
 
 @bp.get("/<kind>")
 def latest(kind: str) -> ResponseReturnValue:
     """The newest job of `kind` as JSON: {"job": null} or the job with its events."""
+    web_job(kind)
     try:
-        return jsonify(call("job_latest", kind=_kind(kind)))
+        return jsonify(jobs_ops.job_latest(kind=kind))
     except AgentError as err:
         return jsonify({"job": None, "error": err.message}), 503

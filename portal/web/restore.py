@@ -37,9 +37,12 @@ from wtforms.validators import ValidationError
 
 from portal import __version__
 
-from portal.web import db, security, wizard
+from portal.web import state, security, wizard
 from portal.agent.client import AgentError
-from portal.web.jobs import call
+from portal.admin import privileged as admin_ops
+from portal.agent import jobs as jobs_ops
+from portal.backup import privileged as backup_ops
+from portal.setup import privileged as setup_ops
 
 bp = Blueprint("restore", __name__, url_prefix="/setup/restore")
 
@@ -61,7 +64,7 @@ STAGES = (("target", "Backup target"), ("snapshots", "Snapshot"), ("confirm", "C
 
 
 def setup_complete() -> bool:
-    return (db.get_setting("setup_complete") or "").strip().lower() in TRUE_VALUES
+    return state.setup_complete()
 
 
 def login_url() -> str:
@@ -200,7 +203,7 @@ def attach_error(form: TargetForm, err: AgentError) -> str | None:
 
 def ssh_public_key() -> str | None:
     try:
-        return call("backup_ssh_key").get("ssh_public_key")
+        return backup_ops.backup_ssh_key().get("ssh_public_key")
     except AgentError:
         return None
 
@@ -221,7 +224,7 @@ def index() -> ResponseReturnValue:
     pubkey = None
     if form.validate_on_submit():
         try:
-            result = call("backup_configure", timeout=CONFIGURE_TIMEOUT, **form.agent_args())
+            result = backup_ops.backup_configure(**form.agent_args())
         except AgentError as err:
             current_app.logger.info("restore: the backup target was refused (%s)", err.code)
             error = attach_error(form, err)
@@ -280,7 +283,7 @@ def newer_than_this(version: str) -> bool:
 
 def listed() -> tuple[list[dict[str, Any]], str | None]:
     try:
-        snaps = call("backup_list", timeout=LIST_TIMEOUT).get("snapshots") or []
+        snaps = backup_ops.backup_list().get("snapshots") or []
     except AgentError as err:
         return [], err.message
     for s in snaps:
@@ -330,7 +333,7 @@ def start() -> ResponseReturnValue:
     if not form.validate_on_submit() or not chosen or not session.get("restore_target"):
         return redirect(url_for("restore.snapshots"), code=303)
     try:
-        job = call("setup_restore", snapshot=str(chosen["id"]))
+        job = setup_ops.setup_restore(snapshot=str(chosen["id"]))
     except AgentError as err:
         return render("restore/confirm.html", "confirm", 503 if err.code in AGENT_DOWN else 409, form=form,
                       chosen=chosen, target=session["restore_target"], error=err.message)
@@ -346,7 +349,7 @@ def the_job() -> tuple[dict[str, Any] | None, str | None]:
     if not job_id:
         return None, None
     try:
-        return call("job_status", job_id=str(job_id)), None
+        return jobs_ops.job_status(job_id=str(job_id)), None
     except AgentError as err:
         return None, err.message
 
@@ -417,12 +420,12 @@ def done() -> ResponseReturnValue:
     if job["state"] == "running":
         return redirect(url_for("restore.progress"), code=303)
     complete = setup_complete()
-    settings = db.get_settings()
+    settings = state.settings()
     notes: list[dict[str, str]] = []
     detect_error = None
     if job["state"] == "done":
         try:
-            found: dict[str, list[str]] | None = call("net_addresses", timeout=5.0)
+            found: dict[str, list[str]] | None = admin_ops.net_addresses()
         except AgentError as err:
             found, detect_error = None, err.message
         notes = address_notes(settings, found)

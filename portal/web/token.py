@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
-from pathlib import Path
 
-from flask import Blueprint, Flask, current_app, redirect, render_template, session, url_for
+from flask import Blueprint, Flask, redirect, render_template, session, url_for
 from flask.typing import ResponseReturnValue
 from flask_wtf import FlaskForm
 from wtforms import StringField
 
-from portal.web import db, security
+from portal.agent.client import AgentError
+from portal.setup import privileged as setup_ops
+from portal.web import security, state
 from portal.web.errors import error_page
 
 log = logging.getLogger(__name__)
@@ -20,74 +20,39 @@ bp = Blueprint("setup", __name__, url_prefix="/setup")
 
 WRONG_TOKEN = (
     "That setup token is not right. Copy it exactly from the appliance console "
-    "(the line “Setup token: …”), or run “cat /var/lib/mailstead/setup-token” as root "
+    "(the line “Setup token: …”), or run “mailstead token” as root "
     "on the appliance, and try again."
 )
-NO_TOKEN_FILE = (
-    "The setup token has not been generated yet: mailstead-firstboot has not run. "
-    "Wait for the appliance to finish booting, or run “systemctl start mailstead-firstboot” "
-    "as root on the appliance, then reload this page."
-)
-UNREADABLE_TOKEN_FILE = (
-    "The portal cannot read the setup token file. As root on the appliance, "
-    "check that {path} is owned by root, group mailstead, mode 0440."
-)
-
-TRUE_VALUES = {"1", "true", "yes"}
-
-
 class TokenForm(FlaskForm):
     token = StringField("Setup token")
 
 
-class TokenFileError(Exception):
-    """The token file is missing or unreadable; `message` says what to do."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-def read_token(path: str | Path) -> str:
-    try:
-        token = Path(path).read_text(encoding="ascii").strip()
-    except FileNotFoundError:
-        raise TokenFileError(NO_TOKEN_FILE) from None
-    except (OSError, UnicodeDecodeError):  # permissions, a directory, bad bytes
-        log.error("cannot read setup token file %s", path)
-        raise TokenFileError(UNREADABLE_TOKEN_FILE.format(path=path)) from None
-    if not token:
-        raise TokenFileError(NO_TOKEN_FILE)
-    return token
-
-
-def token_matches(submitted: str | None, expected: str) -> bool:
-    """Constant-time comparison; surrounding whitespace from copy-paste is ignored."""
-    given = (submitted or "").strip().encode("utf-8")
-    return hmac.compare_digest(given, expected.encode("utf-8"))
-
-
 def setup_complete() -> bool:
-    return (db.get_setting("setup_complete") or "").lower() in TRUE_VALUES
+    return state.setup_complete()
 
 
 @bp.route("/token", methods=["GET", "POST"])
 def token() -> ResponseReturnValue:
     if setup_complete():
         return render_template("setup/finished.html")
-    try:
-        expected = read_token(current_app.config["TOKEN_PATH"])
-    except TokenFileError as exc:
-        return error_page(503, "Setup token not generated yet", exc.message)
-
     form = TokenForm()
     if not form.is_submitted():
         if session.get("setup"):
             return redirect(url_for("wizard.index"))
         return render_template("setup/token.html", form=form)
 
-    # CSRFProtect has already checked the form's CSRF token.
-    if not token_matches(form.token.data, expected):
+    # CSRFProtect has already checked the form's CSRF token. The agent compares the
+    # token (the web process cannot read the token file).
+    given = (form.token.data or "")[:1000]
+    try:
+        matches = setup_ops.setup_token_check(token=given)["ok"]
+    except AgentError as exc:
+        if exc.code == "finished":
+            return render_template("setup/finished.html")
+        if exc.code == "no_token":
+            return error_page(503, "Setup token not generated yet", exc.message)
+        raise
+    if not matches:
         log.warning("wrong setup token submitted")
         return render_template("setup/token.html", form=form, error=WRONG_TOKEN), 403
 

@@ -10,8 +10,9 @@ from typing import Any
 from flask import Blueprint, current_app, g, redirect, render_template, request, session, url_for
 from flask.typing import ResponseReturnValue
 
-from portal.web import db
-from portal.agent.client import AgentClient, AgentError
+from portal.web import state
+from portal.agent.client import AgentError
+from portal.agent import registry
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ def route_to_next_step() -> ResponseReturnValue | None:
     if endpoint is None or endpoint in PUBLIC_ENDPOINTS:
         return None  # don't touch state.db for static files, health checks, 404s
     has_session = bool(session.get("setup"))
-    done = db.done_steps() if has_session else set()
+    done = state.done_steps() if has_session else set()
     target = redirect_target(endpoint, has_session, all_steps(), done)
     if target is None or target == endpoint:
         return None
@@ -96,12 +97,12 @@ def index() -> ResponseReturnValue:
 
 @bp.get("/setup/next")
 def pending() -> ResponseReturnValue:
-    return render_wizard("wizard/pending.html", current=None, settings=db.get_settings())
+    return render_wizard("wizard/pending.html", current=None, settings=state.settings())
 
 
 def render_wizard(template: str, current: Step | None, **context: Any) -> str:
     """Render a wizard page with the step list and the appliance status."""
-    done = db.done_steps()
+    done = state.done_steps()
     return render_template(
         template,
         steps=ordered(all_steps()),
@@ -124,11 +125,8 @@ def appliance_status() -> dict[str, str]:
         if cache and time.monotonic() - cache["at"] < STATUS_TTL:
             g.appliance_status = cache["value"]
             return g.appliance_status
-        client = AgentClient(
-            current_app.config["AGENT_SOCKET"], timeout=current_app.config["AGENT_TIMEOUT"]
-        )
         try:
-            result = client.call("status")
+            result = registry.status()
             g.appliance_status = {k: str(result.get(k, "unknown")) for k in ("os", "docker", "portal")}
             if not g.appliance_status["docker"].startswith(("unavailable", "busy")):
                 cache.update(at=time.monotonic(), value=g.appliance_status)

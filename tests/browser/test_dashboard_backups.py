@@ -14,7 +14,7 @@ import pyotp
 import pytest
 from playwright.sync_api import Page, expect
 
-from portal.web import db
+from tests.support import appdb as db
 from portal.agent.client import AgentClient
 from tests.browser.conftest import Portal, running_portal
 

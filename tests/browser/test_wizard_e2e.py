@@ -41,7 +41,7 @@ import pytest
 import requests
 from playwright.sync_api import Page, expect
 
-from portal.web import db
+from tests.support import appdb as db
 from portal.stack import deploy as deploy_mod
 from portal.stack.settings import DEFAULT_PORTS
 from portal.stack.store import load_settings

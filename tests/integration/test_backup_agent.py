@@ -9,7 +9,7 @@ import time
 import pytest
 
 from portal.agent.client import AgentClient, AgentError
-from portal.web.db import write_settings
+from tests.support.statedb import write_settings
 from tests.conftest import launch_agent
 
 

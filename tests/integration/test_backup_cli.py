@@ -9,7 +9,7 @@ import io
 import re
 
 from portal import cli
-from portal.web.db import read_setting, write_settings
+from tests.support.statedb import read_setting, write_settings
 from tests.conftest import launch_agent
 
 

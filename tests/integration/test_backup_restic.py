@@ -21,7 +21,7 @@ from portal.backup import BackupError
 from portal.backup import config as cfg
 from portal.backup.contents import FolderVolumes
 from portal.backup.service import Env, backup, configure, read_state, restore, snapshots, verify
-from portal.web.db import write_settings
+from tests.support.statedb import write_settings
 
 from .backup_targets import Moto, Sshd
 

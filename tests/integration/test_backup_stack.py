@@ -25,11 +25,11 @@ from pathlib import Path
 import caldav
 import docker
 
-from portal.agent.ops import Context, docker_factory  # noqa: E402
+from portal.agent.registry import Context, docker_factory  # noqa: E402
 from portal.backup import config as cfg  # noqa: E402
 from portal.backup.privileged import env_for  # noqa: E402
 from portal.backup.service import backup, configure, restore, verify  # noqa: E402
-from portal.web.db import read_setting, write_settings  # noqa: E402
+from tests.support.statedb import read_setting, write_settings  # noqa: E402
 from portal.stack import deploy as deploy_mod  # noqa: E402
 from portal.backup.service import ComposeStack  # noqa: E402
 from portal.stack.privileged import alias_add, mailbox_create, mailbox_list  # noqa: E402

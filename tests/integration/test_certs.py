@@ -19,8 +19,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from portal.web import db
-from portal.agent.ops import Context, OpError, docker_factory
+from tests.support import appdb as db
+from portal.agent.registry import Context, OpError, docker_factory
 from portal.certs.account import ensure_account_key, make_client
 from portal.certs.privileged import acme_configure, cert_issue, cert_renew, cert_status
 from portal.certs.renew import read_state, renew_due, tlsa_311

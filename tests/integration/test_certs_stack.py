@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from portal.web import db
+from tests.support import appdb as db
 from portal.agent import server  # noqa: F401  (registers every operation)
-from portal.agent.ops import REGISTRY, Context
+from portal.agent.registry import REGISTRY, Context
 from portal.certs.store import read_live
 from portal.stack import deploy as deploy_mod
 from portal.stack.settings import DEFAULT_PORTS

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from portal.web import db
-from portal.agent import ops
+from tests.support import appdb as db
+from portal.agent import registry as ops
 from portal.checks import privileged as agentops, load_all
 from portal.checks.env import CheckEnv
 from portal.stack.accounts import Accounts

@@ -23,9 +23,10 @@ import pytest
 from flask.testing import FlaskClient
 
 from portal.web import create_app
-from portal.web.db import write_settings
+from tests.support.statedb import write_settings
 from tests.conftest import AgentProcess, launch_agent
 from tests.unit.conftest import https_client
+from tests.support.admin import sign_in
 
 ADMIN = "postmaster@example.test"
 CSRF_RE = re.compile(r'name="csrf_token" type="hidden" value="([^"]+)"')
@@ -40,12 +41,10 @@ def site(tmp_path: Path) -> Iterator[tuple[FlaskClient, AgentProcess, Path]]:
     (state / "secrets" / "dkim").mkdir(parents=True)
     (state / "secrets" / "dkim" / "k.key").write_text("dkim")
     agent = launch_agent(tmp_path, "--no-scheduler", env={"MAILSTEAD_STATE_DIR": str(state)})
-    app = create_app({"TESTING": True, "STATE_DIR": str(state), "RUN_DIR": str(tmp_path / "run"),
-                      "AGENT_SOCKET": str(agent.socket), "AGENT_TIMEOUT": 5.0})
+    app = create_app({"TESTING": True, "WEB_DIR": str(tmp_path / "web"), "RUN_DIR": str(tmp_path / "run"),
+                      "AGENT_SOCKET": str(agent.socket), "TEST_STATE_DIR": str(state)})
     client = https_client(app)
-    with client.session_transaction() as s:
-        s["admin"] = ADMIN
-        s["auth_at"] = s["seen"] = time.time()
+    sign_in(client, ADMIN)
     try:
         yield client, agent, state
     finally:
@@ -112,7 +111,7 @@ def test_backup_verify_and_restore_through_the_page(site: tuple[FlaskClient, Age
     # The backed-up appliance had no stack deployed (no rendered compose file): none is started.
     assert steps[0] == "check" and "files" in steps and "deploy" not in steps
     assert job["state"] == "done" and job["result"]["stack"] is None, job
-    from portal.stack.store import read_settings_table
+    from tests.support.statedb import read_settings as read_settings_table
 
     assert read_settings_table(state / "state.db")["dnsbl_zones"] == "before.example"  # the files are back
     page = html.unescape(client.get("/admin/backups/").text)

@@ -17,7 +17,8 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from portal.web import create_app, db, wizard
+from portal.web import create_app, wizard
+from tests.support import appdb as db
 from tests.conftest import TEST_TOKEN, AgentProcess, csrf_token, launch_agent, retry
 from tests.unit.conftest import https_client, unlock
 
@@ -53,8 +54,8 @@ def site(tmp_path: Path, knot: Knot) -> Iterator[tuple[Flask, FlaskClient, Agent
     agent = launch_agent(tmp_path, env={
         "MAILSTEAD_STATE_DIR": str(state), "MAILSTEAD_ACME_DIR": str(acme), "MAILSTEAD_RELOAD_NGINX": "0",
         "MAILSTEAD_NGINX_DIR": str(tmp_path / "nginx"), "MAILSTEAD_WWW_DIR": str(tmp_path / "www")})
-    app = create_app({"TESTING": True, "STATE_DIR": str(state), "RUN_DIR": str(tmp_path / "run"),
-                      "AGENT_SOCKET": str(agent.socket), "AGENT_TIMEOUT": 5.0})
+    app = create_app({"TESTING": True, "WEB_DIR": str(tmp_path / "web"), "TEST_STATE_DIR": str(state), "RUN_DIR": str(tmp_path / "run"),
+                      "AGENT_SOCKET": str(agent.socket)})
     with app.app_context():
         db.set_settings({"domain": ZONE, "mail_host": f"mail.{ZONE}", "public_ipv4": "127.0.0.1",
                          "dns_allow_private": "1", "dns_resolvers": f"127.0.0.1:{knot.port}",

@@ -36,14 +36,14 @@ import docker
 import pytest
 
 from portal.agent import jobs
-from portal.agent.ops import REGISTRY, Context, OpError, docker_factory
+from portal.agent.registry import REGISTRY, Context, OpError, docker_factory
 from portal.backup import config as backup_cfg
 from portal.backup.privileged import env_for
 from portal.backup.service import configure, snapshots
 from portal.checks.env import CheckEnv
-from portal.web.db import write_settings
+from tests.support.statedb import write_settings
 from portal.stack import pins, upgrade
-from portal.stack.upgradeops import KIND  # and registers upgrade_run, upgrade_check
+from portal.stack.privileged import KIND  # and registers upgrade_run, upgrade_check
 from portal.stack.privileged import deploy_stack, mailbox_create
 from portal.stack.deploy import DeployError, service_states, wait_healthy
 from portal.stack.settings import SERVICES

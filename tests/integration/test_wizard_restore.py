@@ -34,7 +34,7 @@ from flask.testing import FlaskClient
 
 from portal.web import create_app
 from portal.admin.privileged import take_pending_mailboxes
-from portal.agent import ops
+from portal.agent import registry as ops
 from portal.agent.client import AgentClient, AgentError
 from portal.agent.server import AgentServer
 from portal.backup import config as cfg
@@ -218,8 +218,8 @@ def fresh_appliance_agent(root: Path) -> Iterator[tuple[Path, Path, RecordingSta
 @pytest.fixture
 def fresh(tmp_path: Path) -> Iterator[Fresh]:
     with fresh_appliance_agent(tmp_path) as (state, vols, stack, sock):
-        app = create_app({"TESTING": True, "STATE_DIR": str(state), "RUN_DIR": str(tmp_path / "run"),
-                          "AGENT_SOCKET": str(sock), "AGENT_TIMEOUT": 5.0, "TOKEN_RATE_LIMIT": "1000 per minute",
+        app = create_app({"TESTING": True, "WEB_DIR": str(tmp_path / "web"), "TEST_STATE_DIR": str(state), "RUN_DIR": str(tmp_path / "run"),
+                          "AGENT_SOCKET": str(sock), "TOKEN_RATE_LIMIT": "1000 per minute",
                           "LOGIN_RATE_LIMIT": "1000 per minute"})
         yield Fresh(state, vols, stack, sock, app, https_client(app))
 

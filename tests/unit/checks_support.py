@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from portal.web import db
+from tests.support import appdb as db
 
 
 def write_settings(state: Path, **values: Any) -> None:

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +26,32 @@ def state_dir(tmp_path: Path) -> Path:
 def token_file(state_dir: Path) -> Path:
     path = state_dir / "setup-token"
     path.write_text(TEST_TOKEN + "\n")
-    path.chmod(0o440)
+    path.chmod(0o400)
     return path
 
 
 @pytest.fixture
-def make_app(state_dir: Path, tmp_path: Path) -> Callable[..., Flask]:
+def thread_agent(state_dir: Path, tmp_path: Path) -> Iterator[ThreadAgent]:
+    """The agent for `state_dir`, in a thread of the test process."""
+    run = tmp_path / "agent-run"
+    run.mkdir()
+    agent = ThreadAgent(state_dir, run / "agent.sock")
+    yield agent
+    agent.stop()
+
+
+@pytest.fixture
+def make_app(state_dir: Path, tmp_path: Path, request: pytest.FixtureRequest) -> Callable[..., Flask]:
+    """make_app(**config) -> an app whose agent serves `state_dir` (a thread agent,
+    unless the test gives its own AGENT_SOCKET)."""
     def make(**overrides: Any) -> Flask:
+        if "AGENT_SOCKET" not in overrides:
+            overrides["AGENT_SOCKET"] = str(request.getfixturevalue("thread_agent").socket)
         config = {
             "TESTING": True,
-            "STATE_DIR": str(state_dir),
+            "WEB_DIR": str(tmp_path / "web"),
+            "TEST_STATE_DIR": str(state_dir),
             "RUN_DIR": str(tmp_path / "run"),
-            "AGENT_TIMEOUT": 2.0,
             **overrides,
         }
         return create_app(config)

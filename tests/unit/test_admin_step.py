@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from portal.admin import privileged as adminauth
 
-from portal.web import db
+from tests.support import appdb as db
 from portal.web.steps.admin import qr_svg
 from tests.conftest import csrf_token
 from tests.unit.conftest import https_client, unlock

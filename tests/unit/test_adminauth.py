@@ -15,7 +15,7 @@ import pytest
 
 from portal.admin import privileged as adminauth
 from portal.agent.client import AgentClient, AgentError
-from portal.web.db import write_settings
+from tests.support.statedb import write_settings
 
 PASSWORD = "correct horse battery staple"
 ADDRESS = "postmaster@example.com"

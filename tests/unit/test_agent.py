@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 import portal
-from portal.agent import ops, server
+from portal.agent import registry as ops, server
 from portal.agent.client import AgentClient, AgentError
 from tests.conftest import OS_PRETTY_NAME, REPO, AgentProcess, retry
 

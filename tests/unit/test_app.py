@@ -21,8 +21,9 @@ def test_import_touches_no_disk(tmp_path: Path) -> None:
     state = tmp_path / "state-not-created"
     env = {**os.environ, "MAILSTEAD_STATE_DIR": str(state), "MAILSTEAD_RUN_DIR": str(tmp_path / "run")}
     code = (
-        "import portal, portal.web.config, portal.web.db, portal.web.token, portal.web.wizard, portal.web.steps.domain, "
-        "portal.agent.server, portal.agent.client, portal.agent.firstboot, portal.cli"
+        "import portal, portal.web.config, portal.web.token, portal.web.wizard, portal.web.steps.domain, "
+        "portal.agent.server, portal.agent.client, portal.agent.firstboot, portal.cli, portal.web.state, "
+        "portal.core.store, portal.core.safefs"
     )
     subprocess.run([sys.executable, "-W", "error", "-c", code], check=True, env=env, cwd=REPO)
     assert not state.exists()
@@ -30,28 +31,27 @@ def test_import_touches_no_disk(tmp_path: Path) -> None:
 
 
 def test_creating_app_creates_no_database(make_app: Callable[..., Flask], state_dir: Path) -> None:
-    make_app(SECRET_KEY="k" * 40)
+    make_app(SECRET_KEY="k" * 40, AGENT_SOCKET="/nonexistent/agent.sock")
     assert list(state_dir.iterdir()) == []
 
 
 def test_config_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("MAILSTEAD_STATE_DIR", str(tmp_path / "s"))
+    monkeypatch.setenv("MAILSTEAD_WEB_DIR", str(tmp_path / "w"))
     monkeypatch.setenv("MAILSTEAD_RUN_DIR", str(tmp_path / "r"))
     cfg = config.build()
-    assert cfg["DB_PATH"] == str(tmp_path / "s" / "state.db")
-    assert cfg["TOKEN_PATH"] == str(tmp_path / "s" / "setup-token")
-    assert cfg["SECRET_KEY_FILE"] == str(tmp_path / "s" / "secret_key")
+    assert cfg["SECRET_KEY_FILE"] == str(tmp_path / "w" / "secret_key")
+    # The web process knows no path of the agent's state: it asks the agent.
+    assert not any(k in cfg for k in ("STATE_DIR", "DB_PATH", "TOKEN_PATH"))
     assert cfg["AGENT_SOCKET"] == str(tmp_path / "r" / "agent.sock")
     assert cfg["RATELIMIT_STORAGE_URI"] == "memory://"
 
 
 def test_overrides_beat_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("MAILSTEAD_STATE_DIR", str(tmp_path / "env"))
+    monkeypatch.setenv("MAILSTEAD_WEB_DIR", str(tmp_path / "env"))
     monkeypatch.setenv("MAILSTEAD_AGENT_SOCKET", str(tmp_path / "env.sock"))
-    cfg = config.build({"STATE_DIR": str(tmp_path / "mine"), "DB_PATH": str(tmp_path / "x.db")})
-    assert cfg["STATE_DIR"] == str(tmp_path / "mine")
-    assert cfg["DB_PATH"] == str(tmp_path / "x.db")
-    assert cfg["TOKEN_PATH"] == str(tmp_path / "mine" / "setup-token")
+    cfg = config.build({"WEB_DIR": str(tmp_path / "mine")})
+    assert cfg["WEB_DIR"] == str(tmp_path / "mine")
+    assert cfg["SECRET_KEY_FILE"] == str(tmp_path / "mine" / "secret_key")
     assert cfg["AGENT_SOCKET"] == str(tmp_path / "env.sock")
 
 
@@ -59,7 +59,7 @@ def test_defaults_without_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for var in config.ENV.values():
         monkeypatch.delenv(var, raising=False)
     cfg = config.build()
-    assert cfg["DB_PATH"] == "/var/lib/mailstead/state.db"
+    assert cfg["SECRET_KEY_FILE"] == "/var/lib/mailstead-web/secret_key"
     assert cfg["AGENT_SOCKET"] == "/run/mailstead/agent.sock"
 
 

@@ -16,9 +16,11 @@ from flask import Flask, url_for
 from flask.testing import FlaskClient
 from werkzeug.routing import IntegerConverter
 
-from portal.web import auth, db
+from portal.web import auth
+from tests.support import appdb as db
+from tests.support.admin import sign_in
 from portal.agent.client import AgentClient
-from portal.web.db import write_settings
+from tests.support.statedb import write_settings
 from tests.conftest import csrf_token
 from tests.unit.conftest import https_client, unlock
 
@@ -78,11 +80,7 @@ def home(app: Flask) -> str:
 
 
 def sign_in_directly(client: FlaskClient, seen_ago: float = 0, auth_ago: float = 0) -> None:
-    now = time.time()
-    with client.session_transaction() as session:
-        session["admin"] = ADDRESS
-        session["auth_at"] = now - auth_ago
-        session["seen"] = now - seen_ago
+    sign_in(client, ADDRESS, seen_ago=seen_ago, auth_ago=auth_ago)
 
 
 # -- the gate --------------------------------------------------------------------------

@@ -148,7 +148,7 @@ def test_manifest_counts_messages_per_mailbox_with_sha256(tmp_path):
 
 
 def _state(tmp_path: Path) -> tuple[Path, FolderVolumes]:
-    from portal.web.db import write_settings
+    from tests.support.statedb import write_settings
 
     state = tmp_path / "state"
     write_settings(state / "state.db", {"domain": "example.test"})

@@ -14,7 +14,7 @@ from contextlib import ExitStack
 import pytest
 
 from portal import checks
-from portal.agent import jobs, ops
+from portal.agent import jobs, registry as ops
 from portal.checks import CheckResult, history
 from portal.checks import privileged as agentops
 from portal.checks.env import CheckEnv
@@ -383,7 +383,7 @@ def test_alert_settings_are_checked_naming_the_field(state, args, words):
     with pytest.raises(ops.OpError) as err:
         ops.REGISTRY["alerts_configure"](ctx, args)
     assert err.value.code == "invalid" and err.value.message.startswith(words), err.value.message
-    from portal.stack.store import read_settings_table
+    from tests.support.statedb import read_settings as read_settings_table
 
     assert "alert_webhook_url" not in read_settings_table(state / "state.db")  # nothing stored
 

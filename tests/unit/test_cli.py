@@ -7,7 +7,7 @@ import io
 import pytest
 
 from portal import cli
-from portal.agent import ops, server  # noqa: F401  (server registers every operation)
+from portal.agent import registry as ops, server  # noqa: F401  (server registers every operation)
 
 
 def parse(argv: list[str]):
@@ -145,7 +145,7 @@ def test_configure_without_a_target_names_the_option():
 
 
 def test_token_is_shown_only_while_setup_is_unfinished(tmp_path, monkeypatch, capsys):
-    from portal.web.db import write_settings
+    from tests.support.statedb import write_settings
 
     state = tmp_path / "state"
     state.mkdir()

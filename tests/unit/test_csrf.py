@@ -8,7 +8,7 @@ from collections.abc import Callable
 from flask import Flask
 from flask.testing import FlaskClient
 
-from portal.web import db
+from tests.support import appdb as db
 from tests.conftest import TEST_TOKEN, csrf_token
 from tests.unit.conftest import BASE, https_client
 

@@ -19,6 +19,7 @@ from flask import Flask
 from portal.web import auth, wizard
 from tests.unit.conftest import https_client, unlock
 from tests.unit.test_fuzz_forms import ACME, ADMIN, BASE_SETTINGS, DNS_PUSH, FORMS, Rig, csrf_of, step_order
+from tests.support.admin import sign_in
 
 MESSAGE = "The form expired or was submitted twice"
 
@@ -61,9 +62,7 @@ def test_a_token_from_another_session_is_refused(rig: Callable[..., Rig], state:
     r = rig(state)
     other = https_client(r.app)  # the same appliance, another browser
     if state == "dashboard":
-        with other.session_transaction() as s:
-            s["admin"] = ADMIN
-            s["auth_at"] = s["seen"] = time.time()
+        sign_in(other, ADMIN)
     elif state.startswith("at:"):
         assert unlock(other).status_code == 302
     stolen = csrf_of(other.get(OWN_PAGE[state]).text)

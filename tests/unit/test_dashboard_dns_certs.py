@@ -11,7 +11,8 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from portal.web import db, wizard
+from portal.web import wizard
+from tests.support import appdb as db
 from portal.web.dashboard import nav
 from tests.conftest import AgentProcess, csrf_token
 from tests.unit.conftest import https_client, unlock

@@ -17,6 +17,7 @@ from portal.agent.client import AgentError
 from portal.web.dashboard.home import (AMBER, GREEN, RED, cert_health, disk_health, dns_health, overall,
                                    services_health)
 from tests.unit.conftest import https_client
+from tests.support.admin import sign_in
 
 ADMIN = "postmaster@example.test"
 
@@ -28,9 +29,7 @@ def write_settings(state: Path, **values: str) -> None:
 
 
 def signed_in(client: FlaskClient) -> FlaskClient:
-    with client.session_transaction() as s:
-        s["admin"] = ADMIN
-        s["auth_at"] = s["seen"] = time.time()
+    sign_in(client, ADMIN)
     return client
 
 

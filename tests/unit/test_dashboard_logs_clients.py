@@ -15,6 +15,7 @@ from flask.testing import FlaskClient
 
 from tests.conftest import csrf_token
 from tests.unit.conftest import https_client
+from tests.support.admin import sign_in
 
 ADMIN = "postmaster@example.test"
 
@@ -31,9 +32,7 @@ def dashboard(make_app: Callable[..., Flask], state_dir: Path, start_agent: Call
                    stack_deployed="1")
     agent = start_agent(env={"MAILSTEAD_STATE_DIR": str(state_dir)})
     client = https_client(make_app(AGENT_SOCKET=str(agent.socket)))
-    with client.session_transaction() as s:
-        s["admin"] = ADMIN
-        s["auth_at"] = s["seen"] = time.time()
+    sign_in(client, ADMIN)
     return client
 
 
@@ -74,9 +73,7 @@ def test_client_setup_is_the_wizard_page(dashboard: FlaskClient) -> None:
 def test_client_setup_before_a_domain(make_app: Callable[..., Flask], state_dir: Path) -> None:
     write_settings(state_dir, setup_complete="1")
     client = https_client(make_app())
-    with client.session_transaction() as s:
-        s["admin"] = ADMIN
-        s["auth_at"] = s["seen"] = time.time()
+    sign_in(client, ADMIN)
     page = client.get("/admin/clients/")
     assert page.status_code == 409 and 'id="clients-problem"' in page.text
     assert client.get("/admin/clients/profile.mobileconfig").status_code == 409

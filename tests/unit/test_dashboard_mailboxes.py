@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from portal.stack.accounts import Accounts, NoKeys
 from tests.unit.conftest import https_client
+from tests.support.admin import sign_in
 
 ADMIN = "postmaster@example.test"
 PASSWORD = "correct horse battery staple"
@@ -42,9 +43,7 @@ def dashboard(make_app: Callable[..., Flask], state_dir: Path, start_agent: Call
     accounts.create_mailbox("bob@example.test", PASSWORD, 100, keys=NoKeys())
     agent = start_agent(env={"MAILSTEAD_STATE_DIR": str(state_dir)})
     client = https_client(make_app(AGENT_SOCKET=str(agent.socket)))
-    with client.session_transaction() as s:
-        s["admin"] = ADMIN
-        s["auth_at"] = s["seen"] = time.time()
+    sign_in(client, ADMIN)
     return client
 
 

@@ -24,6 +24,7 @@ from tests.conftest import AgentProcess, free_port
 from tests.unit.conftest import https_client
 
 from .checks_support import HookServer, SmtpSink, serving, write_settings
+from tests.support.admin import sign_in
 
 ADMIN = "postmaster@example.test"
 PAGES = ("/admin/health/", "/admin/schedules/", "/admin/backups/")
@@ -44,9 +45,7 @@ def agent(start_agent: Callable[..., AgentProcess], state_dir: Path) -> AgentPro
 @pytest.fixture
 def client(make_app: Callable[..., Flask], agent: AgentProcess) -> FlaskClient:
     c = https_client(make_app(AGENT_SOCKET=str(agent.socket)))
-    with c.session_transaction() as s:
-        s["admin"] = ADMIN
-        s["auth_at"] = s["seen"] = time.time()
+    sign_in(c, ADMIN)
     return c
 
 

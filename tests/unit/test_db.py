@@ -1,41 +1,67 @@
-"""state.db helpers."""
+"""state.db is the agent's: every setting checked when written and again when read."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
-from pathlib import Path
 
-from flask import Flask
+import pytest
 
-from portal.web import db
-
-
-def test_schema_is_created_on_first_use(app: Flask, state_dir: Path) -> None:
-    with app.app_context():
-        assert db.get_settings() == {}
-        assert db.done_steps() == set()
-    conn = sqlite3.connect(state_dir / "state.db")
-    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    conn.close()
-    assert {"settings", "wizard_progress"} <= tables
+from portal.core import store
+from portal.core.errors import UnsafePathError
+from portal.core.settings import SettingsError
 
 
-def test_settings_and_progress_round_trip(app: Flask) -> None:
-    with app.app_context():
-        db.set_settings({"a": "1", "b": "2"})
-        db.set_settings({"a": "3"})
-        db.save_step("domain", {"domain": "example.com"})
-        db.mark_step_done("domain")  # twice is fine
-        assert db.get_settings() == {"a": "3", "b": "2", "domain": "example.com"}
-        assert db.get_setting("missing", "default") == "default"
-        assert db.done_steps() == {"domain"}
+def test_settings_and_progress_round_trip(tmp_path):
+    assert store.read_settings(tmp_path) == {}
+    assert store.done_steps(tmp_path) == set()
+    store.write_settings(tmp_path, {"domain": "Example.COM.", "mail_host": "mail.example.com"})
+    store.mark_done(tmp_path, "domain", {"public_ipv4": "192.0.2.10"})
+    store.mark_done(tmp_path, "domain")  # twice is fine
+    assert store.read_settings(tmp_path) == {"domain": "example.com", "mail_host": "mail.example.com",
+                                             "public_ipv4": "192.0.2.10"}
+    assert store.done_steps(tmp_path) == {"domain"}
+    assert os.stat(tmp_path / "state.db").st_mode & 0o777 == 0o600
 
 
-def test_read_setting_outside_a_request(app: Flask, state_dir: Path, tmp_path: Path) -> None:
-    assert db.read_setting(tmp_path / "absent.db", "x") is None
-    assert not (tmp_path / "absent.db").exists()  # read-only: creates nothing
-    sqlite3.connect(tmp_path / "empty.db").close()
-    assert db.read_setting(tmp_path / "empty.db", "x") is None
-    with app.app_context():
-        db.set_settings({"setup_complete": "1"})
-    assert db.read_setting(state_dir / "state.db", "setup_complete") == "1"
+@pytest.mark.parametrize("key, value, words", [
+    ("domain", "exa mple.com", "not a domain name"),
+    ("publish_addresses", "fe80::1%]\n  privileged: true", "line breaks"),
+    ("publish_addresses", "fe80::1%eth0", "not an IP address"),
+    ("tls_cert", "/x:/usr/bin/tini:ro #", "absolute path"),
+    ("tls_cert", "/etc/../root/key", "absolute path"),
+    ("no_such_setting", "1", "not a Mailstead setting"),
+])
+def test_a_bad_value_is_refused_naming_the_setting_and_nothing_is_stored(tmp_path, key, value, words):
+    store.write_settings(tmp_path, {"domain": "example.org"})
+    with pytest.raises(SettingsError) as err:
+        store.write_settings(tmp_path, {"mail_host": "mail.example.org", key: value})
+    assert err.value.field == key[:40] and words in err.value.message
+    assert store.read_settings(tmp_path) == {"domain": "example.org"}
+
+
+def test_a_value_that_did_not_come_through_the_agent_is_refused_where_it_is_used(tmp_path):
+    store.write_settings(tmp_path, {"domain": "example.org"})
+    with sqlite3.connect(tmp_path / "state.db") as conn:  # as a damaged file or an old backup would
+        conn.execute("INSERT INTO settings VALUES ('tls_key', '/:/host #')")
+    assert store.read_settings(tmp_path) == {"domain": "example.org"}  # left out (and logged)
+    with pytest.raises(SettingsError) as err:
+        store.read_settings(tmp_path, strict=True)
+    assert err.value.field == "tls_key" and "set it again" in err.value.message
+
+
+def test_a_state_db_that_is_a_symlink_is_refused(tmp_path):
+    (tmp_path / "elsewhere.db").write_bytes(b"")
+    (tmp_path / "state.db").symlink_to(tmp_path / "elsewhere.db")
+    with pytest.raises(UnsafePathError):
+        store.connect(tmp_path)
+
+
+def test_the_pickled_job_table_of_an_old_version_is_dropped_unread(tmp_path):
+    with sqlite3.connect(tmp_path / "state.db") as conn:
+        conn.execute("CREATE TABLE scheduler_jobs (id TEXT, next_run_time REAL, job_state BLOB)")
+        conn.execute("INSERT INTO scheduler_jobs VALUES ('x', 0, x'80049500')")
+    os.chmod(tmp_path / "state.db", 0o600)
+    assert store.drop_legacy_tables(tmp_path) == ["scheduler_jobs"]
+    with sqlite3.connect(tmp_path / "state.db") as conn:
+        assert not conn.execute("SELECT name FROM sqlite_master WHERE name='scheduler_jobs'").fetchall()

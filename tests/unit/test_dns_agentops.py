@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from portal.agent.ops import REGISTRY, Context, OpError
+from portal.agent.registry import REGISTRY, Context, OpError
 from portal.dns import privileged as agentops
-from portal.stack.store import read_settings_table
+from tests.support.statedb import read_settings as read_settings_table
 
 SECRET = base64.b64encode(bytes(range(32))).decode()
 

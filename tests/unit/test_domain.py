@@ -11,7 +11,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from portal.web import db
+from tests.support import appdb as db
 from portal.web.steps.domain import dns_name_problem
 from tests.conftest import csrf_token
 from tests.unit.conftest import https_client, unlock

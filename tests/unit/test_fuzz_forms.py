@@ -31,11 +31,13 @@ from flask import Flask
 from flask.testing import FlaskClient
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from portal.web import db, wizard
+from portal.web import wizard
+from tests.support import appdb as db
 from portal.agent.client import AgentClient
 from portal.stack.accounts import Accounts, NoKeys
 from tests.conftest import TEST_TOKEN, AgentProcess
 from tests.unit.conftest import https_client, unlock
+from tests.support.admin import sign_in
 
 DOMAIN = "example.org"
 ADMIN = f"postmaster@{DOMAIN}"
@@ -148,9 +150,7 @@ def build_rig(state: str, make_app: Callable[..., Flask], state_dir: Path, agent
     accounts.create_mailbox(ADMIN, PASSWORD, 0, keys=NoKeys())
     accounts.create_mailbox(f"bob@{DOMAIN}", PASSWORD, 100, keys=NoKeys())
     if state in ("dashboard", "maintenance"):
-        with rig.client.session_transaction() as s:
-            s["admin"] = ADMIN
-            s["auth_at"] = s["seen"] = time.time()
+        sign_in(rig.client, ADMIN)
     return rig
 
 

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from portal.agent import jobs
-from portal.agent.ops import REGISTRY, Context, OpError
+from portal.agent.registry import REGISTRY, Context, OpError
 from tests.conftest import retry
 
 
@@ -105,7 +105,7 @@ def test_latest_is_the_last_started_even_within_one_second(tmp_path):
     import threading
 
     from portal.agent import jobs
-    from portal.agent.ops import Context
+    from portal.agent.registry import Context
 
     ctx = Context(state_dir=tmp_path / "state")
     gate = threading.Event()

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from portal.agent import scheduler
-from portal.agent import ops
+from portal.agent import registry as ops
 from portal.agent.client import AgentClient, AgentError
 from tests.conftest import retry
 

@@ -10,7 +10,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from portal.web import db
+from tests.support import appdb as db
 from tests.conftest import TEST_TOKEN, csrf_token
 from tests.unit.conftest import https_client, unlock
 

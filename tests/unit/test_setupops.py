@@ -18,7 +18,7 @@ import pytest
 from portal.setup import privileged as setupops
 from portal.agent import jobs
 from portal.agent.client import AgentClient, AgentError
-from portal.agent.ops import REGISTRY, Context, OpError
+from portal.agent.registry import REGISTRY, Context, OpError
 from tests.conftest import retry
 
 SERVICES = ("postfix", "dovecot", "rspamd", "redis", "radicale")
@@ -45,7 +45,7 @@ def op(ctx: Context, name: str, **args: Any) -> dict[str, Any]:
 def ctx(tmp_path: Path) -> Context:
     state = tmp_path / "state"
     write_settings(state, domain="example.test", mail_host="mail.example.test")
-    from portal.agent.ops import docker_factory
+    from portal.agent.registry import docker_factory
 
     return Context(state_dir=state, docker=docker_factory(f"unix://{tmp_path}/no-docker.sock"))
 

@@ -18,7 +18,7 @@ from cryptography.x509.oid import NameOID
 from flask import Flask
 from flask.testing import FlaskClient
 
-from portal.web import db
+from tests.support import appdb as db
 from portal.web.steps import certs as certs_step
 from tests.conftest import AgentProcess, csrf_token
 from tests.unit.conftest import https_client, unlock

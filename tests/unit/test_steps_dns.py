@@ -14,7 +14,8 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from portal.web import db, wizard
+from portal.web import wizard
+from tests.support import appdb as db
 from portal.web.steps import dns as dns_step
 from tests.conftest import AgentProcess, csrf_token, retry
 from tests.unit.conftest import unlock
@@ -124,7 +125,7 @@ def test_bad_push_settings_are_tied_to_the_field(dns_app: Flask, page: FlaskClie
     assert words in html.unescape(response.text)
     assert SECRET not in response.text  # the secret is never displayed again
     assert "rfc2136_server" not in settings(dns_app)[0]
-    assert not (Path(dns_app.config["STATE_DIR"]) / "secrets" / "rfc2136.key").exists()
+    assert not (Path(dns_app.config["TEST_STATE_DIR"]) / "secrets" / "rfc2136.key").exists()
 
 
 def test_push_settings_saved_secret_never_shown(dns_app: Flask, page: FlaskClient) -> None:

@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 
 from portal import checks
-from portal.agent import jobs, ops
+from portal.agent import jobs, registry as ops
 from portal.agent.client import AgentClient, AgentError
 from portal.backup import config as backup_cfg
 from portal.checks.env import CheckEnv
-from portal.stack import pins, upgrade, upgradeops
+from portal.stack import pins, upgrade
+from portal.stack import privileged as upgradeops
 from portal.stack.render import render, write_tree
 from portal.stack.settings import SERVICES, StackSettings
 from tests.conftest import retry

@@ -9,7 +9,8 @@ from flask import Blueprint, Flask, url_for
 from flask.testing import FlaskClient
 from itsdangerous import URLSafeTimedSerializer
 
-from portal.web import db, wizard
+from portal.web import wizard
+from tests.support import appdb as db
 from portal.web.wizard import Step, all_steps, next_unfinished, redirect_target
 from tests.conftest import OS_PRETTY_NAME, csrf_token
 from tests.unit.conftest import https_client, unlock

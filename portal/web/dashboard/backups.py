@@ -20,10 +20,12 @@ from flask_wtf import FlaskForm
 from wtforms import BooleanField, Field, PasswordField, RadioField, SelectField, StringField, SubmitField, TextAreaField
 from wtforms.validators import ValidationError
 
-from portal.web import jobs as agentweb, security
+from portal.web import security
+from portal.web.jobs import show_error
 from portal.agent.client import AgentError
 from portal.web.steps.dns import job_status_json, latest_job, start_job
 from portal.web.dashboard import Nav, render_dashboard
+from portal.backup import privileged as backup_ops
 
 bp = Blueprint("backups", __name__, url_prefix="/admin/backups")
 NAV = Nav(64, "Backups", "backups.index")
@@ -128,14 +130,14 @@ def state() -> dict[str, Any]:
     out: dict[str, Any] = {"target": None, "target_error": None, "last": {}, "last_error": None,
                            "snapshots": [], "snapshots_error": None, "jobs": {}, "job_errors": {}}
     try:
-        out["target"] = agentweb.call("backup_target").get("target")
-        out["last"] = agentweb.call("backup_state")
+        out["target"] = backup_ops.backup_target().get("target")
+        out["last"] = backup_ops.backup_state()
     except AgentError as err:
         out["target_error"] = err.message
         return out
     if out["target"]:
         try:
-            snaps = agentweb.call("backup_list", timeout=LIST_TIMEOUT).get("snapshots") or []
+            snaps = backup_ops.backup_list().get("snapshots") or []
             out["snapshots"] = [{**s, "size": size(s.get("bytes")), "when": str(s.get("time", ""))[:19].replace("T", " ")}
                                 for s in snaps]
         except AgentError as err:
@@ -198,10 +200,10 @@ def configure() -> ResponseReturnValue:
         args.update(endpoint=form.endpoint.data, bucket=form.bucket.data, region=form.region.data,
                     access_key_id=form.access_key_id.data, secret_access_key=form.secret_access_key.data)
     try:
-        result = agentweb.call("backup_configure", timeout=CONFIGURE_TIMEOUT, **args)
+        result = backup_ops.backup_configure(**args)
     except AgentError as err:
         form.key.data = ""
-        message = agentweb.show_error(form, err)
+        message = show_error(form, err)
         if message is None:
             return page(422, target_form=form)
         key = PUBKEY_RE.search(message) if err.code == "bad_credentials" else None
@@ -242,9 +244,9 @@ def restore() -> ResponseReturnValue:
     if not form.validate_on_submit():
         return page(422, restore_form=form)
     try:
-        agentweb.call("backup_restore", snapshot=form.snapshot.data)
+        backup_ops.backup_restore(snapshot=form.snapshot.data)
     except AgentError as err:
-        message = agentweb.show_error(form, err)
+        message = show_error(form, err)
         if message is None:
             return page(422, restore_form=form)
         return page(failure_status(err), restore_form=form, restore_error=message)

@@ -18,9 +18,11 @@ from flask_wtf import FlaskForm
 from wtforms import Field, StringField, SubmitField
 from wtforms.validators import ValidationError
 
-from portal.web import jobs as agentweb, db, security
+from portal.web import state, security
+from portal.web.jobs import show_error
 from portal.agent.client import AgentError
 from portal.web.dashboard import Nav, render_dashboard
+from portal.checks import privileged as check_ops
 
 bp = Blueprint("health", __name__, url_prefix="/admin/health")
 NAV = Nav(62, "Health", "health.index")
@@ -91,10 +93,10 @@ def timeline(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def history() -> tuple[list[dict[str, Any]], str | None]:
     """Each check with its latest result and timeline, in the checks' display order."""
     try:
-        titles = agentweb.call("health_history", limit=1).get("checks") or {}
+        titles = check_ops.health_history(limit=1).get("checks") or {}
         out = []
         for check_id, title in titles.items():
-            rows = agentweb.call("health_history", check=check_id, limit=ROUNDS).get("history") or []
+            rows = check_ops.health_history(check=check_id, limit=ROUNDS).get("history") or []
             latest = rows[0] if rows else None
             out.append({"id": check_id, "title": title, "latest": latest,
                         "when": when(latest["at"]) if latest else "", "timeline": timeline(rows)})
@@ -104,7 +106,7 @@ def history() -> tuple[list[dict[str, Any]], str | None]:
 
 
 def alerts_form() -> AlertsForm:
-    settings = db.get_settings()
+    settings = state.settings()
     form = AlertsForm(formdata=None)
     form.alert_webhook_url.data = settings.get("alert_webhook_url", "")
     form.dnsbl_zones.data = settings.get("dnsbl_zones", "")
@@ -118,7 +120,7 @@ def page(status: int = 200, **extra: Any) -> ResponseReturnValue:
     overall = "fail" if "fail" in latest else "warn" if "warn" in latest else "ok" if latest else None
     return render_dashboard("dashboard/health.html", current=NAV.endpoint, checks=checks, history_error=error,
                             overall=overall, not_run=len(checks) - len(latest), words=WORDS, run_form=FlaskForm(), test_form=FlaskForm(),
-                            admin_address=db.get_setting("admin_address") or "", **extra), status
+                            admin_address=state.get_setting("admin_address") or "", **extra), status
 
 
 def failure_status(err: AgentError) -> int:
@@ -135,7 +137,7 @@ def run() -> ResponseReturnValue:
     if not FlaskForm().validate_on_submit():
         return page(400, page_error="The form expired; press “Run checks now” again.")
     try:
-        result = agentweb.call("health_run", timeout=RUN_TIMEOUT, alert=True)
+        result = check_ops.health_run(alert=True)
     except AgentError as err:
         return page(failure_status(err), page_error=f"The checks did not run: {err.message}")
     security.rotate_csrf()
@@ -151,10 +153,10 @@ def alerts() -> ResponseReturnValue:
     if not form.validate_on_submit():
         return page(422, alerts=form)
     try:
-        result = agentweb.call("alerts_configure", webhook_url=form.alert_webhook_url.data,
+        result = check_ops.alerts_configure(webhook_url=form.alert_webhook_url.data,
                                dnsbl_zones=form.dnsbl_zones.data)
     except AgentError as err:
-        message = agentweb.show_error(form, err)
+        message = show_error(form, err)
         if message is None:
             return page(422, alerts=form)
         return page(failure_status(err), alerts=form, alerts_error=message)
@@ -169,7 +171,7 @@ def alerts_test() -> ResponseReturnValue:
     if not FlaskForm().validate_on_submit():
         return page(400, alerts_error="The form expired; press “Send a test alert” again.")
     try:
-        result = agentweb.call("alerts_test", timeout=60)
+        result = check_ops.alerts_test()
     except AgentError as err:
         return page(failure_status(err), alerts_error=f"The test alert was not sent: {err.message}")
     security.rotate_csrf()

@@ -13,7 +13,12 @@ from typing import Any
 from flask import Blueprint
 from flask.typing import ResponseReturnValue
 
-from portal.web import jobs as agentweb, db
+from portal.agent import jobs as jobs_ops
+from portal.agent.registry import Operation
+from portal.certs import privileged as cert_ops
+from portal.setup import privileged as setup_ops
+from portal.stack import privileged as stack_ops
+from portal.web import state
 from portal.agent.client import AgentError
 from portal.web.dashboard import Nav, render_dashboard
 
@@ -151,27 +156,27 @@ def overall(checks: list[Health]) -> str:
     return RED if RED in colours else (AMBER if AMBER in colours else GREEN)
 
 
-def _ask(op: str, **args: Any) -> dict[str, Any] | AgentError:
+def _ask(op: Operation, **args: Any) -> dict[str, Any] | AgentError:
     try:
-        return agentweb.call(op, timeout=10, **args)
+        return op(**args)
     except AgentError as err:
         return err
 
 
 def health_checks() -> list[Health]:
-    dns_job = _ask("job_latest", kind="dns_check")
+    dns_job = _ask(jobs_ops.job_latest, kind="dns_check")
     return [
-        services_health(_ask("stack_status")),
-        cert_health(_ask("cert_status")),
-        dns_health(dns_job.get("job") if isinstance(dns_job, dict) else dns_job, db.get_setting("dns_status")),
-        disk_health(_ask("system_status")),
+        services_health(_ask(stack_ops.stack_status)),
+        cert_health(_ask(cert_ops.cert_status)),
+        dns_health(dns_job.get("job") if isinstance(dns_job, dict) else dns_job, state.get_setting("dns_status")),
+        disk_health(_ask(setup_ops.system_status)),
     ]
 
 
 @bp.get("/")
 def home() -> ResponseReturnValue:
     checks = health_checks()
-    settings = db.get_settings()
+    settings = state.settings()
     return render_dashboard("dashboard/home.html", current=NAV.endpoint, checks=checks,
                             overall=overall(checks), domain=settings.get("domain", ""),
                             mail_host=settings.get("mail_host", ""))

@@ -10,11 +10,11 @@ from flask_wtf import FlaskForm
 from wtforms import IntegerField, SelectField
 from wtforms.validators import InputRequired, NumberRange
 
-from portal.web import jobs as agentweb
 from portal.agent.client import AgentError
 from portal.setup.privileged import MAX_LOG_LINES
 from portal.stack.settings import SERVICES
 from portal.web.dashboard import Nav, render_dashboard
+from portal.setup import privileged as setup_ops
 
 bp = Blueprint("logs", __name__, url_prefix="/admin/logs")
 NAV = Nav(70, "Logs", "logs.index")
@@ -45,7 +45,7 @@ def fetch(services: list[str], lines: int) -> list[dict[str, Any]]:
     out = []
     for service in services:
         try:
-            result = agentweb.call("stack_logs", service=service, lines=lines)
+            result = setup_ops.stack_logs(service=service, lines=lines)
             out.append({"service": service, "lines": result.get("lines", []), "error": None})
         except AgentError as err:
             out.append({"service": service, "lines": [], "error": explain(err)})

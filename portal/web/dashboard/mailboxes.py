@@ -14,10 +14,13 @@ from flask_wtf import FlaskForm
 from wtforms import BooleanField, Field, HiddenField, IntegerField, PasswordField, SelectField, StringField
 from wtforms.validators import InputRequired, NumberRange, Optional, ValidationError
 
-from portal.web import jobs as agentweb, security
+from portal.agent.registry import Operation
+from portal.web import security
+from portal.web.jobs import show_error
 from portal.agent.client import AgentError
 from portal.stack.accounts import MAX_PASSWORD_LENGTH, MAX_QUOTA_MB, MIN_PASSWORD_LENGTH, AccountError, check_address
 from portal.web.dashboard import Nav, render_dashboard
+from portal.stack import privileged as stack_ops
 
 bp = Blueprint("mailboxes", __name__, url_prefix="/admin/mailboxes")
 NAV = Nav(20, "Mailboxes", "mailboxes.index")
@@ -113,7 +116,7 @@ def forms(**given: FlaskForm) -> dict[str, FlaskForm]:
 
 def listing() -> tuple[list[dict[str, Any]], list[dict[str, Any]], str | None]:
     try:
-        result = agentweb.call("mailbox_list")
+        result = stack_ops.mailbox_list()
     except AgentError as err:
         return [], [], err.message
     return result.get("mailboxes", []), result.get("aliases", []), None
@@ -129,7 +132,7 @@ def page(status: int = 200, error: str | None = None, **given: FlaskForm) -> Res
                             aliases=aliases, list_error=list_error, error=error, forms=all_forms), status
 
 
-def act(form: FlaskForm, name: str, op: str, args: Callable[[], dict[str, Any]],
+def act(form: FlaskForm, name: str, op: Operation, args: Callable[[], dict[str, Any]],
         done: Callable[[], str]) -> ResponseReturnValue:
     """Validate `form`, call the agent with `args()`, and redirect with the message
     `done()`, or show the page again with the errors on their fields."""
@@ -137,9 +140,9 @@ def act(form: FlaskForm, name: str, op: str, args: Callable[[], dict[str, Any]],
         _integer_messages(form)
         return page(422, **{name: form})
     try:
-        agentweb.call(op, **args())
+        op(**args())
     except AgentError as err:
-        message = agentweb.show_error(form, err)
+        message = show_error(form, err)
         if message is None:
             return page(422, **{name: form})
         # 503 only when the agent itself does not answer; a missing docker engine is a
@@ -159,7 +162,7 @@ def index() -> ResponseReturnValue:
 @bp.post("/create")
 def create() -> ResponseReturnValue:
     form = CreateForm(prefix="create")
-    return act(form, "create", "mailbox_create",
+    return act(form, "create", stack_ops.mailbox_create,
                lambda: {"address": form.address.data, "password": form.password.data,
                         "quota_mb": form.quota_mb.data or 0},
                lambda: f"Mailbox {form.address.data} created.")
@@ -182,9 +185,9 @@ def delete() -> ResponseReturnValue:
     if not valid:
         return page(422, delete=form)
     try:
-        result = agentweb.call("mailbox_delete", address=form.address.data)
+        result = stack_ops.mailbox_delete(address=form.address.data)
     except AgentError as err:
-        return page(409, error=agentweb.show_error(form, err), delete=form)
+        return page(409, error=show_error(form, err), delete=form)
     security.rotate_csrf()
     removed = len(result.get("aliases_removed", []))
     flash(f"Mailbox {form.address.data} deleted"
@@ -195,7 +198,7 @@ def delete() -> ResponseReturnValue:
 @bp.post("/reset-password")
 def reset_password() -> ResponseReturnValue:
     form = ResetForm(prefix="reset")
-    return act(form, "reset", "mailbox_reset_password",
+    return act(form, "reset", stack_ops.mailbox_reset_password,
                lambda: {"address": form.address.data, "new_password": form.new_password.data},
                lambda: f"New password set for {form.address.data}.")
 
@@ -203,7 +206,7 @@ def reset_password() -> ResponseReturnValue:
 @bp.post("/quota")
 def quota() -> ResponseReturnValue:
     form = QuotaForm(prefix="quota")
-    return act(form, "quota", "mailbox_quota",
+    return act(form, "quota", stack_ops.mailbox_quota,
                lambda: {"address": form.address.data, "quota_mb": form.quota_mb.data},
                lambda: f"Quota of {form.address.data} changed.")
 
@@ -211,7 +214,7 @@ def quota() -> ResponseReturnValue:
 @bp.post("/alias")
 def alias_add() -> ResponseReturnValue:
     form = AliasForm(prefix="alias")
-    return act(form, "alias", "alias_add",
+    return act(form, "alias", stack_ops.alias_add,
                lambda: {"source": form.source.data, "destination": form.destination.data},
                lambda: f"{form.source.data} now forwards to {form.destination.data}.")
 
@@ -222,7 +225,7 @@ def alias_remove() -> ResponseReturnValue:
     if not form.validate_on_submit():
         return page(422, error="That alias could not be removed: reload the page and try again.")
     try:
-        agentweb.call("alias_remove", source=form.source.data, destination=form.destination.data)
+        stack_ops.alias_remove(source=form.source.data, destination=form.destination.data)
     except AgentError as err:
         return page(409, error=err.message)
     security.rotate_csrf()

@@ -19,9 +19,11 @@ from flask_wtf import FlaskForm
 from wtforms import Field, StringField, SubmitField
 from wtforms.validators import ValidationError
 
-from portal.web import jobs as agentweb, security
+from portal.web import security
+from portal.web.jobs import show_error
 from portal.agent.client import AgentError
 from portal.web.dashboard import Nav, render_dashboard
+from portal.agent import scheduler as schedule_ops
 
 bp = Blueprint("schedules", __name__, url_prefix="/admin/schedules")
 NAV = Nav(66, "Schedules", "schedules.index")
@@ -84,8 +86,8 @@ def duration(seconds: float | None) -> str:
 
 def listing() -> tuple[list[dict[str, Any]], list[dict[str, Any]], str | None]:
     try:
-        jobs = agentweb.call("schedule_list").get("jobs") or []
-        runs = agentweb.call("schedule_runs", limit=RECENT).get("runs") or []
+        jobs = schedule_ops.schedule_list().get("jobs") or []
+        runs = schedule_ops.schedule_runs(limit=RECENT).get("runs") or []
     except AgentError as err:
         return [], [], err.message
     return jobs, runs, None
@@ -131,11 +133,11 @@ def change(job: str) -> ResponseReturnValue:
         return page(422, **{job: form})
     cron = "default" if form.reset.data else form.cron.data
     try:
-        result = agentweb.call("schedule_set", job=job, cron=cron)
+        result = schedule_ops.schedule_set(job=job, cron=cron)
     except AgentError as err:
         if err.message.startswith("job:"):
             abort(404)
-        message = agentweb.show_error(form, err)
+        message = show_error(form, err)
         if message is None:
             return page(422, **{job: form})
         return page(503 if err.code in ("unavailable", "timeout") else 409, error=message, **{job: form})
@@ -149,7 +151,7 @@ def run_now(job: str) -> ResponseReturnValue:
     if not FlaskForm().validate_on_submit():
         return page(400, error="The form expired; press “Run now” again.")
     try:
-        result = agentweb.call("schedule_run_now", timeout=RUN_WAIT, job=known(job))
+        result = schedule_ops.schedule_run_now(job=known(job))
     except AgentError as err:
         if err.message.startswith("job:"):
             abort(404)

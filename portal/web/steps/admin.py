@@ -19,11 +19,13 @@ from markupsafe import Markup
 from wtforms import PasswordField, StringField
 from wtforms.validators import ValidationError
 
-from portal.web import db, security, wizard
+from portal.web import state, security, wizard
 from portal.agent.client import AgentError
-from portal.web.jobs import call, show_error
+from portal.web.jobs import show_error
 from portal.dns.names import normalize_domain
 from portal.dns.update import DnsError
+from portal.admin import privileged as admin_ops
+from portal.setup import privileged as setup_ops
 
 bp = Blueprint("admin", __name__, url_prefix="/setup")
 STEP = wizard.Step(id="admin", endpoint="admin.index", order=20, title="Administrator")
@@ -111,7 +113,7 @@ def enrolment(address: str, fallback: str) -> tuple[dict[str, Any] | None, str |
     refuses `address`): (result, None) or (None, why not)."""
     for candidate in dict.fromkeys((address, fallback)):
         try:
-            return call("admin_totp_begin", address=candidate), None
+            return admin_ops.admin_totp_begin(address=candidate), None
         except AgentError as err:
             problem = err.message
             if err.code not in ("invalid", "bad_args"):
@@ -121,26 +123,26 @@ def enrolment(address: str, fallback: str) -> tuple[dict[str, Any] | None, str |
 
 def admin_status() -> dict[str, Any]:
     try:
-        return call("admin_status")
+        return admin_ops.admin_status()
     except AgentError:
         return {"configured": False}
 
 
 @bp.route("/admin", methods=["GET", "POST"])
 def index() -> ResponseReturnValue:
-    settings = db.get_settings()
+    settings = state.settings()
     domain = domain_unicode(settings.get("domain", ""))
     default_address = settings.get("admin_address") or f"postmaster@{domain}"
     form = AdminForm(domain=domain)
     error = None
     if form.validate_on_submit():
         try:
-            result = call("admin_setup", address=form.address.data, password=form.password.data,
+            result = admin_ops.admin_setup(address=form.address.data, password=form.password.data,
                           totp_code=form.totp_code.data)
         except AgentError as err:
             error = show_error(form, err)
         else:
-            db.set_settings({"admin_address": result["address"]})
+            state.forget()
             security.rotate_csrf()
             return wizard.render_wizard("wizard/admin_codes.html", current=STEP,
                                         address=result["address"], codes=result["recovery_codes"],
@@ -152,7 +154,7 @@ def index() -> ResponseReturnValue:
     return wizard.render_wizard(
         "wizard/admin.html", current=STEP, form=form, error=error, totp=totp, totp_error=totp_error,
         qr=qr_svg(totp["uri"]) if totp else None, admin_state=admin_state, saved_form=SavedForm(),
-        step_done="admin" in db.done_steps(),
+        step_done="admin" in state.done_steps(),
     )
 
 
@@ -162,8 +164,10 @@ def saved() -> ResponseReturnValue:
     form = SavedForm()
     if not form.validate_on_submit():
         return redirect(url_for("admin.index"), code=303)
-    if not admin_status().get("configured"):
+    try:
+        setup_ops.wizard_admin_done()
+    except AgentError:
         return redirect(url_for("admin.index"), code=303)
-    db.mark_step_done("admin")
+    state.forget()
     security.rotate_csrf()
     return redirect(url_for(wizard.INDEX), code=303)

@@ -18,9 +18,11 @@ from flask_wtf import FlaskForm
 from wtforms import BooleanField, RadioField, StringField, SubmitField, TextAreaField
 from wtforms.validators import ValidationError
 
-from portal.web import jobs as agentweb, db, security, wizard
+from portal.web import security, state, wizard
 from portal.agent.client import AgentError
 from portal.web.steps.dns import attach_error, job_status_json, latest_job, start_job, strip
+from portal.certs import privileged as cert_ops
+from portal.setup import privileged as setup_ops
 
 bp = Blueprint("certs", __name__, url_prefix="/setup")
 STEP = wizard.Step(id="certs", endpoint="certs.index", order=40, title="Certificates")
@@ -118,7 +120,7 @@ class ContinueForm(FlaskForm):
 
 def cert_status() -> tuple[dict[str, Any] | None, str | None]:
     try:
-        return agentweb.call("cert_status"), None
+        return cert_ops.cert_status(), None
     except AgentError as err:
         return None, err.message
 
@@ -159,7 +161,7 @@ class CertPages:
         return self.bp.name
 
     def page(self, status: int = 200, **extra: Any) -> ResponseReturnValue:
-        s = db.get_settings()
+        s = state.settings()
         cert, cert_error = cert_status()
         job, job_error = latest_job("cert_issue")
         extra.setdefault("acme_form", acme_form_from_settings(s))
@@ -171,23 +173,21 @@ class CertPages:
         return self.render(**context), status
 
     def settings(self) -> ResponseReturnValue:
-        s = db.get_settings()
+        s = state.settings()
         form = AcmeForm(dns01_allowed=rfc2136_configured(s))
         if not form.validate_on_submit():
             return self.page(acme_form=form)
         custom = form.acme_ca.data == "custom"
         pem = (form.acme_ca_bundle_pem.data or "").strip() if custom else ""
         try:
-            agentweb.call(
-                "acme_configure",
-                directory=form.acme_directory.data if custom else form.acme_ca.data,
-                contact=form.acme_contact.data, challenge=form.acme_challenge.data,
+            cert_ops.acme_configure(
+                directory=form.acme_directory.data if custom else form.acme_ca.data, contact=form.acme_contact.data, challenge=form.acme_challenge.data,
                 include_apex=flag(s, "acme_include_apex"), reuse_key=flag(s, "acme_reuse_key"),
-                ca_bundle=s.get("acme_ca_bundle", "") if custom and not pem else "",
-                caa_issuer=s.get("acme_caa_issuer", ""), ca_bundle_pem=pem)
+                keep_ca_bundle=custom and not pem, caa_issuer=s.get("acme_caa_issuer", ""), ca_bundle_pem=pem)
         except AgentError as err:
             left = attach_error(form, err, AGENT_FIELDS)
             return self.page(acme_form=form, acme_error=left)
+        state.forget()
         security.rotate_csrf()
         flash("Certificate settings saved. Press “Get the certificate” to ask the CA.", "ok")
         return redirect(url_for(f"{self.ep}.index", _anchor="cert-issue"), code=303)
@@ -214,7 +214,7 @@ pages = CertPages(bp, _render_step)
 
 @bp.before_request
 def earlier_steps_first() -> ResponseReturnValue | None:
-    nxt = wizard.next_unfinished(wizard.all_steps(), db.done_steps())
+    nxt = wizard.next_unfinished(wizard.all_steps(), state.done_steps())
     if nxt is not None and nxt.order < STEP.order:
         return redirect(url_for(nxt.endpoint), code=303 if request.method == "POST" else 302)
     return None
@@ -241,6 +241,10 @@ def index() -> ResponseReturnValue:
                 "No certificate from a CA is installed yet: get one above, or continue with the self-signed "
                 "certificate."))
         choice = "ca"
-    db.save_step(STEP.id, {"cert_choice": choice})
+    try:
+        setup_ops.wizard_certs_done(choice=choice)
+    except AgentError as err:
+        return pages.page(status=409, continue_form=form, continue_error=err.message)
+    state.forget()
     security.rotate_csrf()
     return redirect(url_for(wizard.INDEX), code=303)

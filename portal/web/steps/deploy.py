@@ -15,9 +15,11 @@ from flask.typing import ResponseReturnValue
 from flask_wtf import FlaskForm
 from werkzeug.routing import BuildError
 
-from portal.web import jobs as agentweb, clientsetup, db, security, wizard
+from portal.web import clientsetup, security, state, wizard
 from portal.agent.client import AgentError
 from portal.stack.settings import SERVICES
+from portal.agent import jobs as jobs_ops
+from portal.setup import privileged as setup_ops
 
 bp = Blueprint("deploy", __name__, url_prefix="/setup")
 STEP = wizard.Step(id="deploy", endpoint="deploy.index", order=50, title="Deploy")
@@ -61,13 +63,13 @@ def login_url() -> str:
 
 
 def deployed() -> bool:
-    return db.get_setting("stack_deployed") == "1"
+    return state.get_setting("stack_deployed") == "1"
 
 
 @bp.before_request
 def earlier_steps_first() -> ResponseReturnValue | None:
     """This blueprint's other pages (client settings, Finish) need the steps before Deploy done."""
-    nxt = wizard.next_unfinished(wizard.all_steps(), db.done_steps())
+    nxt = wizard.next_unfinished(wizard.all_steps(), state.done_steps())
     if nxt is not None and nxt.order < STEP.order:
         return redirect(url_for(nxt.endpoint), code=303)
     return None
@@ -75,7 +77,7 @@ def earlier_steps_first() -> ResponseReturnValue | None:
 
 def latest_job() -> tuple[dict[str, Any] | None, str | None]:
     try:
-        return agentweb.call("job_latest", kind=JOB).get("job"), None
+        return jobs_ops.job_latest(kind=JOB).get("job"), None
     except AgentError as err:
         return None, err.message
 
@@ -83,11 +85,12 @@ def latest_job() -> tuple[dict[str, Any] | None, str | None]:
 @bp.get("/deploy")
 def index() -> ResponseReturnValue:
     job, agent_error = latest_job()
-    state = job["state"] if job else None
+    job_state = job["state"] if job else None
     return wizard.render_wizard(
-        "wizard/deploy.html", current=STEP, form=StartForm(), job=job, job_state=state,
+        "wizard/deploy.html", current=STEP, form=StartForm(), job=job, job_state=job_state,
         services=service_progress(job["events"] if job else []), deployed=deployed(),
-        agent_error=agent_error, again=state in ("failed", "interrupted") or (deployed() and state != "running"),
+        agent_error=agent_error,
+        again=job_state in ("failed", "interrupted") or (deployed() and job_state != "running"),
     )
 
 
@@ -97,7 +100,7 @@ def start() -> ResponseReturnValue:
     form = StartForm()
     if form.validate_on_submit():
         try:
-            agentweb.call("job_start", kind=JOB)
+            setup_ops.setup_deploy()
         except AgentError as err:
             job, _ = latest_job()
             return wizard.render_wizard(
@@ -149,10 +152,9 @@ def finish() -> ResponseReturnValue:
     if not form.validate_on_submit():
         return redirect(url_for("deploy.clients"), code=303)
     try:
-        agentweb.call("setup_finish")
+        setup_ops.setup_finish()
     except AgentError as err:
         return _clients_page(409 if err.code == "not_ready" else 503, finish_error=err.message)
-    db.mark_step_done(STEP.id)
     session.clear()
     security.rotate_csrf()
     return redirect(login_url(), code=303)

@@ -20,8 +20,12 @@ from flask_wtf import FlaskForm
 from wtforms import BooleanField, PasswordField, SelectField, StringField, SubmitField
 from wtforms.validators import ValidationError
 
-from portal.web import jobs as agentweb, db, security, wizard
+from portal.web import security, state, wizard
 from portal.agent.client import AgentError
+from portal.agent import jobs as jobs_ops
+from portal.dns import privileged as dns_ops
+from portal.setup import privileged as setup_ops
+from portal.web.jobs import show_error
 
 bp = Blueprint("dns", __name__, url_prefix="/setup")
 STEP = wizard.Step(id="dns", endpoint="dns.index", order=30, title="DNS")
@@ -148,7 +152,7 @@ VERDICT_WORDS = {"ok": "OK", "missing": "Missing", "different": "Different", "co
 def latest_job(kind: str) -> tuple[dict[str, Any] | None, str | None]:
     """The newest job of `kind`, or (None, why the agent could not say)."""
     try:
-        return agentweb.call("job_latest", kind=kind).get("job"), None
+        return jobs_ops.job_latest(kind=kind).get("job"), None
     except AgentError as err:
         return None, err.message
 
@@ -168,8 +172,10 @@ def job_status_json(kind: str) -> ResponseReturnValue:
 
 def start_job(kind: str) -> str | None:
     """Start a job of `kind` (no-JavaScript path; jobs.js posts to /jobs/<kind>/start)."""
+    from portal.web.jobs import web_job
+
     try:
-        agentweb.call("job_start", kind=kind)
+        web_job(kind)()
     except AgentError as err:
         return err.message
     return None
@@ -212,23 +218,13 @@ def merge_rows(table: list[dict[str, Any]], summary: dict[str, Any]) -> list[dic
 
 
 def push_config() -> dict[str, str]:
-    s = db.get_settings()
+    s = state.settings()
     return {k: s.get(k, "") for k in ("rfc2136_server", "rfc2136_port", "rfc2136_key_name", "rfc2136_algorithm")}
 
 
 def attach_error(form: FlaskForm, err: AgentError, fields: dict[str, str] | None = None) -> str | None:
-    """agentweb.show_error, plus the agent's other field convention ("<field> '<value>' is ...",
-    from name checks): the message goes to that field, led by its label. Returns what no field took."""
-    left = agentweb.show_error(form, err, fields)
-    if left is None or err.code not in ("invalid", "bad_args", "not_configured"):
-        return left
-    name, _, rest = left.partition(" ")
-    target = (fields or {}).get(name, name)
-    if rest and target in form._fields:
-        field = form._fields[target]
-        field.errors = [*field.errors, f"{field.label.text} {rest}"]
-        return None
-    return left
+    """The agent's message on the field it names (its `field`); returns what no field took."""
+    return show_error(form, err, fields)
 
 
 class DnsPages:
@@ -250,7 +246,7 @@ class DnsPages:
     def page(self, status: int = 200, **extra: Any) -> ResponseReturnValue:
         records, records_error = None, None
         try:
-            records = agentweb.call("dns_records")
+            records = dns_ops.dns_records()
         except AgentError as err:
             records_error = err.message
         job, job_error = latest_job("dns_check")
@@ -276,7 +272,7 @@ class DnsPages:
 
     def zone(self) -> ResponseReturnValue:
         try:
-            records = agentweb.call("dns_records")
+            records = dns_ops.dns_records()
         except AgentError as err:
             return self.page(status=409, page_error=f"The zone file cannot be made: {err.message}")
         domain = re.sub(r"[^a-z0-9.-]", "", str(records.get("domain", "zone")).lower()) or "zone"
@@ -299,7 +295,7 @@ class DnsPages:
         form = PushConfigForm()
         if form.validate_on_submit():
             try:
-                agentweb.call("dns_configure_push", server=form.rfc2136_server.data,
+                dns_ops.dns_configure_push(server=form.rfc2136_server.data,
                               port=int(form.rfc2136_port.data or "53"), key_name=form.rfc2136_key_name.data,
                               secret="".join(form.rfc2136_secret.data.split()),
                               algorithm=form.rfc2136_algorithm.data)
@@ -319,7 +315,7 @@ class DnsPages:
             return self.page(status=400, page_error="The form expired; press the button again.")
         dry_run = bool(form.push_dry_run.data)
         try:
-            result = agentweb.call("dns_push", dry_run=dry_run, timeout=60)
+            result = dns_ops.dns_push(dry_run=dry_run)
         except AgentError as err:
             return self.page(status=200, push_error=err.message, push_form=form)
         if not dry_run:
@@ -338,7 +334,7 @@ pages = DnsPages(bp, _render_step)
 @bp.before_request
 def earlier_steps_first() -> ResponseReturnValue | None:
     """The step's helper routes (zone, check, push) wait for the earlier steps too."""
-    nxt = wizard.next_unfinished(wizard.all_steps(), db.done_steps())
+    nxt = wizard.next_unfinished(wizard.all_steps(), state.done_steps())
     if nxt is not None and nxt.order < STEP.order:
         return redirect(url_for(nxt.endpoint), code=303 if request.method == "POST" else 302)
     return None
@@ -363,7 +359,12 @@ def index() -> ResponseReturnValue:
             form.accept_problems.errors = [
                 "Tick this box to continue with the problems listed above, or fix them and check again."]
             return pages.page(status=200, continue_form=form)
-        db.save_step(STEP.id, {"dns_status": status})
+        try:  # the agent decides again from its own record of the check
+            setup_ops.wizard_dns_done(accept_problems=bool(form.accept_problems.data))
+        except AgentError as err:
+            left = show_error(form, err)
+            return pages.page(status=409 if left else 200, continue_form=form, continue_error=left)
+        state.forget()
         security.rotate_csrf()
         return redirect(url_for(wizard.INDEX), code=303)
     return pages.page(continue_form=ContinueForm(formdata=None))

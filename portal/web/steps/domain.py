@@ -19,13 +19,15 @@ from flask_wtf import FlaskForm
 from wtforms import Field, StringField
 from wtforms.validators import ValidationError
 
-from portal.web import db, security, wizard
+from portal.web import state, security, wizard
 from portal.agent.client import AgentError
-from portal.web.jobs import call
 from portal.dns.check import parse_resolvers
 from portal.dns.names import Name, normalize_domain
 from portal.dns.settings import check_ip, flag
 from portal.dns.update import DnsError
+from portal.admin import privileged as admin_ops
+from portal.setup import privileged as setup_ops
+from portal.web.jobs import show_error
 
 bp = Blueprint("domain", __name__, url_prefix="/setup")
 STEP = wizard.Step(id="domain", endpoint="domain.index", order=10, title="Domain")
@@ -149,7 +151,7 @@ class DomainForm(FlaskForm):
 def detected() -> tuple[dict[str, list[str]], str | None]:
     """The agent's net_addresses, or empty lists and why they are missing."""
     try:
-        found = call("net_addresses", timeout=5.0)
+        found = admin_ops.net_addresses()
     except AgentError as err:
         return {"ipv4": [], "ipv6": [], "resolvers": []}, err.message
     return {k: [str(a) for a in found.get(k, [])] for k in ("ipv4", "ipv6", "resolvers")}, None
@@ -157,19 +159,22 @@ def detected() -> tuple[dict[str, list[str]], str | None]:
 
 @bp.route("/domain", methods=["GET", "POST"])
 def index() -> ResponseReturnValue:
-    saved = db.get_settings()
+    saved = state.settings()
     form = DomainForm(allow_private=flag(saved, "dns_allow_private"))
+    error = None
     if form.validate_on_submit():
         assert form.domain_name is not None and form.mail_host_name is not None
-        db.save_step("domain", {
-            "domain": form.domain_name.ascii,
-            "mail_host": form.mail_host_name.ascii,
-            "public_ipv4": form.public_ipv4.data,
-            "public_ipv6": form.public_ipv6.data,
-            "dns_resolvers": form.dns_resolvers.data,
-        })
-        security.rotate_csrf()
-        return redirect(url_for(wizard.INDEX), code=303)
+        try:  # the agent checks every value again before it stores them
+            setup_ops.wizard_domain(domain=form.domain_name.ascii, mail_host=form.mail_host_name.ascii,
+                                    public_ipv4=form.public_ipv4.data or "",
+                                    public_ipv6=form.public_ipv6.data or "",
+                                    dns_resolvers=form.dns_resolvers.data or "")
+        except AgentError as err:
+            error = show_error(form, err)
+        else:
+            state.forget()
+            security.rotate_csrf()
+            return redirect(url_for(wizard.INDEX), code=303)
     found, detect_error = detected()
     if not form.is_submitted():
         form.domain.data = unicode_form(saved.get("domain", ""))
@@ -181,4 +186,4 @@ def index() -> ResponseReturnValue:
     names = {key: {"ascii": saved[key], "unicode": unicode_form(saved[key])}
              for key in ("domain", "mail_host") if saved.get(key)}
     return wizard.render_wizard("wizard/domain.html", current=STEP, form=form, names=names,
-                                detected=found, detect_error=detect_error)
+                                detected=found, detect_error=detect_error or error)
