@@ -161,6 +161,14 @@ class Operation:
             return self.start(ctx, **checked)
         return self.func(ctx, **checked)
 
+    def run_checked(self, ctx: Context, args: Any) -> dict[str, Any]:
+        """As the server would, but in this thread: arguments checked, then (a job's check
+        first) the function run to its end. For the agent's own callers and tests."""
+        checked = validate_args(self, args)
+        if self.job and self.check is not None:
+            checked = {**checked, **(self.check(ctx, **checked) or {})}
+        return self.run(ctx, **checked)
+
     def loggable(self, args: Any) -> str:
         """The arguments as the agent logs them: secrets replaced, values shortened."""
         if not isinstance(args, dict):

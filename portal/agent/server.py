@@ -239,6 +239,7 @@ def _terminate(_signum: int, _frame: object) -> NoReturn:
 
 
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _terminate)  # first: a stop during the start is a clean exit
     args = parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
                         format="%(levelname)s %(name)s: %(message)s")
@@ -251,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     if dropped:
         log.warning("dropped the unused table(s) %s from state.db (never read)", ", ".join(dropped))
 
+    registry = ops.load_all()  # before the socket answers: connectable means ready
+
     path = Path(args.socket)
     activated = systemd_socket()
     if activated is not None:
@@ -261,20 +264,20 @@ def main(argv: list[str] | None = None) -> int:
             group = pwd.getpwnam(args.allow_user[0]).pw_gid
         sock, owns_path = bind_socket(path, group), True
 
-    server = AgentServer(str(path), ctx, uids, conn_timeout=args.timeout, bind_and_activate=False,
-                         web_uids=web)
-    server.socket.close()
-    server.socket = sock
-    signal.signal(signal.SIGTERM, _terminate)
-    notify_ready()
-    if not args.no_scheduler:  # in the background: operations are served meanwhile
-        from portal.agent import scheduler
-
-        scheduler.start_in_background(ctx)
-    log.info("listening on %s (root uids: %s; web uids: %s; %d operations, %d for the web)", path,
-             ",".join(map(str, sorted(uids))), ",".join(map(str, sorted(server.web_uids))) or "-",
-             len(server.registry), sum(op.web for op in server.registry.values()))
+    server = None
     try:
+        server = AgentServer(str(path), ctx, uids, registry=registry, conn_timeout=args.timeout,
+                             bind_and_activate=False, web_uids=web)
+        server.socket.close()
+        server.socket = sock
+        notify_ready()
+        if not args.no_scheduler:  # in the background: operations are served meanwhile
+            from portal.agent import scheduler
+
+            scheduler.start_in_background(ctx)
+        log.info("listening on %s (root uids: %s; web uids: %s; %d operations, %d for the web)", path,
+                 ",".join(map(str, sorted(uids))), ",".join(map(str, sorted(server.web_uids))) or "-",
+                 len(server.registry), sum(op.web for op in server.registry.values()))
         server.serve_forever()
     except KeyboardInterrupt:
         pass
@@ -282,7 +285,10 @@ def main(argv: list[str] | None = None) -> int:
         from portal.agent import scheduler
 
         scheduler.shutdown()
-        server.server_close()
+        if server is not None:
+            server.server_close()
+        else:
+            sock.close()
         if owns_path:
             path.unlink(missing_ok=True)
     return 0

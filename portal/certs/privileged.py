@@ -47,7 +47,7 @@ def _dns_setup(state_dir: Path) -> tuple[Any, list[tuple[str, int]], int]:
     from portal.dns.check import parse_resolvers
     from portal.dns.update import DnsError, load_update_target, parse_port
 
-    values = read_settings(state_dir)
+    values = read_settings(state_dir, strict=True)
     try:
         target = load_update_target(state_dir)
         if not values.get("dns_resolvers", "").strip():

@@ -140,5 +140,5 @@ def load_acme_settings(state_dir: Path) -> AcmeSettings:
         stack = load_settings(state_dir)
     except SettingsError as exc:
         raise CertError(f"{exc.field}: {exc.message}", exc.field) from None
-    return parse_acme_settings(read_settings(state_dir), stack.domain, stack.hostname,
+    return parse_acme_settings(read_settings(state_dir, strict=True), stack.domain, stack.hostname,
                                state_dir)

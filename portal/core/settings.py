@@ -238,6 +238,27 @@ def acme_directory(key: str, value: str) -> str:
     return url(key, value)
 
 
+def key_name(key: str, value: str) -> str:
+    """A TSIG key name: DNS labels (one is enough), e.g. mailstead-key or k1.example.org."""
+    name = value.strip().lower().rstrip(".")
+    if not name:
+        return ""
+    if len(name) > 253 or not all(LABEL.fullmatch(label) for label in name.split(".")):
+        raise SettingsError(key, f"'{name[:64]}' is not a key name (letters, digits, hyphens and dots)")
+    return name
+
+
+def host(key: str, value: str) -> str:
+    """An IP address or a host name."""
+    value = value.strip()
+    if not value:
+        return ""
+    try:
+        return _ip(key, value)
+    except SettingsError:
+        return dns_name(key, value)
+
+
 def zone_list(key: str, value: str) -> str:
     items = [z.strip() for z in value.split(",") if z.strip()]
     if len(items) > 20:
@@ -260,9 +281,9 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
     Setting("dmarc_rua", email),
     Setting("tlsrpt_rua", email),
     Setting("mta_sts_mode", choice("enforce", "testing", "none")),
-    Setting("rfc2136_server", ip(allow_empty=True)),
+    Setting("rfc2136_server", host),
     Setting("rfc2136_port", optional_port),
-    Setting("rfc2136_key_name", optional_dns_name),
+    Setting("rfc2136_key_name", key_name),
     Setting("rfc2136_algorithm", choice("hmac-sha256", "hmac-sha512")),
     # The mail stack.
     Setting("stack_ports", ports_json),

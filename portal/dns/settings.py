@@ -114,7 +114,7 @@ def load_dns_settings(state_dir: Path, *, allow_private: bool | None = None,
     from portal.stack.settings import StackSettings
     from portal.core.store import read_settings
 
-    values = read_settings(state_dir)
+    values = _checked_settings(state_dir)
     if allow_private is None:
         allow_private = flag(values, "dns_allow_private")
     if not values.get("domain", "").strip():
@@ -158,3 +158,14 @@ def load_dns_settings(state_dir: Path, *, allow_private: bool | None = None,
         dnssec=flag(values, "dns_dnssec") if dnssec is None else dnssec,
         tls_key=tls_key,
     )
+
+
+def _checked_settings(state_dir: Path) -> dict[str, str]:
+    """The stored settings, each checked again (a bad one is a DnsError naming it)."""
+    from portal.core.settings import SettingsError
+    from portal.core.store import read_settings
+
+    try:
+        return read_settings(state_dir, strict=True)
+    except SettingsError as exc:
+        raise DnsError(exc.message, exc.field) from None

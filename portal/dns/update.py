@@ -194,7 +194,7 @@ def load_update_target(state_dir: Path) -> UpdateTarget | None:
     """The RFC 2136 target from the settings and the secret file; None if not configured."""
     from portal.core.store import read_settings
 
-    values = read_settings(state_dir)
+    values = _checked_settings(state_dir)
     server = values.get("rfc2136_server", "").strip()
     if not server:
         return None
@@ -301,3 +301,14 @@ def push(target: UpdateTarget, records: list, dry_run: bool = False) -> list[Cha
                            f"({err.message})") from None
         raise
     return changes
+
+
+def _checked_settings(state_dir: Path) -> dict[str, str]:
+    """The stored settings, each checked again (a bad one is a DnsError naming it)."""
+    from portal.core.settings import SettingsError
+    from portal.core.store import read_settings
+
+    try:
+        return read_settings(state_dir, strict=True)
+    except SettingsError as exc:
+        raise DnsError(exc.message, exc.field) from None

@@ -199,6 +199,7 @@ def _with_accounts(ctx: Context, fn: Callable[[Accounts, MailboxKeys], Any]) -> 
 
 @privileged(web=True, timeout=10.0)
 def mailbox_list(ctx: Context) -> dict[str, Any]:
+    """The mailboxes (address, quota) and the aliases."""
     with refusals():
         accounts = accounts_for(settings_for(ctx))
         return {"mailboxes": accounts.list_mailboxes(), "aliases": accounts.list_aliases()}
@@ -206,22 +207,26 @@ def mailbox_list(ctx: Context) -> dict[str, Any]:
 
 @privileged(web=True, timeout=60.0, secret=("password",))
 def mailbox_create(ctx: Context, address: str, password: str, quota_mb: int = 0) -> dict[str, Any]:
+    """A new mailbox with its own mail encryption keys (quota 0: no limit)."""
     _with_accounts(ctx, lambda a, k: a.create_mailbox(address, password, quota_mb, keys=k))
     return {"created": address.lower()}
 
 
 @privileged(web=True, timeout=60.0)
 def mailbox_delete(ctx: Context, address: str) -> dict[str, Any]:
+    """Delete a mailbox, its mail and its keys (its aliases go too)."""
     return _with_accounts(ctx, lambda a, k: a.delete_mailbox(address, k))
 
 
 @privileged(web=True, timeout=60.0)
 def mailbox_rename(ctx: Context, address: str, new_address: str) -> dict[str, Any]:
+    """Rename a mailbox, keeping its mail and keys."""
     return _with_accounts(ctx, lambda a, k: a.rename_mailbox(address, new_address, k))
 
 
 @privileged(web=True, timeout=60.0, secret=("old_password", "new_password"))
 def mailbox_password(ctx: Context, address: str, old_password: str, new_password: str) -> dict[str, Any]:
+    """Change a password knowing the old one (the mail keys are re-encrypted)."""
     _with_accounts(ctx, lambda a, k: a.change_password(address, old_password, new_password, k))
     return {"changed": address.lower()}
 
@@ -235,18 +240,21 @@ def mailbox_reset_password(ctx: Context, address: str, new_password: str) -> dic
 
 @privileged(web=True, timeout=30.0)
 def mailbox_quota(ctx: Context, address: str, quota_mb: int) -> dict[str, Any]:
+    """Set a mailbox's quota in MB (0: no limit)."""
     with refusals():
         return accounts_for(settings_for(ctx)).set_quota(address, quota_mb)
 
 
 @privileged(web=True, timeout=30.0)
 def alias_add(ctx: Context, source: str, destination: str) -> dict[str, Any]:
+    """Deliver mail for `source` to `destination` too."""
     with refusals():
         return accounts_for(settings_for(ctx)).add_alias(source, destination)
 
 
 @privileged(web=True, timeout=30.0)
 def alias_remove(ctx: Context, source: str, destination: str) -> dict[str, Any]:
+    """Remove one alias."""
     with refusals():
         accounts_for(settings_for(ctx)).remove_alias(source, destination)
     return {"removed": {"source": source.lower(), "destination": destination.lower()}}

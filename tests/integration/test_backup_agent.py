@@ -35,7 +35,7 @@ def test_backup_operations_through_the_agent(tmp_path):
         with pytest.raises(AgentError) as err:
             client.call("backup_configure", target="s3", endpoint="ftp://x", bucket="b-1", access_key_id="a",
                         secret_access_key="hunter2-secret")
-        assert err.value.code == "invalid" and err.value.message.startswith("endpoint:")
+        assert err.value.code == "invalid" and str(err.value).startswith("endpoint:")
         assert client.call("backup_target") == {"target": None}
         failed = wait_job(client, client.call("backup_run"))  # not configured: fails, says what to do, recorded
         assert failed["state"] == "failed" and "backup configure" in failed["error"]
@@ -62,7 +62,7 @@ def test_backup_operations_through_the_agent(tmp_path):
 
         with pytest.raises(AgentError) as err:
             client.call("backup_restore", snapshot="../../etc")
-        assert err.value.code == "invalid" and err.value.message.startswith("snapshot:")
+        assert err.value.code == "invalid" and str(err.value).startswith("snapshot:")
     finally:
         agent.stop()
     log = agent.log_text()

@@ -178,8 +178,8 @@ def test_local_target_down_fails_clearly_then_recovers(tmp_path):
     os.rename(tmp_path / "disk", tmp_path / "unplugged")  # the backup disk is not mounted
     with pytest.raises(BackupError) as err:
         backup(env)
-    assert err.value.field == "target" and "no restic repository" in err.value.message
-    assert "disk mounted" in err.value.message
+    assert err.value.field == "target" and "no restic repository" in str(err.value)
+    assert "disk mounted" in str(err.value)
     last = read_state(env)["last_backup"]
     assert last["ok"] is False and "no restic repository" in last["error"]
     os.rename(tmp_path / "unplugged", tmp_path / "disk")
@@ -241,7 +241,7 @@ def test_a_fresh_lock_of_a_live_run_is_respected(tmp_path):
         holder.send_signal(signal.SIGSTOP)
         with pytest.raises(BackupError) as err:
             backup(env)
-        assert err.value.code == "locked" and "locked" in err.value.message
+        assert err.value.code == "locked" and "locked" in str(err.value)
         assert read_state(env)["last_backup"]["ok"] is False
     finally:
         holder.kill()
@@ -257,13 +257,13 @@ def test_wrong_password_is_named(tmp_path):
     other = Env(tmp_path / "other", VERSION, timeout=60)
     with pytest.raises(BackupError) as err:
         configure(other, cfg.validate("local", path=str(tmp_path / "repo")), password="not-the-password")
-    assert err.value.field == "password" and "recovery sheet" in err.value.message
+    assert err.value.field == "password" and "recovery sheet" in str(err.value)
     assert not (tmp_path / "other" / "secrets" / "backup.json").exists()
     assert not (tmp_path / "other" / "secrets" / "backup-password").exists()
     # configuring a new repository over an existing one is refused too
     with pytest.raises(BackupError) as err:
         configure(other, cfg.validate("local", path=str(tmp_path / "repo")))
-    assert err.value.field == "password" and "already holds a restic repository" in err.value.message
+    assert err.value.field == "password" and "already holds a restic repository" in str(err.value)
 
 
 def test_a_snapshot_from_a_newer_version_is_refused_untouched(tmp_path):
@@ -285,7 +285,7 @@ def test_a_snapshot_from_a_newer_version_is_refused_untouched(tmp_path):
         restore(old, "latest")
     assert err.value.code == "newer_version"
     assert read_state(old)["last_restore"]["ok"] is False
-    assert "Mailstead 9.0.0" in err.value.message and "upgrade this appliance" in err.value.message
+    assert "Mailstead 9.0.0" in str(err.value) and "upgrade this appliance" in str(err.value)
     assert stack.calls == [] and settled() == before and not new_vols.exists()
 
 
@@ -301,7 +301,7 @@ def test_a_snapshot_in_an_unknown_backup_format_is_refused_untouched(tmp_path, m
     stack = NoStack()
     with pytest.raises(BackupError) as err:
         restore(Env(state, VERSION, volumes=FolderVolumes(vols), stack=stack, timeout=60), "latest")
-    assert service.FORMAT == 1 and "backup format 2" in err.value.message and "nothing was changed" in err.value.message
+    assert service.FORMAT == 1 and "backup format 2" in str(err.value) and "nothing was changed" in str(err.value)
     assert stack.calls == []
 
 
@@ -324,7 +324,7 @@ def test_s3_round_trip_and_bad_credentials(tmp_path, moto):
     assert err.value.field == "access_key_id"
     with pytest.raises(BackupError) as err:
         configure(env, cfg.validate("s3", **{**good, "secret_access_key": "wrong-secret"}))
-    assert err.value.field == "secret_access_key" and "wrong-secret" not in err.value.message
+    assert err.value.field == "secret_access_key" and "wrong-secret" not in str(err.value)
     made = configure(env, cfg.validate("s3", **good, path="appliance1"))
     assert made["created"] and moto.secret_access_key not in made["recovery_sheet"]
     first = backup(env)
@@ -336,7 +336,7 @@ def test_s3_round_trip_and_bad_credentials(tmp_path, moto):
     start = time.monotonic()
     with pytest.raises(BackupError) as err:
         backup(env)
-    assert err.value.code == "unreachable" and "cannot reach" in err.value.message
+    assert err.value.code == "unreachable" and "cannot reach" in str(err.value)
     assert time.monotonic() - start < 30
     assert read_state(env)["last_backup"]["ok"] is False
 
@@ -356,9 +356,9 @@ def test_sftp_round_trip_down_and_back(tmp_path, sshd):
     # the appliance's own generated key is not authorized yet: named, with the key to add
     with pytest.raises(BackupError) as err:
         configure(env, target)
-    assert err.value.field == "key" and "authorized_keys" in err.value.message
+    assert err.value.field == "key" and "authorized_keys" in str(err.value)
     pub = (state / "secrets" / "backup-ssh" / "id_ed25519.pub").read_text()
-    assert pub.split()[1] in err.value.message  # the owner cannot read secrets/: the key is in the message
+    assert pub.split()[1] in str(err.value)  # the owner cannot read secrets/: the key is in the message
     with open(sshd.authorized, "a") as f:
         f.write(pub)
     made = configure(env, target)
@@ -370,7 +370,7 @@ def test_sftp_round_trip_down_and_back(tmp_path, sshd):
     sshd.stop()
     with pytest.raises(BackupError) as err:
         backup(env)
-    assert err.value.code == "unreachable" and "cannot reach" in err.value.message
+    assert err.value.code == "unreachable" and "cannot reach" in str(err.value)
     assert read_state(env)["last_backup"]["ok"] is False
     sshd.start()  # same port, same host key
     assert backup(env)["snapshot"]

@@ -240,7 +240,7 @@ def test_ca_down(tmp_path: Path, knot: Knot, box: Appliance) -> None:
         own.stop()
     with pytest.raises(OpError) as err:
         cert_renew(box.ctx, force=True)
-    assert err.value.message == (f"cannot reach the ACME directory {own.directory_url}: connection refused; "
+    assert str(err.value) == (f"cannot reach the ACME directory {own.directory_url}: connection refused; "
                                  "check the URL and the CA bundle")
     assert_unchanged_after_failure(box, before, "cannot reach the ACME directory", err.value)
 
@@ -252,8 +252,8 @@ def test_refused_http01_challenge(box: Appliance) -> None:
     box.tokens.body = b"not the key authorization"
     with pytest.raises(OpError) as err:
         cert_renew(box.ctx, force=True)
-    assert "could not validate" in err.value.message and "is port 80 of" in err.value.message
-    assert "(http-01)" in err.value.message
+    assert "could not validate" in str(err.value) and "is port 80 of" in str(err.value)
+    assert "(http-01)" in str(err.value)
     assert list(box.acme_dir.iterdir()) == []
     assert_unchanged_after_failure(box, before, "could not validate", err.value)
 
@@ -266,7 +266,7 @@ def test_token_server_down(box: Appliance) -> None:
     box.tokens = None
     with pytest.raises(OpError) as err:
         cert_renew(box.ctx, force=True)
-    assert "connection refused" in err.value.message.lower(), err.value.message
+    assert "connection refused" in str(err.value).lower(), str(err.value)
     assert_unchanged_after_failure(box, before, "could not validate", err.value)
 
 
@@ -283,8 +283,8 @@ def test_unpropagated_txt_record(tmp_path: Path, box: Appliance) -> None:
         box.ctx.dns_propagation_timeout = 2.0
         with pytest.raises(OpError) as err:
             cert_renew(box.ctx, force=True)
-        assert "is still not served by every authoritative server" in err.value.message
-        assert "ns2.example.test (127.0.0.9" in err.value.message
+        assert "is still not served by every authoritative server" in str(err.value)
+        assert "ns2.example.test (127.0.0.9" in str(err.value)
         assert two.txt(f"_acme-challenge.{HOST}") == [], "TXT record left behind"
         assert_unchanged_after_failure(box, before, "the DNS-01 record could not be published", err.value)
     finally:
@@ -302,7 +302,7 @@ def test_unpropagated_txt_record(tmp_path: Path, box: Appliance) -> None:
 def test_configure_refuses_bad_input(box: Appliance, args: dict, field: str) -> None:
     with pytest.raises(OpError) as err:
         acme_configure(box.ctx, **{"directory": box.pebble.directory_url, **args})
-    assert err.value.code == "invalid" and err.value.message.startswith(field + ":")
+    assert err.value.code == "invalid" and str(err.value).startswith(field + ":")
     assert load_acme_settings(box.state).directory == box.pebble.directory_url, "bad input was stored"
 
 
@@ -324,11 +324,11 @@ def test_unreachable_directory(box: Appliance, pebble: Pebble, case: str) -> Non
         box.set(acme_ca_bundle="")
     with pytest.raises(OpError) as err:
         cert_issue(box.ctx)
-    assert err.value.message.startswith(f"cannot reach the ACME directory {url}: ")
-    assert err.value.message.endswith("; check the URL and the CA bundle")
+    assert str(err.value).startswith(f"cannot reach the ACME directory {url}: ")
+    assert str(err.value).endswith("; check the URL and the CA bundle")
     reason = {"closed port": "connection refused", "not acme": "not an ACME directory",
               "untrusted tls": "TLS error"}[case]
-    assert reason in err.value.message
+    assert reason in str(err.value)
     assert read_live(box.state / "tls") is None
     assert read_state(box.state)["failures"] == 1
 

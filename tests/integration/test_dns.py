@@ -395,11 +395,11 @@ def test_agent_operations_configure_push_and_check(pushable: tuple[Knot, Path, U
     ctx = Context(state_dir=state)
 
     def op(name: str, **args: object) -> dict:
-        return REGISTRY[name](ctx, args)
+        return REGISTRY[name].run_checked(ctx, args)
 
     with pytest.raises(OpError) as err:  # a secret that is not base64: refused, nothing stored
         op("dns_configure_push", server="127.0.0.1", port=knot.port, key_name=KEY.name, secret="not base64!")
-    assert "rfc2136_secret" in err.value.message and not (state / "secrets" / "rfc2136.key").exists()
+    assert "rfc2136_secret" in str(err.value) and not (state / "secrets" / "rfc2136.key").exists()
     stored = op("dns_configure_push", server="127.0.0.1", port=knot.port, key_name=KEY.name, secret=KEY.secret,
                 algorithm=KEY.algorithm)
     assert KEY.secret not in str(stored)

@@ -11,6 +11,7 @@ from werkzeug.datastructures import Headers
 
 from portal.web import create_app
 from tests.conftest import TEST_TOKEN, csrf_token
+from tests.support.agent import ThreadAgent
 
 BASE = "https://localhost"
 

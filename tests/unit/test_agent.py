@@ -245,7 +245,7 @@ def test_allowed_uids() -> None:
 def typed_registry() -> ops.Registry:
     registry: ops.Registry = {}
 
-    @ops.operation("typed", registry)
+    @ops.privileged(registry=registry)
     def typed(ctx: ops.Context, name: str, count: int, force: bool = False, ratio: float = 1.0) -> dict[str, Any]:
         return {"name": name, "count": count, "force": force, "ratio": ratio}
 
@@ -273,13 +273,13 @@ def test_validate_args_refuses(typed_registry: ops.Registry, args: Any, message:
 
 def test_validate_args_accepts(typed_registry: ops.Registry) -> None:
     op = typed_registry["typed"]
-    assert op(ops.Context(), {"name": "x", "count": 2, "ratio": 3}) == {
+    assert op.invoke(ops.Context(), {"name": "x", "count": 2, "ratio": 3}) == {
         "name": "x", "count": 2, "force": False, "ratio": 3}
 
 
 def test_untyped_operation_is_rejected_at_registration() -> None:
     with pytest.raises(TypeError):
-        @ops.operation("bad", {})
+        @ops.privileged(registry={})
         def bad(ctx: ops.Context, anything: list) -> dict[str, Any]:  # type: ignore[type-arg]
             return {}
 
@@ -287,7 +287,7 @@ def test_untyped_operation_is_rejected_at_registration() -> None:
 def test_handle_request_reports_internal_errors_without_details() -> None:
     registry: ops.Registry = {}
 
-    @ops.operation("boom", registry)
+    @ops.privileged(registry=registry)
     def boom(ctx: ops.Context) -> dict[str, Any]:
         raise RuntimeError("secret detail")
 
@@ -372,18 +372,66 @@ def test_notify_ready_tells_systemd(tmp_path, monkeypatch):
     notify_ready()  # not under systemd: nothing to do
 
 
-def test_state_db_made_by_the_agent_belongs_to_the_web_user(tmp_path):
-    """At first boot the agent's scheduler may open state.db before the portal: the
-    file must then be the portal's (a root-owned one made the portal answer 500)."""
-    import os
+def test_the_agents_state_is_roots_and_a_folder_it_did_not_make_is_refused(tmp_path):
+    """The state folder is root's 0755 (an old one, 1770 root:mailstead, is tightened), its
+    secrets 0700; a sub-folder someone else made first (a pre-creation attack) or a symlink
+    in its place is refused, never adopted."""
     import stat
 
-    from portal.agent.server import prepare_state_db
+    from portal.core.errors import UnsafePathError
+    from portal.core.layout import StateLayout
+    from portal.core import store
 
-    path = tmp_path / "state" / "state.db"
-    prepare_state_db(path, (65534, 65534))
-    st = path.stat()
-    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (65534, 65534, 0o660)
-    os.chown(path, 0, 0)
-    prepare_state_db(path, (65534, 65534))  # an existing file is left as it is
-    assert path.stat().st_uid == 0
+    state = tmp_path / "state"
+    state.mkdir()
+    os.chmod(state, 0o1770)
+    layout = StateLayout(state)
+    layout.prepare()
+    assert stat.S_IMODE(state.stat().st_mode) == 0o755
+    assert stat.S_IMODE((state / "secrets").stat().st_mode) == 0o700
+    conn = store.connect(layout)
+    conn.close()
+    st = (state / "state.db").stat()
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (os.getuid(), 0o600)
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "jobs").mkdir()
+    os.chown(other / "jobs", 65534, 65534)  # made first by another user
+    with pytest.raises(UnsafePathError, match="belongs to uid 65534"):
+        StateLayout(other).prepare()
+    third = tmp_path / "third"
+    third.mkdir()
+    (third / "secrets").symlink_to(tmp_path)
+    with pytest.raises(UnsafePathError, match="symlink"):
+        StateLayout(third).prepare()
+
+
+def test_the_web_user_may_call_only_the_operations_declared_for_it(tmp_path):
+    """A web caller (--allow-user / web uid) gets web=True operations only; root-only ones
+    (loading images, upgrades from a folder, the lockout's unlock...) are forbidden."""
+    from tests.support.agent import ThreadAgent
+
+    agent = ThreadAgent(tmp_path / "state", tmp_path / "agent.sock", web_uids=(os.getuid(),), root_uids=())
+    try:
+        assert agent.call("status")["portal"]
+        for name, args in (("stack_load_images", {}), ("admin_unlock", {}), ("upgrade_run", {"source": "/tmp"}),
+                           ("cert_renew", {}), ("net_check", {})):
+            with pytest.raises(AgentError) as err:
+                agent.call(name, **args)
+            assert err.value.code == "forbidden" and "root only" in err.value.message, name
+    finally:
+        agent.stop()
+    registry = ops.load_all()
+    root_only = sorted(n for n, op in registry.items() if not op.web)
+    assert root_only == ["admin_unlock", "cert_renew", "net_check", "stack_load_images", "upgrade_check",
+                         "upgrade_configure", "upgrade_run"], root_only
+
+
+def test_each_operation_is_declared_once_with_its_secrets():
+    """Every declared secret is a parameter; every password-like parameter is declared secret."""
+    for name, op in ops.load_all().items():
+        for param in op.params:
+            if any(word in param for word in ("password", "secret", "token", "code")) and param != "totp_code":
+                assert param in op.secret or name == "setup_token_check", (name, param)
+        assert op.timeout > 0 and op.doc, name

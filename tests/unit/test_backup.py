@@ -51,10 +51,10 @@ def test_bad_target_names_the_field(kind, fields, field):
     with pytest.raises(BackupError) as err:
         cfg.validate(kind, **fields)
     assert err.value.field == field
-    assert err.value.message.startswith(field + ":")
+    assert str(err.value).startswith(field + ":")
     secret = fields.get("secret_access_key", "").strip()
     if secret:
-        assert secret not in err.value.message
+        assert secret not in str(err.value)
 
 
 def test_good_targets_and_their_repositories():
@@ -91,7 +91,7 @@ def test_secrets_are_0600_in_a_0700_folder(tmp_path):
 def test_load_target_unconfigured_says_what_to_do(tmp_path):
     with pytest.raises(BackupError) as err:
         cfg.load_target(cfg.Paths(tmp_path))
-    assert err.value.code == "not_configured" and "backup configure" in err.value.message
+    assert err.value.code == "not_configured" and "backup configure" in str(err.value)
 
 
 def test_password_is_long_random_and_typeable():
@@ -256,7 +256,7 @@ def test_volumes_are_never_skipped_silently_when_docker_is_down(tmp_path, monkey
     monkeypatch.setenv("PATH", str(fake))
     with pytest.raises(BackupError) as err:
         DockerVolumes("mailstead", "mailstead-base:0.1.0").dump("mail", tmp_path / "out")
-    assert err.value.field == "volumes" and "is docker running" in err.value.message
+    assert err.value.field == "volumes" and "is docker running" in str(err.value)
     (fake / "docker").write_text("#!/bin/sh\necho 'Error: No such volume: mailstead_mail' >&2\nexit 1\n")
     assert DockerVolumes("mailstead", "mailstead-base:0.1.0").dump("mail", tmp_path / "out") is False
 

@@ -381,8 +381,8 @@ def test_health_operations_through_a_real_agent(start_agent, tmp_path):
 def test_alert_settings_are_checked_naming_the_field(state, args, words):
     ctx = env_for(state).ctx
     with pytest.raises(ops.OpError) as err:
-        ops.REGISTRY["alerts_configure"](ctx, args)
-    assert err.value.code == "invalid" and err.value.message.startswith(words), err.value.message
+        ops.REGISTRY["alerts_configure"].run_checked(ctx, args)
+    assert err.value.code == "invalid" and str(err.value).startswith(words), str(err.value)
     from tests.support.statedb import read_settings as read_settings_table
 
     assert "alert_webhook_url" not in read_settings_table(state / "state.db")  # nothing stored
@@ -391,10 +391,10 @@ def test_alert_settings_are_checked_naming_the_field(state, args, words):
 def test_alert_settings_stored_and_a_test_alert_sent(state, alerting):
     sink, hook = alerting
     ctx = env_for(state).ctx
-    out = ops.REGISTRY["alerts_configure"](ctx, {"webhook_url": f"http://127.0.0.1:{hook.port}/t",
+    out = ops.REGISTRY["alerts_configure"].run_checked(ctx, {"webhook_url": f"http://127.0.0.1:{hook.port}/t",
                                                  "dnsbl_zones": "Zen.Spamhaus.org., bl.spamcop.net,zen.spamhaus.org"})
     assert out == {"webhook": True, "dnsbl_zones": ["zen.spamhaus.org", "bl.spamcop.net"]}
-    sent = ops.REGISTRY["alerts_test"](ctx, {})
+    sent = ops.REGISTRY["alerts_test"].run_checked(ctx, {})
     assert sent == {"mail": f"sent to admin@{DOMAIN}", "webhook": "sent (HTTP 204)"}
     assert len(sink.messages) == 1 and hook.posts[0]["path"] == "/t"
-    assert ops.REGISTRY["alerts_configure"](ctx, {})["dnsbl_zones"][0] == "zen.spamhaus.org"  # defaults
+    assert ops.REGISTRY["alerts_configure"].run_checked(ctx, {})["dnsbl_zones"][0] == "zen.spamhaus.org"  # defaults

@@ -11,7 +11,9 @@ from portal.agent import registry as ops, server  # noqa: F401  (server register
 
 
 def parse(argv: list[str]):
-    return cli.request(cli.build_parser().parse_args(argv))
+    """(operation name, arguments) for a command line."""
+    op, args = cli.request(cli.build_parser().parse_args(argv))
+    return op.name, args
 
 
 @pytest.mark.parametrize("argv, op, args", [
@@ -24,7 +26,7 @@ def parse(argv: list[str]):
     (["acme-configure", "--directory", "https://ca.example.test/dir", "--contact", "a@example.test",
       "--challenge", "dns-01", "--reuse-key"], "acme_configure",
      {"directory": "https://ca.example.test/dir", "contact": "a@example.test", "challenge": "dns-01",
-      "include_apex": False, "reuse_key": True, "ca_bundle": "", "caa_issuer": ""}),
+      "include_apex": False, "reuse_key": True, "caa_issuer": ""}),
     (["cert-issue"], "cert_issue", {}),
     (["cert-renew", "--force"], "cert_renew", {"force": True}),
     (["cert-status"], "cert_status", {}),
@@ -95,8 +97,22 @@ def test_every_command_names_a_registered_operation():
         assert op in ops.REGISTRY, f"{name} -> {op} is not an agent operation"
 
 
-def test_long_operations_get_long_timeouts():
-    assert cli.LONG_OPS["cert_issue"] >= 300 and cli.LONG_OPS["stack_deploy"] >= 600
+def test_waits_come_from_the_declarations_and_jobs_are_followed():
+    """No caller-side table of timeouts: long work is a job (the CLI follows it), the rest
+    declares how long a caller waits."""
+    assert ops.REGISTRY["stack_deploy"].job and ops.REGISTRY["cert_issue"].job
+    assert ops.REGISTRY["stack_load_images"].timeout >= 900 and ops.REGISTRY["backup_list"].timeout >= 120
+    assert not hasattr(cli, "LONG_OPS") and not hasattr(cli, "JOB_OPS")
+
+
+def test_ca_bundle_is_sent_as_text_never_as_a_path(tmp_path):
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    op, args = parse(["acme-configure", "--directory", "https://ca.example.test/dir", "--ca-bundle", str(bundle)])
+    assert op == "acme_configure" and args["ca_bundle_pem"].startswith("-----BEGIN CERTIFICATE-----")
+    assert str(bundle) not in repr(args)
+    with pytest.raises(SystemExit, match="--ca-bundle: cannot read"):
+        parse(["acme-configure", "--ca-bundle", str(tmp_path / "missing.pem")])
 
 
 def test_status_prints_the_checks_and_fails_when_one_fails(start_agent, tmp_path, capsys):

@@ -33,7 +33,7 @@ def write_settings(state: Path, **values: str) -> None:
 @pytest.fixture
 def state(tmp_path: Path) -> Path:
     state = tmp_path / "state"
-    write_settings(state, domain="Bücher.example", public_ipv4="192.0.2.10", public_ipv6="2001:db8::10",
+    write_settings(state, domain="xn--bcher-kva.example", public_ipv4="192.0.2.10", public_ipv6="2001:db8::10",
                    stack_ports=json.dumps({"submission": 10587}))
     dkim.ensure_keys(state / "secrets" / "dkim", SELECTORS)
     return state
@@ -63,14 +63,14 @@ def test_public_ip_must_be_global_by_default(state: Path) -> None:
 
 
 @pytest.mark.parametrize(("key", "value", "fragment"), [
-    ("public_ipv4", "2001:db8::1", "is an IPv6 address"),
+    ("public_ipv4", "2001:db8::1", "is not an IPv4 address"),
     ("public_ipv4", "", "public_ipv4 is not set"),
     ("public_ipv6", "nope", "is not an IP address"),
-    ("dmarc_policy", "drop", "dmarc_policy must be one of"),
+    ("dmarc_policy", "drop", "must be one of none, quarantine, reject"),
     ("dmarc_rua", "not-an-address", "is not an email address"),
     ("dns_resolvers", "dns.google", "is not an IP address"),
     ("dns_auth_port", "99999", "port number"),
-    ("mail_host", "mail_box.example", "contains '_'"),
+    ("mail_host", "mail_box.example", "is not a domain name"),
 ])
 def test_bad_settings_name_the_field(state: Path, key: str, value: str, fragment: str) -> None:
     write_settings(state, **{key: value})

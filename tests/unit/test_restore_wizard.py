@@ -128,14 +128,14 @@ def test_the_agent_refuses_the_wizard_restore_once_setup_is_complete(rig: Callab
     r = rig("login")
     with pytest.raises(AgentError) as err:
         r.agent_call("setup_restore", snapshot="latest")
-    assert err.value.code == "forbidden" and "dashboard" in err.value.message
+    assert err.value.code == "forbidden" and "dashboard" in str(err.value)
 
 
 def test_the_agent_checks_the_snapshot_and_needs_a_target_first(rig: Callable[..., Rig]) -> None:
     r = rig("at:domain")
     with pytest.raises(AgentError) as err:
         r.agent_call("setup_restore", snapshot="../../etc")
-    assert err.value.code == "invalid" and err.value.message.startswith("snapshot:")
+    assert err.value.code == "invalid" and str(err.value).startswith("snapshot:")
     job = r.agent_call("setup_restore", snapshot="latest")
     deadline = time.monotonic() + 30
     while job["state"] == "running":

@@ -67,8 +67,8 @@ def test_a_backup_or_verify_run_is_followed_by_a_health_round(in_process, monkey
     alerts on a change of state), not up to 5 minutes later."""
     rounds = []
     registry = dict(ops.REGISTRY)
-    ops.operation("t_fail", registry)(lambda ctx: (_ for _ in ()).throw(ops.OpError("failed", "target: down")))
-    ops.operation("health_run", registry)(lambda ctx: rounds.append(ctx) or {"summary": {}})
+    ops.privileged(name="t_fail", registry=registry)(lambda ctx: (_ for _ in ()).throw(ops.OpError("failed", "target: down")))
+    ops.privileged(name="health_run", registry=registry)(lambda ctx: rounds.append(ctx) or {"summary": {}})
     monkeypatch.setattr(scheduler, "REGISTRY", registry)
     monkeypatch.setattr(scheduler, "HEALTH_AFTER", {"backup", "verify", "cert_renew"})
     assert scheduler.run_operation("t_fail", {}, job="verify")["outcome"] == "failed"
@@ -97,8 +97,8 @@ def test_each_run_records_outcome_and_duration(in_process, monkeypatch):
         raise ops.OpError("invalid", "domain: is not set yet")
 
     registry = dict(ops.REGISTRY)
-    ops.operation("t_ok", registry)(slow_ok)
-    ops.operation("t_fail", registry)(broken)
+    ops.privileged(name="t_ok", registry=registry)(slow_ok)
+    ops.privileged(name="t_fail", registry=registry)(broken)
     monkeypatch.setattr(scheduler, "REGISTRY", registry)
     assert scheduler.run_operation("t_ok", {}, job="cert_renew")["outcome"] == "ok"
     assert scheduler.run_operation("t_fail", {}, job="cert_renew")["outcome"] == "failed"
@@ -111,7 +111,7 @@ def test_each_run_records_outcome_and_duration(in_process, monkeypatch):
 
 def test_unexpected_exceptions_are_recorded_not_raised(in_process, monkeypatch):
     registry = dict(ops.REGISTRY)
-    ops.operation("t_bug", registry)(lambda ctx: 1 / 0)
+    ops.privileged(name="t_bug", registry=registry)(lambda ctx: 1 / 0)
     monkeypatch.setattr(scheduler, "REGISTRY", registry)
     out = scheduler.run_operation("t_bug", {}, job="health")
     assert out["outcome"] == "failed" and out["message"].startswith("ZeroDivisionError")
@@ -122,7 +122,7 @@ def test_a_job_already_running_is_not_run_twice(in_process, monkeypatch):
 
     gate = threading.Event()
     registry = dict(ops.REGISTRY)
-    ops.operation("t_wait", registry)(lambda ctx: {"waited": gate.wait(5)})
+    ops.privileged(name="t_wait", registry=registry)(lambda ctx: {"waited": gate.wait(5)})
     monkeypatch.setattr(scheduler, "REGISTRY", registry)
     first = threading.Thread(target=scheduler.run_operation, args=("t_wait", {}), kwargs={"job": "backup"})
     first.start()
@@ -168,10 +168,13 @@ def test_jobs_persist_across_an_agent_restart(start_agent, tmp_path):
     listed = {j["job"]: j for j in client.call("schedule_list")["jobs"]}
     assert listed["backup"]["cron"] == "15 2 * * *"  # the owner's schedule, not the default
     assert listed["verify"]["cron"] == "30 4 * * sun" and listed["cert_renew"]["cron"] == "17 5,17 * * *"
-    # The store is state.db's own table; defaults restored on request.
+    # The schedules are plain data in state.db (job, crontab text, next run): nothing pickled.
     conn = sqlite3.connect(state / "state.db")
-    assert {r[0] for r in conn.execute("SELECT id FROM scheduler_jobs")} == set(scheduler.JOBS)
+    rows = dict(conn.execute("SELECT job, cron FROM schedules").fetchall())
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     conn.close()
+    assert rows["backup"] == "15 2 * * *" and set(rows) == set(scheduler.JOBS)
+    assert "scheduler_jobs" not in tables
     assert client.call("schedule_set", job="backup", cron="default")["cron"] == "0 3 * * *"
     # The weekly upgrade check is the upgrade_check operation (nothing is deployed here: no upgrade).
     ran = client.call("schedule_run_now", job="upgrade_check")
@@ -190,7 +193,7 @@ def test_bad_schedule_is_refused_naming_the_field(start_agent, tmp_path, job, cr
     client = AgentClient(str(agent.socket))
     with pytest.raises(AgentError) as err:
         client.call("schedule_set", job=job, cron=cron)
-    assert err.value.code == "invalid" and err.value.message.startswith(words), err.value.message
+    assert err.value.code == "invalid" and str(err.value).startswith(words), str(err.value)
     assert {j["job"]: j["cron"] for j in client.call("schedule_list")["jobs"]}["backup"] == "0 3 * * *"
 
 

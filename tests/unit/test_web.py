@@ -61,7 +61,7 @@ def test_unknown_mta_sts_mode_is_refused():
     with pytest.raises(SettingsError) as err:
         web.mta_sts_policy(WithMode(domain="example.org", hostname="mail.example.org", mta_sts_mode="on"))
     assert err.value.field == "mta_sts_mode"
-    assert "enforce, testing, none" in err.value.message
+    assert "enforce, testing, none" in str(err.value)
 
 
 # -- names: IDN, case, bad input ------------------------------------------------------------
