@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from portal.core.errors import MailsteadError
 from portal.agent.registry import REGISTRY, Context, OpError, privileged
 
 log = logging.getLogger("mailstead.scheduler")
@@ -89,10 +90,11 @@ _started = threading.Event()  # set once start() finished (or failed)
 _start_error: str | None = None
 
 
-class CronError(ValueError):
+class CronError(MailsteadError, ValueError):
+    code = "invalid"
+
     def __init__(self, message: str) -> None:
-        super().__init__(f"cron: {message}")
-        self.message = message
+        super().__init__(message, field="cron")
 
 
 _DOW = {"0": "sun", "1": "mon", "2": "tue", "3": "wed", "4": "thu", "5": "fri", "6": "sat", "7": "sun"}

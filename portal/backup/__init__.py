@@ -17,12 +17,12 @@ imports the rest inside its operations.
 from __future__ import annotations
 
 
-class BackupError(Exception):
+from portal.core.errors import MailsteadError  # noqa: E402
+
+
+class BackupError(MailsteadError):
     """A backup, restore or configuration step failed: `field` names what to fix
     (target, path, endpoint, password, ...); the message never holds a secret."""
 
-    def __init__(self, message: str, field: str = "backup", code: str = "backup_failed") -> None:
-        super().__init__(message)
-        self.message = message
-        self.field = field
-        self.code = code
+    def __init__(self, message: str, field: str | None = "backup", code: str = "backup_failed") -> None:
+        super().__init__(message, field=field, code=code)

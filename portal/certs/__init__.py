@@ -10,11 +10,12 @@ agentops: the agent's operations.
 from __future__ import annotations
 
 
-class CertError(Exception):
+from portal.core.errors import MailsteadError  # noqa: E402
+
+
+class CertError(MailsteadError):
     """A certificate step failed: str() is a full sentence with the fix.
     `field` names the setting at fault, if one is."""
 
     def __init__(self, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.field = field
+        super().__init__(message, field=field, code="invalid" if field else "cert_failed")

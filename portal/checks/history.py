@@ -132,10 +132,14 @@ def post_webhook(url: str, payload: dict[str, Any]) -> int:
         return resp.status
 
 
-class AlertSettingError(ValueError):
+from portal.core.errors import MailsteadError  # noqa: E402
+
+
+class AlertSettingError(MailsteadError, ValueError):
+    code = "invalid"
+
     def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field, self.message = field, message
+        super().__init__(message, field=field)
 
 
 def check_webhook_url(url: str) -> str:

@@ -34,9 +34,7 @@ class MailsteadError(Exception):
 
     def __str__(self) -> str:
         """For logs and the CLI: the field first, when there is one."""
-        if self.field and not self.message.startswith(self.field):
-            return f"{self.field}: {self.message}"
-        return self.message
+        return f"{self.field}: {self.message}" if self.field else self.message
 
     def as_dict(self) -> dict[str, Any]:
         return {"code": self.code, "field": self.field, "message": self.message}

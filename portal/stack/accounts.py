@@ -56,13 +56,16 @@ IDNA_DOTS = re.compile("[.\u3002\uff0e\uff61]")  # label separators, RFC 3490 se
 EXAMPLE_ADDRESS = "alice@example.org"
 
 
-class AccountError(ValueError):
+from portal.core.errors import MailsteadError  # noqa: E402
+
+
+class AccountError(MailsteadError, ValueError):
     """Input refused: `field` names the input, `message` what is wrong and the fix."""
 
+    code = "invalid"
+
     def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
+        super().__init__(message, field=field)
 
 
 class MailboxKeys(Protocol):

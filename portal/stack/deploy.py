@@ -24,12 +24,15 @@ from portal.stack.settings import SERVICES, StackSettings
 Progress = Callable[[str, str], None]
 
 
-class DeployError(RuntimeError):
+from portal.core.errors import MailsteadError  # noqa: E402
+
+
+class DeployError(MailsteadError, RuntimeError):
     """`failures` maps each failed service to a plain-words reason."""
 
     def __init__(self, message: str, failures: dict[str, str] | None = None,
                  rolled_back: bool = False) -> None:
-        super().__init__(message)
+        super().__init__(message, code="deploy_failed")
         self.failures = failures or {}
         self.rolled_back = rolled_back
 

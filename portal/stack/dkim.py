@@ -25,7 +25,12 @@ RSA_BITS = 2048
 PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
 
-class DkimError(RuntimeError):
+from portal.core.errors import MailsteadError  # noqa: E402
+
+
+class DkimError(MailsteadError, RuntimeError):
+    code = "dkim"
+
     """A DKIM key is missing, unreadable or of the wrong kind; says which and what to do."""
 
 

@@ -95,7 +95,12 @@ rmdir "$(dirname "$MS_DIR")" 2>/dev/null || true
 """
 
 
-class MailboxKeysError(RuntimeError):
+from portal.core.errors import MailsteadError  # noqa: E402
+
+
+class MailboxKeysError(MailsteadError, RuntimeError):
+    code = "mailbox_keys"
+
     """doveadm failed; the message says what was done and what doveadm said."""
 
 

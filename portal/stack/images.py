@@ -25,7 +25,12 @@ SOURCE_LABEL = "org.mailstead.source"
 Progress = Callable[[str, str], None]
 
 
-class ImageError(RuntimeError):
+from portal.core.errors import MailsteadError  # noqa: E402
+
+
+class ImageError(MailsteadError, RuntimeError):
+    code = "images"
+
     """An image could not be loaded; the message says which and why."""
 
 

@@ -77,12 +77,19 @@ def stack_load_images(ctx: Context) -> dict[str, Any]:
     return {"images": ids, "seconds": round(time.monotonic() - start, 1)}
 
 
-@privileged(web=True, job=True, timeout=30.0)
+def check_deploy(ctx: Context, timeout: int = 900) -> dict[str, Any]:
+    """What a deploy can refuse at once: a bad timeout, settings setup has not made yet."""
+    if not 60 <= timeout <= 3600:
+        raise OpError("invalid", "give a number of seconds from 60 to 3600", "timeout")
+    with refusals():
+        settings_for(ctx)
+    return {}
+
+
+@privileged(web=True, job=True, timeout=30.0, check=check_deploy)
 def stack_deploy(ctx: Context, progress: Callable[[str, str], None], timeout: int = 900) -> dict[str, Any]:
     """Render the stack from the saved settings and bring it up (rolls back on failure);
     a job, with per-service progress."""
-    if not 60 <= timeout <= 3600:
-        raise OpError("invalid", "give a number of seconds from 60 to 3600", "timeout")
     return deploy_stack(ctx, progress, timeout)
 
 

@@ -22,13 +22,8 @@ DEFAULT_PORTS = {
 }
 
 
-class SettingsError(ValueError):
-    """A setting is invalid: names the field and the fix."""
-
-    def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
-        self.message = message
+# One error for a bad setting, wherever it is found (portal/core/settings.py).
+from portal.core.settings import SettingsError  # noqa: E402
 
 
 @dataclass(frozen=True)

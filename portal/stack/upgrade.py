@@ -54,13 +54,14 @@ HEALTH_CHECKS = ["containers", "ports"]
 VERSION_RE = re.compile(r"^[0-9]{1,6}(\.[0-9]{1,6}){1,3}(-[0-9A-Za-z][0-9A-Za-z.]{0,39})?$")
 
 
-class UpgradeError(Exception):
+from portal.core.errors import MailsteadError  # noqa: E402
+
+
+class UpgradeError(MailsteadError):
     """An upgrade was refused or failed: `code` for callers, a message that says what to do."""
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+    def __init__(self, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(message, field=field, code=code)
 
 
 def _quiet(_step: str, _detail: str) -> None:

@@ -123,7 +123,7 @@ def assert_issued_by_pebble(pair: tuple[bytes, bytes], pebble: Pebble, names: li
 
 def assert_unchanged_after_failure(box: Appliance, before: tuple[bytes, bytes], words: str,
                                    err: OpError) -> None:
-    assert words in err.message, err.message
+    assert words in str(err), str(err)
     assert box.live() == before, "the old certificate was replaced"
     state = read_state(box.state)
     assert state["failures"] == 1 and words in state["last_error"]

@@ -30,6 +30,9 @@ class Agent:
     def __call__(self, op: str, **args: Any) -> dict[str, Any]:
         return self.client.call(op, **args)
 
+    def portal_state(self, **args: Any) -> dict[str, Any]:
+        return self.client.call("portal_state", **args)
+
     def refused(self, op: str, **args: Any) -> AgentError:
         with pytest.raises(AgentError) as info:
             self.client.call(op, **args)
@@ -86,7 +89,7 @@ def test_totp_begin_keeps_one_pending_secret(agent: Agent) -> None:
 ])
 def test_bad_address_is_refused_naming_the_field(agent: Agent, address: str, problem: str) -> None:
     err = agent.refused("admin_totp_begin", address=address)
-    assert err.code == "invalid" and err.message.startswith(problem)
+    assert err.code == "invalid" and str(err).startswith(problem)
 
 
 @pytest.mark.parametrize(("password", "problem"), [
@@ -99,7 +102,7 @@ def test_bad_address_is_refused_naming_the_field(agent: Agent, address: str, pro
 def test_bad_password_is_refused(agent: Agent, password: str, problem: str) -> None:
     totp = pyotp.TOTP(agent("admin_totp_begin", address=ADDRESS)["secret"])
     err = agent.refused("admin_setup", address=ADDRESS, password=password, totp_code=totp.now())
-    assert err.code == "invalid" and err.message.startswith(problem)
+    assert err.code == "invalid" and str(err).startswith(problem)
     assert not agent.file("admin.json").exists()
 
 
@@ -116,14 +119,14 @@ def test_wrong_totp_code_is_refused(agent: Agent, code: str) -> None:
     if code == "six wrong digits":
         code = six_wrong_digits(secret)
     err = agent.refused("admin_setup", address=ADDRESS, password=PASSWORD, totp_code=code)
-    assert err.code == "invalid" and err.message.startswith("totp_code: ")
+    assert err.code == "invalid" and str(err).startswith("totp_code: ")
     assert agent.file("admin-totp.pending").exists()  # enrolment goes on with the same secret
     assert agent("admin_totp_begin", address=ADDRESS)["secret"] == secret
 
 
 def test_setup_without_enrolment_is_refused(agent: Agent) -> None:
     err = agent.refused("admin_setup", address=ADDRESS, password=PASSWORD, totp_code="123456")
-    assert err.message.startswith("totp_code: the authenticator enrolment has expired")
+    assert str(err).startswith("totp_code: the authenticator enrolment has expired")
 
 
 def test_setup_stores_the_record_and_the_pending_mailbox(agent: Agent) -> None:
@@ -176,8 +179,9 @@ def test_login_right_and_wrong(agent: Agent) -> None:
     ]:
         err = agent.refused("admin_login", address=address, password=password, code=code)
         assert err.code == "denied", (address, code)
-        assert "address, password or code is not right" in err.message
+        assert "address, password or code is not right" in str(err)
     result = agent("admin_login", address=" PostMaster@example.com ", password=PASSWORD, code=next_code)
+    assert len(result.pop("session")) >= 40
     assert result == {"address": ADDRESS, "used_recovery_code": False, "recovery_codes_left": 10}
     # The same code does not work twice.
     err = agent.refused("admin_login", address=ADDRESS, password=PASSWORD, code=next_code)
@@ -188,6 +192,7 @@ def test_recovery_code_works_once(agent: Agent) -> None:
     _, codes = enrol(agent)
     messy = " " + codes[3].lower().replace("-", " ") + " "
     result = agent("admin_login", address=ADDRESS, password=PASSWORD, code=messy)
+    assert len(result.pop("session")) >= 40
     assert result == {"address": ADDRESS, "used_recovery_code": True, "recovery_codes_left": 9}
     err = agent.refused("admin_login", address=ADDRESS, password=PASSWORD, code=codes[3])
     assert err.code == "denied"
@@ -197,31 +202,85 @@ def test_recovery_code_works_once(agent: Agent) -> None:
     assert agent("admin_status")["recovery_codes_left"] == 8
 
 
-def test_lockout_after_five_failures_with_a_message_saying_when(agent: Agent) -> None:
+ATTACKER = "198.51.100.7"
+OWNER = "203.0.113.20"
+
+
+def test_lockout_after_five_failures_is_per_client_with_a_message_saying_when(agent: Agent) -> None:
     totp, _ = enrol(agent)
     allow_code_again(agent)
+    bad = {"address": ADDRESS, "password": "wrong password!", "code": "123456", "client": ATTACKER}
     for _ in range(4):
-        assert agent.refused("admin_login", address=ADDRESS, password="wrong password!", code="123456").code == "denied"
-    err = agent.refused("admin_login", address=ADDRESS, password="wrong password!", code="123456")
+        assert agent.refused("admin_login", **bad).code == "denied"
+    err = agent.refused("admin_login", **bad)
     assert err.code == "locked"
-    assert "try again after" in err.message and "UTC" in err.message and "(in 60 seconds)" in err.message
-    lock = json.loads(agent.file("admin-lockout.json").read_text())
+    assert "try again after" in str(err) and "UTC" in str(err) and "(in 60 seconds)" in str(err)
+    lock = json.loads(agent.file("admin-lockout.json").read_text())["clients"][ATTACKER]
     assert lock["failures"] == 5 and 55 < lock["locked_until"] - time.time() <= 60
     assert mode(agent.file("admin-lockout.json")) == 0o600
-    # Right credentials do not help while locked.
-    err = agent.refused("admin_login", address=ADDRESS, password=PASSWORD, code=totp.now())
+    # Right credentials do not help the locked client...
+    err = agent.refused("admin_login", address=ADDRESS, password=PASSWORD, code=totp.now(), client=ATTACKER)
     assert err.code == "locked"
+    # ...but the owner, elsewhere, is not locked out by the attacker.
+    assert agent("admin_login", address=ADDRESS, password=PASSWORD, code=totp.now(), client=OWNER)["address"] == ADDRESS
+    allow_code_again(agent)
     # The lock expires; one more failure locks for twice as long.
-    lock["locked_until"] = time.time() - 1
-    agent.file("admin-lockout.json").write_text(json.dumps(lock))
-    err = agent.refused("admin_login", address=ADDRESS, password="wrong password!", code="123456")
-    assert err.code == "locked" and "(in 2 minutes)" in err.message
-    lock = json.loads(agent.file("admin-lockout.json").read_text())
-    lock["locked_until"] = time.time() - 1
-    agent.file("admin-lockout.json").write_text(json.dumps(lock))
-    # Success resets the count.
-    assert agent("admin_login", address=ADDRESS, password=PASSWORD, code=totp.now())["address"] == ADDRESS
-    assert json.loads(agent.file("admin-lockout.json").read_text()) == {"failures": 0, "locked_until": 0.0}
+    data = json.loads(agent.file("admin-lockout.json").read_text())
+    data["clients"][ATTACKER]["locked_until"] = time.time() - 1
+    agent.file("admin-lockout.json").write_text(json.dumps(data))
+    err = agent.refused("admin_login", **bad)
+    assert err.code == "locked" and "(in 2 minutes)" in str(err)
+    data = json.loads(agent.file("admin-lockout.json").read_text())
+    data["clients"][ATTACKER]["locked_until"] = time.time() - 1
+    agent.file("admin-lockout.json").write_text(json.dumps(data))
+    # Success resets the count of that client.
+    assert agent("admin_login", address=ADDRESS, password=PASSWORD, code=totp.now(), client=ATTACKER)["address"]
+    assert ATTACKER not in json.loads(agent.file("admin-lockout.json").read_text())["clients"]
+
+
+def test_an_ipv6_attacker_is_counted_by_its_64(agent: Agent) -> None:
+    enrol(agent)
+    for i in range(5):  # five addresses of one /64: one client
+        err = agent.refused("admin_login", address=ADDRESS, password="wrong password!", code="123456",
+                            client=f"2001:db8:1:2::{i + 1}")
+    assert err.code == "locked"
+    assert agent.refused("admin_login", address=ADDRESS, password="wrong password!", code="123456",
+                         client="2001:db8:1:3::1").code == "denied"  # another /64
+
+
+def test_admin_unlock_on_the_console_lifts_the_lockout(agent: Agent, capsys: pytest.CaptureFixture[str]) -> None:
+    from portal import cli
+
+    totp, _ = enrol(agent)
+    allow_code_again(agent)
+    for _ in range(5):
+        agent.refused("admin_login", address=ADDRESS, password="wrong password!", code="123456", client=OWNER)
+    assert agent.refused("admin_login", address=ADDRESS, password=PASSWORD, code=totp.now(),
+                         client=OWNER).code == "locked"
+    assert cli.main(["--socket", str(agent.client.socket_path), "admin-unlock", "--client", OWNER]) == 0
+    assert OWNER in capsys.readouterr().out
+    assert agent("admin_login", address=ADDRESS, password=PASSWORD, code=totp.now(), client=OWNER)["address"]
+    assert agent.refused("admin_unlock", client="not an address").field == "client"
+
+
+def test_signing_out_ends_the_session_on_the_server(agent: Agent) -> None:
+    from types import SimpleNamespace
+
+    from portal.admin.privileged import session_valid
+
+    totp, _ = enrol(agent)
+    allow_code_again(agent)
+    first = agent("admin_login", address=ADDRESS, password=PASSWORD, code=totp.now())["session"]
+    allow_code_again(agent)
+    second = agent("admin_login", address=ADDRESS, password=PASSWORD, code=totp.now())["session"]
+    ctx = SimpleNamespace(state_dir=agent.state_dir)
+    assert session_valid(ctx, first) and session_valid(ctx, second)
+    assert first not in agent.file("admin-sessions.json").read_text()  # only hashes are kept
+    assert agent("admin_logout", session=first) == {"ended": 1}
+    assert not session_valid(ctx, first) and session_valid(ctx, second)
+    assert agent("admin_logout", session=second, everywhere=True) == {"ended": 1}
+    assert not session_valid(ctx, second)
+    assert agent.portal_state(session=second)["session_valid"] is False
 
 
 def test_lock_backoff_doubles_up_to_an_hour() -> None:
@@ -247,7 +306,7 @@ def test_no_domain_yet(tmp_path: Path, start_agent: Callable[..., Any]) -> None:
     state.mkdir()
     agent = Agent(start_agent(env={"MAILSTEAD_STATE_DIR": str(state)}), state)
     err = agent.refused("admin_totp_begin", address=ADDRESS)
-    assert err.message.startswith("address: the mail domain is not set yet")
+    assert str(err).startswith("address: the mail domain is not set yet")
 
 
 def test_net_addresses(agent: Agent, tmp_path: Path) -> None:

@@ -103,22 +103,24 @@ def test_setup_deploy_is_a_job_the_web_may_start() -> None:
 
     from portal.web import jobs as agentweb
 
-    importlib.import_module("portal.agent.server")  # registers every operation
+    importlib.import_module("portal.agent.server")
+    from portal.agent.registry import load_all
 
-    assert "setup_deploy" in jobs.KINDS and "setup_deploy" in agentweb.WEB_JOBS
+    load_all()
+    assert "setup_deploy" in jobs.kinds() and agentweb.web_job("setup_deploy") is REGISTRY["setup_deploy"]
     assert {"send_test_message", "setup_finish", "system_status", "stack_logs"} <= set(REGISTRY)
 
 
 def test_deploy_resumes_after_an_interrupted_job(ctx: Context, world: FakeWorld) -> None:
     folder = ctx.state_dir / "jobs"
     folder.mkdir()
-    (folder / "20260101000000-setup_deploy-dead.json").write_text(json.dumps(
-        {"id": "20260101000000-setup_deploy-dead", "kind": "setup_deploy", "state": "running",
+    (folder / "20260101000000000000-setup_deploy-deadbeef.json").write_text(json.dumps(
+        {"id": "20260101000000000000-setup_deploy-deadbeef", "kind": "setup_deploy", "state": "running",
          "agent": "999-0", "started": 0, "finished": None,
          "events": [{"t": 1.0, "step": "postfix", "detail": "running/starting"}], "result": None, "error": None}))
     assert op(ctx, "job_latest", kind="setup_deploy")["job"]["state"] == "interrupted"
 
-    job = finished(ctx, op(ctx, "job_start", kind="setup_deploy")["id"])
+    job = finished(ctx, REGISTRY["setup_deploy"].start(ctx)["id"])
     assert job["state"] == "done", job
     assert world.created == [("postmaster@example.test", "correct horse battery staple")]
     assert setting(ctx.state_dir, "stack_deployed") == "1"
@@ -133,19 +135,19 @@ def test_deploy_resumes_after_an_interrupted_job(ctx: Context, world: FakeWorld)
 
 def test_a_failed_deploy_keeps_the_pending_password(ctx: Context, world: FakeWorld) -> None:
     world.deploy_fails = True
-    job = finished(ctx, op(ctx, "job_start", kind="setup_deploy")["id"])
+    job = finished(ctx, REGISTRY["setup_deploy"].start(ctx)["id"])
     assert job["state"] == "failed" and "dovecot" in job["error"]
     assert world.taken == 0 and world.pending  # not taken before the stack runs
     assert setting(ctx.state_dir, "stack_deployed") is None
 
     world.deploy_fails = False
-    assert finished(ctx, op(ctx, "job_start", kind="setup_deploy")["id"])["state"] == "done"
+    assert finished(ctx, REGISTRY["setup_deploy"].start(ctx)["id"])["state"] == "done"
     assert [a for a, _ in world.created] == ["postmaster@example.test"]
 
 
 def test_a_failed_mailbox_keeps_the_password_until_it_is_made(ctx: Context, world: FakeWorld) -> None:
     world.mailbox_fails = True
-    job = finished(ctx, op(ctx, "job_start", kind="setup_deploy")["id"])
+    job = finished(ctx, REGISTRY["setup_deploy"].start(ctx)["id"])
     assert job["state"] == "failed" and "dovecot is down" in job["error"]
     stash = ctx.state_dir / "secrets" / setupops.DEPLOY_STASH
     assert stat.S_IMODE(stash.stat().st_mode) == 0o600
@@ -153,7 +155,7 @@ def test_a_failed_mailbox_keeps_the_password_until_it_is_made(ctx: Context, worl
     assert setting(ctx.state_dir, "stack_deployed") is None
 
     world.mailbox_fails = False  # "Deploy again": the taken password comes from the stash
-    assert finished(ctx, op(ctx, "job_start", kind="setup_deploy")["id"])["state"] == "done"
+    assert finished(ctx, REGISTRY["setup_deploy"].start(ctx)["id"])["state"] == "done"
     assert world.created == [("postmaster@example.test", "correct horse battery staple")]
     assert not stash.exists()
 

@@ -81,9 +81,8 @@ def configure_backup_target(ctx, tmp_path):
 
 def refused(ctx, **args) -> ops.OpError:
     with pytest.raises(ops.OpError) as err:
-        ops.REGISTRY["upgrade_run"].run_checked(ctx, args)
-    assert not (ctx.state_dir / upgradeops.REQUEST_FILE).exists()
-    assert jobs.latest(ctx, "upgrade") is None  # refused before any job started
+        ops.REGISTRY["upgrade_run"].invoke(ctx, args)
+    assert jobs.latest(ctx, "upgrade_run") is None  # refused before any job started
     return err.value
 
 
@@ -168,18 +167,18 @@ def test_a_bad_bundle_folder_is_refused_naming_what_to_fix(tmp_path, case, words
 
 def test_nothing_deployed_yet_is_refused(ctx):
     err = refused(ctx, without_backup=True)
-    assert err.code == "not_deployed" and "mailstead deploy" in err.message
+    assert err.code == "not_deployed" and "mailstead deploy" in str(err)
 
 
 def test_nothing_newer_is_refused_with_a_clear_message(ctx, tmp_path):
     deployed(ctx, "0.1.0")
     err = refused(ctx, without_backup=True)  # the shipped images are the appliance's 0.1.0
     assert err.code == "not_newer"
-    assert err.message == (f"nothing to upgrade: the stack runs 0.1.0 and {ctx.images_dir} holds 0.1.0 (nothing "
+    assert str(err) == (f"nothing to upgrade: the stack runs 0.1.0 and {ctx.images_dir} holds 0.1.0 (nothing "
                            "newer); to reinstall these images anyway, give force=True")
     older = mkosi_folder(tmp_path / "older", "0.0.9")
     err = refused(ctx, source=str(older), without_backup=True)
-    assert err.code == "not_newer" and "holds 0.0.9 (an older version, nothing newer)" in err.message
+    assert err.code == "not_newer" and "holds 0.0.9 (an older version, nothing newer)" in str(err)
 
 
 def test_without_a_backup_target_the_upgrade_is_refused_naming_the_option(ctx, tmp_path):
@@ -187,7 +186,7 @@ def test_without_a_backup_target_the_upgrade_is_refused_naming_the_option(ctx, t
     newer = mkosi_folder(tmp_path / "newer", "0.1.1")
     err = refused(ctx, source=str(newer))
     assert err.code == "no_backup"
-    assert "no backup target is configured" in err.message and "without_backup=True" in err.message
+    assert "no backup target is configured" in str(err) and "without_backup=True" in str(err)
     assert upgrade.read_state(ctx.state_dir) == {}  # a refusal is not an attempt
 
 
@@ -199,7 +198,7 @@ def test_without_a_backup_target_the_upgrade_is_refused_naming_the_option(ctx, t
 def test_bad_arguments_are_refused(ctx, args, words):
     deployed(ctx)
     err = refused(ctx, **args)
-    assert err.code == "invalid" and words in err.message
+    assert err.code == "invalid" and words in str(err)
 
 
 def test_an_upgrade_that_cannot_reach_docker_changes_nothing_and_says_so(ctx, tmp_path):
@@ -207,15 +206,15 @@ def test_an_upgrade_that_cannot_reach_docker_changes_nothing_and_says_so(ctx, tm
     recorded (not run, nothing changed) and the pin stays."""
     deployed(ctx, "0.1.0")
     newer = mkosi_folder(tmp_path / "newer", "0.1.1")
-    job = ops.REGISTRY["upgrade_run"].run_checked(ctx, {"source": str(newer), "without_backup": True})
-    assert job["kind"] == "upgrade" and job["state"] == "running"
+    job = ops.REGISTRY["upgrade_run"].invoke(ctx, {"source": str(newer), "without_backup": True})
+    assert job["kind"] == "upgrade_run" and job["state"] == "running"
     done = retry(lambda: _finished(ctx, job["id"]), 30, "the upgrade job to end")
     assert done["state"] == "failed" and "no docker socket" in done["error"]
     last = upgrade.read_state(ctx.state_dir)["last_upgrade"]
     assert last["ok"] is False and last["changed"] is False and last["rolled_back"] is False
     assert (last["from"], last["to"]) == ("0.1.0", "0.1.1") and "no docker socket" in last["error"]
     assert pins.read_pin(ctx.state_dir).version == "0.1.0"
-    assert not (ctx.state_dir / upgradeops.REQUEST_FILE).exists()
+    assert not list(ctx.state_dir.glob("*request*"))  # the job's arguments travel with it, in no file
 
 
 def _finished(ctx, job_id):
@@ -235,7 +234,7 @@ def test_check_compares_the_pinned_version_with_the_shipped_images(ctx):
     (ctx.images_dir / "VERSION").write_text("0.2.0\n")  # an appliance update shipped newer images
     out = ops.REGISTRY["upgrade_check"].run_checked(ctx, {})
     assert (out["current"], out["available"], out["upgrade_available"]) == ("0.1.0", "0.2.0", True)
-    assert "job" not in out and jobs.latest(ctx, "upgrade") is None  # auto-apply is opt-in
+    assert "job" not in out and jobs.latest(ctx, "upgrade_run") is None  # auto-apply is opt-in
     assert upgrade.read_state(ctx.state_dir)["last_check"]["upgrade_available"] is True
 
 
@@ -247,7 +246,7 @@ def test_automatic_upgrade_is_opt_in_and_never_without_a_backup(ctx, tmp_path):
     assert out["auto"] is True and "job" not in out and "without_backup" in out["auto_refused"]
     configure_backup_target(ctx, tmp_path)
     out = ops.REGISTRY["upgrade_check"].run_checked(ctx, {})
-    assert out["job"]["kind"] == "upgrade"
+    assert out["job"]["kind"] == "upgrade_run"
     retry(lambda: _finished(ctx, out["job"]["id"]), 30, "the upgrade job to end")  # no docker here: it fails
     ops.REGISTRY["upgrade_configure"].run_checked(ctx, {"auto": False})
     assert "job" not in ops.REGISTRY["upgrade_check"].run_checked(ctx, {})
@@ -264,7 +263,7 @@ def test_the_operations_are_served_by_the_agent(start_agent, tmp_path):
         client.call("upgrade_run", without_backup=True)
     assert err.value.code == "not_deployed"
     assert client.call("upgrade_state")["pinned"] is None
-    assert client.call("job_latest", kind="upgrade") == {"job": None}
+    assert client.call("job_latest", kind="upgrade_run") == {"job": None}
 
 
 # -- the health check -----------------------------------------------------------------
