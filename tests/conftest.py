@@ -103,8 +103,10 @@ def launch_agent(directory: Path, *extra: str, allow_uid: int | None = None,
     ]
     with open(log, "wb") as log_file:
         # The scheduler only where a test asks for it (MAILSTEAD_SCHEDULER=1): it writes to the state dir.
+        # Never the host's /var/lib/mailstead: a state folder of the test's unless it gives one.
         proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO,
-                                env={**os.environ, "MAILSTEAD_SCHEDULER": "0", **(env or {})})
+                                env={**os.environ, "MAILSTEAD_SCHEDULER": "0",
+                                     "MAILSTEAD_STATE_DIR": str(directory / "state"), **(env or {})})
     agent = AgentProcess(sock, proc, log)
 
     def up() -> None:

@@ -214,7 +214,7 @@ def privileged(func: Callable[..., dict[str, Any]] | None = None, *, timeout: fl
         op = Operation(op_name, f, params, float(timeout), web, job, frozenset(secret), check,
                        inspect.getdoc(f) or "")
         target = REGISTRY if registry is None else registry
-        if op_name in target and target[op_name].func.__qualname__ != f.__qualname__:
+        if registry is None and op_name in target and target[op_name].func.__qualname__ != f.__qualname__:
             raise TypeError(f"operation {op_name} is declared twice")
         target[op_name] = op
         return op

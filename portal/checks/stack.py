@@ -31,7 +31,7 @@ def containers(env: CheckEnv) -> CheckResult:
     if isinstance(settings, CheckResult):
         return settings
     try:
-        status = stack_status(env.ctx)
+        status = stack_status.run(env.ctx)
     except OpError as err:
         return CheckResult("containers", "fail", f"cannot ask docker: {err.message}",
                            "start the docker engine: systemctl start docker")

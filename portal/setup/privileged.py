@@ -231,14 +231,14 @@ def setup_token_check(ctx: Context, token: str) -> dict[str, Any]:
     try:
         expected = safefs.read_text(layout.setup_token, 4096).strip()
     except FileNotFoundError:
-        raise OpError("no_token", "the setup token has not been made yet: mailstead-firstboot has not run. "
+        raise OpError("no_token", "The setup token has not been generated yet: mailstead-firstboot has not run. "
                                   "Wait for the appliance to finish booting, or run “systemctl start "
                                   "mailstead-firstboot” as root, then reload this page.") from None
     except (OSError, UnicodeDecodeError, safefs.UnsafePathError):
-        raise OpError("no_token", "the setup token file is unreadable; as root, run “systemctl restart "
-                                  "mailstead-firstboot”") from None
+        raise OpError("no_token", "The agent cannot read the setup token file; as root, remove "
+                                  f"{layout.setup_token} and run “systemctl restart mailstead-firstboot”") from None
     if not expected:
-        raise OpError("no_token", "the setup token file is empty; as root, remove it and run "
+        raise OpError("no_token", "The setup token file is empty; as root, remove it and run "
                                   "“systemctl restart mailstead-firstboot”")
     given = token.strip().encode("utf-8", "replace")
     return {"ok": hmac.compare_digest(given, expected.encode("utf-8"))}

@@ -175,12 +175,11 @@ class StartForm(FlaskForm):
 # -- the agent's answers on the form ---------------------------------------------------------
 
 def attach_error(form: TargetForm, err: AgentError) -> str | None:
-    """Put the agent's "<field>: message" on the form's field that fixes it; returns the
-    message when no field takes it (shown at the top of the form)."""
-    name, sep, rest = err.message.partition(":")
-    name = name.strip()
+    """Put the agent's message on the form's field that fixes it (the error's field, or the
+    one the target's kind uses); returns the message when no field takes it (shown at the
+    top of the form)."""
+    name, sep, message = err.field or "", bool(err.field), err.message
     kind = form.target.data
-    message = rest.strip() if sep else err.message
     if err.code == "no_repository":
         where = {"local": "the folder (is the backup disk mounted?)",
                  "sftp": "the folder on the SFTP server", "s3": "the bucket and the prefix (Folder)"}[kind]

@@ -36,14 +36,10 @@ def token() -> ResponseReturnValue:
     if setup_complete():
         return render_template("setup/finished.html")
     form = TokenForm()
-    if not form.is_submitted():
-        if session.get("setup"):
-            return redirect(url_for("wizard.index"))
-        return render_template("setup/token.html", form=form)
-
-    # CSRFProtect has already checked the form's CSRF token. The agent compares the
-    # token (the web process cannot read the token file).
-    given = (form.token.data or "")[:1000]
+    # CSRFProtect has already checked a posted form's CSRF token. The agent compares the
+    # token (the web process cannot read the token file); an empty one only asks whether
+    # a token exists yet, so the page can say that the console has none to show.
+    given = (form.token.data or "")[:1000] if form.is_submitted() else ""
     try:
         matches = setup_ops.setup_token_check(token=given)["ok"]
     except AgentError as exc:
@@ -52,6 +48,10 @@ def token() -> ResponseReturnValue:
         if exc.code == "no_token":
             return error_page(503, "Setup token not generated yet", exc.message)
         raise
+    if not form.is_submitted():
+        if session.get("setup"):
+            return redirect(url_for("wizard.index"))
+        return render_template("setup/token.html", form=form)
     if not matches:
         log.warning("wrong setup token submitted")
         return render_template("setup/token.html", form=form, error=WRONG_TOKEN), 403

@@ -70,15 +70,17 @@ def test_session_cookie_settings(app: Flask) -> None:
     assert app.config["PERMANENT_SESSION_LIFETIME"] == timedelta(minutes=30)
 
 
-def test_secret_key_created_once_with_mode_0600(make_app: Callable[..., Flask], state_dir: Path) -> None:
+def test_secret_key_created_once_with_mode_0600(make_app: Callable[..., Flask], tmp_path: Path) -> None:
+    """The session key is in the web process's own folder, never in the agent's state."""
     first = make_app()
-    key_file = state_dir / "secret_key"
+    web_dir = tmp_path / "web"
+    key_file = web_dir / "secret_key"
     assert key_file.stat().st_mode & 0o777 == 0o600
     assert first.config["SECRET_KEY"] == key_file.read_text().strip()
     assert len(first.config["SECRET_KEY"]) >= 64
     second = make_app()
     assert second.config["SECRET_KEY"] == first.config["SECRET_KEY"]
-    assert [p.name for p in state_dir.iterdir()] == ["secret_key"]  # no temp files left
+    assert [p.name for p in web_dir.iterdir()] == ["secret_key"]  # no temp files left
 
 
 def test_explicit_secret_key_writes_no_file(make_app: Callable[..., Flask], state_dir: Path) -> None:

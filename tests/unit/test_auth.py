@@ -310,5 +310,5 @@ def test_gate_does_not_touch_state_db_for_static(make_app: Callable[..., Flask],
 
 
 def test_db_helper_sees_setup_complete(done_app: Flask) -> None:
-    with done_app.app_context():
+    with done_app.test_request_context():
         assert db.get_setting("setup_complete") == "1" and auth.setup_complete()

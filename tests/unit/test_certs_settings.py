@@ -28,7 +28,7 @@ def test_defaults(tmp_path: Path) -> None:
 
 
 def test_words_apex_reuse_and_bundle(tmp_path: Path) -> None:
-    bundle = tmp_path / "ca.pem"
+    bundle = tmp_path / "acme-ca-bundle.pem"  # where the agent keeps a pasted bundle
     bundle.write_bytes(pem(CA().cert))
     acme = parse(tmp_path, acme_directory="letsencrypt-staging", acme_include_apex="1", acme_reuse_key="1",
                  acme_ca_bundle=str(bundle), acme_contact="mailto:Postmaster@example.test")
@@ -46,8 +46,9 @@ def test_names_are_unique_and_lowercase() -> None:
 @pytest.mark.parametrize("values, field, words", [
     ({"acme_directory": "http://ca.example.test/dir"}, "acme_directory", "not an https URL"),
     ({"acme_directory": "letsencrypted"}, "acme_directory", "not an https URL"),
-    ({"acme_ca_bundle": "/nonexistent/ca.pem"}, "acme_ca_bundle", "cannot read"),
-    ({"acme_ca_bundle": "relative.pem"}, "acme_ca_bundle", "absolute path"),
+    # The agent reads no path it is given: a bundle is pasted text it stored itself.
+    ({"acme_ca_bundle": "/etc/shadow"}, "acme_ca_bundle", "can only be pasted as text"),
+    ({"acme_ca_bundle": "relative.pem"}, "acme_ca_bundle", "can only be pasted as text"),
     ({"acme_contact": "not-an-address"}, "acme_contact", "not an email address"),
     ({"acme_contact": "a@b"}, "acme_contact", "not an email address"),
     ({"acme_challenge": "tls-alpn-01"}, "acme_challenge", "http-01 or dns-01"),
@@ -63,7 +64,7 @@ def test_bad_input_names_the_field(tmp_path: Path, values: dict, field: str, wor
 
 
 def test_bundle_that_is_not_pem(tmp_path: Path) -> None:
-    bundle = tmp_path / "ca.pem"
+    bundle = tmp_path / "acme-ca-bundle.pem"
     bundle.write_text("hello\n")
     with pytest.raises(CertError, match="holds no PEM certificate") as err:
         parse(tmp_path, acme_ca_bundle=str(bundle))

@@ -122,7 +122,7 @@ def test_overall_is_the_worst() -> None:
 
 def test_home_page_without_docker_is_clear(dashboard: FlaskClient, state_dir: Path) -> None:
     jobs = state_dir / "jobs"
-    jobs.mkdir()
+    jobs.mkdir(exist_ok=True)
     (jobs / "20260101000000-dns_check-aaaa.json").write_text(json.dumps(
         {"id": "20260101000000-dns_check-aaaa", "kind": "dns_check", "state": "done", "agent": "1-1", "started": 0,
          "finished": 1, "events": [], "error": None, "result": {"summary": {"ok": 9}, "required_ok": True}}))
@@ -138,11 +138,12 @@ def test_home_page_without_docker_is_clear(dashboard: FlaskClient, state_dir: Pa
     assert 'aria-current="page">Home<' in html
 
 
-def test_home_page_with_the_agent_down(make_app: Callable[..., Flask], state_dir: Path) -> None:
+def test_home_page_with_the_agent_down(make_app: Callable[..., Flask], state_dir: Path, thread_agent: Any) -> None:
     write_settings(state_dir, domain="example.test", setup_complete="1")
     client = signed_in(https_client(make_app()))
+    thread_agent.stop()
     page = client.get("/admin/")
-    assert page.status_code == 200 and "mailstead-agent" in page.text
+    assert page.status_code == 503 and "mailstead-agent" in page.text
 
 
 def test_home_needs_a_session(make_app: Callable[..., Flask], state_dir: Path) -> None:

@@ -183,7 +183,6 @@ def test_every_input_has_a_label(unlocked: FlaskClient) -> None:
     for name in ("domain", "mail_host", "public_ipv4", "public_ipv6", "dns_resolvers"):
         assert f'<label for="{name}">' in page
         assert f'id="{name}"' in page
-    assert "agent unavailable" in page or "could not be detected" in page
 
 
 def test_defaults_come_from_the_agent(make_app: Callable[..., Flask], token_file: Path, state_dir: Path,

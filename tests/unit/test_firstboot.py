@@ -65,7 +65,7 @@ def test_token_is_long_and_urlsafe(paths: Paths, text: str) -> None:
 
 
 def test_file_modes(paths: Paths, text: str) -> None:
-    assert mode(paths.token) == 0o440
+    assert mode(paths.token) == 0o400
     assert mode(paths.key) == 0o600
     assert mode(paths.cert) == 0o644
     assert mode(paths.fingerprint) == 0o644

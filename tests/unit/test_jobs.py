@@ -85,7 +85,7 @@ def test_failures_are_recorded_in_plain_words(ctx, kinds):
 
 def test_a_dead_agents_job_is_interrupted(ctx, kinds):
     folder = ctx.state_dir / "jobs"
-    folder.mkdir()
+    folder.mkdir(exist_ok=True)
     (folder / "20260101000000000000-t_slow-deadbeef.json").write_text(json.dumps(
         {"id": "20260101000000000000-t_slow-deadbeef", "kind": "t_slow", "state": "running", "agent": "999-0",
          "started": 0, "finished": None, "events": [], "result": None, "error": None}))

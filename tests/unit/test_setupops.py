@@ -113,7 +113,7 @@ def test_setup_deploy_is_a_job_the_web_may_start() -> None:
 
 def test_deploy_resumes_after_an_interrupted_job(ctx: Context, world: FakeWorld) -> None:
     folder = ctx.state_dir / "jobs"
-    folder.mkdir()
+    folder.mkdir(exist_ok=True)
     (folder / "20260101000000000000-setup_deploy-deadbeef.json").write_text(json.dumps(
         {"id": "20260101000000000000-setup_deploy-deadbeef", "kind": "setup_deploy", "state": "running",
          "agent": "999-0", "started": 0, "finished": None,

@@ -4,6 +4,7 @@ and continuing with problems only after a plain confirmation (real agent process
 from __future__ import annotations
 
 import base64
+import json
 import html
 import re
 from collections.abc import Callable, Iterator
@@ -221,9 +222,12 @@ def test_all_ok_continues_without_confirmation(dns_app: Flask, page: FlaskClient
     ok = {"name": "example.org", "type": "MX", "purpose": "where other servers deliver mail for the domain",
           "required": True, "verdict": "ok", "expected": "10 mail.example.org.", "actual": ["10 mail.example.org."],
           "message": "", "fix": "", "visible_by": {"seconds": 0, "text": "Resolvers see it now."}}
-    job = {"id": "j2", "kind": "dns_check", "state": "done", "events": [], "error": None,
+    job = {"id": "20260101000000000000-dns_check-0000000a", "kind": "dns_check", "state": "done", "events": [],
+           "error": None, "agent": "1-1", "started": 0, "finished": 1,
            "result": {"servers": [], "summary": {"ok": 1}, "required_ok": True, "results": [ok]}}
-    monkeypatch.setattr(dns_step, "latest_job", lambda kind: (job, None))
+    jobs = Path(dns_app.config["TEST_STATE_DIR"]) / "jobs"  # the agent's own record of the check
+    jobs.mkdir(exist_ok=True)
+    (jobs / f"{job['id']}.json").write_text(json.dumps(job))
     page_text = page.get("/setup/dns").text
     assert 'id="dns-all-ok"' in page_text and 'id="accept_problems"' not in page_text
     assert continue_(page).status_code == 303
@@ -242,14 +246,15 @@ def test_helper_routes_wait_for_earlier_steps(make_app: Callable[..., Flask], to
 
 
 def test_agent_down_is_a_message_not_a_5xx(make_app: Callable[..., Flask], token_file: Path,
-                                           tmp_path: Path) -> None:
+                                           thread_agent: Any) -> None:
+    """The wizard's state is the agent's: with it gone, the page says so (503), not a 500."""
     from tests.unit.conftest import https_client
 
-    app = make_app(AGENT_SOCKET=str(tmp_path / "nothing.sock"))
+    app = make_app()
     set_up(app, BASE_SETTINGS, dns_step.STEP.order)
     client = https_client(app)
     unlock(client)
+    thread_agent.stop()
     response = client.get("/setup/dns")
-    assert response.status_code == 200
-    assert 'id="dns-records-error"' in response.text
-    assert client.get("/setup/dns/zone").status_code == 409
+    assert response.status_code == 503 and "mailstead-agent" in response.text
+    assert client.get("/setup/dns/zone").status_code == 503

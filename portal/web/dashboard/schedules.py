@@ -135,7 +135,7 @@ def change(job: str) -> ResponseReturnValue:
     try:
         result = schedule_ops.schedule_set(job=job, cron=cron)
     except AgentError as err:
-        if err.message.startswith("job:"):
+        if err.field == "job":
             abort(404)
         message = show_error(form, err)
         if message is None:
@@ -153,7 +153,7 @@ def run_now(job: str) -> ResponseReturnValue:
     try:
         result = schedule_ops.schedule_run_now(job=known(job))
     except AgentError as err:
-        if err.message.startswith("job:"):
+        if err.field == "job":
             abort(404)
         if err.code == "timeout":
             security.rotate_csrf()
