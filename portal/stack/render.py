@@ -14,7 +14,8 @@ from pathlib import Path
 
 import jinja2
 
-from portal.stack.settings import SERVICES, StackSettings
+from portal.stack.compose import compose_yaml
+from portal.stack.settings import SERVICES, SettingsError, StackSettings
 
 # Where recipes/ is installed in the image; tests use the checkout's.
 DEFAULT_RECIPES_DIR = Path("/usr/share/mailstead/recipes")
@@ -25,7 +26,18 @@ def recipes_dir() -> Path:
     if env:
         return Path(env)
     checkout = Path(__file__).resolve().parents[2] / "recipes"
-    return checkout if (checkout / "compose.yaml.j2").is_file() else DEFAULT_RECIPES_DIR
+    return checkout if (checkout / "postfix" / "templates").is_dir() else DEFAULT_RECIPES_DIR
+
+
+def one_line(value: object) -> object:
+    """Every value a template prints is one line: the line-based formats rendered here
+    (postfix, dovecot, rspamd, redis) have no quoting, so a line break or NUL in a value
+    would start a directive of its own. Checked values never hold one; this refuses,
+    at render time, any that does."""
+    if isinstance(value, str) and any(ord(c) < 32 and c != "\t" or ord(c) == 127 for c in value):
+        raise SettingsError("settings", "a value to be written into a configuration file holds a line break "
+                                        "or a control character; set it again")
+    return value
 
 
 @dataclass(frozen=True)
@@ -42,9 +54,11 @@ def render(settings: StackSettings, secrets: Mapping[str, str], recipes: Path | 
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         autoescape=False,
+        finalize=one_line,
     )
+    settings = settings.validate()
     variables = settings.as_template_vars() | {"secrets": dict(secrets)}
-    files = {"compose.yaml": File(env.get_template("compose.yaml.j2").render(variables).encode(), 0o644)}
+    files = {"compose.yaml": File(compose_yaml(settings).encode(), 0o644)}
     for service in SERVICES:
         root = recipes / service / "templates"
         for path in sorted(p for p in root.rglob("*") if p.is_file()):

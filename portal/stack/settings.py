@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,9 @@ from typing import Any
 from portal import __version__
 
 SERVICES = ("postfix", "dovecot", "rspamd", "redis", "radicale")
+VERSION = re.compile(r"[0-9][0-9A-Za-z.+~-]{0,39}")
+IMAGE = re.compile(r"sha256:[0-9a-f]{64}|mailstead-[a-z]+:[0-9][0-9A-Za-z.+~-]{0,39}")
+SELECTOR = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 
 # Container port -> default host port, per published service port.
 DEFAULT_PORTS = {
@@ -89,38 +93,59 @@ class StackSettings:
         live = self.tls_dir / "live"
         return live / "privkey.pem" if live.exists() else self.tls_dir / "bootstrap.key"
 
-    def tls_container_paths(self) -> tuple[list[str], str, str]:
-        """(compose volume lines, cert path, key path) for postfix and dovecot.
-        Files under tls_dir: the whole folder, read-only, at /etc/mailstead/tls (so a
-        renewed live/ is seen without a redeploy); files elsewhere: each on its own."""
+    def tls_bind_mounts(self) -> list[tuple[str, str]]:
+        """(host path, container path) read-only bind mounts for postfix and dovecot.
+        Files under tls_dir: the whole folder at /etc/mailstead/tls (so a renewed live/
+        is seen without a redeploy); files elsewhere: each on its own."""
         cert, key, base = self.cert_path, self.key_path, Path("/etc/mailstead/tls")
         if cert.is_relative_to(self.tls_dir) and key.is_relative_to(self.tls_dir):
-            return ([f"{self.tls_dir}:{base}:ro"],
-                    str(base / cert.relative_to(self.tls_dir)), str(base / key.relative_to(self.tls_dir)))
-        return ([f"{cert}:{base}/cert.pem:ro", f"{key}:{base}/key.pem:ro"],
-                f"{base}/cert.pem", f"{base}/key.pem")
+            return [(str(self.tls_dir), str(base))]
+        return [(str(cert), f"{base}/cert.pem"), (str(key), f"{base}/key.pem")]
+
+    def tls_container_paths(self) -> tuple[list[str], str, str]:
+        """(the mounts as "host:container:ro" text for display, cert path, key path as the
+        containers see them)."""
+        cert, key, base = self.cert_path, self.key_path, Path("/etc/mailstead/tls")
+        mounts = [f"{src}:{dst}:ro" for src, dst in self.tls_bind_mounts()]
+        if cert.is_relative_to(self.tls_dir) and key.is_relative_to(self.tls_dir):
+            return mounts, str(base / cert.relative_to(self.tls_dir)), str(base / key.relative_to(self.tls_dir))
+        return mounts, f"{base}/cert.pem", f"{base}/key.pem"
 
     def with_images(self, images: dict[str, str]) -> StackSettings:
         return replace(self, images=dict(images))
 
     def validate(self) -> StackSettings:
+        """Check every value again where it is used (the store checked them when they were
+        written): a value that reaches a generated file must be exactly what it claims to be."""
+        from portal.core import settings as rules
         from portal.stack.accounts import check_domain  # one domain rule for settings and accounts
 
         check_domain(self.domain, "domain")
         check_domain(self.hostname, "hostname")
+        rules.dns_name("domain", self.domain)
+        rules.dns_name("hostname", self.hostname)
         if not self.publish_addresses:
             raise SettingsError("publish_addresses", "give at least one address, e.g. 0.0.0.0")
         for addr in self.publish_addresses:
-            try:
-                ipaddress.ip_address(addr)
-            except ValueError:
-                raise SettingsError("publish_addresses",
-                                    f"'{addr[:64]}' is not an IP address; use e.g. 0.0.0.0 or 127.0.0.1") from None
+            if not isinstance(addr, str):
+                raise SettingsError("publish_addresses", "must be IP addresses")
+            rules.ip()("publish_addresses", addr)
+            if rules.ip()("publish_addresses", addr) != ipaddress.ip_address(addr).compressed:
+                raise SettingsError("publish_addresses", f"'{addr[:64]}' is not in its usual form")
         for addr in self.dns_servers:
-            try:
-                ipaddress.ip_address(addr)
-            except ValueError:
-                raise SettingsError("dns_servers", f"'{addr[:64]}' is not an IP address") from None
+            if not isinstance(addr, str):
+                raise SettingsError("dns_servers", "must be IP addresses")
+            rules.ip()("dns_servers", addr)
+        if not isinstance(self.project, str) or not rules.PROJECT.fullmatch(self.project):
+            raise SettingsError("stack_project", "must be lower-case letters, digits, '-' and '_', e.g. mailstead")
+        if not isinstance(self.version, str) or not VERSION.fullmatch(self.version):
+            raise SettingsError("version", "is not a version number such as 0.1.0")
+        for name, path in (("tls_cert", self.tls_cert), ("tls_key", self.tls_key), ("state_dir", self.state_dir)):
+            if path is not None and rules.safe_path(name, str(path)) != str(path):
+                raise SettingsError(name, "must be an absolute path without '..'")
+        for selector in self.dkim_selectors:
+            if not isinstance(selector, str) or not SELECTOR.fullmatch(selector):
+                raise SettingsError("dkim_selectors", f"'{str(selector)[:40]}' is not a DKIM selector name")
         unknown = set(self.ports) - set(DEFAULT_PORTS)
         if unknown:
             raise SettingsError("ports", f"unknown port name(s) {sorted(unknown)}; known: {sorted(DEFAULT_PORTS)}")
@@ -135,6 +160,9 @@ class StackSettings:
             raise SettingsError("mta_sts_mode", "must be enforce, testing or none")
         if self.default_quota_mb < 0:
             raise SettingsError("default_quota_mb", "must be 0 (no limit) or more")
+        for service, image in self.images.items():
+            if service not in SERVICES or not isinstance(image, str) or not IMAGE.fullmatch(image):
+                raise SettingsError("images", f"'{str(image)[:80]}' is not an image ID or a mailstead image name")
         return self
 
     def as_template_vars(self) -> dict[str, Any]:

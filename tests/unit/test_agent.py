@@ -347,7 +347,7 @@ def test_status_when_docker_socket_is_dead(start_agent: StartAgent, tmp_path: Pa
 def test_agent_starts_without_heavy_libraries():
     """The agent imports flask, acme, OpenSSL and dnspython only when an operation
     needs them: under emulation each one costs seconds before the first answer."""
-    code = ("import sys, portal.agent.server; "
+    code = ("import sys, portal.agent.server; from portal.agent.registry import load_all; load_all(); "
             "print(sorted(m for m in ('flask', 'acme', 'OpenSSL', 'dns.resolver', 'dns.query', 'josepy', 'qrcode', 'apscheduler', 'sqlalchemy', 'docker') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)

@@ -17,7 +17,7 @@ SECRETS = {"redis_password": "s3cret-redis-password"}
 def settings(**changes) -> StackSettings:
     base = StackSettings(domain="example.test", hostname="mail.example.test",
                          state_dir=Path("/var/lib/mailstead"),
-                         images={s: f"sha256:{s:0<64}"[:71] for s in SERVICES})
+                         images={s: f"sha256:{s.encode().hex():0<64}"[:71] for s in SERVICES})
     return replace(base, **changes)
 
 
@@ -44,10 +44,11 @@ def test_every_service_has_healthcheck_restart_and_pinned_image():
 
 def test_published_addresses_follow_the_setting_and_redis_is_never_published():
     spec = compose(render(settings(publish_addresses=("127.0.0.1", "::1")), SECRETS))
-    smtp = spec["services"]["postfix"]["ports"]
-    assert "127.0.0.1:25:25" in smtp and "[::1]:25:25" in smtp
+    smtp = [(p["host_ip"], p["published"], p["target"]) for p in spec["services"]["postfix"]["ports"]]
+    assert ("127.0.0.1", "25", 25) in smtp and ("::1", "25", 25) in smtp
     assert "ports" not in spec["services"]["redis"]
-    assert spec["services"]["radicale"]["ports"] == ["127.0.0.1:5232:5232"]
+    assert spec["services"]["radicale"]["ports"] == [
+        {"target": 5232, "published": "5232", "host_ip": "127.0.0.1", "protocol": "tcp"}]
 
 
 def test_changed_settings_change_the_output():

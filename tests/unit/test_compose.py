@@ -1,0 +1,152 @@
+"""The compose file is built from checked values through a YAML serializer: a hostile
+value for any setting is either refused naming that setting, or the rendered compose
+parses to exactly the expected services, mounts, ports and privileges.
+
+(The review that led here rendered `fe80::1%]\\n  privileged: true` from dns_servers
+into every service, and a tls_cert of '/:/host #' into a bind mount of the host's /.)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+
+from portal.core import store
+from portal.core.settings import SETTINGS, SettingsError
+from portal.stack.render import render
+from portal.stack.settings import SERVICES
+from portal.stack.store import load_settings
+
+BASE = {"domain": "example.org", "mail_host": "mail.example.org", "public_ipv4": "192.0.2.10",
+        "dns_resolvers": "192.0.2.53"}
+SECRETS = {"redis_password": "r" * 32, "rspamd_controller_password": "c" * 32}
+HOSTILE_PARTS = ["\n", "\r\n", "\x00", "#", "%", ":", "..", "/", "]", "[", "'", '"', "{", "}", "&", "*", "!",
+                 " ", "\t", "\\", "privileged: true", "  pid: host", "/:/host", ":ro #", "fe80::1%", "0.0.0.0",
+                 "::1", "127.0.0.1", "${HOME}", "$(id)", "`id`", "\u202e", "é", "x" * 300]
+# Per service: the only keys it may have, and what its capabilities are.
+ALLOWED_KEYS = {"restart", "networks", "dns", "logging", "image", "container_name", "hostname", "entrypoint",
+                "ports", "volumes", "tmpfs", "healthcheck", "depends_on", "cap_drop", "cap_add", "security_opt",
+                "user"}
+CAPS = {"postfix": None, "dovecot": None, "rspamd": ["CHOWN", "KILL", "SETUID", "SETGID"], "redis": None,
+        "radicale": ["CHOWN", "DAC_READ_SEARCH", "SETUID", "SETGID"]}
+MOUNT_TARGETS = {
+    "postfix": {"/etc/mailstead/postfix", "/var/spool/postfix", "/var/lib/mailstead-accounts", "/etc/mailstead/tls",
+                "/etc/mailstead/tls/cert.pem", "/etc/mailstead/tls/key.pem"},
+    "dovecot": {"/etc/mailstead/dovecot", "/var/mail", "/var/lib/mailstead-accounts", "/etc/mailstead/tls",
+                "/etc/mailstead/tls/cert.pem", "/etc/mailstead/tls/key.pem"},
+    "rspamd": {"/etc/mailstead/rspamd", "/var/lib/rspamd", "/run/mailstead-dkim"},
+    "redis": {"/etc/mailstead/redis", "/var/lib/redis"},
+    "radicale": {"/etc/mailstead/radicale", "/var/lib/radicale/collections"},
+}
+
+hostile = st.one_of(
+    st.lists(st.sampled_from(HOSTILE_PARTS), min_size=1, max_size=6).map("".join),
+    st.tuples(st.sampled_from(["example.org", "192.0.2.1", "/var/lib/mailstead/tls/x.pem", "25", "mailstead"]),
+              st.lists(st.sampled_from(HOSTILE_PARTS), min_size=1, max_size=3).map("".join)).map("".join),
+    st.text(max_size=40),
+    st.just("x" * 5000),
+)
+
+
+def fresh(state: Path) -> None:
+    shutil.rmtree(state, ignore_errors=True)
+    state.mkdir(parents=True)
+    store.write_settings(state, BASE)
+
+
+def check_compose(state: Path) -> None:
+    """The rendered compose parses to exactly the expected shape."""
+    s = load_settings(state)
+    files = render(s, SECRETS)
+    for name, f in files.items():
+        text = f.content.decode("utf-8")
+        assert "\x00" not in text, name
+    spec = yaml.safe_load(files["compose.yaml"].content)
+    assert set(spec) == {"name", "networks", "volumes", "services"}
+    assert set(spec["services"]) == set(SERVICES)
+    assert set(spec["volumes"]) == {"mail", "spool", "rspamd", "redis", "dav"}
+    assert spec["networks"] == {"mailstead": {"name": spec["name"]}}
+    addresses = set(s.publish_addresses)
+    for name, svc in spec["services"].items():
+        assert set(svc) <= ALLOWED_KEYS, (name, set(svc) - ALLOWED_KEYS)
+        assert svc["networks"] == ["mailstead"] and svc["container_name"] == f"{spec['name']}-{name}"
+        assert svc.get("cap_add") == CAPS[name], name
+        assert "privileged" not in svc and "pid" not in svc and "network_mode" not in svc
+        for mount in svc["volumes"]:
+            assert mount["target"] in MOUNT_TARGETS[name], (name, mount)
+            if mount["type"] == "bind":
+                assert mount.get("read_only") is True, (name, mount)
+                source = mount["source"]
+                assert source.startswith("./") or Path(source).is_relative_to(state) or source in (
+                    str(s.tls_cert), str(s.tls_key)), (name, source)
+                assert ":" not in source and "\n" not in source
+            else:
+                assert mount["type"] == "volume" and mount["source"] in spec["volumes"]
+        for port in svc.get("ports", []):
+            assert set(port) == {"target", "published", "host_ip", "protocol"}
+            assert port["published"].isdigit() and port["protocol"] == "tcp"
+            assert port["host_ip"] in (addresses if name != "radicale" else {"127.0.0.1"})
+        for server in svc.get("dns", []):
+            assert "%" not in server and "\n" not in server
+
+
+@pytest.mark.parametrize("key", sorted(SETTINGS))
+def test_a_hostile_value_is_refused_naming_the_setting_or_renders_safely(key: str, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+
+    @hsettings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(value=hostile)
+    def check(value: str) -> None:
+        fresh(state)
+        # Through the agent's store: refused naming the key, or stored normalized.
+        try:
+            store.write_settings(state, {key: value})
+        except SettingsError as err:
+            assert err.field == key, (key, value, err)
+        else:
+            check_compose(state)
+        # Written behind the agent's back (a damaged file, an old backup): refused where used.
+        fresh(state)
+        with sqlite3.connect(state / "state.db") as conn:
+            conn.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)", (key, value))
+        try:
+            check_compose(state)
+        except SettingsError as err:
+            assert err.field in (key, "domain", "hostname", "mail_host"), (key, value, err)
+
+    check()
+
+
+@pytest.mark.parametrize("key, value", [
+    ("dns_servers", "fe80::1%]\n  privileged: true\n  pid: host"),
+    ("publish_addresses", "fe80::1%]\n  privileged: true"),
+    ("tls_cert", "/x:/usr/bin/tini:ro #"),
+    ("tls_key", "/:/host #"),
+    ("stack_project", "mailstead\n  privileged: true"),
+    ("stack_ports", json.dumps({"smtp": "25\n  privileged: true"})),
+])
+def test_the_reviewed_attacks_are_refused_naming_the_setting(key: str, value: str, tmp_path: Path) -> None:
+    fresh(tmp_path)
+    with pytest.raises(SettingsError) as err:
+        store.write_settings(tmp_path, {key: value})
+    assert err.value.field == key
+    with sqlite3.connect(tmp_path / "state.db") as conn:
+        conn.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)", (key, value))
+    with pytest.raises(SettingsError) as err:
+        load_settings(tmp_path)
+    assert err.value.field == key and "set it again" in err.value.message
+
+
+def test_the_compose_file_is_yaml_from_a_serializer(tmp_path: Path) -> None:
+    fresh(tmp_path)
+    store.write_settings(tmp_path, {"publish_addresses": "127.0.0.1,::1", "dns_servers": "192.0.2.53"})
+    check_compose(tmp_path)
+    text = render(load_settings(tmp_path), SECRETS)["compose.yaml"].content.decode()
+    assert text.startswith("# Mailstead mail stack ") and "&id" not in text and "*id" not in text
+    assert not (Path(__file__).resolve().parents[2] / "recipes" / "compose.yaml.j2").exists()
