@@ -169,6 +169,22 @@ def test_agent_writes_its_folders_and_any_backup_disk_but_not_the_system() -> No
         assert not writable(agent, path), f"the agent's sandbox lets it write {path}"
 
 
+def test_local_backup_targets_are_refused_exactly_where_the_agent_cannot_write() -> None:
+    from portal.backup import BackupError
+    from portal.backup import config as backup_config
+
+    agent = service(AGENT)
+    for root in backup_config.READ_ONLY_ROOTS:
+        path = root + "/backup/mailstead"
+        with pytest.raises(BackupError):
+            backup_config.validate("local", path=path)
+        if not under(path, ("/proc", "/sys", "/dev")):  # API file systems: no place for a backup
+            assert not writable(agent, path), f"{root} is refused as a backup folder but the agent may write it"
+    for path in AGENT_WRITES:
+        if under(path, ("/mnt", "/media", "/srv", "/var/backups")):
+            assert backup_config.validate("local", path=path).path == path
+
+
 def test_agent_keeps_only_the_capabilities_it_uses() -> None:
     agent = service(AGENT)
     assert one(agent, "User") in ("", "root")
