@@ -23,6 +23,9 @@ from urllib.parse import urlsplit
 from portal.backup import BackupError
 
 KINDS = ("local", "sftp", "s3")
+# What the agent's sandbox keeps read-only (mailstead-agent.service: ProtectSystem=full,
+# ProtectHome=read-only) or is no place for a backup: a local target must be elsewhere.
+READ_ONLY_ROOTS = ("/usr", "/boot", "/efi", "/etc", "/home", "/root", "/run/user", "/proc", "/sys", "/dev")
 _HOST_RE = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
 _USER_RE = re.compile(r"^[A-Za-z0-9._][A-Za-z0-9._-]{0,31}$")
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -85,7 +88,12 @@ def _validate(kind: str, *, path: str = "", host: str = "", port: int = 0, user:
             raise BackupError("path: must be an absolute folder, e.g. /mnt/backup/mailstead", "path")
         if ".." in Path(path).parts:
             raise BackupError("path: must not contain '..'", "path")
-        return Target("local", path=os.path.normpath(path))
+        path = os.path.normpath(path)
+        if path == "/" or any(path == r or path.startswith(r + "/") for r in READ_ONLY_ROOTS):
+            raise BackupError(f"path: the agent cannot write {path[:100]} (the system and home folders are "
+                              "read-only to it); use a folder on a disk mounted under /mnt, /media or /srv, "
+                              "e.g. /mnt/backup/mailstead", "path")
+        return Target("local", path=path)
     if kind == "sftp":
         host = host.strip()
         if not host:

@@ -27,6 +27,12 @@ SFTP = {"host": "backup.example.net", "user": "mailstead", "path": "/srv/backup"
     ("local", {}, "path"),
     ("local", {"path": "relative/folder"}, "path"),
     ("local", {"path": "/mnt/../etc"}, "path"),
+    # read-only in the agent's sandbox (mailstead-agent.service)
+    ("local", {"path": "/"}, "path"),
+    ("local", {"path": "/etc/backup"}, "path"),
+    ("local", {"path": "/usr/local/backup"}, "path"),
+    ("local", {"path": "/home/owner/backup"}, "path"),
+    ("local", {"path": "/root//backup"}, "path"),
     ("sftp", {**SFTP, "host": ""}, "host"),
     ("sftp", {**SFTP, "host": "bad host!"}, "host"),
     ("sftp", {**SFTP, "port": 70000}, "port"),
@@ -59,6 +65,8 @@ def test_bad_target_names_the_field(kind, fields, field):
 
 def test_good_targets_and_their_repositories():
     assert cfg.validate("local", path="/mnt/backup/").repository() == "/mnt/backup"
+    for path in ("/media/usb/mailstead", "/srv/backup", "/var/backups/mailstead", "/etcetera", "/homes"):
+        assert cfg.validate("local", path=path).repository() == path
     sftp = cfg.validate("sftp", **SFTP)
     assert sftp.port == 22 and sftp.repository() == "sftp:mailstead-backup:/srv/backup"
     s3 = cfg.validate("S3", **S3, path="/box1/")
