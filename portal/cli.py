@@ -159,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(commands, "cert-renew", cert_ops.cert_renew, "renew the certificate if due (or --force)")
     p.add_argument("--force", action="store_true")
     command(commands, "cert-status", cert_ops.cert_status, "the certificate in use, its expiry and renewal")
+    p = command(commands, "settings-set", None, "store settings (KEY=VALUE ..., each checked; an empty VALUE "
+                "removes it)")
+    p.add_argument("pairs", nargs="+", metavar="KEY=VALUE")
     p = command(commands, "admin-unlock", admin_ops.admin_unlock,
                 "lift the sign-in lockout (all client addresses, or --client)")
     p.add_argument("--client", default="", help="only this client address")
@@ -402,6 +405,17 @@ def restore(args: argparse.Namespace) -> int:
     return job_outcome(follow(job))
 
 
+def settings_set(pairs: list[str]) -> int:
+    """mailstead settings-set KEY=VALUE ...: each through the agent's checks, in order."""
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"mailstead: {pair[:40]}: write it as KEY=VALUE (an empty VALUE removes the setting)")
+        result = setup_ops.settings_set(key=key.strip(), value=value)
+        print(f"{result['key']}: " + ("removed" if result.get("removed") else result["value"]))
+    return 0
+
+
 def call(op: Operation, args: dict[str, Any], timeout: float | None) -> dict[str, Any]:
     """Run `op` through its stub (its declared timeout unless --timeout)."""
     if timeout is None:
@@ -422,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "restore":
             return restore(args)
+        if args.command == "settings-set":
+            return settings_set(args.pairs)
         op, op_args = request(args)
         result = call(op, op_args, args.timeout)
         if op.job:

@@ -221,6 +221,21 @@ def portal_state(ctx: Context, session: str = "") -> dict[str, Any]:
             "session_valid": session_valid(ctx, session) if session else False}
 
 
+@privileged(timeout=10.0)
+def settings_set(ctx: Context, key: str, value: str) -> dict[str, Any]:
+    """Store one setting (root only: `mailstead settings-set KEY=VALUE` on the console), checked
+    like every other (portal/core/settings.py lists them); an empty value removes it."""
+    from portal.core.settings import SETTINGS
+
+    if key not in SETTINGS:
+        raise OpError("invalid", f"'{key[:40]}' is not a setting; known: {', '.join(sorted(SETTINGS))}", "key")
+    if value == "":
+        store.delete_settings(ctx.state_dir, [key])
+        return {"key": key, "removed": True}
+    stored = store.write_settings(ctx.state_dir, {key: value})
+    return {"key": key, "value": stored[key]}
+
+
 @privileged(web=True, timeout=5.0, secret=("token",))
 def setup_token_check(ctx: Context, token: str) -> dict[str, Any]:
     """Whether `token` is the setup token (constant time). The web never reads the token

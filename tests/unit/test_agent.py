@@ -424,8 +424,8 @@ def test_the_web_user_may_call_only_the_operations_declared_for_it(tmp_path):
         agent.stop()
     registry = ops.load_all()
     root_only = sorted(n for n, op in registry.items() if not op.web)
-    assert root_only == ["admin_unlock", "cert_renew", "net_check", "stack_load_images", "upgrade_check",
-                         "upgrade_configure", "upgrade_run"], root_only
+    assert root_only == ["admin_unlock", "cert_renew", "net_check", "settings_set", "stack_load_images",
+                         "upgrade_check", "upgrade_configure", "upgrade_run"], root_only
 
 
 def test_each_operation_is_declared_once_with_its_secrets():

@@ -81,7 +81,7 @@ def test_every_command_names_a_registered_operation():
     for name, sub in commands.items():
         if name in ("mailbox-create", "mailbox-reset-password", "mailbox-password", "dns-configure-push"):
             continue  # these read a password or secret; covered above and in test_stack_agentops
-        if name in ("token", "setup", "restore"):
+        if name in ("token", "setup", "restore", "settings-set"):
             continue  # local (token, setup) or several operations (restore): tested on their own
         if name in nested:
             for action in sub._subparsers._group_actions[0].choices:
@@ -188,3 +188,22 @@ def test_every_command_has_help(capsys):
     parser = cli.build_parser()
     for name, sub in parser._subparsers._group_actions[0].choices.items():
         assert sub.format_help().startswith("usage: mailstead " + name), name
+
+
+def test_settings_set_goes_through_the_agents_checks(tmp_path, capsys):
+    from tests.support.agent import ThreadAgent
+    from portal.core import store
+
+    agent = ThreadAgent(tmp_path / "state", tmp_path / "agent.sock")
+    try:
+        sock = str(agent.socket)
+        assert cli.main(["--socket", sock, "settings-set", "dns_allow_private=yes", "dns_servers=10.0.2.2"]) == 0
+        assert "dns_allow_private: 1" in capsys.readouterr().out
+        assert store.read_settings(tmp_path / "state") == {"dns_allow_private": "1", "dns_servers": "10.0.2.2"}
+        assert cli.main(["--socket", sock, "settings-set", "dns_servers=fe80::1%eth0"]) == 1
+        assert "dns_servers" in capsys.readouterr().err
+        assert cli.main(["--socket", sock, "settings-set", "no_such=1"]) == 1
+        assert cli.main(["--socket", sock, "settings-set", "dns_servers="]) == 0
+        assert store.read_settings(tmp_path / "state") == {"dns_allow_private": "1"}
+    finally:
+        agent.stop()
