@@ -6,17 +6,22 @@ write access to the -shm file). Every mutation checks all of its input first,
 raises AccountError naming the field, and is all-or-nothing.
 
 The per-user mail_crypt keys live in dovecot; they are handled through a
-MailboxKeys object (doveadm in the dovecot container, or NoKeys).
+MailboxKeys object (doveadm in the dovecot container, or NoKeys). Each
+mailbox row says how its key password is derived from its password (KeyKdf:
+key_kdf and key_salt; the derivations are in dovecot_keys.py, and dovecot
+computes the same at login in recipes/dovecot/templates/mailstead-keys.lua).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import secrets
 import sqlite3
 import string
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from encodings import idna
 from functools import cache
@@ -30,7 +35,9 @@ CREATE TABLE IF NOT EXISTS mailboxes (address  TEXT PRIMARY KEY,           -- lo
                         domain   TEXT NOT NULL REFERENCES domains(name),
                         password TEXT NOT NULL,              -- {ARGON2ID}$argon2id$...
                         quota_mb INTEGER NOT NULL,           -- 0: no limit
-                        created  TEXT NOT NULL);
+                        created  TEXT NOT NULL,
+                        key_kdf  INTEGER NOT NULL DEFAULT 1, -- KeyKdf.version (1: legacy)
+                        key_salt TEXT NOT NULL DEFAULT '');  -- KeyKdf.salt ('' for version 1)
 CREATE TABLE IF NOT EXISTS aliases   (source      TEXT NOT NULL,           -- local@domain
                         destination TEXT NOT NULL,           -- an address
                         PRIMARY KEY (source, destination));
@@ -48,6 +55,15 @@ SCHEME_PREFIX = "{ARGON2ID}"
 ARGON2_TIME_COST = 3
 ARGON2_MEMORY_COST_KIB = 65536
 ARGON2_PARALLELISM = 1
+
+# How a mailbox's mail_crypt key password is derived from its password (the
+# KeyKdf version stored with the mailbox; dovecot_keys.key_password computes them).
+KEY_KDF_SHA256 = 1  # hex SHA-256 of the password, unsalted: mailboxes made before version 2
+KEY_KDF_SCRYPT = 2  # hex scrypt of the password with a per-mailbox salt, as costly as ARGON2_*
+KEY_KDF_VERSIONS = (KEY_KDF_SHA256, KEY_KDF_SCRYPT)
+KEY_KDF_CURRENT = KEY_KDF_SCRYPT
+KEY_SALT_BYTES = 16  # stored as 32 hex digits
+KEY_SALT_RE = re.compile(r"[0-9a-f]{32}")
 
 LOCAL_CHARS = frozenset(string.ascii_letters + string.digits + ".-_+")
 DOMAIN_CHARS = frozenset(string.ascii_letters + string.digits + ".-")
@@ -68,12 +84,36 @@ class AccountError(MailsteadError, ValueError):
         super().__init__(message, field=field)
 
 
-class MailboxKeys(Protocol):
-    """A mailbox's mail_crypt key pair, kept by dovecot (encrypted with the user's password)."""
+@dataclass(frozen=True)
+class KeyKdf:
+    """How a mailbox's key password is derived from its password: the KDF
+    version and, for version 2, the mailbox's salt (32 hex digits, used as text)."""
 
-    def generate(self, address: str, password: str) -> None: ...
-    def change_password(self, address: str, old: str, new: str) -> None: ...
-    def reset(self, address: str, password: str) -> None: ...
+    version: int
+    salt: str = ""
+
+    def __post_init__(self) -> None:
+        if self.version == KEY_KDF_SHA256:
+            ok = self.salt == ""
+        else:
+            ok = self.version in KEY_KDF_VERSIONS and bool(KEY_SALT_RE.fullmatch(self.salt))
+        if not ok:
+            raise ValueError(f"invalid key derivation: version {self.version!r} with a salt of "
+                             f"{len(self.salt)} characters")
+
+    @classmethod
+    def new(cls) -> KeyKdf:
+        """The current derivation with a fresh random salt (for new keys and every password change)."""
+        return cls(KEY_KDF_CURRENT, secrets.token_hex(KEY_SALT_BYTES))
+
+
+class MailboxKeys(Protocol):
+    """A mailbox's mail_crypt key pair, kept by dovecot (its private key encrypted
+    with a key password derived from the user's password as `kdf` says)."""
+
+    def generate(self, address: str, password: str, kdf: KeyKdf) -> None: ...
+    def change_password(self, address: str, old: str, new: str, old_kdf: KeyKdf, new_kdf: KeyKdf) -> None: ...
+    def reset(self, address: str, password: str, kdf: KeyKdf) -> None: ...
     def rename(self, old: str, new: str) -> None: ...
     def remove(self, address: str) -> None: ...
 
@@ -81,13 +121,13 @@ class MailboxKeys(Protocol):
 class NoKeys:
     """MailboxKeys that does nothing: for when no mail stack is deployed."""
 
-    def generate(self, address: str, password: str) -> None:
+    def generate(self, address: str, password: str, kdf: KeyKdf) -> None:
         pass
 
-    def change_password(self, address: str, old: str, new: str) -> None:
+    def change_password(self, address: str, old: str, new: str, old_kdf: KeyKdf, new_kdf: KeyKdf) -> None:
         pass
 
-    def reset(self, address: str, password: str) -> None:
+    def reset(self, address: str, password: str, kdf: KeyKdf) -> None:
         pass
 
     def rename(self, old: str, new: str) -> None:
@@ -267,6 +307,7 @@ class Accounts:
             conn.execute("PRAGMA foreign_keys=ON")
             conn.execute("PRAGMA journal_mode=DELETE")
             conn.executescript(SCHEMA)
+            _migrate(conn)
             yield conn
         finally:
             conn.close()
@@ -306,6 +347,12 @@ class Accounts:
         with self.connect() as conn:
             return _mailbox(conn, address)
 
+    def key_kdf(self, address: str) -> KeyKdf:
+        """How the mailbox's key password is derived now (its salt is no secret)."""
+        address = check_address(address)
+        with self.connect() as conn:
+            return _key_kdf(conn, address)
+
     # -- domains and mailboxes ---------------------------------------------------------
 
     def add_domain(self, name: str) -> str:
@@ -328,13 +375,15 @@ class Accounts:
         check_quota(quota_mb)
         local, domain = address.split("@")
         stored = hash_password(password)
+        kdf = KeyKdf.new()
         with self._write() as conn:
             _refuse_existing(conn, address, "address")
             added_domain = conn.execute("INSERT OR IGNORE INTO domains (name) VALUES (?)", (domain,)).rowcount
-            conn.execute("INSERT INTO mailboxes (address, local, domain, password, quota_mb, created) "
-                         "VALUES (?, ?, ?, ?, ?, ?)", (address, local, domain, stored, quota_mb, _now()))
+            conn.execute("INSERT INTO mailboxes (address, local, domain, password, quota_mb, created, "
+                         "key_kdf, key_salt) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                         (address, local, domain, stored, quota_mb, _now(), kdf.version, kdf.salt))
         try:
-            keys.generate(address, password)
+            keys.generate(address, password, kdf)
         except BaseException:
             with self._write() as conn:
                 conn.execute("DELETE FROM mailboxes WHERE address = ?", (address,))
@@ -382,12 +431,18 @@ class Accounts:
 
     def change_password(self, address: str, old_password: str, new_password: str,
                         keys: MailboxKeys) -> None:
-        """Change a password, re-encrypting the mailbox's private key with the new one."""
+        """Change a password, re-encrypting the mailbox's private key with the new one.
+
+        The key password is derived afresh (the current KDF, a new salt), so this
+        also moves a mailbox made with an older derivation to the current one;
+        the new password may be the same as the old.
+        """
         address = check_address(address)
         if not isinstance(old_password, str):
             raise AccountError("old_password", "old_password must be text")
         check_password(new_password, "new_password")
         stored = hash_password(new_password)
+        new_kdf = KeyKdf.new()
         with self._write() as conn:
             row = conn.execute("SELECT password FROM mailboxes WHERE address = ?", (address,)).fetchone()
             if row is None:
@@ -395,8 +450,10 @@ class Accounts:
             if not verify_password(row["password"], old_password):
                 raise AccountError("old_password", f"old_password is not the current password of {address}; "
                                                    f"check it, or have an administrator reset the password")
-            keys.change_password(address, old_password, new_password)
-            conn.execute("UPDATE mailboxes SET password = ? WHERE address = ?", (stored, address))
+            old_kdf = _key_kdf(conn, address)
+            keys.change_password(address, old_password, new_password, old_kdf, new_kdf)
+            conn.execute("UPDATE mailboxes SET password = ?, key_kdf = ?, key_salt = ? WHERE address = ?",
+                         (stored, new_kdf.version, new_kdf.salt, address))
 
     def reset_password(self, address: str, new_password: str, keys: MailboxKeys) -> None:
         """Set a new password without knowing the old one (for an administrator).
@@ -407,11 +464,13 @@ class Accounts:
         address = check_address(address)
         check_password(new_password, "new_password")
         stored = hash_password(new_password)
+        kdf = KeyKdf.new()
         with self._write() as conn:
             if _mailbox(conn, address) is None:
                 raise _unknown(address)
-            keys.reset(address, new_password)
-            conn.execute("UPDATE mailboxes SET password = ? WHERE address = ?", (stored, address))
+            keys.reset(address, new_password, kdf)
+            conn.execute("UPDATE mailboxes SET password = ?, key_kdf = ?, key_salt = ? WHERE address = ?",
+                         (stored, kdf.version, kdf.salt, address))
 
     def set_quota(self, address: str, quota_mb: int) -> dict[str, Any]:
         """Set a mailbox's quota in MiB (0: no limit)."""
@@ -466,6 +525,41 @@ class Accounts:
 
 
 # -- helpers (inside a connection) ---------------------------------------------------
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a database made by an older version up to SCHEMA, keeping every row.
+
+    Mailboxes from before the key_kdf column had their keys made with the
+    unsalted SHA-256 derivation: they get version 1 (the column's default),
+    which dovecot keeps deriving for them until their password is changed or
+    reset (Accounts.change_password, reset_password).
+    """
+    def missing() -> list[str]:
+        have = {row["name"] for row in conn.execute("PRAGMA table_info(mailboxes)")}
+        return [name for name in ("key_kdf", "key_salt") if name not in have]
+
+    if not missing():
+        return
+    conn.execute("BEGIN IMMEDIATE")  # another connection may be migrating the same file
+    try:
+        for name in missing():
+            definition = {"key_kdf": "INTEGER NOT NULL DEFAULT 1", "key_salt": "TEXT NOT NULL DEFAULT ''"}[name]
+            conn.execute(f"ALTER TABLE mailboxes ADD COLUMN {name} {definition}")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _key_kdf(conn: sqlite3.Connection, address: str) -> KeyKdf:
+    row = conn.execute("SELECT key_kdf, key_salt FROM mailboxes WHERE address = ?", (address,)).fetchone()
+    if row is None:
+        raise _unknown(address)
+    try:
+        return KeyKdf(row["key_kdf"], row["key_salt"])
+    except ValueError:
+        raise AccountError("address", f"the key derivation stored for {address} is not valid; "
+                                      f"reset the mailbox's password to give it new keys") from None
 
 def _need_keys(keys: MailboxKeys | None) -> MailboxKeys:
     if keys is None:

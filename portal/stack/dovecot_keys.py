@@ -1,11 +1,28 @@
 """Mailbox keys (dovecot mail_crypt) managed with doveadm in the dovecot container.
 
 Each mailbox has a user key pair whose private half is encrypted with a key
-password derived from the user's password (`key_password`: the hex SHA-256 of
-the password, which is what dovecot's passdb hands to mail_crypt at login as
-`%{password | sha256}`). Mail is encrypted to folder keys, which are encrypted
-to the user key; so without the password nobody, the operator included, can
-read the mailbox.
+password derived from the user's password (`key_password`). Mail is encrypted
+to folder keys, which are encrypted to the user key; so without the password
+nobody, the operator included, can read the mailbox.
+
+The derivation is stored with the mailbox (accounts.KeyKdf: key_kdf, key_salt):
+
+- version 2 (every mailbox made or given a password since): the hex scrypt of
+  the password (UTF-8) with the mailbox's own salt (its 32 hex digits as text),
+  N=2**16, r=8, p=1, 32 bytes: 64 MiB and about as much time per guess as the
+  argon2id login hash (accounts.ARGON2_*; bench/keykdf.py measures both).
+- version 1 (mailboxes made before): the hex SHA-256 of the password, unsalted,
+  which made a stolen mail volume or backup cheap to guess (only the 2048
+  PBKDF2 rounds with which dovecot's lib-dcrypt encrypts any private key stood
+  in the way; they still come on top of both versions). Dovecot keeps deriving
+  it for those mailboxes, so they keep working, until their password is
+  changed or reset through the agent, which moves them to version 2. Dovecot
+  cannot move them at login: accounts.db is read-only to it.
+
+At login dovecot computes the same value: its passdb `sql` checks the password
+and returns key_kdf and key_salt, then passdb `lua` (mailstead-keys.lua in
+recipes/dovecot/templates, with luaossl's OpenSSL scrypt) derives the key
+password and hands it to mail_crypt as userdb field crypt_user_key_password.
 
 Passwords never appear on a command line, in a log or in an exception: the
 derived key passwords reach doveadm through the exec environment (doveadm -k
@@ -21,7 +38,7 @@ import hashlib
 import re
 from typing import Any
 
-from portal.stack.accounts import check_address
+from portal.stack.accounts import KEY_KDF_SCRYPT, KEY_KDF_SHA256, KeyKdf, check_address
 
 MAIL_ROOT = "/var/mail"
 # dovecot's index cache (plaintext header fields), on a tmpfs in the container.
@@ -30,6 +47,15 @@ CACHE_ROOT = "/var/cache/dovecot-index"
 USER_PRIVKEYS = "/private/vendor/vendor.dovecot/pvt/server/vendor/vendor.dovecot/pvt/crypt/privkeys/"
 # Only what check_address lets through; checked again before a path is built.
 SAFE_PART = re.compile(r"[a-z0-9][a-z0-9.+_-]{0,252}")
+
+# KDF version 2 (mailstead-keys.lua has the same numbers; a unit test checks).
+# Never change them for version 2: stored keys depend on them. A costlier
+# derivation is a new version (and the passdb keeps the old ones).
+SCRYPT_N = 2**16
+SCRYPT_R = 8
+SCRYPT_P = 1
+SCRYPT_BYTES = 32
+SCRYPT_MAXMEM = 128 * SCRYPT_R * SCRYPT_N + 16 * 1024 * 1024  # its 64 MiB, and room to spare
 
 # Shell snippets run with `sh -c` in the dovecot container. They read their
 # inputs from the environment: MS_USER (address), MS_DIR (mail folder), MS_CACHE
@@ -104,9 +130,16 @@ class MailboxKeysError(MailsteadError, RuntimeError):
     """doveadm failed; the message says what was done and what doveadm said."""
 
 
-def key_password(password: str) -> str:
-    """The password of a user's mail_crypt private key (as the passdb derives it)."""
-    return hashlib.sha256(password.encode("utf-8")).hexdigest()
+def key_password(password: str, kdf: KeyKdf) -> str:
+    """The password of a user's mail_crypt private key, derived as `kdf` says
+    (the value dovecot's passdb derives at login)."""
+    secret = password.encode("utf-8")
+    if kdf.version == KEY_KDF_SCRYPT:
+        return hashlib.scrypt(secret, salt=kdf.salt.encode("ascii"), n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P,
+                              maxmem=SCRYPT_MAXMEM, dklen=SCRYPT_BYTES).hex()
+    if kdf.version == KEY_KDF_SHA256:
+        return hashlib.sha256(secret).hexdigest()
+    raise ValueError(f"no key derivation version {kdf.version}")
 
 
 def mail_dir(address: str, root: str = MAIL_ROOT) -> str:
@@ -127,21 +160,22 @@ class DovecotKeys:
 
     # -- MailboxKeys -------------------------------------------------------------------
 
-    def generate(self, address: str, password: str) -> None:
-        """Make the user key pair, its private key encrypted with the password."""
+    def generate(self, address: str, password: str, kdf: KeyKdf) -> None:
+        """Make the user key pair, its private key encrypted with the password (derived as `kdf` says)."""
         self._run("make the mail encryption keys of", address, _GENERATE,
-                  {"MAILSTEAD_KEY_PASSWORD": key_password(password)})
+                  {"MAILSTEAD_KEY_PASSWORD": key_password(password, kdf)})
 
-    def change_password(self, address: str, old: str, new: str) -> None:
-        """Re-encrypt the user's private key(s) from the old password to the new one."""
+    def change_password(self, address: str, old: str, new: str, old_kdf: KeyKdf, new_kdf: KeyKdf) -> None:
+        """Re-encrypt the user's private key(s) from the old password (derived as
+        `old_kdf` says) to the new one (as `new_kdf` says)."""
         self._run("re-encrypt the mail encryption keys of", address, _CHANGE,
-                  {"MS_OLD": key_password(old), "MS_NEW": key_password(new)})
+                  {"MS_OLD": key_password(old, old_kdf), "MS_NEW": key_password(new, new_kdf)})
 
-    def reset(self, address: str, password: str) -> None:
+    def reset(self, address: str, password: str, kdf: KeyKdf) -> None:
         """New keys for a forgotten password: mail encrypted before becomes
         unreadable (its cached header fields are dropped too)."""
         self._run("reset the mail encryption keys of", address, _RESET,
-                  {"MAILSTEAD_KEY_PASSWORD": key_password(password), "MS_PRIVKEYS": USER_PRIVKEYS})
+                  {"MAILSTEAD_KEY_PASSWORD": key_password(password, kdf), "MS_PRIVKEYS": USER_PRIVKEYS})
 
     def rename(self, old: str, new: str) -> None:
         """Move the mailbox folder (mail and keys) to the new address's place;

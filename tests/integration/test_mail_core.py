@@ -22,7 +22,7 @@ from email.utils import formatdate, make_msgid
 import pytest
 
 from portal.stack import deploy as deploy_mod
-from portal.stack.accounts import AccountError, Accounts, NoKeys
+from portal.stack.accounts import KEY_KDF_SCRYPT, KEY_KDF_SHA256, AccountError, Accounts, KeyKdf, NoKeys
 from portal.stack.dovecot_keys import DovecotKeys, MailboxKeysError, key_password
 from tests.conftest import retry
 
@@ -89,6 +89,21 @@ class Mail:
             return [part[1].decode().split(":", 1)[1].strip() for part in data
                     if isinstance(part, tuple)]
 
+    def fetch_texts(self, user: str, password: str = PASSWORD) -> tuple[str, list]:
+        """FETCH the text of every message in the user's INBOX, which only the
+        user's private key can decrypt (header fields may come from dovecot's
+        index cache, which LMTP fills at delivery: it is dropped first)."""
+        local, domain = user.split("@")
+        self.dovecot("rm", "-rf", f"/var/cache/dovecot-index/{domain}/{local}")
+        with self.imap(user, password) as imap:
+            imap.select("INBOX", readonly=True)
+            return imap.fetch("1:*", "(BODY.PEEK[TEXT])")
+
+    def bodies(self, user: str, password: str = PASSWORD) -> list[str]:
+        typ, data = self.fetch_texts(user, password)
+        assert typ == "OK", data
+        return [part[1].decode().strip() for part in data if isinstance(part, tuple)]
+
     def wait_for(self, subject: str, user: str = ALICE, password: str = PASSWORD, timeout: float = 30) -> None:
         def arrived() -> None:
             assert subject in self.subjects(user, password), f"{subject!r} not in {user}'s INBOX yet"
@@ -96,6 +111,21 @@ class Mail:
 
     def dovecot(self, *cmd: str) -> str:
         return self.stack.exec("dovecot", *cmd)
+
+    def key_opens(self, address: str, key_pw: str) -> bool:
+        """Whether the user's private key opens with this key password (doveadm -k,
+        which takes it from its environment, as DovecotKeys passes it)."""
+        code, _out = self.stack.container("dovecot").exec_run(
+            ["/bin/sh", "-c", 'doveadm -k mailbox cryptokey export -U -u "$MS_USER" 2>/dev/null'
+                              ' | grep -q "BEGIN PRIVATE KEY"'],
+            environment={"MS_USER": address, "MAILSTEAD_KEY_PASSWORD": key_pw})
+        return code == 0
+
+    def set_key_kdf(self, address: str, kdf: KeyKdf) -> None:
+        """Write a mailbox's KeyKdf columns directly (as an older version left them)."""
+        with self.accounts.connect() as conn:
+            conn.execute("UPDATE mailboxes SET key_kdf = ?, key_salt = ? WHERE address = ?",
+                         (kdf.version, kdf.salt, address))
 
     def is_user(self, address: str) -> bool:
         """Whether dovecot's userdb knows the address (no login: a failed one is delayed)."""
@@ -175,19 +205,24 @@ def test_dovecot_keys_passes_secrets_only_through_the_environment() -> None:
     client = type("Client", (), {"containers": type("C", (), {"get": staticmethod(lambda _name: container)})})()
     keys = DovecotKeys(client, "mstest-mail")
     old, new = "old secret password 1", "new secret password 2"
-    keys.generate(ALICE, old)
-    keys.change_password(ALICE, old, new)
-    keys.reset(ALICE, new)
+    v1, v2, v2b = KeyKdf(KEY_KDF_SHA256), KeyKdf.new(), KeyKdf.new()
+    keys.generate(ALICE, old, v1)
+    keys.change_password(ALICE, old, new, v1, v2)
+    keys.reset(ALICE, new, v2b)
     keys.rename(ALICE, BOB)
     keys.remove(BOB)
     assert len(container.calls) == 5
+    derived = [key_password(pw, kdf) for pw in (old, new) for kdf in (v1, v2, v2b)]
     for cmd, env in container.calls:
         text = " ".join(cmd)
-        for secret in (old, new, key_password(old), key_password(new)):
+        for secret in (old, new, *derived):
             assert secret not in text
         assert ALICE not in text and BOB not in text  # addresses are data, never shell code
-    assert container.calls[0][1]["MAILSTEAD_KEY_PASSWORD"] == key_password(old)
-    assert container.calls[1][1]["MS_OLD"] == key_password(old)
+        assert old not in env.values() and new not in env.values()  # only derived key passwords
+    assert container.calls[0][1]["MAILSTEAD_KEY_PASSWORD"] == key_password(old, v1)
+    assert container.calls[1][1]["MS_OLD"] == key_password(old, v1)
+    assert container.calls[1][1]["MS_NEW"] == key_password(new, v2)
+    assert container.calls[2][1]["MAILSTEAD_KEY_PASSWORD"] == key_password(new, v2b)
     with pytest.raises(AccountError):
         keys.remove("../../etc@example.test")
 
@@ -422,7 +457,7 @@ def test_no_plaintext_reaches_the_mail_volume(mail: Mail) -> None:
 def test_dovecot_keys_refuses_a_wrong_old_password_without_leaking_it(mail: Mail) -> None:
     wrong = "not-the-password-at-all"
     with pytest.raises(MailboxKeysError) as err:
-        mail.keys.change_password(ALICE, wrong, PASSWORD + "-new")
+        mail.keys.change_password(ALICE, wrong, PASSWORD + "-new", mail.accounts.key_kdf(ALICE), KeyKdf.new())
     assert wrong not in str(err.value) and PASSWORD not in str(err.value)
     assert mail.subjects()  # the key still opens with the current password
 
@@ -441,7 +476,11 @@ def test_rename_reset_and_remove_move_the_mail_and_keys(mail: Mail) -> None:
 
     # A reset gives new keys: new mail is readable, the old is not (for anyone).
     reset = PASSWORD + "-reset"
+    before = mail.accounts.key_kdf(dave2)
     mail.accounts.reset_password(dave2, reset, mail.keys)
+    after = mail.accounts.key_kdf(dave2)
+    assert after.version == KEY_KDF_SCRYPT and after.salt != before.salt
+    assert mail.key_opens(dave2, key_password(reset, after))
     after = token("after-reset")
     submit(mail, after, "after the reset", rcpt=dave2)
 
@@ -462,19 +501,80 @@ def test_rename_reset_and_remove_move_the_mail_and_keys(mail: Mail) -> None:
     assert not mail.is_user(dave2)
 
 
+# -- the key password: derived by the agent (doveadm) and by dovecot (login) alike -----
+
+def test_mail_is_read_with_the_key_password_dovecot_derives_from_the_stored_salt(mail: Mail) -> None:
+    """The keys are made with the agent's derivation (scrypt, the mailbox's
+    salt); reading the mail over IMAP needs dovecot's passdb to derive the same
+    value from the password at login. A wrong salt in accounts.db (the control)
+    gives another value, and the mail cannot be read."""
+    erin = f"erin@{DOMAIN}"
+    mail.accounts.create_mailbox(erin, PASSWORD, keys=mail.keys)
+    kdf = mail.accounts.key_kdf(erin)
+    assert kdf.version == KEY_KDF_SCRYPT and len(kdf.salt) == 32
+    subject, body = token("erin-subject"), token("erin-body")
+    submit(mail, subject, body, rcpt=erin)
+    mail.wait_for(subject, erin)
+    assert mail.bodies(erin) == [body]  # decrypted with the key password dovecot derived at login
+    assert mail.key_opens(erin, key_password(PASSWORD, kdf))
+    assert not mail.key_opens(erin, key_password(PASSWORD, KeyKdf(KEY_KDF_SHA256)))  # no more sha256(password)
+    mail.set_key_kdf(erin, KeyKdf(KEY_KDF_SCRYPT, "f" * 32))
+    try:
+        typ, data = mail.fetch_texts(erin)  # the login works; the key does not open
+        assert typ == "NO", data
+    finally:
+        mail.set_key_kdf(erin, kdf)
+    assert mail.bodies(erin) == [body]
+    mail.accounts.delete_mailbox(erin, mail.keys)
+
+
+def test_a_version_1_mailbox_keeps_working_and_moves_to_version_2(mail: Mail) -> None:
+    """A mailbox made before the scrypt derivation: its row says version 1
+    (what the schema migration gives old rows) and its key is encrypted with
+    sha256(password). Logins keep reading its mail (dovecot derives version 1
+    for it) and do not change it; a password change through the agent, even
+    to the same password, re-encrypts the key under version 2."""
+    legacy = f"legacy@{DOMAIN}"
+    mail.accounts.create_mailbox(legacy, PASSWORD, keys=NoKeys())
+    mail.set_key_kdf(legacy, KeyKdf(KEY_KDF_SHA256))
+    mail.keys.generate(legacy, PASSWORD, KeyKdf(KEY_KDF_SHA256))  # the old way: doveadm with sha256(password)
+    sha256_key = key_password(PASSWORD, KeyKdf(KEY_KDF_SHA256))
+    assert mail.key_opens(legacy, sha256_key)
+    subjects, texts = [token("legacy-1"), token("legacy-2")], [token("legacy-body-1"), token("legacy-body-2")]
+    for subject, text in zip(subjects, texts):
+        submit(mail, subject, text, rcpt=legacy)
+        mail.wait_for(subject, legacy)
+    assert mail.bodies(legacy) == texts  # dovecot derived sha256(password) at login
+    assert mail.accounts.key_kdf(legacy) == KeyKdf(KEY_KDF_SHA256)  # a login migrates nothing
+
+    mail.accounts.change_password(legacy, PASSWORD, PASSWORD, mail.keys)
+    kdf = mail.accounts.key_kdf(legacy)
+    assert kdf.version == KEY_KDF_SCRYPT
+    assert mail.bodies(legacy) == texts  # the same password decrypts the same mail
+    assert mail.subjects(legacy) == subjects
+    assert not mail.key_opens(legacy, sha256_key)
+    assert mail.key_opens(legacy, key_password(PASSWORD, kdf))
+    attributes = mail.dovecot("cat", f"/var/mail/{DOMAIN}/legacy/dovecot-attributes")
+    assert sha256_key not in attributes and key_password(PASSWORD, kdf) not in attributes
+    mail.accounts.delete_mailbox(legacy, mail.keys)
+
+
 # -- failed logins (last before the restarts, which clear dovecot's auth penalty) --------
 
 def test_password_change_reencrypts_the_key(mail: Mail) -> None:
     new = PASSWORD + "-changed"
     before = mail.subjects()
     assert before
+    old_kdf = mail.accounts.key_kdf(ALICE)
     mail.accounts.change_password(ALICE, PASSWORD, new, mail.keys)
     try:
         assert mail.subjects(ALICE, new) == before
         with pytest.raises(imaplib.IMAP4.error):
             mail.imap(ALICE, PASSWORD)
+        new_kdf = mail.accounts.key_kdf(ALICE)
+        assert new_kdf.salt != old_kdf.salt
         keys_file = mail.dovecot("cat", f"/var/mail/{DOMAIN}/alice/dovecot-attributes")
-        for secret in (PASSWORD, new, key_password(PASSWORD), key_password(new)):
+        for secret in (PASSWORD, new, key_password(PASSWORD, old_kdf), key_password(new, new_kdf)):
             assert secret not in keys_file
     finally:
         mail.accounts.change_password(ALICE, new, PASSWORD, mail.keys)

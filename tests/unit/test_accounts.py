@@ -14,10 +14,14 @@ import argon2
 import pytest
 
 from portal.stack.accounts import (
+    KEY_KDF_CURRENT,
+    KEY_KDF_SCRYPT,
+    KEY_KDF_SHA256,
     MAX_QUOTA_MB,
     MIN_PASSWORD_LENGTH,
     AccountError,
     Accounts,
+    KeyKdf,
     MailboxKeys,
     NoKeys,
     check_address,
@@ -67,23 +71,24 @@ class BrokenKeys(NoKeys):
     def __init__(self, fail: str, path: Path) -> None:
         self.fail, self.path = fail, path
         self.call: tuple[Any, ...] | None = None
+        self.kdfs: tuple[KeyKdf, ...] = ()
         self.seen: list[str] = []
 
-    def _step(self, method: str, *args: str) -> None:
+    def _step(self, method: str, *args: str, kdfs: tuple[KeyKdf, ...] = ()) -> None:
         if method == self.fail:
-            self.call = (method, *args)
+            self.call, self.kdfs = (method, *args), kdfs
             with closing(sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)) as conn:
                 self.seen = [row[0] for row in conn.execute("SELECT address FROM mailboxes")]
             raise KeysFailed(f"{method} failed")
 
-    def generate(self, address: str, password: str) -> None:
-        self._step("generate", address, password)
+    def generate(self, address: str, password: str, kdf: KeyKdf) -> None:
+        self._step("generate", address, password, kdfs=(kdf,))
 
-    def change_password(self, address: str, old: str, new: str) -> None:
-        self._step("change_password", address, old, new)
+    def change_password(self, address: str, old: str, new: str, old_kdf: KeyKdf, new_kdf: KeyKdf) -> None:
+        self._step("change_password", address, old, new, kdfs=(old_kdf, new_kdf))
 
-    def reset(self, address: str, password: str) -> None:
-        self._step("reset", address, password)
+    def reset(self, address: str, password: str, kdf: KeyKdf) -> None:
+        self._step("reset", address, password, kdfs=(kdf,))
 
     def rename(self, old: str, new: str) -> None:
         self._step("rename", old, new)
@@ -125,7 +130,8 @@ def test_journal_mode_is_delete_and_foreign_keys_are_on(db: Accounts) -> None:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
         assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
         with pytest.raises(sqlite3.IntegrityError):
-            conn.execute("INSERT INTO mailboxes VALUES ('x@nowhere.test', 'x', 'nowhere.test', 'h', 0, 'now')")
+            conn.execute("INSERT INTO mailboxes (address, local, domain, password, quota_mb, created) "
+                         "VALUES ('x@nowhere.test', 'x', 'nowhere.test', 'h', 0, 'now')")
     db.set_quota(ALICE, 5)
     assert sorted(p.name for p in db.path.parent.iterdir()) == ["accounts.db"]  # no -wal, no -journal
 
@@ -136,7 +142,8 @@ def test_schema_is_the_documented_one(db: Accounts) -> None:
             return [row["name"] for row in conn.execute(f"PRAGMA table_info({table})")]
 
         assert columns("domains") == ["name"]
-        assert columns("mailboxes") == ["address", "local", "domain", "password", "quota_mb", "created"]
+        assert columns("mailboxes") == ["address", "local", "domain", "password", "quota_mb", "created",
+                                        "key_kdf", "key_salt"]
         assert columns("aliases") == ["source", "destination"]
         fk = conn.execute("PRAGMA foreign_key_list(mailboxes)").fetchone()
         assert (fk["from"], fk["table"], fk["to"]) == ("domain", "domains", "name")
@@ -512,8 +519,134 @@ def test_remove_alias_refuses(db: Accounts, source: str, destination: str, field
 
 def test_no_keys_is_mailbox_keys() -> None:
     keys: MailboxKeys = NoKeys()
-    keys.generate(ALICE, PASSWORD)
-    keys.change_password(ALICE, PASSWORD, NEW_PASSWORD)
-    keys.reset(ALICE, PASSWORD)
+    keys.generate(ALICE, PASSWORD, KeyKdf.new())
+    keys.change_password(ALICE, PASSWORD, NEW_PASSWORD, KeyKdf(KEY_KDF_SHA256), KeyKdf.new())
+    keys.reset(ALICE, PASSWORD, KeyKdf.new())
     keys.rename(ALICE, BOB)
     keys.remove(ALICE)
+
+
+# -- how each mailbox's key password is derived (KeyKdf) -----------------------------------
+
+def stored_kdf(path: Path, address: str) -> tuple[int, str]:
+    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+        return conn.execute("SELECT key_kdf, key_salt FROM mailboxes WHERE address = ?", (address,)).fetchone()
+
+
+class RecordingKeys(NoKeys):
+    """Notes the derivations the Accounts hand to the key manager."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[KeyKdf, ...]]] = []
+
+    def generate(self, address: str, password: str, kdf: KeyKdf) -> None:
+        self.calls.append(("generate", (kdf,)))
+
+    def change_password(self, address: str, old: str, new: str, old_kdf: KeyKdf, new_kdf: KeyKdf) -> None:
+        self.calls.append(("change_password", (old_kdf, new_kdf)))
+
+    def reset(self, address: str, password: str, kdf: KeyKdf) -> None:
+        self.calls.append(("reset", (kdf,)))
+
+
+def test_new_mailboxes_get_the_current_kdf_and_their_own_salt(db: Accounts) -> None:
+    keys = RecordingKeys()
+    db.create_mailbox(f"carol@{DOMAIN}", PASSWORD, 0, keys)
+    db.create_mailbox(f"dave@{DOMAIN}", PASSWORD, 0, keys)
+    carol, dave = stored_kdf(db.path, f"carol@{DOMAIN}"), stored_kdf(db.path, f"dave@{DOMAIN}")
+    assert carol[0] == dave[0] == KEY_KDF_CURRENT == KEY_KDF_SCRYPT
+    assert len(carol[1]) == 32 and carol[1] != dave[1]  # same password, different key passwords
+    assert keys.calls == [("generate", (KeyKdf(*carol),)), ("generate", (KeyKdf(*dave),))]
+    assert db.key_kdf(f"carol@{DOMAIN}") == KeyKdf(*carol)
+
+
+def test_a_password_change_derives_afresh_and_the_same_password_is_allowed(db: Accounts) -> None:
+    before = db.key_kdf(ALICE)
+    keys = RecordingKeys()
+    db.change_password(ALICE, PASSWORD, PASSWORD, keys)
+    after = db.key_kdf(ALICE)
+    assert keys.calls == [("change_password", (before, after))]
+    assert after.version == KEY_KDF_SCRYPT and after.salt != before.salt
+    assert verify_password(stored_hash(db.path, ALICE), PASSWORD)
+
+
+def test_a_reset_derives_afresh(db: Accounts) -> None:
+    before = db.key_kdf(ALICE)
+    keys = RecordingKeys()
+    db.reset_password(ALICE, NEW_PASSWORD, keys)
+    after = db.key_kdf(ALICE)
+    assert keys.calls == [("reset", (after,))] and after.version == KEY_KDF_SCRYPT and after.salt != before.salt
+
+
+def test_the_kdf_is_unchanged_when_the_keys_fail(db: Accounts) -> None:
+    before = db.key_kdf(ALICE)
+    keys = BrokenKeys("change_password", db.path)
+    with pytest.raises(KeysFailed):
+        db.change_password(ALICE, PASSWORD, NEW_PASSWORD, keys)
+    assert keys.kdfs[0] == before and keys.kdfs[1].salt != before.salt
+    assert db.key_kdf(ALICE) == before
+
+
+# The schema before the key_kdf and key_salt columns, and a row as it made them.
+OLD_SCHEMA = """
+CREATE TABLE domains   (name TEXT PRIMARY KEY);
+CREATE TABLE mailboxes (address TEXT PRIMARY KEY, local TEXT NOT NULL,
+                        domain TEXT NOT NULL REFERENCES domains(name), password TEXT NOT NULL,
+                        quota_mb INTEGER NOT NULL, created TEXT NOT NULL);
+CREATE TABLE aliases   (source TEXT NOT NULL, destination TEXT NOT NULL, PRIMARY KEY (source, destination));
+"""
+
+
+def old_database(path: Path) -> None:
+    path.parent.mkdir(mode=0o750)
+    with closing(sqlite3.connect(path)) as conn, conn:
+        conn.executescript(OLD_SCHEMA)
+        conn.execute("INSERT INTO domains VALUES (?)", (DOMAIN,))
+        conn.execute("INSERT INTO mailboxes VALUES (?, 'alice', ?, ?, 100, '2024-01-01T00:00:00+00:00')",
+                     (ALICE, DOMAIN, hash_password(PASSWORD)))
+        conn.execute("INSERT INTO aliases VALUES (?, ?)", (INFO, ALICE))
+
+
+def test_an_older_database_is_migrated_keeping_its_rows_as_version_1(tmp_path: Path) -> None:
+    path = tmp_path / "accounts" / "accounts.db"
+    old_database(path)
+    before = dump(path)
+    db = Accounts(path)
+    assert db.list_mailboxes() == [{"address": ALICE, "quota_mb": 100, "created": "2024-01-01T00:00:00+00:00"}]
+    assert db.list_aliases() == [{"source": INFO, "destination": ALICE}]
+    assert stored_kdf(path, ALICE) == (KEY_KDF_SHA256, "")  # its keys were made with sha256(password)
+    assert db.key_kdf(ALICE) == KeyKdf(KEY_KDF_SHA256)
+    assert verify_password(stored_hash(path, ALICE), PASSWORD)
+    migrated = dump(path)
+    assert migrated != before
+    Accounts(path).domains()  # opening again changes nothing
+    assert dump(path) == migrated
+
+    # A password change (the same password, or another) moves it to the current derivation.
+    keys = RecordingKeys()
+    db.change_password(ALICE, PASSWORD, PASSWORD, keys)
+    now = db.key_kdf(ALICE)
+    assert keys.calls == [("change_password", (KeyKdf(KEY_KDF_SHA256), now))]
+    assert now.version == KEY_KDF_SCRYPT
+
+
+def test_an_invalid_stored_kdf_is_refused_naming_the_address(db: Accounts) -> None:
+    with db.connect() as conn:
+        conn.execute("UPDATE mailboxes SET key_kdf = 7 WHERE address = ?", (ALICE,))
+    with refused(db, "address") as info:
+        db.change_password(ALICE, PASSWORD, NEW_PASSWORD, RecordingKeys())
+    assert "reset" in info.value.message
+
+
+@pytest.mark.parametrize("version, salt", [
+    (KEY_KDF_SHA256, "00" * 16), (KEY_KDF_SCRYPT, ""), (KEY_KDF_SCRYPT, "00" * 15),
+    (KEY_KDF_SCRYPT, "0G" * 16), (KEY_KDF_SCRYPT, "AB" * 16), (0, ""), (3, "00" * 16),
+])
+def test_key_kdf_refuses_what_no_derivation_takes(version: int, salt: str) -> None:
+    with pytest.raises(ValueError):
+        KeyKdf(version, salt)
+
+
+def test_key_kdf_new_salts_differ() -> None:
+    salts = {KeyKdf.new().salt for _ in range(100)}
+    assert len(salts) == 100 and all(len(s) == 32 for s in salts)
