@@ -8,8 +8,9 @@ Files (all 0600 in <state>/secrets, 0700):
 - admin.json           {"address", "password_hash" (argon2id), "totp_secret",
                         "totp_last_step", "recovery_codes" (sha256 hex of unused codes)}
 - admin-lockout.json   {"failures", "locked_until"}: consecutive failed sign-ins
-- pending-mailboxes.json  [{"address", "password"}]: mailboxes to create once the
-                       stack runs (the Deploy step calls take_pending_mailboxes)
+- pending-mailboxes.json  [{"address", "password_hash", "key_kdf", "key_salt", "key_password"}]:
+                       mailboxes to create once the stack runs (the Deploy step calls
+                       take_pending_mailboxes); the password itself is never written
 
 Passwords, TOTP codes and recovery codes arrive as arguments and are never logged.
 The TOTP secret is returned only by admin_totp_begin (the page must show it).
@@ -36,7 +37,7 @@ from portal.core.errors import UnsafePathError
 from portal.core.layout import StateLayout
 from portal.core.store import read_setting
 from portal.stack.accounts import (
-    MAX_PASSWORD_LENGTH, MIN_PASSWORD_LENGTH, AccountError, check_address, hash_password,
+    MAX_PASSWORD_LENGTH, MIN_PASSWORD_LENGTH, AccountError, PreparedPassword, check_address, hash_password,
     verify_password,
 )
 
@@ -83,23 +84,31 @@ def _read_json(path: Path) -> Any:
 # -- pending mailboxes (the Deploy step creates them) ---------------------------------
 
 def put_pending_mailbox(state_dir: Path, address: str, password: str) -> None:
-    """Remember a mailbox to create once the stack runs (replacing one with the same address)."""
+    """Remember a mailbox to create once the stack runs (replacing one with the same
+    address). Only what the stack needs is kept (the argon2id hash and the derived key
+    password: PreparedPassword), never the password itself."""
+    prepared = PreparedPassword.of(password)
     with _lock:
         path = secrets_dir(state_dir) / PENDING_MAILBOXES
-        entries = [e for e in (_read_json(path) or []) if e.get("address") != address]
-        entries.append({"address": address, "password": password})
+        entries = [e for e in (_read_json(path) or []) if isinstance(e, dict) and e.get("address") != address]
+        entries.append({"address": address, **prepared.as_dict()})
         _write_json(path, entries)
 
 
-def take_pending_mailboxes(state_dir: Path) -> list[tuple[str, str]]:
-    """The mailboxes waiting for the stack, as (address, password); the file is deleted.
-    If creating them fails, give them back with put_pending_mailbox."""
+def take_pending_mailboxes(state_dir: Path) -> list[tuple[str, PreparedPassword]]:
+    """The mailboxes waiting for the stack, as (address, prepared password); the file is
+    deleted. Entries that are not well-formed are dropped."""
     with _lock:
         path = StateLayout(Path(state_dir)).secrets / PENDING_MAILBOXES
         entries = _read_json(path) or []
         safefs.remove(path)
-    return [(str(e["address"]), str(e["password"])) for e in entries
-            if isinstance(e, dict) and "address" in e and "password" in e]
+    out = []
+    for e in entries if isinstance(entries, list) else []:
+        try:
+            out.append((str(e["address"]), PreparedPassword.from_dict(e)))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return out
 
 
 # -- checks -----------------------------------------------------------------------

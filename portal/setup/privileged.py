@@ -36,7 +36,7 @@ from portal.agent.registry import Context, OpError, privileged
 from portal.core import safefs, store
 from portal.core.layout import StateLayout
 from portal.stack import privileged as stack_ops
-from portal.stack.accounts import check_address
+from portal.stack.accounts import PreparedPassword, check_address
 from portal.stack.settings import DEFAULT_PORTS, SERVICES
 
 Progress = Callable[[str, str], None]
@@ -53,23 +53,20 @@ def deploy_stack(ctx: Context, progress: Progress) -> dict[str, Any]:
     return stack_ops.deploy_stack(ctx, progress)
 
 
-def take_pending(state_dir: Path) -> list[tuple[str, str]]:
+def take_pending(state_dir: Path) -> list[tuple[str, PreparedPassword]]:
     """The Admin step's pending mailboxes (returned and deleted by portal.admin.privileged)."""
-    try:
-        from portal.admin.privileged import take_pending_mailboxes
-    except ImportError:
-        raise OpError("not_ready", "the administrator account code is missing from this "
-                                   "portal version; update Mailstead and deploy again") from None
-    return [(str(a), str(p)) for a, p in take_pending_mailboxes(state_dir)]
+    from portal.admin.privileged import take_pending_mailboxes
+
+    return take_pending_mailboxes(state_dir)
 
 
-def make_mailbox(ctx: Context, address: str, password: str) -> bool:
-    """Create the mailbox with the stack's own operation; False if it exists already."""
+def make_mailbox(ctx: Context, address: str, prepared: PreparedPassword) -> bool:
+    """Create the mailbox from its prepared password; False if it exists already."""
     with stack_ops.refusals():
         accounts = stack_ops.accounts_for(stack_ops.settings_for(ctx))
         if accounts.get_mailbox(address) is not None:
             return False
-    stack_ops.mailbox_create.run(ctx, address, password)
+    stack_ops._with_accounts(ctx, lambda a, k: a.create_mailbox(address, prepared, 0, keys=k))
     return True
 
 
@@ -77,30 +74,37 @@ def _stash_path(ctx: Context) -> Path:
     return ctx.state_dir / "secrets" / DEPLOY_STASH
 
 
-def _read_stash(path: Path) -> dict[str, str]:
+def _read_stash(path: Path) -> dict[str, PreparedPassword]:
     try:
         data = safefs.read_json(path, {})
     except (OSError, ValueError, safefs.UnsafePathError):
         raise OpError("internal", f"{path} is unreadable; remove it and enter the administrator "
                                   f"password again in the Admin step") from None
-    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+    out = {}
+    for address, entry in (data.items() if isinstance(data, dict) else ()):
+        try:
+            out[str(address)] = PreparedPassword.from_dict(entry)
+        except (TypeError, ValueError):
+            continue
+    return out
 
 
-def _write_stash(path: Path, pending: dict[str, str]) -> None:
+def _write_stash(path: Path, pending: dict[str, PreparedPassword]) -> None:
     if not pending:
         safefs.remove(path)
         return
     safefs.ensure_dir(path.parent, 0o700)
-    safefs.write_json(path, pending, 0o600)
+    safefs.write_json(path, {a: p.as_dict() for a, p in pending.items()}, 0o600)
 
 
 def create_pending_mailboxes(ctx: Context, progress: Progress) -> list[str]:
-    """Make every pending mailbox; each password is forgotten only once its mailbox exists."""
+    """Make every pending mailbox; each prepared password is forgotten only once its
+    mailbox exists (it survives a power loss in between: the Deploy can be repeated)."""
     stash = _stash_path(ctx)
     pending = _read_stash(stash)
     taken = take_pending(ctx.state_dir)
     if taken:
-        pending.update({address.lower(): password for address, password in taken})
+        pending.update({address.lower(): prepared for address, prepared in taken})
         _write_stash(stash, pending)
     made = []
     for address in sorted(pending):

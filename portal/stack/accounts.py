@@ -107,11 +107,48 @@ class KeyKdf:
         return cls(KEY_KDF_CURRENT, secrets.token_hex(KEY_SALT_BYTES))
 
 
+@dataclass(frozen=True)
+class PreparedPassword:
+    """A password as the stack needs it, computed at once so the password itself is never
+    written anywhere: the argon2id hash (the passdb), the key derivation and the key
+    password it gives (mail_crypt). Used for a mailbox that can only be made later (the
+    Admin step's, made at Deploy): this is what waits on disk (0600, root), not the password."""
+
+    password_hash: str
+    kdf: KeyKdf
+    key_password: str
+
+    @classmethod
+    def of(cls, password: str) -> PreparedPassword:
+        from portal.stack.dovecot_keys import key_password
+
+        check_password(password)
+        kdf = KeyKdf.new()
+        return cls(hash_password(password), kdf, key_password(password, kdf))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"password_hash": self.password_hash, "key_kdf": self.kdf.version, "key_salt": self.kdf.salt,
+                "key_password": self.key_password}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> PreparedPassword:
+        """Read back (checked: it comes from a file)."""
+        if not isinstance(data, dict):
+            raise ValueError("not a prepared password")
+        stored, key = data.get("password_hash"), data.get("key_password")
+        if not (isinstance(stored, str) and stored.startswith(SCHEME_PREFIX) and len(stored) < 512):
+            raise ValueError("not an argon2id hash")
+        if not (isinstance(key, str) and re.fullmatch(r"[0-9a-f]{64}", key)):
+            raise ValueError("not a key password")
+        return cls(stored, KeyKdf(int(data.get("key_kdf", 0)), str(data.get("key_salt", ""))), key)
+
+
 class MailboxKeys(Protocol):
     """A mailbox's mail_crypt key pair, kept by dovecot (its private key encrypted
     with a key password derived from the user's password as `kdf` says)."""
 
     def generate(self, address: str, password: str, kdf: KeyKdf) -> None: ...
+    def generate_key(self, address: str, key_password: str) -> None: ...
     def change_password(self, address: str, old: str, new: str, old_kdf: KeyKdf, new_kdf: KeyKdf) -> None: ...
     def reset(self, address: str, password: str, kdf: KeyKdf) -> None: ...
     def rename(self, old: str, new: str) -> None: ...
@@ -122,6 +159,9 @@ class NoKeys:
     """MailboxKeys that does nothing: for when no mail stack is deployed."""
 
     def generate(self, address: str, password: str, kdf: KeyKdf) -> None:
+        pass
+
+    def generate_key(self, address: str, key_password: str) -> None:
         pass
 
     def change_password(self, address: str, old: str, new: str, old_kdf: KeyKdf, new_kdf: KeyKdf) -> None:
@@ -362,20 +402,26 @@ class Accounts:
             conn.execute("INSERT OR IGNORE INTO domains (name) VALUES (?)", (name,))
         return name
 
-    def create_mailbox(self, address: str, password: str, quota_mb: int = 0,
+    def create_mailbox(self, address: str, password: str | PreparedPassword, quota_mb: int = 0,
                        keys: MailboxKeys | None = None) -> dict[str, Any]:
-        """Create a mailbox (hosting its domain if needed) and its mail_crypt keys.
+        """Create a mailbox (hosting its domain if needed) and its mail_crypt keys. The
+        password may come prepared (PreparedPassword: its hash and key password only).
 
         The row is committed before the keys are made, since dovecot looks the
         user up in this file; if making the keys fails, the row is removed again.
         """
         keys = _need_keys(keys)
         address = check_address(address)
-        check_password(password)
+        prepared = password if isinstance(password, PreparedPassword) else None
+        if prepared is None:
+            check_password(password)
         check_quota(quota_mb)
         local, domain = address.split("@")
-        stored = hash_password(password)
-        kdf = KeyKdf.new()
+        if prepared is not None:
+            stored, kdf = prepared.password_hash, prepared.kdf
+        else:
+            stored = hash_password(password)
+            kdf = KeyKdf.new()
         with self._write() as conn:
             _refuse_existing(conn, address, "address")
             added_domain = conn.execute("INSERT OR IGNORE INTO domains (name) VALUES (?)", (domain,)).rowcount
@@ -383,7 +429,10 @@ class Accounts:
                          "key_kdf, key_salt) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                          (address, local, domain, stored, quota_mb, _now(), kdf.version, kdf.salt))
         try:
-            keys.generate(address, password, kdf)
+            if prepared is not None:
+                keys.generate_key(address, prepared.key_password)
+            else:
+                keys.generate(address, password, kdf)
         except BaseException:
             with self._write() as conn:
                 conn.execute("DELETE FROM mailboxes WHERE address = ?", (address,))

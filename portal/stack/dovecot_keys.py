@@ -162,8 +162,12 @@ class DovecotKeys:
 
     def generate(self, address: str, password: str, kdf: KeyKdf) -> None:
         """Make the user key pair, its private key encrypted with the password (derived as `kdf` says)."""
-        self._run("make the mail encryption keys of", address, _GENERATE,
-                  {"MAILSTEAD_KEY_PASSWORD": key_password(password, kdf)})
+        self.generate_key(address, key_password(password, kdf))
+
+    def generate_key(self, address: str, derived: str) -> None:
+        """Make the user key pair with an already derived key password (a prepared password:
+        the password itself was never kept)."""
+        self._run("make the mail encryption keys of", address, _GENERATE, {"MAILSTEAD_KEY_PASSWORD": derived})
 
     def change_password(self, address: str, old: str, new: str, old_kdf: KeyKdf, new_kdf: KeyKdf) -> None:
         """Re-encrypt the user's private key(s) from the old password (derived as

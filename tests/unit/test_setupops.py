@@ -17,6 +17,7 @@ import pytest
 
 from portal.setup import privileged as setupops
 from portal.agent import jobs
+from portal.stack.accounts import PreparedPassword
 from portal.agent.client import AgentClient, AgentError
 from portal.agent.registry import REGISTRY, Context, OpError
 from tests.conftest import retry
@@ -62,8 +63,9 @@ class FakeWorld:
     """The stack's deploy, the Admin step's pending file and mailbox creation, recorded."""
 
     def __init__(self) -> None:
-        self.pending = [("Postmaster@example.test", "correct horse battery staple")]
-        self.created: list[tuple[str, str]] = []
+        self.prepared = PreparedPassword.of("correct horse battery staple")
+        self.pending = [("Postmaster@example.test", self.prepared)]
+        self.created: list[tuple[str, PreparedPassword]] = []
         self.deploy_fails = False
         self.mailbox_fails = False
         self.taken = 0
@@ -77,12 +79,12 @@ class FakeWorld:
             progress(s, "healthy")
         return {"services": {s: {"status": "running", "health": "healthy"} for s in SERVICES}}
 
-    def take(self, state_dir: Path) -> list[tuple[str, str]]:
+    def take(self, state_dir: Path) -> list[tuple[str, PreparedPassword]]:
         self.taken += 1
         out, self.pending = self.pending, []
         return out
 
-    def make(self, ctx: Context, address: str, password: str) -> bool:
+    def make(self, ctx: Context, address: str, password: PreparedPassword) -> bool:
         if self.mailbox_fails:
             raise OpError("stack", "the mail stack refused the change: dovecot is down")
         self.created.append((address, password))
@@ -122,7 +124,7 @@ def test_deploy_resumes_after_an_interrupted_job(ctx: Context, world: FakeWorld)
 
     job = finished(ctx, REGISTRY["setup_deploy"].start(ctx)["id"])
     assert job["state"] == "done", job
-    assert world.created == [("postmaster@example.test", "correct horse battery staple")]
+    assert world.created == [("postmaster@example.test", world.prepared)]
     assert setting(ctx.state_dir, "stack_deployed") == "1"
     assert job["result"]["mailboxes"] == ["postmaster@example.test"]
     steps = [e["step"] for e in job["events"]]
@@ -151,12 +153,14 @@ def test_a_failed_mailbox_keeps_the_password_until_it_is_made(ctx: Context, worl
     assert job["state"] == "failed" and "dovecot is down" in job["error"]
     stash = ctx.state_dir / "secrets" / setupops.DEPLOY_STASH
     assert stat.S_IMODE(stash.stat().st_mode) == 0o600
-    assert json.loads(stash.read_text()) == {"postmaster@example.test": "correct horse battery staple"}
+    # What waits is the prepared password (hash and derived key password), never the password.
+    assert json.loads(stash.read_text()) == {"postmaster@example.test": world.prepared.as_dict()}
+    assert "battery" not in stash.read_text()
     assert setting(ctx.state_dir, "stack_deployed") is None
 
     world.mailbox_fails = False  # "Deploy again": the taken password comes from the stash
     assert finished(ctx, REGISTRY["setup_deploy"].start(ctx)["id"])["state"] == "done"
-    assert world.created == [("postmaster@example.test", "correct horse battery staple")]
+    assert world.created == [("postmaster@example.test", world.prepared)]
     assert not stash.exists()
 
 
@@ -340,3 +344,38 @@ def test_operations_through_a_real_agent(start_agent: Any, tmp_path: Path) -> No
     assert client.call("setup_finish")["token_deleted"] is True
     assert not (state / "setup-token").exists()
     assert "battery" not in agent.log_text()
+
+
+def test_no_plaintext_password_is_ever_written(tmp_path: Path) -> None:
+    """The Admin step's password waits for Deploy as its hash and derived key password only;
+    the mailbox made from them opens with the password (the same hash, the same key password)."""
+    import pyotp
+
+    from portal.stack.accounts import Accounts, verify_password
+    from portal.stack.dovecot_keys import key_password
+
+    state = tmp_path / "state"
+    write_settings(state, domain="example.test")
+    ctx = Context(state_dir=state)
+    password = "correct horse battery staple"
+    totp = pyotp.TOTP(REGISTRY["admin_totp_begin"].run(ctx, "postmaster@example.test")["secret"])
+    REGISTRY["admin_setup"].run(ctx, "postmaster@example.test", password, totp.now())
+    found = [p for p in state.rglob("*") if p.is_file() and password.encode() in p.read_bytes()]
+    assert found == []
+
+    made: list[str] = []
+
+    class Keys:
+        def generate_key(self, address: str, derived: str) -> None:
+            made.append(derived)
+
+    ((address, prepared),) = setupops.take_pending(state)
+    accounts = Accounts(state / "accounts" / "accounts.db")
+    accounts.create_mailbox(address, prepared, keys=Keys())
+    import sqlite3
+
+    with sqlite3.connect(state / "accounts" / "accounts.db") as conn:
+        stored, kdf, salt = conn.execute("SELECT password, key_kdf, key_salt FROM mailboxes WHERE address = ?",
+                                         (address,)).fetchone()
+    assert verify_password(stored, password) and (kdf, salt) == (prepared.kdf.version, prepared.kdf.salt)
+    assert made == [key_password(password, prepared.kdf)]
