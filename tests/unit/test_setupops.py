@@ -351,9 +351,11 @@ def test_no_plaintext_password_is_ever_written(tmp_path: Path) -> None:
     the mailbox made from them opens with the password (the same hash, the same key password)."""
     import pyotp
 
+    from portal.agent.registry import load_all
     from portal.stack.accounts import Accounts, verify_password
     from portal.stack.dovecot_keys import key_password
 
+    load_all()
     state = tmp_path / "state"
     write_settings(state, domain="example.test")
     ctx = Context(state_dir=state)
