@@ -57,7 +57,9 @@ def launch_gunicorn(*bind: str, env: dict[str, str], log: Path) -> subprocess.Po
     """gunicorn serving portal.web.wsgi:app as mailstead-web does (one worker, four threads).
 
     `bind` gives the listener (`--bind ...`, plus `--certfile`/`--keyfile` for https).
-    The caller waits for it to answer and stops it (stop_process)."""
+    The caller waits for it to answer and stops it (stop_process). The web's own folder
+    (its session key) is next to the log unless `env` names one: never the host's."""
+    env = {"MAILSTEAD_WEB_DIR": str(log.parent / "web"), **env}
     with open(log, "ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "gunicorn", *bind,

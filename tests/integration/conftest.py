@@ -158,8 +158,9 @@ def front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Front]:
     subprocess.run([sys.executable, "-m", "portal.agent.firstboot"], env=env, cwd=REPO, check=True,
                    capture_output=True, timeout=60)
 
-    agent = launch_agent(run)
-    portal = Portal(sock=run / "web.sock", env=env, log=root / "gunicorn.log")
+    agent = launch_agent(run, env={"MAILSTEAD_STATE_DIR": str(state)})
+    portal = Portal(sock=run / "web.sock", env={**env, "MAILSTEAD_WEB_DIR": str(root / "web")},
+                    log=root / "gunicorn.log")
     nginx: subprocess.Popen[bytes] | None = None
     try:
         portal.start()

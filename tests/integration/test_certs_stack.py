@@ -53,7 +53,7 @@ class Box:
         db.write_settings(self.state / "state.db", values)
 
     def op(self, name: str, **args: object) -> dict:
-        return REGISTRY[name](self.ctx, args)
+        return REGISTRY[name].run_checked(self.ctx, args)
 
 
 @pytest.fixture(scope="module")
