@@ -140,15 +140,8 @@ def pin_guest_to_the_outside(m: Machine) -> None:
     knot (never qemu's forwarder to the host's own DNS), loopback counts as public, and
     the containers resolve through knot too."""
     m.succeed(f"rm -f /etc/resolv.conf && echo 'nameserver {HOST_ALIAS}' > /etc/resolv.conf")
-    guest_python(m, f"""
-import sqlite3
-c = sqlite3.connect('{STATE}/state.db')
-c.execute('CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)')
-c.executemany('INSERT OR REPLACE INTO settings VALUES (?, ?)',
-              [('dns_allow_private', '1'), ('dns_servers', '{HOST_ALIAS}')])
-c.commit()
-""")
-    m.succeed(f"chown mailstead: {STATE}/state.db")
+    # Through the agent's own checks (root on the console may set any setting).
+    m.succeed(f"mailstead settings-set dns_allow_private=1 dns_servers={HOST_ALIAS}")
 
 
 def fingerprint_seen_by_chromium(page: Page, url: str) -> str:
