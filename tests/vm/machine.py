@@ -16,6 +16,8 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
@@ -31,10 +33,32 @@ from mailstead_vm import (  # noqa: E402
     retry,
 )
 
-__all__ = ["Machine", "VMConfig", "VMError", "boot", "free_port", "retry", "PORTAL_RX", "TOKEN_RX", "FPR_RX"]
+__all__ = ["Machine", "VMConfig", "VMError", "boot", "free_port", "retry", "subtest", "PORTAL_RX", "TOKEN_RX",
+           "FPR_RX"]
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts" / "vm"
 BOOT_TIMEOUT = 900  # TCG on 2 cores: 90-300 s is normal
+
+
+@contextmanager
+def subtest(name: str, report: dict | None = None) -> Iterator[None]:
+    """A named, timed phase of a VM test (the NixOS test driver's `subtest`): the log says
+    when it starts and ends, a failure names it, and its duration goes to report["phases"]."""
+    started = time.monotonic()
+    print(f"== subtest: {name}", flush=True)
+    try:
+        yield
+    except BaseException as exc:
+        seconds = time.monotonic() - started
+        print(f"== subtest failed after {seconds:.1f} s: {name}", flush=True)
+        if isinstance(exc, AssertionError):
+            exc.args = (f"[{name}] {exc.args[0] if exc.args else ''}", *exc.args[1:])
+        raise
+    finally:
+        seconds = round(time.monotonic() - started, 1)
+        if report is not None:
+            report.setdefault("phases", {})[name] = seconds
+    print(f"== subtest done in {seconds:.1f} s: {name}", flush=True)
 
 
 class Machine(VM):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from .machine import ARTIFACTS, Machine, boot, free_port, retry
+from .machine import ARTIFACTS, Machine, boot, free_port, retry, subtest
 
 
 
@@ -48,7 +48,7 @@ def test_boot_to_token_gated_portal(image: Path, firmware: str, report: dict, tm
         assert "https://" in banner["urls"], banner
 
         # A wrong token is refused, the right one is accepted (through nginx and gunicorn).
-        with requests.Session() as s:
+        with subtest("the token gate", report), requests.Session() as s:
             s.verify = False
             s.trust_env = False  # no proxies or CA bundles from the environment
             s.headers["Referer"] = f"{base}/setup/token"  # as a browser sends it (CSRF checks it on https)
@@ -107,7 +107,8 @@ def test_boot_to_token_gated_portal(image: Path, firmware: str, report: dict, tm
         m.succeed("test -s /etc/ssh/ssh_host_ed25519_key")
 
         # The units' sandboxes, and what they are rated (issue 14).
-        check_unit_sandboxes(m, report)
+        with subtest("the units' sandboxes and their exposure scores", report):
+            check_unit_sandboxes(m, report)
 
         # The portal does not run as root; the agent does.
         pid = m.succeed("systemctl show -P MainPID mailstead-web.service").strip()
@@ -131,9 +132,11 @@ def test_boot_to_token_gated_portal(image: Path, firmware: str, report: dict, tm
         report[f"{firmware}_memory_used_mb"] = int(m.succeed("free -m | awk '/^Mem:/ {print $3}'").strip())
         m.screenshot(ARTIFACTS / f"{firmware}-screen.png")
 
-        check_offline_stack(m, report)
+        with subtest("offline deploy of an IDN domain, mail round trip, scheduler and checks", report):
+            check_offline_stack(m, report)
         # Last: the deploy, the mailbox and the scheduler have filled the agent's state by now.
-        check_web_user_cannot_change_state(m)
+        with subtest("the web user can create or change nothing in the agent's state", report):
+            check_web_user_cannot_change_state(m)
     except BaseException:
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(m.serial_log, ARTIFACTS / f"{firmware}-serial.log")
