@@ -20,10 +20,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests.support import appdb as db
+from tests.support.settings import write_settings
 
 
-def write_settings(state: Path, **values: Any) -> None:
-    db.write_settings(state / "state.db", {k: v if isinstance(v, str) else json.dumps(v) for k, v in values.items()})
 
 
 # -- SMTP sink ------------------------------------------------------------------------------

@@ -42,6 +42,13 @@ def thread_agent(state_dir: Path, tmp_path: Path) -> Iterator[ThreadAgent]:
 
 
 @pytest.fixture
+def agent(state_dir: Path, start_agent: Callable[..., Any]) -> Any:
+    """The agent for `state_dir` as the appliance runs it: its own process (see thread_agent
+    for the faster one in a thread)."""
+    return start_agent(env={"MAILSTEAD_STATE_DIR": str(state_dir)})
+
+
+@pytest.fixture
 def make_app(state_dir: Path, tmp_path: Path, request: pytest.FixtureRequest) -> Callable[..., Flask]:
     """make_app(**config) -> an app whose agent serves `state_dir` (a thread agent,
     unless the test gives its own AGENT_SOCKET)."""

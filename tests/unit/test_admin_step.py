@@ -25,11 +25,6 @@ PASSWORD = "correct horse battery staple"
 
 
 @pytest.fixture
-def agent(state_dir: Path, start_agent: Callable[..., Any]) -> Any:
-    return start_agent(env={"MAILSTEAD_STATE_DIR": str(state_dir)})
-
-
-@pytest.fixture
 def wizard_app(make_app: Callable[..., Flask], token_file: Path, agent: Any) -> Flask:
     app = make_app(AGENT_SOCKET=str(agent.socket))
     with app.app_context():

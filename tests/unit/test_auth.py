@@ -42,11 +42,6 @@ class Admin:
 
 
 @pytest.fixture
-def agent(state_dir: Path, start_agent: Callable[..., Any]) -> Any:
-    return start_agent(env={"MAILSTEAD_STATE_DIR": str(state_dir)})
-
-
-@pytest.fixture
 def admin(agent: Any, state_dir: Path) -> Admin:
     write_settings(state_dir / "state.db", {"domain": "example.com", "mail_host": "mail.example.com"})
     client = AgentClient(str(agent.socket), timeout=10)

@@ -20,11 +20,6 @@ from tests.unit.test_steps_dns import BASE_SETTINGS, SECRET
 
 
 @pytest.fixture
-def agent(start_agent: Callable[..., AgentProcess], state_dir: Path) -> AgentProcess:
-    return start_agent(env={"MAILSTEAD_STATE_DIR": str(state_dir)})
-
-
-@pytest.fixture
 def dash(make_app: Callable[..., Flask], token_file: Path, agent: AgentProcess) -> tuple[Flask, FlaskClient]:
     app = make_app(AGENT_SOCKET=str(agent.socket))
     with app.app_context():

@@ -16,14 +16,11 @@ from flask.testing import FlaskClient
 from tests.conftest import csrf_token
 from tests.unit.conftest import https_client
 from tests.support.admin import sign_in
+from tests.support.settings import write_settings
 
 ADMIN = "postmaster@example.test"
 
 
-def write_settings(state: Path, **values: str) -> None:
-    with sqlite3.connect(state / "state.db") as c:
-        c.execute("CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-        c.executemany("INSERT OR REPLACE INTO settings VALUES (?, ?)", list(values.items()))
 
 
 @pytest.fixture

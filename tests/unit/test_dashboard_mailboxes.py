@@ -18,15 +18,12 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from portal.stack.accounts import Accounts, NoKeys
 from tests.unit.conftest import https_client
 from tests.support.admin import sign_in
+from tests.support.settings import write_settings
 
 ADMIN = "postmaster@example.test"
 PASSWORD = "correct horse battery staple"
 
 
-def write_settings(state: Path, **values: str) -> None:
-    with sqlite3.connect(state / "state.db") as c:
-        c.execute("CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-        c.executemany("INSERT OR REPLACE INTO settings VALUES (?, ?)", list(values.items()))
 
 
 def token(html: str, form_id: str) -> str:

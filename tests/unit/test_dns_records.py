@@ -17,17 +17,11 @@ from portal.dns.records import Record, mta_sts_policy_text, records, table, txt_
 from portal.dns.settings import DnsSettings, load_dns_settings
 from portal.dns.update import DnsError
 from portal.stack import dkim
+from tests.support.settings import write_settings
 
 SELECTORS = ("mailstead-rsa", "mailstead-ed25519")
 
 
-def write_settings(state: Path, **values: str) -> None:
-    state.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(state / "state.db")
-    conn.execute("CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT)")
-    conn.executemany("INSERT OR REPLACE INTO settings VALUES (?, ?)", values.items())
-    conn.commit()
-    conn.close()
 
 
 @pytest.fixture

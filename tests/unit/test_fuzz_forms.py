@@ -33,6 +33,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from portal.web import wizard
 from tests.support import appdb as db
+from tests.support import settings as support
 from portal.agent.client import AgentClient
 from portal.stack.accounts import Accounts, NoKeys
 from tests.conftest import TEST_TOKEN, AgentProcess
@@ -81,13 +82,10 @@ class Rig:
 
 
 def write_settings(state: Path, values: dict[str, str], done_before: int | None = None) -> None:
-    with sqlite3.connect(state / "state.db") as c:
-        c.execute("CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-        c.execute("CREATE TABLE IF NOT EXISTS wizard_progress (step_id TEXT PRIMARY KEY, done_at TEXT NOT NULL)")
-        c.executemany("INSERT OR REPLACE INTO settings VALUES (?, ?)", list(values.items()))
-        if done_before is not None:
-            c.executemany("INSERT OR REPLACE INTO wizard_progress VALUES (?, '2026-01-01T00:00:00+00:00')",
-                          [(s.id,) for s in wizard.all_steps() if s.order < done_before])
+    """The settings and, with `done_before`, the wizard steps before that order done."""
+    support.write_settings(state, **values)
+    if done_before is not None:
+        support.mark_done(state, *(s.id for s in wizard.all_steps() if s.order < done_before))
 
 
 def create_admin(call: Callable[..., dict[str, Any]], address: str = ADMIN) -> pyotp.TOTP:

@@ -21,15 +21,11 @@ from portal.stack.accounts import PreparedPassword
 from portal.agent.client import AgentClient, AgentError
 from portal.agent.registry import REGISTRY, Context, OpError
 from tests.conftest import retry
+from tests.support.settings import write_settings
 
 SERVICES = ("postfix", "dovecot", "rspamd", "redis", "radicale")
 
 
-def write_settings(state: Path, **values: str) -> None:
-    state.mkdir(parents=True, exist_ok=True)
-    with sqlite3.connect(state / "state.db") as c:
-        c.execute("CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-        c.executemany("INSERT OR REPLACE INTO settings VALUES (?, ?)", list(values.items()))
 
 
 def setting(state: Path, key: str) -> str | None:

@@ -18,13 +18,9 @@ from portal import cli
 from portal.agent.client import AgentClient, AgentError
 from portal.stack.store import load_settings
 from tests.conftest import REPO
+from tests.support.settings import write_settings
 
 
-def write_settings(state: Path, **values: str) -> None:
-    state.mkdir(parents=True, exist_ok=True)
-    with sqlite3.connect(state / "state.db") as c:
-        c.execute("CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-        c.executemany("INSERT OR REPLACE INTO settings VALUES (?, ?)", list(values.items()))
 
 
 @pytest.fixture

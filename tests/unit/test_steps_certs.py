@@ -37,11 +37,6 @@ def ca_pem() -> str:
 
 
 @pytest.fixture
-def agent(start_agent: Callable[..., AgentProcess], state_dir: Path) -> AgentProcess:
-    return start_agent(env={"MAILSTEAD_STATE_DIR": str(state_dir)})
-
-
-@pytest.fixture
 def certs_app(make_app: Callable[..., Flask], token_file: Path, agent: AgentProcess) -> Flask:
     app = make_app(AGENT_SOCKET=str(agent.socket))
     set_up(app, BASE_SETTINGS, certs_step.STEP.order)

@@ -19,12 +19,9 @@ from portal.web import wizard
 from portal.web.steps.deploy import service_progress
 from tests.conftest import TEST_TOKEN, csrf_token, retry
 from tests.unit.conftest import https_client, unlock
+from tests.support.settings import write_settings
 
 
-def write_settings(state: Path, **values: str) -> None:
-    with sqlite3.connect(state / "state.db") as c:
-        c.execute("CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-        c.executemany("INSERT OR REPLACE INTO settings VALUES (?, ?)", list(values.items()))
 
 
 def setting(state: Path, key: str) -> str | None:
@@ -38,11 +35,6 @@ def earlier_steps_done(state: Path) -> None:
         c.execute("CREATE TABLE IF NOT EXISTS wizard_progress (step_id TEXT PRIMARY KEY, done_at TEXT NOT NULL)")
         c.executemany("INSERT OR REPLACE INTO wizard_progress VALUES (?, '2026-01-01')",
                       [(s.id,) for s in wizard.all_steps() if s.order < 50])
-
-
-@pytest.fixture
-def agent(start_agent: Callable[..., Any], state_dir: Path) -> Any:
-    return start_agent(env={"MAILSTEAD_STATE_DIR": str(state_dir)})
 
 
 @pytest.fixture

@@ -35,11 +35,6 @@ def set_up(app: Flask, settings: dict[str, str], before: int) -> None:
 
 
 @pytest.fixture
-def agent(start_agent: Callable[..., AgentProcess], state_dir: Path) -> AgentProcess:
-    return start_agent(env={"MAILSTEAD_STATE_DIR": str(state_dir)})
-
-
-@pytest.fixture
 def dns_app(make_app: Callable[..., Flask], token_file: Path, agent: AgentProcess) -> Flask:
     app = make_app(AGENT_SOCKET=str(agent.socket))
     set_up(app, BASE_SETTINGS, dns_step.STEP.order)
