@@ -44,8 +44,10 @@ def refusals() -> Iterator[None]:
 
 
 def _dns_setup(state_dir: Path) -> tuple[Any, list[tuple[str, int]], int]:
-    from portal.dns.check import parse_resolvers
-    from portal.dns.update import DnsError, load_update_target, parse_port
+    from portal.dns.names import parse_resolvers
+    from portal.dns import DnsError
+    from portal.dns.names import parse_port
+    from portal.dns.update import load_update_target
 
     values = read_settings(state_dir, strict=True)
     try:

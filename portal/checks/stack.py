@@ -178,7 +178,7 @@ def dnsbl_query(ip: str, zone: str, resolvers: list[tuple[str, int]], timeout: f
 @check("dnsbl", "Blocklists (DNSBL)")
 def dnsbl(env: CheckEnv) -> CheckResult:
     from portal.dns import DnsError
-    from portal.dns.check import parse_resolvers
+    from portal.dns.names import parse_resolvers
 
     values = env.values
     ip = (values.get("public_ipv4") or "").strip()

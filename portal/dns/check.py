@@ -25,41 +25,13 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
 
-from portal.dns.update import DnsError
+from portal.dns import DnsError
 
 if TYPE_CHECKING:
     from portal.dns.records import Record
 
 Server = tuple[str, str, int]  # (ns name, ip, port)
 
-
-def parse_resolvers(text: str, field: str = "dns_resolvers") -> list[tuple[str, int]]:
-    """'ip' or 'ip:port' (IPv6: '[ip]:port'), comma separated -> [(ip, port)]."""
-    import ipaddress
-
-    out: list[tuple[str, int]] = []
-    for item in (p.strip() for p in (text or "").split(",")):
-        if not item:
-            continue
-        host, port = item, 53
-        if item.startswith("["):
-            host, _, rest = item[1:].partition("]")
-            if rest:
-                port = int(rest.lstrip(":")) if rest.lstrip(":").isdigit() else 0
-        elif item.count(":") == 1:
-            host, _, p = item.partition(":")
-            port = int(p) if p.isdigit() else 0
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            raise DnsError(f"'{item[:64]}' is not an IP address (or ip:port); enter your recursive resolver's "
-                           "address, e.g. 9.9.9.9 or 127.0.0.1:5353", field) from None
-        if not 1 <= port <= 65535:
-            raise DnsError(f"'{item[:64]}' has no valid port; use ip:port with a port from 1 to 65535", field)
-        out.append((host, port))
-    if not out:
-        raise DnsError("give at least one recursive resolver, e.g. 9.9.9.9", field)
-    return out
 
 
 def make_resolver(resolvers: list[tuple[str, int]], timeout: float) -> dns.resolver.Resolver:

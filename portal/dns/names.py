@@ -15,7 +15,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-from portal.dns.update import DnsError
+from portal.dns import DnsError
 
 try:
     import idna as _idna
@@ -138,3 +138,43 @@ def normalize_domain(value: str, field: str = "domain", *, allow_underscore: boo
         raise fail(f"{field} is {len(ascii_name)} characters long (in punycode); a domain name has at most "
                    "253; use a shorter name")
     return Name(ascii_name, ".".join(_to_unicode(label) for label in ascii_labels))
+
+def parse_resolvers(text: str, field: str = "dns_resolvers") -> list[tuple[str, int]]:
+    """'ip' or 'ip:port' (IPv6: '[ip]:port'), comma separated -> [(ip, port)]."""
+    import ipaddress
+
+    out: list[tuple[str, int]] = []
+    for item in (p.strip() for p in (text or "").split(",")):
+        if not item:
+            continue
+        host, port = item, 53
+        if item.startswith("["):
+            host, _, rest = item[1:].partition("]")
+            if rest:
+                port = int(rest.lstrip(":")) if rest.lstrip(":").isdigit() else 0
+        elif item.count(":") == 1:
+            host, _, p = item.partition(":")
+            port = int(p) if p.isdigit() else 0
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise DnsError(f"'{item[:64]}' is not an IP address (or ip:port); enter your recursive resolver's "
+                           "address, e.g. 9.9.9.9 or 127.0.0.1:5353", field) from None
+        if not 1 <= port <= 65535:
+            raise DnsError(f"'{item[:64]}' has no valid port; use ip:port with a port from 1 to 65535", field)
+        out.append((host, port))
+    if not out:
+        raise DnsError("give at least one recursive resolver, e.g. 9.9.9.9", field)
+    return out
+
+
+def parse_port(value: str | int | None, field: str, default: int = 53) -> int:
+    if value in (None, ""):
+        return default
+    try:
+        port = int(value)
+    except (TypeError, ValueError):
+        port = 0
+    if not 1 <= port <= 65535:
+        raise DnsError("must be a port number from 1 to 65535 (usually 53)", field)
+    return port

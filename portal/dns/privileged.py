@@ -112,7 +112,8 @@ def dns_configure_push(ctx: Context, server: str, key_name: str, secret: str, al
                        port: int = 53) -> dict[str, Any]:
     """Store the RFC 2136 server and TSIG key (the secret goes to a 0600 file, never back to the caller)."""
     from portal.dns.names import normalize_domain
-    from portal.dns.update import TsigKey, parse_port, write_secret
+    from portal.dns.names import parse_port
+    from portal.dns.update import TsigKey, write_secret
 
     with refusals():
         server = (server or "").strip()

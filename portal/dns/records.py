@@ -15,7 +15,7 @@ from portal.stack import dkim
 from portal.stack.settings import StackSettings
 from portal.stack.web import DAV_PATH, mta_sts_policy
 from portal.dns.settings import DnsSettings
-from portal.dns.update import DnsError
+from portal.dns import DnsError
 
 SPF = "v=spf1 mx -all"
 DAV_PORT = 443

@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from portal.stack.settings import DEFAULT_PORTS
-from portal.dns.check import parse_resolvers
+from portal.dns.names import parse_resolvers
 from portal.dns.names import normalize_domain
-from portal.dns.update import DnsError, parse_port
+from portal.dns import DnsError
+from portal.dns.names import parse_port
 
 DMARC_POLICIES = ("none", "quarantine", "reject")
 LETSENCRYPT_WORDS = ("letsencrypt", "letsencrypt-staging")
@@ -112,8 +113,6 @@ def load_dns_settings(state_dir: Path, *, allow_private: bool | None = None,
     loopback, private and TEST-NET addresses as the public ones: for labs and
     tests whose "internet" is a private network, never for a real deployment."""
     from portal.stack.settings import StackSettings
-    from portal.core.store import read_settings
-
     values = _checked_settings(state_dir)
     if allow_private is None:
         allow_private = flag(values, "dns_allow_private")

@@ -28,6 +28,7 @@ import dns.tsigkeyring
 import dns.update
 
 from portal.dns import DnsError
+from portal.dns.names import parse_port
 
 ALGORITHMS = {"hmac-sha256": dns.tsig.HMAC_SHA256, "hmac-sha512": dns.tsig.HMAC_SHA512}
 SECRET_FILE = "rfc2136.key"
@@ -178,22 +179,9 @@ def write_secret(state_dir: Path, secret: str) -> None:
     os.chmod(path, 0o600)
 
 
-def parse_port(value: str | int | None, field: str, default: int = 53) -> int:
-    if value in (None, ""):
-        return default
-    try:
-        port = int(value)
-    except (TypeError, ValueError):
-        port = 0
-    if not 1 <= port <= 65535:
-        raise DnsError("must be a port number from 1 to 65535 (usually 53)", field)
-    return port
-
 
 def load_update_target(state_dir: Path) -> UpdateTarget | None:
     """The RFC 2136 target from the settings and the secret file; None if not configured."""
-    from portal.core.store import read_settings
-
     values = _checked_settings(state_dir)
     server = values.get("rfc2136_server", "").strip()
     if not server:

@@ -270,7 +270,7 @@ def wizard_domain(ctx: Context, domain: str, mail_host: str = "", public_ipv4: s
     public addresses (global ones only, unless dns_allow_private is set) and the resolvers.
     Names are stored in their ASCII (punycode) form."""
     from portal.dns import DnsError
-    from portal.dns.check import parse_resolvers
+    from portal.dns.names import parse_resolvers
     from portal.dns.names import normalize_domain
     from portal.dns.settings import check_ip
 

@@ -15,6 +15,7 @@ computes the same at login in recipes/dovecot/templates/mailstead-keys.lua).
 from __future__ import annotations
 
 import os
+import hashlib
 import re
 import secrets
 import sqlite3
@@ -107,6 +108,28 @@ class KeyKdf:
         return cls(KEY_KDF_CURRENT, secrets.token_hex(KEY_SALT_BYTES))
 
 
+# KDF version 2 (mailstead-keys.lua has the same numbers; a unit test checks).
+# Never change them for version 2: stored keys depend on them. A costlier
+# derivation is a new version (and the passdb keeps the old ones).
+SCRYPT_N = 2**16
+SCRYPT_R = 8
+SCRYPT_P = 1
+SCRYPT_BYTES = 32
+SCRYPT_MAXMEM = 128 * SCRYPT_R * SCRYPT_N + 16 * 1024 * 1024  # its 64 MiB, and room to spare
+
+
+def key_password(password: str, kdf: KeyKdf) -> str:
+    """The password of a user's mail_crypt private key, derived as `kdf` says
+    (the value dovecot's passdb derives at login)."""
+    secret = password.encode("utf-8")
+    if kdf.version == KEY_KDF_SCRYPT:
+        return hashlib.scrypt(secret, salt=kdf.salt.encode("ascii"), n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P,
+                              maxmem=SCRYPT_MAXMEM, dklen=SCRYPT_BYTES).hex()
+    if kdf.version == KEY_KDF_SHA256:
+        return hashlib.sha256(secret).hexdigest()
+    raise ValueError(f"no key derivation version {kdf.version}")
+
+
 @dataclass(frozen=True)
 class PreparedPassword:
     """A password as the stack needs it, computed at once so the password itself is never
@@ -120,8 +143,6 @@ class PreparedPassword:
 
     @classmethod
     def of(cls, password: str) -> PreparedPassword:
-        from portal.stack.dovecot_keys import key_password
-
         check_password(password)
         kdf = KeyKdf.new()
         return cls(hash_password(password), kdf, key_password(password, kdf))

@@ -34,11 +34,12 @@ a caller gives is ever parsed by the shell.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from typing import Any
 
-from portal.stack.accounts import KEY_KDF_SCRYPT, KEY_KDF_SHA256, KeyKdf, check_address
+from portal.stack.accounts import (  # noqa: F401  (key_password: callers used to find it here)
+    SCRYPT_BYTES, SCRYPT_MAXMEM, SCRYPT_N, SCRYPT_P, SCRYPT_R, KeyKdf, check_address, key_password,
+)
 
 MAIL_ROOT = "/var/mail"
 # dovecot's index cache (plaintext header fields), on a tmpfs in the container.
@@ -48,14 +49,6 @@ USER_PRIVKEYS = "/private/vendor/vendor.dovecot/pvt/server/vendor/vendor.dovecot
 # Only what check_address lets through; checked again before a path is built.
 SAFE_PART = re.compile(r"[a-z0-9][a-z0-9.+_-]{0,252}")
 
-# KDF version 2 (mailstead-keys.lua has the same numbers; a unit test checks).
-# Never change them for version 2: stored keys depend on them. A costlier
-# derivation is a new version (and the passdb keeps the old ones).
-SCRYPT_N = 2**16
-SCRYPT_R = 8
-SCRYPT_P = 1
-SCRYPT_BYTES = 32
-SCRYPT_MAXMEM = 128 * SCRYPT_R * SCRYPT_N + 16 * 1024 * 1024  # its 64 MiB, and room to spare
 
 # Shell snippets run with `sh -c` in the dovecot container. They read their
 # inputs from the environment: MS_USER (address), MS_DIR (mail folder), MS_CACHE
@@ -130,16 +123,6 @@ class MailboxKeysError(MailsteadError, RuntimeError):
     """doveadm failed; the message says what was done and what doveadm said."""
 
 
-def key_password(password: str, kdf: KeyKdf) -> str:
-    """The password of a user's mail_crypt private key, derived as `kdf` says
-    (the value dovecot's passdb derives at login)."""
-    secret = password.encode("utf-8")
-    if kdf.version == KEY_KDF_SCRYPT:
-        return hashlib.scrypt(secret, salt=kdf.salt.encode("ascii"), n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P,
-                              maxmem=SCRYPT_MAXMEM, dklen=SCRYPT_BYTES).hex()
-    if kdf.version == KEY_KDF_SHA256:
-        return hashlib.sha256(secret).hexdigest()
-    raise ValueError(f"no key derivation version {kdf.version}")
 
 
 def mail_dir(address: str, root: str = MAIL_ROOT) -> str:

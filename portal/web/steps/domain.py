@@ -21,7 +21,7 @@ from wtforms.validators import ValidationError
 
 from portal.web import state, security, wizard
 from portal.agent.client import AgentError
-from portal.dns.check import parse_resolvers
+from portal.dns.names import parse_resolvers
 from portal.dns.names import Name, normalize_domain
 from portal.dns.settings import check_ip, flag
 from portal.dns.update import DnsError
