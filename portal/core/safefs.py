@@ -114,32 +114,38 @@ def ensure_dir(path: Path | str, mode: int = 0o700, owner: tuple[int, int] | Non
     return path
 
 
+def _temp_file(dfd: int, name: str, data: bytes, mode: int, owner: tuple[int, int] | None) -> str:
+    """A new file (O_EXCL, random name) in the folder `dfd` holding `data`, its mode and
+    owner set on the descriptor, fsynced; returns its name."""
+    tmp = f".{name}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fchmod(fd, mode)
+        if owner is not None:
+            os.fchown(fd, *owner)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp, dir_fd=dfd)
+        raise
+    os.close(fd)
+    return tmp
+
+
 def write_bytes(path: Path | str, data: bytes, mode: int = 0o600,
                 owner: tuple[int, int] | None = None) -> None:
     """Replace `path` with `data` atomically: O_EXCL temporary file in the same folder,
     fchmod/fchown, fsync, rename, fsync of the folder. The folder must exist."""
     path = Path(os.path.abspath(path))
     with open_dir(path.parent) as dfd:
-        tmp = f".{path.name}.{secrets.token_hex(6)}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                     dir_fd=dfd)
+        tmp = _temp_file(dfd, path.name, data, mode, owner)
         try:
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fchmod(fd, mode)
-                if owner is not None:
-                    os.fchown(fd, *owner)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
             os.rename(tmp, path.name, src_dir_fd=dfd, dst_dir_fd=dfd)
         except BaseException:
-            try:
-                os.unlink(tmp, dir_fd=dfd)
-            except FileNotFoundError:
-                pass
+            os.unlink(tmp, dir_fd=dfd)
             raise
         os.fsync(dfd)
 
@@ -149,18 +155,8 @@ def write_new(path: Path | str, data: bytes, mode: int = 0o600, owner: tuple[int
     The same steps as write_bytes, with a hard link in place of the rename."""
     path = Path(os.path.abspath(path))
     with open_dir(path.parent) as dfd:
-        tmp = f".{path.name}.{secrets.token_hex(6)}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                     dir_fd=dfd)
+        tmp = _temp_file(dfd, path.name, data, mode, owner)
         try:
-            try:
-                os.write(fd, data)
-                os.fchmod(fd, mode)
-                if owner is not None:
-                    os.fchown(fd, *owner)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
             try:
                 os.link(tmp, path.name, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=False)
             except FileExistsError:
