@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pyotp
+
+from portal.stack.accounts import verify_password
 import pytest
 
 from portal.admin import privileged as adminauth
@@ -144,9 +146,11 @@ def test_setup_stores_the_record_and_the_pending_mailbox(agent: Agent) -> None:
     assert PASSWORD not in text and not any(c in text for c in codes)
     assert not agent.file("admin-totp.pending").exists()
     assert agent("admin_status") == {"configured": True, "address": ADDRESS, "recovery_codes_left": 10}
-    # The password for the admin mailbox waits for Deploy.
+    # What the admin mailbox needs waits for Deploy: its hash and key password, not the password.
     assert mode(agent.file("pending-mailboxes.json")) == 0o600
-    assert adminauth.take_pending_mailboxes(agent.state_dir) == [(ADDRESS, PASSWORD)]
+    assert PASSWORD not in agent.file("pending-mailboxes.json").read_text()
+    ((address, prepared),) = adminauth.take_pending_mailboxes(agent.state_dir)
+    assert address == ADDRESS and verify_password(prepared.password_hash, PASSWORD)
     assert not agent.file("pending-mailboxes.json").exists()
     assert adminauth.take_pending_mailboxes(agent.state_dir) == []
     # No secret reaches the agent's log.
@@ -158,8 +162,10 @@ def test_put_back_pending_mailbox_replaces_by_address(tmp_path: Path) -> None:
     adminauth.put_pending_mailbox(tmp_path, "a@example.com", "first password")
     adminauth.put_pending_mailbox(tmp_path, "b@example.com", "other password")
     adminauth.put_pending_mailbox(tmp_path, "a@example.com", "second password")
-    assert adminauth.take_pending_mailboxes(tmp_path) == [("b@example.com", "other password"),
-                                                           ("a@example.com", "second password")]
+    taken = adminauth.take_pending_mailboxes(tmp_path)
+    assert [a for a, _ in taken] == ["b@example.com", "a@example.com"]
+    assert verify_password(taken[0][1].password_hash, "other password")
+    assert verify_password(taken[1][1].password_hash, "second password")
 
 
 def test_status_before_setup(agent: Agent) -> None:
