@@ -56,7 +56,7 @@ def running_portal(root: Path) -> Iterator[Portal]:
     state.mkdir()
     run.mkdir()
     (state / "setup-token").write_text(TEST_TOKEN + "\n")
-    from portal.web import db
+    from tests.support import statedb as db
 
     db.write_settings(state / "state.db", {"dns_allow_private": "1"})  # loopback stands in for the internet
 
