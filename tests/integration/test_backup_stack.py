@@ -121,7 +121,7 @@ def test_stack_round_trip_through_restic(tmp_path):
         ctx.backup_stack.start(lambda *_: None)
         sent: dict[str, list[str]] = {}
         for user, (password, n) in USERS.items():
-            mailbox_create(ctx, address=user, password=password)
+            mailbox_create.run(ctx, address=user, password=password)
             with imap(state) as conn:
                 conn.login(user, password)
                 for i in range(n):
@@ -131,8 +131,8 @@ def test_stack_round_trip_through_restic(tmp_path):
                     conn.append("INBOX", "", imaplib.Time2Internaldate(time.time()), msg.as_bytes())
             sent[user] = read_all(state, user, password)
             assert len(sent[user]) == n
-        alias_add(ctx, source=ALIAS[0], destination=ALIAS[1])
-        accounts_before = mailbox_list(ctx)
+        alias_add.run(ctx, source=ALIAS[0], destination=ALIAS[1])
+        accounts_before = mailbox_list.run(ctx)
         calendar = retry(lambda: dav(ALIAS[1]).principal(), 60, "radicale").make_calendar(name="Work", cal_id="work")
         calendar.save_event("BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//Mailstead tests//EN\r\n"
                             f"BEGIN:VEVENT\r\nUID:{EVENT_UID}\r\nDTSTAMP:20300101T080000Z\r\n"
@@ -172,7 +172,7 @@ def test_stack_round_trip_through_restic(tmp_path):
         for user, (old_password, _n) in USERS.items():
             got = retry(lambda u=user, p=old_password: read_all(state, u, p), 60, f"IMAP login as {user}")
             assert got == sent[user]
-        assert mailbox_list(ctx) == accounts_before
+        assert mailbox_list.run(ctx) == accounts_before
         assert {"source": ALIAS[0], "destination": ALIAS[1]} in accounts_before["aliases"]
         assert snapshot_of_files(state) == files_before and len(files_before) >= 4
         assert {k: read_setting(state / "state.db", k) for k in settings_before} == settings_before

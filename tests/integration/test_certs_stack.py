@@ -124,7 +124,7 @@ def test_ca_certificate_reaches_the_mail_services_and_renewal_reloads_them(box: 
     bootstrap = x509.load_pem_x509_certificate((box.state / "tls" / "bootstrap.crt").read_bytes())
     assert served_leaf(PORTS["imaps"]) == bootstrap
 
-    box.op("acme_configure", directory=pebble.directory_url, ca_bundle=str(pebble.ca_bundle),
+    box.op("acme_configure", directory=pebble.directory_url, ca_bundle_pem=pebble.ca_bundle.read_text(),
            contact=f"postmaster@{DOMAIN}", challenge="http-01")
     issued = box.op("cert_issue")
     assert issued["redeployed"] is True, issued  # bootstrap -> live/ changes the services' paths

@@ -165,7 +165,7 @@ def box(tmp_path_factory: pytest.TempPathFactory):
     try:
         ensure_images(b.client)
         deploy_stack(b.ctx, lambda *_: None, timeout=600)
-        mailbox_create(b.ctx, address=USER, password=PASSWORD)
+        mailbox_create.run(b.ctx, address=USER, password=PASSWORD)
         tls = ssl.create_default_context(cafile=str(b.state / "tls" / "cert.pem"))
         tls.check_hostname = False
         msg = EmailMessage()
