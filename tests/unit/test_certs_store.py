@@ -107,8 +107,9 @@ def test_stack_reads_bootstrap_then_live_through_the_tls_folder(tls: Path) -> No
     files = render(stack(state), {"redis_password": "x"})
     spec = yaml.safe_load(files["compose.yaml"].content)
     for service in ("postfix", "dovecot"):
-        assert f"{tls}:/etc/mailstead/tls:ro" in spec["services"][service]["volumes"]
-        assert not any("cert.pem" in v for v in spec["services"][service]["volumes"])
+        mounts = [(v["source"], v["target"], v.get("read_only")) for v in spec["services"][service]["volumes"]]
+        assert (str(tls), "/etc/mailstead/tls", True) in mounts
+        assert not any("cert.pem" in target for _s, target, _r in mounts)
     assert b"smtpd_tls_chain_files = /etc/mailstead/tls/bootstrap.key, /etc/mailstead/tls/bootstrap.crt" \
         in files["postfix/main.cf"].content
     assert f"ssl_certificate     {tls}/bootstrap.crt;" in nginx_conf(stack(state))
@@ -129,7 +130,8 @@ def test_certificate_outside_the_tls_folder_is_mounted_file_by_file(tmp_path: Pa
     s = stack(tmp_path, tls_cert=Path("/etc/le/fullchain.pem"), tls_key=Path("/etc/le/key.pem"))
     files = render(s, {"redis_password": "x"})
     volumes = yaml.safe_load(files["compose.yaml"].content)["services"]["postfix"]["volumes"]
-    assert "/etc/le/fullchain.pem:/etc/mailstead/tls/cert.pem:ro" in volumes
-    assert "/etc/le/key.pem:/etc/mailstead/tls/key.pem:ro" in volumes
+    mounts = [(v["source"], v["target"], v.get("read_only")) for v in volumes]
+    assert ("/etc/le/fullchain.pem", "/etc/mailstead/tls/cert.pem", True) in mounts
+    assert ("/etc/le/key.pem", "/etc/mailstead/tls/key.pem", True) in mounts
     assert b"smtpd_tls_chain_files = /etc/mailstead/tls/key.pem, /etc/mailstead/tls/cert.pem" \
         in files["postfix/main.cf"].content
