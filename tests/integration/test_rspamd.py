@@ -504,7 +504,7 @@ def test_history_of_earlier_versions_is_deleted_when_rspamd_starts(stack: Stack)
     try:
         old = [f"rs_history{HOSTNAME}_zst".encode(), b"rs_historyold-name.example.test"]
         for key in old:
-            assert redis.call("RPUSH", key, b"subject: Payslip March") == 1
+            assert redis.call("RPUSH", key, b"subject: Payslip March") >= 1
         assert redis.call("SET", b"unrelated-key", b"kept") == b"OK"
     finally:
         redis.close()
