@@ -12,7 +12,17 @@ holds the portal's default server). This module adds one include,
   /mail/config-v1.1.xml and Outlook's POST /autodiscover/autodiscover.xml.
 
 Port 80 is left to mailstead.conf's default server, which answers ACME
-challenges for every name and redirects the rest to HTTPS.
+challenges for every name and redirects the rest to HTTPS: to the mail host,
+which this module writes into the one-line REDIRECT_NAME file that
+mailstead.conf includes (before the first deploy: to the address the request
+came in on). Never to the client's Host header.
+
+Once the certificate served is a CA's (tls/live, see portal/certs/store.py),
+every HTTPS answer of these servers carries Strict-Transport-Security; never
+with the self-signed bootstrap certificate, which browsers would then refuse
+without the click-through the owner needs. The certificate's installation
+rewrites these files and reloads nginx (portal/certs/agentops.py, reloader),
+so the header follows the certificate.
 
 The policy and the two XML files are static files in WWW_DIR (readable by
 nginx's workers, unlike /var/lib/mailstead). Everything here is a pure
@@ -34,6 +44,9 @@ from portal.stack.settings import DEFAULT_PORTS, SettingsError, StackSettings
 
 NGINX_DIR = Path("/etc/nginx/conf.d")
 NGINX_CONF_NAME = "mailstead-stack.conf"
+# Included by mailstead.conf's port-80 server (not *.conf: it is no http-level file).
+REDIRECT_NAME = "mailstead-stack-redirect.inc"
+NGINX_FILES = (NGINX_CONF_NAME, REDIRECT_NAME)  # written to nginx_dir; the rest to www_dir
 WWW_DIR = Path("/var/lib/mailstead-www")
 WEB_SOCK = Path("/run/mailstead/web.sock")  # the portal (gunicorn), as in mailstead.conf
 
@@ -58,6 +71,10 @@ TLS_CIPHERS = ("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-
 
 AUTODISCOVER_RESPONSE_NS = "http://schemas.microsoft.com/exchange/autodiscover/responseschema/2006"
 AUTODISCOVER_OUTLOOK_NS = "http://schemas.microsoft.com/exchange/autodiscover/outlook/responseschema/2006a"
+
+# HSTS: a year, the usual value; not includeSubDomains (the owner's other names are
+# not this appliance's to decide), no preload.
+HSTS_MAX_AGE = 31536000
 
 # What a path may hold to be written into nginx's config unquoted and unescaped
 # (no spaces, quotes, semicolons, braces or `$`, which nginx would expand).
@@ -103,6 +120,20 @@ def _path(path: Path | str, field: str) -> str:
         raise SettingsError(field, f"{text[:80]!r} cannot go into nginx's configuration; use an absolute "
                                    f"path of letters, digits and . _ - + @ only")
     return text
+
+
+def serves_ca_certificate(settings: StackSettings) -> bool:
+    """Whether the certificate served is the CA's one installed in tls/live (its chain
+    checked by portal/certs/store.py), rather than the bootstrap one or files named
+    in settings (which may be self-signed)."""
+    return not settings.tls_cert and settings.cert_path == settings.tls_dir / "live" / "fullchain.pem"
+
+
+def _hsts(settings: StackSettings) -> str:
+    """The Strict-Transport-Security line for a server or location, or nothing."""
+    if not serves_ca_certificate(settings):
+        return ""
+    return f'add_header Strict-Transport-Security "max-age={HSTS_MAX_AGE}" always;'
 
 
 def dav_url(settings: StackSettings) -> str:
@@ -213,10 +244,13 @@ def _tls(settings: StackSettings) -> str:
     ssl_session_tickets off;
 
     add_header X-Content-Type-Options nosniff always;
-"""
+""" + (f"    {hsts}\n" if (hsts := _hsts(settings)) else "")
 
 
-def _static(location: str, path: str, content_type: str, extra: str = "") -> str:
+def _static(location: str, path: str, content_type: str, hsts: str, extra: str = "") -> str:
+    # A location with add_header of its own inherits none of the server's: HSTS is repeated.
+    if hsts:
+        extra = f"\n        {hsts}{extra}"
     return f"""\
     location {location} {{
         alias {path};
@@ -228,15 +262,15 @@ def _static(location: str, path: str, content_type: str, extra: str = "") -> str
 """
 
 
-def _client_config(autoconfig: str, autodiscover: str) -> str:
+def _client_config(autoconfig: str, autodiscover: str, hsts: str) -> str:
     """Thunderbird's and Outlook's files, as every server block that offers them says."""
     xml = "application/xml; charset=utf-8"
-    return (_static("= /mail/config-v1.1.xml", autoconfig, xml)
-            + _static("= /.well-known/autoconfig/mail/config-v1.1.xml", autoconfig, xml)
+    return (_static("= /mail/config-v1.1.xml", autoconfig, xml, hsts)
+            + _static("= /.well-known/autoconfig/mail/config-v1.1.xml", autoconfig, xml, hsts)
             # Outlook POSTs its request (any case of the path). nginx's static
             # handler refuses POST with 405; error_page turns that into an
             # internal GET of the same file, answered 200.
-            + _static("~* ^/autodiscover/autodiscover\\.xml$", autodiscover, xml, """
+            + _static("~* ^/autodiscover/autodiscover\\.xml$", autodiscover, xml, hsts, """
         client_max_body_size 64k;
         error_page 405 =200 $uri;"""))
 
@@ -255,11 +289,13 @@ def nginx_conf(settings: StackSettings, www_dir: Path = WWW_DIR, web_sock: Path 
                                         (MTA_STS_FILE, AUTOCONFIG_FILE, AUTODISCOVER_FILE))
     dav = DAV_PATH.rstrip("/")
     tls = _tls(settings)
-    client_config = _client_config(autoconfig, autodiscover)
+    hsts = _hsts(settings)
+    client_config = _client_config(autoconfig, autodiscover, hsts)
     return f"""\
 # Mailstead mail stack {settings.version}: the web side, rendered from settings
 # by the agent (portal/stack/web.py). Do not edit: every deploy rewrites it.
-# Port 80 (ACME, redirects) stays with mailstead.conf's default server.
+# Port 80 (ACME, redirects) stays with mailstead.conf's default server; it
+# redirects to the mail host named in {REDIRECT_NAME}.
 
 # The mail host: CalDAV/CardDAV, client autoconfiguration, and the portal.
 server {{
@@ -315,7 +351,7 @@ server {{
 server {{
     server_name {mta_sts_host};
 {tls}
-{_static("= /.well-known/mta-sts.txt", policy, "text/plain; charset=utf-8")}
+{_static("= /.well-known/mta-sts.txt", policy, "text/plain; charset=utf-8", hsts)}
     location / {{
         return 404;
     }}
@@ -333,13 +369,25 @@ server {{
 """
 
 
+def redirect_conf(settings: StackSettings) -> str:
+    """The port-80 redirect target that mailstead.conf includes: the mail host, fixed
+    (a `return` in its `location /`, before its own fallback to the server's address)."""
+    _domain, host = _names(settings)
+    return f"""\
+# Mailstead {settings.version}: where mailstead.conf's port-80 server sends browsers,
+# rendered from settings by the agent (portal/stack/web.py). Do not edit.
+return 301 https://{host}$request_uri;
+"""
+
+
 # -- writing them ----------------------------------------------------------------------
 
 def web_files(settings: StackSettings, www_dir: Path = WWW_DIR,
               web_sock: Path = WEB_SOCK) -> dict[str, str]:
-    """{file name: content}: the include (NGINX_CONF_NAME) and the static files."""
+    """{file name: content}: the includes (NGINX_FILES) and the static files."""
     return {
         NGINX_CONF_NAME: nginx_conf(settings, www_dir, web_sock),
+        REDIRECT_NAME: redirect_conf(settings),
         MTA_STS_FILE: mta_sts_policy(settings),
         AUTOCONFIG_FILE: autoconfig_xml(settings),
         AUTODISCOVER_FILE: autodiscover_xml(settings),
@@ -370,15 +418,14 @@ def _replace(path: Path, content: str) -> bool:
 
 def write_web_files(settings: StackSettings, nginx_dir: Path = NGINX_DIR, www_dir: Path = WWW_DIR,
                     web_sock: Path = WEB_SOCK) -> list[Path]:
-    """Put the static files in `www_dir` (made 0755 if missing) and the include in
+    """Put the static files in `www_dir` (made 0755 if missing) and the includes in
     `nginx_dir`, static files first so that the include never points at a missing
     file. Returns the files whose content changed: reload nginx (`nginx -t`,
     then `nginx -s reload`) if the list is not empty."""
     files = web_files(settings, www_dir, web_sock)
     www_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     changed = [www_dir / name for name, content in files.items()
-               if name != NGINX_CONF_NAME and _replace(www_dir / name, content)]
+               if name not in NGINX_FILES and _replace(www_dir / name, content)]
     nginx_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-    if _replace(nginx_dir / NGINX_CONF_NAME, files[NGINX_CONF_NAME]):
-        changed.append(nginx_dir / NGINX_CONF_NAME)
+    changed += [nginx_dir / name for name in NGINX_FILES if _replace(nginx_dir / name, files[name])]
     return changed

@@ -32,16 +32,28 @@ def _sub(text: str, pattern: str, repl: str, count: int) -> str:
 
 
 def localize_nginx_conf(conf: str, *, http_port: int, https_port: int, tls_dir: Path,
-                        acme_dir: Path, web_sock: Path) -> str:
+                        acme_dir: Path, web_sock: Path, nginx_dir: Path) -> str:
     """Rewrite ONLY what is machine-specific in the shipped config, so that the rest
     is tested exactly as shipped: listen addresses (loopback, free ports, no [::]),
-    the certificate/key paths, the ACME root and the portal's unix socket."""
+    the certificate/key paths, the ACME root, the portal's unix socket and the
+    folder of the agent's includes (its ctx.nginx_dir, /etc/nginx/conf.d)."""
     conf = _sub(conf, r"^(\s*listen\s+)80(\s)", rf"\g<1>127.0.0.1:{http_port}\2", 1)
     conf = _sub(conf, r"^(\s*listen\s+)443(\s)", rf"\g<1>127.0.0.1:{https_port}\2", 1)
     conf = _sub(conf, r"^\s*listen\s+\[::\]:\d+[^;]*;\n", "", 2)
     conf = _sub(conf, r"/var/lib/mailstead/tls/", f"{tls_dir}/", 2)
     conf = _sub(conf, r"/var/lib/mailstead-acme/", f"{acme_dir}/", 1)
     conf = _sub(conf, r"unix:/run/mailstead/web\.sock", f"unix:{web_sock}", 1)
+    conf = _sub(conf, r"(\binclude\s+)/etc/nginx/conf\.d/", rf"\g<1>{nginx_dir}/", 1)
+    return conf
+
+
+def localize_stack_conf(conf: str, https_port: int) -> str:
+    """The agent's generated include (portal/stack/web.py): only the listen lines
+    change: loopback and a free port, no [::]."""
+    conf, n = re.subn(r"^(\s*listen\s+)443(\s)", rf"\g<1>127.0.0.1:{https_port}\2", conf, flags=re.MULTILINE)
+    assert n == 3, f"expected 3 server blocks on 443, found {n}"
+    conf, n = re.subn(r"^\s*listen\s+\[::\]:443[^;]*;\n", "", conf, flags=re.MULTILINE)
+    assert n == 3, f"expected 3 [::]:443 listeners, found {n}"
     return conf
 
 
@@ -168,7 +180,7 @@ def front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Front]:
         site = ngx / "mailstead.conf"
         site.write_text(localize_nginx_conf(
             SHIPPED_CONF.read_text(), http_port=http_port, https_port=https_port,
-            tls_dir=state / "tls", acme_dir=acme, web_sock=portal.sock))
+            tls_dir=state / "tls", acme_dir=acme, web_sock=portal.sock, nginx_dir=ngx / "conf.d"))
         nginx = start_nginx(ngx, site)
         front = Front(http_port, https_port, state, acme, portal, ngx / "error.log")
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import http.server
-import re
 import secrets
 import shutil
 import socket
@@ -32,25 +31,17 @@ import requests
 
 from portal.stack.accounts import Accounts, NoKeys
 from portal.stack.web import (AUTODISCOVER_OUTLOOK_NS, AUTODISCOVER_RESPONSE_NS, NGINX_CONF_NAME,
-                              write_web_files)
+                              REDIRECT_NAME, write_web_files)
 from tests.conftest import free_port, retry, stop_process
 from tests.integration import stackharness
 from tests.integration.tlsaudit import tls_problems
-from tests.integration.conftest import NGINX, SHIPPED_CONF, TIMEOUT, localize_nginx_conf, start_nginx
+from tests.integration.conftest import (NGINX, SHIPPED_CONF, TIMEOUT, localize_nginx_conf, localize_stack_conf,
+                                       start_nginx)
 
 DOMAIN, HOST = stackharness.DOMAIN, stackharness.HOSTNAME
 MTA_STS, AUTOCONFIG, AUTODISCOVER = f"mta-sts.{DOMAIN}", f"autoconfig.{DOMAIN}", f"autodiscover.{DOMAIN}"
 ALICE, BOB = f"alice@{DOMAIN}", f"bob@{DOMAIN}"
 PORTAL_ANSWER = "stand-in portal"
-
-
-def localize_stack_conf(conf: str, https_port: int) -> str:
-    """Only the listen lines change: loopback and a free port, no [::]."""
-    conf, n = re.subn(r"^(\s*listen\s+)443(\s)", rf"\g<1>127.0.0.1:{https_port}\2", conf, flags=re.MULTILINE)
-    assert n == 3, f"expected 3 server blocks on 443, found {n}"
-    conf, n = re.subn(r"^\s*listen\s+\[::\]:443[^;]*;\n", "", conf, flags=re.MULTILINE)
-    assert n == 3, f"expected 3 [::]:443 listeners, found {n}"
-    return conf
 
 
 class _PortalHandler(http.server.BaseHTTPRequestHandler):
@@ -134,8 +125,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         web_sock = root / "web.sock"
         changed = write_web_files(replace(stack.settings, tls_cert=cert, tls_key=key), ngx / "conf.d", www,
                                   web_sock=web_sock)
-        assert {p.name for p in changed} == {NGINX_CONF_NAME, "mta-sts.txt", "config-v1.1.xml",
-                                             "autodiscover.xml"}
+        assert {p.name for p in changed} == {NGINX_CONF_NAME, REDIRECT_NAME, "mta-sts.txt",
+                                             "config-v1.1.xml", "autodiscover.xml"}
         portal = _UnixHTTPServer(str(web_sock), _PortalHandler)
         threading.Thread(target=portal.serve_forever, daemon=True).start()
 
@@ -143,7 +134,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         shipped = ngx / "mailstead.conf"
         shipped.write_text(localize_nginx_conf(SHIPPED_CONF.read_text(), http_port=http_port,
                                                https_port=https_port, tls_dir=tls, acme_dir=root,
-                                               web_sock=web_sock))
+                                               web_sock=web_sock, nginx_dir=ngx / "conf.d"))
         generated = ngx / "conf.d" / NGINX_CONF_NAME
         generated.write_text(localize_stack_conf(generated.read_text(), https_port))
         site = ngx / "sites.conf"

@@ -62,13 +62,14 @@ class Mail:
                                                timeout=TIMEOUT, context=self.ctx)
         else:
             s = smtplib.SMTP("127.0.0.1", self.port(name), local_hostname="client.test", timeout=TIMEOUT)
-            s.starttls(context=self.ctx)
-        if login is not None:
-            try:
+        try:
+            if name != "submissions":
+                s.starttls(context=self.ctx)
+            if login is not None:
                 s.login(login, password)
-            except BaseException:
-                s.close()
-                raise
+        except BaseException:
+            s.close()
+            raise
         return s
 
     def imap(self, user: str = ALICE, password: str = PASSWORD) -> imaplib.IMAP4_SSL:
@@ -269,6 +270,7 @@ def test_inbound_on_25_lands_in_the_mailbox_even_with_rspamd_down(mail: Mail) ->
             mail.wait_for(each)
     finally:
         rspamd.start()
+        mail.wait_healthy()  # submission waits (4xx) while rspamd is away
 
 
 @pytest.mark.parametrize("port_name", ["submission", "submissions"])
@@ -346,6 +348,119 @@ def test_the_owner_passes_the_same_checks(mail: Mail) -> None:
         assert rcpt_reply(s, SALES, ALICE)[0] == 250
     with mail.smtp("smtp", None) as s:
         assert rcpt_reply(s, "carol@remote.test", ALICE)[0] == 250
+
+
+def data_reply(mail: Mail, port_name: str, login: str, envelope: str, header_from: str | list[str],
+               rcpt: str = BOB) -> tuple[int, bytes, str]:
+    """(code, reply, subject) of a whole transaction: MAIL FROM `envelope`, one
+    RCPT, then DATA with the given From: header(s) (a list: one header each)."""
+    subject = token("from-check")
+    froms = [header_from] if isinstance(header_from, str) else header_from
+    head = "".join(f"From: {f}\r\n" for f in froms)
+    text = message(froms[0], rcpt, subject, "who is this from?").replace(f"From: {froms[0]}\r\n", head, 1)
+    with mail.smtp(port_name, login) as s:
+        s.ehlo_or_helo_if_needed()
+        code, reply = s.mail(envelope)
+        if code == 250:
+            code, reply = s.rcpt(rcpt)
+        if code == 250:
+            code, reply = s.data(text.encode())
+    return code, reply, subject
+
+
+@pytest.mark.parametrize(("port_name", "login", "envelope", "header_from"), [
+    ("submission", ALICE, ALICE, f"Alice <{ALICE}>"),
+    ("submissions", ALICE, SALES, f"Sales <{SALES}>"),            # an alias that delivers to alice
+    ("submission", ALICE, ALICE, f'"Alice" <{ALICE.upper()}>'),  # addresses compare without case
+])
+def test_the_from_header_may_be_the_logins_sender_address(mail: Mail, port_name: str, login: str,
+                                                          envelope: str, header_from: str) -> None:
+    """The controls for the refusals below: the same transactions with an owned From:."""
+    code, reply, subject = data_reply(mail, port_name, login, envelope, header_from)
+    assert code == 250, reply
+    mail.wait_for(subject, BOB)
+
+
+@pytest.mark.parametrize(("port_name", "envelope", "header_from", "shown", "why"), [
+    ("submission", ALICE, f"Bob <{BOB}>", BOB, "another mailbox's address in From:"),
+    ("submissions", ALICE, BOB, BOB, "another mailbox's address in From: on 465"),
+    ("submission", ALICE, "The CEO <ceo@foreign.test>", "ceo@foreign.test", "a foreign domain in From:"),
+    ("submissions", SALES, BOB, BOB, "the envelope an alias of alice's, From: another mailbox"),
+    # The header follows the envelope: an alias in From: needs the alias as MAIL FROM
+    # too (as mail clients send it), so this one is refused although alice owns both.
+    ("submission", ALICE, SALES, SALES, "From: an alias of alice's, MAIL FROM her own address"),
+])
+def test_a_from_header_that_is_not_the_sender_is_refused(mail: Mail, port_name: str, envelope: str,
+                                                         header_from: str, shown: str, why: str) -> None:
+    code, reply, subject = data_reply(mail, port_name, ALICE, envelope, header_from)
+    text = reply.decode(errors="replace")
+    assert code == 554 and text.startswith("5.7.1 "), f"{why}: {code} {text}"
+    assert f"From: header address {shown} is not the sender address {envelope}" in text, text
+    assert ALICE in text, text  # the login, so the user knows which account to fix
+    with mail.imap(BOB) as imap:  # refused, not delivered
+        imap.select("INBOX", readonly=True)
+        typ, found = imap.search(None, "SUBJECT", f'"{subject}"')
+        assert typ == "OK" and found == [b""], found
+
+
+@pytest.mark.parametrize(("froms", "why"), [
+    ([ALICE, BOB], "two From: headers (a client shows one of them)"),
+    ([f"{ALICE}, {BOB}"], "two addresses in one From: header"),
+])
+def test_a_from_header_naming_more_than_the_sender_is_refused(mail: Mail, froms: list[str], why: str) -> None:
+    code, reply, _subject = data_reply(mail, "submission", ALICE, ALICE, froms)
+    assert code == 554 and reply.startswith(b"5.7.1 "), f"{why}: {code} {reply!r}"
+
+
+def test_inbound_mail_keeps_its_from_header(mail: Mail) -> None:
+    """The From: check is for logged-in users: on 25 a From: unlike the envelope
+    (a mailing list, a forwarder) is delivered."""
+    subject = token("inbound-from")
+    with smtplib.SMTP("127.0.0.1", mail.port("smtp"), local_hostname="mx.remote.test", timeout=TIMEOUT) as s:
+        s.starttls(context=mail.ctx)
+        s.sendmail("bounces@list.remote.test", [ALICE],
+                   message("Carol <carol@remote.test>", ALICE, subject, "via a list"))
+    mail.wait_for(subject)
+
+
+@pytest.mark.parametrize("port_name", ["submission", "submissions"])
+def test_null_sender_is_refused_on_submission(mail: Mail, port_name: str) -> None:
+    """A logged-in client never needs MAIL FROM:<> (bounces are postfix's own): it
+    would be mail from nobody. Refused at RCPT (postfix's smtpd_delay_reject)."""
+    with mail.smtp(port_name) as s:
+        code, reply = rcpt_reply(s, "", BOB)
+    assert code == 554 and reply.startswith(b"5.7.1 <>: Sender address rejected: the null sender"), (code, reply)
+
+
+def test_null_sender_is_accepted_on_25(mail: Mail) -> None:
+    """Bounces and delivery reports come from <>: port 25 takes them."""
+    subject = token("bounce")
+    with smtplib.SMTP("127.0.0.1", mail.port("smtp"), local_hostname="mx.remote.test", timeout=TIMEOUT) as s:
+        s.starttls(context=mail.ctx)
+        s.sendmail("", [ALICE], message("MAILER-DAEMON@mx.remote.test", ALICE, subject, "Undelivered Mail"))
+    mail.wait_for(subject)
+
+
+def test_submission_waits_while_rspamd_is_down(mail: Mail) -> None:
+    """rspamd checks the From: header and signs: without it, submission answers
+    4xx (the client tries again), rather than send unchecked and unsigned mail.
+    Port 25 still accepts (milter_default_action = accept)."""
+    rspamd = mail.stack.container("rspamd")
+    rspamd.kill()
+    try:
+        subject = token("rspamd-down")
+        try:
+            code, reply, _subject = data_reply(mail, "submission", ALICE, ALICE, BOB)
+        except smtplib.SMTPResponseException as err:  # refused before DATA
+            code, reply = err.smtp_code, err.smtp_error
+        assert 400 <= code < 500, (code, reply)
+        with smtplib.SMTP("127.0.0.1", mail.port("smtp"), local_hostname="mx.remote.test", timeout=TIMEOUT) as s:
+            s.starttls(context=mail.ctx)
+            s.sendmail("carol@remote.test", [ALICE], message("carol@remote.test", ALICE, subject, "inbound"))
+        mail.wait_for(subject)
+    finally:
+        rspamd.start()
+        mail.wait_healthy()
 
 
 # -- reading ------------------------------------------------------------------------------

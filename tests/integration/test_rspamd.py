@@ -15,10 +15,13 @@ import json
 import re
 import socket
 import struct
+import subprocess
 import tarfile
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import dkim
 import pytest
@@ -260,6 +263,69 @@ def redis_learns(stack: Stack, which: str = "learns_spam") -> int:
     return int(out.strip() or 0)
 
 
+class RedisClient:
+    """Just enough of a redis client (RESP2) to read every key and value as bytes,
+    straight to the container (redis-cli's text output is not binary-safe)."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.sock = socket.create_connection((container_ip(stack, "redis"), 6379), timeout=10)
+        self.file = self.sock.makefile("rb")
+        assert self.call("AUTH", stack_secrets(stack.settings.secrets_dir)["redis_password"]) == b"OK"
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+    def call(self, *args: str | bytes) -> Any:
+        parts = [a if isinstance(a, bytes) else a.encode() for a in args]
+        self.sock.sendall(b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts))
+        return self._reply()
+
+    def _reply(self) -> Any:
+        line = self.file.readline()
+        kind, rest = line[:1], line[1:-2]
+        if kind == b"+":
+            return rest
+        if kind == b"-":
+            raise AssertionError(f"redis: {rest.decode(errors='replace')}")
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            return None if int(rest) < 0 else self.file.read(int(rest) + 2)[:-2]
+        if kind == b"*":
+            return None if int(rest) < 0 else [self._reply() for _ in range(int(rest))]
+        raise AssertionError(f"redis: unexpected reply {line!r}")
+
+    def keys(self, pattern: str = "*") -> list[bytes]:
+        found, cursor = [], b"0"
+        while True:
+            cursor, page = self.call("SCAN", cursor, "MATCH", pattern, "COUNT", "1000")
+            found += page
+            if cursor == b"0":
+                return found
+
+    def dump(self) -> dict[bytes, list[bytes]]:
+        """{key: every member, field and value it holds}."""
+        read = {b"string": lambda k: [self.call("GET", k)], b"list": lambda k: self.call("LRANGE", k, "0", "-1"),
+                b"hash": lambda k: self.call("HGETALL", k), b"set": lambda k: self.call("SMEMBERS", k),
+                b"zset": lambda k: self.call("ZRANGE", k, "0", "-1")}
+        out = {}
+        for key in self.keys():
+            kind = self.call("TYPE", key)
+            assert kind in read, f"{key!r}: a {kind!r} (not read by this test)"
+            out[key] = [v for v in read[kind](key) if v is not None]
+        return out
+
+
+def readable(value: bytes) -> bytes:
+    """The value, decompressed if it is zstd (as rspamd stores its history rows)."""
+    if value.startswith(b"\x28\xb5\x2f\xfd"):
+        out = subprocess.run(["zstd", "-dcq"], input=value, capture_output=True, timeout=30, check=False)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+    return value
+
+
 def spam_message(n: int) -> bytes:
     return message("winner@lottery.example", ALICE, f"You have won, round {n}",
                    f"Dear friend {n}, you have won one million dollars in our international lottery. "
@@ -402,3 +468,59 @@ def test_learned_spam_survives_a_redis_restart(stack: Stack) -> None:
         assert "success = true" in out, out
     retry(learn_again, 30, "rspamd to learn again after redis restarted")
     assert redis_learns(stack) == before + 2
+
+
+# -- what redis keeps (it is backed up) ---------------------------------------------
+
+def test_redis_keeps_no_subject_or_address_of_scanned_mail(stack: Stack) -> None:
+    """rspamd's scan history (history_redis) kept every message's subject, senders
+    and recipients in redis, zstd-compressed; it is off, and nothing else keeps them."""
+    marker = uuid.uuid4().hex
+    subject, sender, rcpt = f"Quarterly numbers {marker}", f"history-{marker}@example.org", f"rcpt-{marker}@{DOMAIN}"
+    raw = message(sender, rcpt, subject, "Hi,\n\nthe figures are attached.\n")
+    outgoing = message(ALICE, f"friend-{marker}@example.org", f"Re: {subject}", "Thanks!\n")
+    result = milter_scan(stack, raw, mail_from=sender, rcpt=rcpt, client_ip="203.0.113.25")
+    assert result.verdict in ("accept", "continue"), result
+    assert result.headers("Authentication-Results"), result  # scanned, not skipped
+    result = milter_scan(stack, outgoing, mail_from=ALICE, rcpt=f"friend-{marker}@example.org",
+                         client_ip="198.51.100.7", auth=ALICE)
+    assert result.headers("DKIM-Signature"), result
+    time.sleep(2)  # rspamd writes what it keeps after the reply
+
+    redis = RedisClient(stack)
+    try:
+        kept = redis.dump()
+    finally:
+        redis.close()
+    assert kept, "redis is empty: the scans stored nothing at all (is rspamd using it?)"
+    assert not [k for k in kept if k.startswith(b"rs_history")], sorted(kept)[:20]
+    for key, values in kept.items():
+        for value in [key, *values]:
+            assert marker.encode() not in readable(value), f"{key!r} holds {readable(value)[:300]!r}"
+
+
+def test_history_of_earlier_versions_is_deleted_when_rspamd_starts(stack: Stack) -> None:
+    redis = RedisClient(stack)
+    try:
+        old = [f"rs_history{HOSTNAME}_zst".encode(), b"rs_historyold-name.example.test"]
+        for key in old:
+            assert redis.call("RPUSH", key, b"subject: Payslip March") >= 1
+        assert redis.call("SET", b"unrelated-key", b"kept") == b"OK"
+    finally:
+        redis.close()
+
+    stack.container("rspamd").restart(timeout=20)
+
+    def purged() -> None:
+        r = RedisClient(stack)
+        try:
+            assert r.keys("rs_history*") == [], r.keys("rs_history*")
+            assert r.call("GET", b"unrelated-key") == b"kept"
+        finally:
+            r.close()
+    retry(purged, 120, "rspamd to delete the old scan history")
+    r = RedisClient(stack)
+    try:
+        r.call("DEL", b"unrelated-key")
+    finally:
+        r.close()

@@ -14,7 +14,9 @@ from portal.certs import CertError
 from portal.certs.store import install, prune, read_live, verify_pair
 from portal.stack.render import render
 from portal.stack.settings import StackSettings
-from portal.stack.web import nginx_conf
+from portal.agent.registry import Context
+from portal.certs.privileged import reloader
+from portal.stack.web import NGINX_CONF_NAME, nginx_conf, write_web_files
 from tests.unit.test_certs_support import CA, NAMES, NOW
 
 
@@ -135,3 +137,26 @@ def test_certificate_outside_the_tls_folder_is_mounted_file_by_file(tmp_path: Pa
     assert ("/etc/le/key.pem", "/etc/mailstead/tls/key.pem", True) in mounts
     assert b"smtpd_tls_chain_files = /etc/mailstead/tls/key.pem, /etc/mailstead/tls/cert.pem" \
         in files["postfix/main.cf"].content
+
+
+def test_installing_a_ca_certificate_turns_on_hsts_in_the_include(tls: Path, tmp_path: Path) -> None:
+    """The reloader that certificate installation and renewal run re-renders the host
+    nginx's include, which then sends Strict-Transport-Security (tests/integration/
+    test_nginx_front.py serves it)."""
+    state = tls.parent
+
+    def no_docker():
+        raise OSError("no docker engine here")
+
+    ctx = Context(docker=no_docker, state_dir=state, nginx_dir=tmp_path / "conf.d", www_dir=tmp_path / "www",
+                  reload_nginx=False)
+    write_web_files(stack(state), ctx.nginx_dir, ctx.www_dir)  # the deploy, with the bootstrap certificate
+    assert "Strict-Transport-Security" not in (ctx.nginx_dir / NGINX_CONF_NAME).read_text()
+
+    chain, key = CA().leaf()
+    install(tls, chain, key, NAMES, now=NOW)
+    results = reloader(ctx, stack(state))()
+    assert results["nginx"] == "skipped: reloads are off"
+    conf = (ctx.nginx_dir / NGINX_CONF_NAME).read_text()
+    assert f"ssl_certificate     {tls}/live/fullchain.pem;" in conf
+    assert 'add_header Strict-Transport-Security "max-age=31536000" always;' in conf

@@ -258,7 +258,8 @@ def test_write_web_files_writes_once_and_reports_changes(tmp_path):
     nginx_dir, www_dir = tmp_path / "conf.d", tmp_path / "www"
     first = web.write_web_files(settings(), nginx_dir, www_dir)
     assert [p.name for p in first] == ["mta-sts.txt", "config-v1.1.xml", "autodiscover.xml",
-                                       web.NGINX_CONF_NAME]
+                                       web.NGINX_CONF_NAME, web.REDIRECT_NAME]
+    assert sorted(p.name for p in nginx_dir.iterdir()) == sorted(web.NGINX_FILES)
     assert stat.S_IMODE(www_dir.stat().st_mode) == 0o755
     for path in first:
         assert stat.S_IMODE(path.stat().st_mode) == 0o644
@@ -278,3 +279,91 @@ def test_write_web_files_writes_nothing_for_bad_settings(tmp_path):
     with pytest.raises(SettingsError):
         web.write_web_files(settings(hostname="bad host"), tmp_path / "conf.d", tmp_path / "www")
     assert list(tmp_path.iterdir()) == []
+
+
+# -- HSTS: only once a CA's certificate is served -----------------------------------------------
+
+HSTS = f'add_header Strict-Transport-Security "max-age={web.HSTS_MAX_AGE}" always;'
+
+
+def _locations_with_headers(block: str) -> list[str]:
+    """Every location block of a server that sets add_header itself (and so inherits none)."""
+    return [loc for loc in re.findall(r"(?ms)^    location [^{]*\{.*?^    \}", block) if "add_header" in loc]
+
+
+def test_no_hsts_with_the_bootstrap_certificate(tmp_path):
+    (tmp_path / "tls").mkdir()
+    conf = web.nginx_conf(settings(state_dir=tmp_path))
+    assert "ssl_certificate     " + str(tmp_path / "tls" / "bootstrap.crt") + ";" in conf
+    assert "Strict-Transport-Security" not in conf
+
+
+def test_no_hsts_with_certificate_files_from_settings(tmp_path):
+    """Files named in settings may be self-signed: the appliance cannot promise them."""
+    (tmp_path / "tls" / "live").mkdir(parents=True)
+    s = settings(state_dir=tmp_path, tls_cert=Path("/etc/own/cert.pem"), tls_key=Path("/etc/own/key.pem"))
+    assert not web.serves_ca_certificate(s)
+    assert "Strict-Transport-Security" not in web.nginx_conf(s)
+
+
+def test_hsts_on_every_server_and_location_with_the_ca_certificate(tmp_path):
+    (tmp_path / "tls" / "live").mkdir(parents=True)  # what portal/certs/store.py installs
+    s = settings(state_dir=tmp_path)
+    assert web.serves_ca_certificate(s)
+    conf = web.nginx_conf(s)
+    blocks = servers(conf)
+    assert len(blocks) == 3
+    for name, block in blocks.items():
+        assert f"\n    {HSTS}\n" in block, name  # server level: the proxied and redirecting answers
+        locations = _locations_with_headers(block)
+        assert locations, name
+        for location in locations:  # an add_header of its own hides the server's
+            assert HSTS in location, (name, location)
+    assert "includeSubDomains" not in conf and "preload" not in conf
+    assert 180 * 86400 <= web.HSTS_MAX_AGE <= 2 * 365 * 86400
+
+
+def test_shipped_front_never_sends_hsts():
+    """mailstead.conf's servers always serve the self-signed bootstrap certificate."""
+    assert "Strict-Transport-Security" not in re.sub(r"(?m)#.*$", "", SHIPPED_CONF.read_text())
+
+
+# -- the port-80 redirect ----------------------------------------------------------------------
+
+def _port80(conf: str) -> str:
+    block = re.search(r"(?ms)^server \{\n\s*listen 80 default_server;.*?^\}", conf)
+    assert block, conf
+    return block.group(0)
+
+
+def test_port_80_never_redirects_to_the_clients_host_header():
+    port80 = re.sub(r"(?m)#.*$", "", _port80(SHIPPED_CONF.read_text()))
+    returns = re.findall(r"return\s+([^;]+);", port80)
+    assert returns == ["301 https://$mailstead_server_host$request_uri"], returns
+    for variable in ("$host", "$http_host", "$server_name"):
+        assert variable not in port80
+    # The address the request came in on, IPv6 in brackets, until the agent names the mail host.
+    assert re.search(r"map \$server_addr \$mailstead_server_host \{\s*~:\s+\[\$server_addr\];"
+                     r"\s*default\s+\$server_addr;\s*\}", SHIPPED_CONF.read_text())
+
+
+def test_port_80_includes_the_agents_redirect_before_its_fallback():
+    port80 = _port80(SHIPPED_CONF.read_text())
+    location = re.search(r"(?ms)location / \{(.*?)\}", port80).group(1)
+    lines = [line.strip() for line in location.splitlines() if line.strip() and not line.strip().startswith("#")]
+    include = f"include {web.NGINX_DIR}/{web.REDIRECT_NAME.replace('.inc', '*.inc')};"
+    assert lines == [include, "return 301 https://$mailstead_server_host$request_uri;"]
+    # The ACME challenges stay on port 80, ahead of the redirect.
+    assert "location /.well-known/acme-challenge/ {" in port80
+
+
+def test_redirect_conf_names_the_mail_host_only(tmp_path):
+    conf = web.redirect_conf(settings())
+    assert [line for line in conf.splitlines() if not line.startswith("#")] == [
+        "return 301 https://mail.example.org$request_uri;"]
+    assert web.redirect_conf(settings(hostname="xn--mil-ula.example.org")).endswith(
+        "return 301 https://xn--mil-ula.example.org$request_uri;\n")
+    with pytest.raises(SettingsError):
+        web.redirect_conf(settings(hostname="evil.example;return 302 https://x"))
+    web.write_web_files(settings(), tmp_path / "conf.d", tmp_path / "www")
+    assert (tmp_path / "conf.d" / web.REDIRECT_NAME).read_text() == conf

@@ -12,9 +12,9 @@ KEYS=/run/rspamd/dkim
 say() { echo "mailstead-rspamd: $*" >&2; }
 
 # Config: rendered from settings, mounted read-only; copied into rspamd's own
-# local.d/override.d (the container's writable layer) with restrictive modes,
-# since local.d/redis.conf holds the redis password.
-for d in local.d override.d; do
+# local.d, lua.local.d (rules in Lua) and override.d (the container's writable
+# layer) with restrictive modes, since local.d/redis.conf holds the redis password.
+for d in local.d lua.local.d override.d; do
     rm -rf "/etc/rspamd/$d"
     install -d -o root -g _rspamd -m 0750 "/etc/rspamd/$d"
     for f in "$SRC/$d"/*; do
