@@ -202,8 +202,12 @@ def copy_state_folder(src: Path, dest: Path, rel: str, skip: tuple[str, ...], li
 def normalize_volume(root: Path, rel: str, skipped: list[str], changed: list[str]) -> None:
     """Make a dumped volume restorable as it is checked on restore (check_tree): symlinks,
     devices, FIFOs and sockets are left out (named in `skipped`), hard links become
-    separate files, and setuid/setgid/sticky bits and write access for everyone are
-    taken off (named in `changed`). The mail stack makes none of these."""
+    separate files, and setuid/setgid/sticky bits of files and write access for everyone
+    are taken off (named in `changed`). The mail stack makes none of these."""
+    mode = stat.S_IMODE(os.lstat(root).st_mode)
+    if mode & stat.S_IWOTH:
+        os.chmod(root, mode & ~stat.S_IWOTH)
+        changed.append(rel)
     for dirpath, dirnames, filenames in os.walk(root):
         for name in sorted(dirnames + filenames):
             path = Path(dirpath) / name
@@ -221,8 +225,9 @@ def normalize_volume(root: Path, rel: str, skipped: list[str], changed: list[str
                 os.chown(tmp, st.st_uid, st.st_gid)
                 os.replace(tmp, path)
             mode = stat.S_IMODE(st.st_mode)
-            if mode & (SPECIAL_BITS | stat.S_IWOTH):
-                os.chmod(path, mode & ~(SPECIAL_BITS | stat.S_IWOTH), follow_symlinks=False)
+            bad = stat.S_IWOTH | (SPECIAL_BITS if stat.S_ISREG(st.st_mode) else 0)
+            if mode & bad:
+                os.chmod(path, mode & ~bad)
                 changed.append(what)
 
 
@@ -341,7 +346,9 @@ def build_manifest(staging: Path, info: dict[str, Any], dbs: dict[str, bool], vo
 def check_tree(root: Path, allowed_links: dict[str, re.Pattern[str]] | None = None) -> tuple[list[str], dict[str, str]]:
     """Problems with what a snapshot restored into `root` holds, each naming its path:
     anything but folders and regular files (symlinks, devices, FIFOs, sockets), hard
-    links, setuid/setgid/sticky bits, write access for everyone. A symlink at a path of
+    links, files with setuid/setgid/sticky bits, write access for everyone. (A folder's
+    setgid bit is kept: it only passes the folder's group on, and Debian's /var/mail, the
+    mail volume, has it.) A symlink at a path of
     `allowed_links` whose target matches is returned instead (format 1 kept tls/live
     as a symlink). Nothing is followed."""
     problems: list[str] = []
@@ -370,7 +377,7 @@ def check_tree(root: Path, allowed_links: dict[str, re.Pattern[str]] | None = No
             if kind == stat.S_IFREG and st.st_nlink > 1:
                 problems.append(f"{rel} is a hard link ({st.st_nlink} names for one file)")
             mode = stat.S_IMODE(st.st_mode)
-            if mode & SPECIAL_BITS:
+            if kind == stat.S_IFREG and mode & SPECIAL_BITS:
                 problems.append(f"{rel} has mode {mode:04o} (setuid, setgid or sticky)")
             elif mode & stat.S_IWOTH:
                 problems.append(f"{rel} has mode {mode:04o} (writable by everyone)")
