@@ -418,7 +418,7 @@ def call(op: Operation, args: dict[str, Any], timeout: float | None) -> dict[str
 
 
 def confirmed(op: Operation, args: dict[str, Any], from_stdin: bool, timeout: float | None = None) -> dict[str, Any]:
-    """Run `op`; if the agent asks for a confirmation code (an administrator exists: a
+    """Run `op`; if the agent asks for a confirmation code (a set-up appliance: a
     restore, a change of the backup target), ask for one and run it again with it. The
     console is asked as the web is: the agent keeps one rule for every caller."""
     if "totp_code" not in op.params or args.get("totp_code"):

@@ -357,12 +357,14 @@ WRONG_CODE = ("that code is not right, or was used already (a code works once: w
 def confirm_code(ctx: Context, code: str, field: str = "totp_code") -> bool:
     """Confirm a sensitive change with a fresh code of the administrator: a TOTP code of a
     step newer than any used (sign-in included) or an unspent recovery code, which is then
-    spent. False when no administrator exists yet (a fresh appliance: nobody to ask);
-    OpError naming `field` when the code is missing, wrong or used already."""
+    spent. False before setup is finished or while no administrator exists (a fresh
+    appliance, the first-boot wizard: nobody to ask, and the setup token's holder may
+    make the administrator anyway); OpError naming `field` when the code is missing,
+    wrong or used already."""
     with _lock:
         folder = secrets_dir(ctx.state_dir)
         record = _read_record(folder)
-        if record is None:
+        if record is None or not _setup_complete(ctx):
             return False
         if not _clean_code(code):
             raise OpError("invalid", "enter a fresh 6-digit code from your authenticator app (or an unused "

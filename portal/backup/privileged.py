@@ -8,8 +8,9 @@ watch it with job_status.
 A change of the backup target and a restore are confirmed with a fresh code of the
 administrator (`totp_code`: a TOTP code never used before, or an unused recovery code;
 portal.admin.privileged.confirm_code), from every caller, the console's CLI included,
-once an administrator exists. Before that (a fresh appliance, the first-boot wizard's
-restore: setup_restore in portal/setup/privileged.py) there is nobody to ask. The scheduler calls portal.backup.service directly
+on a set-up appliance (setup finished, an administrator exists). Before that (a fresh
+appliance, the first-boot wizard and its restore: setup_restore in
+portal/setup/privileged.py) there is nobody to ask. The scheduler calls portal.backup.service directly
 (backup(env_for(ctx)), verify(...)), the same functions the jobs run.
 
 Tests may set on the Context: `backup_volumes` (a VolumeIO, e.g.
@@ -59,7 +60,7 @@ def backup_configure(ctx: Context, target: str, path: str = "", host: str = "", 
                      totp_code: str = "") -> dict[str, Any]:
     """Choose the backup target. Without `password`: a new repository with a generated
     password, returned once in `recovery_sheet`. With `password` (from a recovery
-    sheet): connect to the existing repository. Once an administrator exists, a fresh
+    sheet): connect to the existing repository. On a set-up appliance, a fresh
     `totp_code` confirms it (checked after the target's fields, spent even if the target
     then cannot be reached)."""
     from portal.admin.privileged import confirm_code

@@ -109,6 +109,15 @@ def test_a_fresh_appliance_has_nobody_to_ask(agent: ThreadAgent, state_dir: Path
     assert made["created"]
 
 
+def test_during_setup_the_token_holder_is_not_asked(agent: ThreadAgent, state_dir: Path, tmp_path: Path) -> None:
+    """The Admin step is done, setup is not finished: the wizard (which has no code field)
+    is in charge, as it may make the administrator again anyway."""
+    set_up(state_dir)
+    write_settings(state_dir / "state.db", {"setup_complete": "0"})
+    made = agent.client(timeout=60).call("backup_configure", target="local", path=str(tmp_path / "repo"))
+    assert made["created"]
+
+
 # -- the dashboard ------------------------------------------------------------------------------
 
 @pytest.fixture

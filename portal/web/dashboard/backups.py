@@ -53,7 +53,7 @@ def strip(value: str | None) -> str:
 
 
 def code_text(form: FlaskForm, field: Field) -> None:
-    """A code's shape; whether one is needed (an administrator exists) and right is the
+    """A code's shape; whether one is needed (a set-up appliance) and right is the
     agent's to say, on this field."""
     field.data = "".join((field.data or "").split())
     if field.data and (len(field.data) > 64 or not field.data.replace("-", "").isalnum() or not field.data.isascii()):
