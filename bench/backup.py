@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 from portal.backup import config as cfg  # noqa: E402
 from portal.backup.contents import FolderVolumes  # noqa: E402
 from portal.backup.service import Env, backup, configure, restore, verify  # noqa: E402
-from portal.web.db import write_settings  # noqa: E402
+from portal.core.store import write_settings  # noqa: E402
 
 
 T0 = time.monotonic()
@@ -68,7 +68,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="backup-bench-", dir=os.environ.get("TMPDIR")) as tmp:
         root = Path(tmp)
         state, vols = root / "state", root / "vols"
-        write_settings(state / "state.db", {"domain": "example.test", "stack_project": "bench"})
+        write_settings(state, {"domain": "example.test", "stack_project": "bench"})
         say(f"making {args.messages} messages")
         files = make_mail(vols, args.messages, args.size)
         progress = (lambda step, detail: say(f"  {step}: {detail}"))

@@ -43,7 +43,7 @@ def stats(values: list[float]) -> dict[str, float]:
 
 
 def measure(state: Path, rounds: int) -> dict[str, Any]:
-    from portal.agent import registry as registry as ops
+    from portal.agent import registry as ops
     from portal.checks import CHECKS, load_all, run_one
     from portal.checks import privileged as agentops
     from portal.checks.env import CheckEnv

@@ -36,6 +36,8 @@ from portal.stack import privileged as stack_ops
 
 SECRET_PROMPTS = {"password": "Password", "new_password": "New password", "old_password": "Current password",
                   "secret": "TSIG secret (base64)"}
+CODE_PROMPT = ("To confirm, a fresh code from the administrator's authenticator app (each code works once), "
+               "or an unused recovery code")
 
 
 def read_password(prompt: str, from_stdin: bool) -> str:
@@ -63,12 +65,13 @@ def command(commands: Any, name: str, op: Operation | None, help: str,
 
 
 def collect(ns: argparse.Namespace, op: Operation) -> dict[str, Any]:
-    """The operation's arguments: options of the same names; secrets asked, never argv."""
+    """The operation's arguments: options of the same names; secrets asked, never argv
+    (a confirmation code only when the agent asks for one: see confirmed)."""
     out = {name: getattr(ns, name) for name in op.params
            if name not in op.secret and getattr(ns, name, None) is not None}
     stdin = bool(getattr(ns, "stdin", False))
     for name in op.params:
-        if name in op.secret:
+        if name in op.secret and name != "totp_code":
             prompt = SECRET_PROMPTS.get(name, name.replace("_", " ").capitalize())
             if name == "old_password":
                 out[name] = sys.stdin.readline().rstrip("\n") if stdin else getpass.getpass(f"{prompt}: ")
@@ -376,9 +379,12 @@ def show_setup(state_dir: Path | None) -> int:
 
 
 def restore(args: argparse.Namespace) -> int:
-    """mailstead restore: connect to the target (if given), pick the snapshot, confirm, follow the job."""
+    """mailstead restore: connect to the target (if given), pick the snapshot, confirm, follow the job.
+    On a set-up appliance the agent asks for a fresh code for the target and another for
+    the restore (each code works once)."""
+    from_stdin = bool(getattr(args, "stdin", False))
     if args.target:
-        backup_ops.backup_configure(**target_args(args, password=True))
+        confirmed(backup_ops.backup_configure, target_args(args, password=True), from_stdin)
     snapshots = backup_ops.backup_list()["snapshots"]
     if not snapshots:
         print("mailstead: the repository holds no snapshot; nothing to restore", file=sys.stderr)
@@ -401,7 +407,7 @@ def restore(args: argparse.Namespace) -> int:
     except AgentError as exc:
         if exc.code != "forbidden":
             raise
-        job = backup_ops.backup_restore(snapshot=snapshot)
+        job = confirmed(backup_ops.backup_restore, {"snapshot": snapshot}, from_stdin)
     return job_outcome(follow(job))
 
 
@@ -425,6 +431,23 @@ def call(op: Operation, args: dict[str, Any], timeout: float | None) -> dict[str
     return channel(timeout).call(op.name, **args)
 
 
+def confirmed(op: Operation, args: dict[str, Any], from_stdin: bool, timeout: float | None = None) -> dict[str, Any]:
+    """Run `op`; if the agent asks for a confirmation code (a set-up appliance: a
+    restore, a change of the backup target), ask for one and run it again with it. The
+    console is asked as the web is: the agent keeps one rule for every caller."""
+    if "totp_code" not in op.params or args.get("totp_code"):
+        return call(op, args, timeout)
+    try:
+        return call(op, args, timeout)
+    except AgentError as exc:
+        if exc.field != "totp_code" or exc.code != "invalid":
+            raise
+    code = read_secret(CODE_PROMPT, from_stdin)
+    if not code:
+        raise SystemExit("mailstead: totp_code: no code given; nothing was changed")
+    return call(op, {**args, "totp_code": code}, timeout)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     use_socket(args.socket)
@@ -439,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "settings-set":
             return settings_set(args.pairs)
         op, op_args = request(args)
-        result = call(op, op_args, args.timeout)
+        result = confirmed(op, op_args, bool(getattr(args, "stdin", False)), args.timeout)
         if op.job:
             return job_outcome(follow(result))
     except AgentError as exc:

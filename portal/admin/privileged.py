@@ -7,13 +7,28 @@ Files (all 0600 in <state>/secrets, 0700):
                        kept until admin_setup succeeds, so a reload shows the same QR code
 - admin.json           {"address", "password_hash" (argon2id), "totp_secret",
                         "totp_last_step", "recovery_codes" (sha256 hex of unused codes)}
-- admin-lockout.json   {"failures", "locked_until"}: consecutive failed sign-ins
+- admin-lockout.json   {"clients": {client: {"failures", "locked_until", "seen"}}}: consecutive
+                       failed sign-ins per client; "confirm": wrong codes given to confirm a change
+- admin-ledger.json    {"spent_recovery_codes" (sha256 hex), "totp_last_step"}: every recovery
+                       code ever spent and the highest TOTP step ever used. A restore never
+                       replaces it (it merges the snapshot's in): an older admin.json brought back
+                       by a restore cannot bring back a spent code or an older step.
+- admin-sessions.json  {sha256 of a session id: {"created", "seen"}}: signed-in browsers
+- admin-totp-reset.pending  {"secret", "created"}: a new TOTP secret being enrolled from the
+                       dashboard (admin_totp_reset_begin/confirm)
 - pending-mailboxes.json  [{"address", "password_hash", "key_kdf", "key_salt", "key_password"}]:
                        mailboxes to create once the stack runs (the Deploy step calls
                        take_pending_mailboxes); the password itself is never written
 
 Passwords, TOTP codes and recovery codes arrive as arguments and are never logged.
-The TOTP secret is returned only by admin_totp_begin (the page must show it).
+The TOTP secret is returned only by admin_totp_begin and admin_totp_reset_begin (the
+page must show it).
+
+A fresh code confirms each sensitive change (`confirm_code`): a restore and a change of
+the backup target (portal/backup/privileged.py), a change of the admin password or of
+the authenticator (here). It follows sign-in's rule: a TOTP step newer than any used
+before (sign-in included), or an unspent recovery code; five wrong codes in a row end
+every signed-in session.
 """
 
 from __future__ import annotations
@@ -42,8 +57,12 @@ from portal.stack.accounts import (
 )
 
 PENDING_TOTP = "admin-totp.pending"
+PENDING_TOTP_RESET = "admin-totp-reset.pending"
 ADMIN_RECORD = "admin.json"
 LOCKOUT = "admin-lockout.json"
+LEDGER = "admin-ledger.json"
+CONFIRM = "confirm"          # the lockout file's entry for wrong confirmation codes
+TOTP_RESET_TTL = 15 * 60     # seconds a new authenticator key waits for its first code
 PENDING_MAILBOXES = "pending-mailboxes.json"
 
 ISSUER = "Mailstead"
@@ -183,6 +202,191 @@ def _clean_code(code: str) -> str:
     return "".join((code or "").split()).replace("-", "")
 
 
+# -- the admin record and the ledger of spent codes -----------------------------------------
+
+HEX64 = frozenset("0123456789abcdef")
+BASE32 = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567")
+
+
+def _is_hash(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and set(value) <= HEX64
+
+
+def _is_step(value: object) -> bool:
+    return type(value) is int and -1 <= value < 2 ** 40
+
+
+def check_ledger(data: object) -> dict[str, Any]:
+    """The ledger, normalized; ValueError saying what is wrong."""
+    if not isinstance(data, dict):
+        raise ValueError("is not a JSON object")
+    spent = data.get("spent_recovery_codes", [])
+    step = data.get("totp_last_step", -1)
+    if not isinstance(spent, list) or len(spent) > 10_000 or not all(_is_hash(h) for h in spent):
+        raise ValueError("spent_recovery_codes must be a list of SHA-256 hex digests")
+    if not _is_step(step):
+        raise ValueError("totp_last_step must be a whole number")
+    return {"spent_recovery_codes": sorted(set(spent)), "totp_last_step": step}
+
+
+def check_record(data: object) -> dict[str, Any]:
+    """An admin record (admin.json) as admin_setup writes it, every field checked;
+    ValueError naming the field otherwise (a record from a backup is untrusted)."""
+    if not isinstance(data, dict):
+        raise ValueError("is not a JSON object")
+    address = data.get("address")
+    try:
+        if not isinstance(address, str) or check_address(address, "address") != address:
+            raise ValueError("address is not a normalized mail address")
+    except AccountError:
+        raise ValueError("address is not a mail address") from None
+    pw = data.get("password_hash")
+    if not (isinstance(pw, str) and pw.removeprefix("{ARGON2ID}").startswith("$argon2id$") and len(pw) <= 512
+            and pw.isascii()
+            and pw.isprintable() and " " not in pw):
+        raise ValueError("password_hash is not an argon2 hash")
+    secret = data.get("totp_secret")
+    if not (isinstance(secret, str) and 16 <= len(secret) <= 128 and set(secret) <= BASE32):
+        raise ValueError("totp_secret is not a base32 TOTP key")
+    if not _is_step(data.get("totp_last_step", -1)):
+        raise ValueError("totp_last_step must be a whole number")
+    codes = data.get("recovery_codes", [])
+    if not isinstance(codes, list) or len(codes) > 100 or not all(_is_hash(h) for h in codes):
+        raise ValueError("recovery_codes must be a list of SHA-256 hex digests")
+    created = data.get("created", "")
+    if not (isinstance(created, str) and len(created) <= 64 and created.isprintable()):
+        raise ValueError("created must be a short text")
+    return {"address": address, "password_hash": pw, "totp_secret": secret,
+            "totp_last_step": data.get("totp_last_step", -1), "recovery_codes": list(dict.fromkeys(codes)),
+            "created": created}
+
+
+def _read_ledger(folder: Path) -> dict[str, Any]:
+    data = _read_json(folder / LEDGER)
+    if data is None:
+        return {"spent_recovery_codes": [], "totp_last_step": -1}
+    try:
+        return check_ledger(data)
+    except ValueError as exc:
+        raise OpError("admin_state", f"{LEDGER} in the secrets folder is damaged ({exc}); as root, check "
+                                     "it (it keeps the spent recovery codes: never just delete it)") from None
+
+
+def _read_record(folder: Path) -> dict[str, Any] | None:
+    record = _read_json(folder / ADMIN_RECORD)
+    return record if isinstance(record, dict) else None
+
+
+def _check_code(record: dict[str, Any], ledger: dict[str, Any], code: str) -> tuple[str, Any] | None:
+    """Whether `code` is a TOTP code of a step newer than any used (in the record or the
+    ledger), or a recovery code of the record that was never spent: ("totp", step) or
+    ("recovery", its hash); None otherwise. Nothing is spent here (see _spend)."""
+    cleaned = _clean_code(code)
+    if len(cleaned) == 6 and cleaned.isascii() and cleaned.isdigit():
+        last = max(int(record.get("totp_last_step", -1)), ledger["totp_last_step"])
+        step = _totp_step(str(record.get("totp_secret", "")), cleaned, last)
+        return None if step is None else ("totp", step)
+    if cleaned:
+        wanted = _code_hash(cleaned)
+        unspent = any(hmac.compare_digest(h, wanted) for h in record.get("recovery_codes", []))
+        if unspent and wanted not in ledger["spent_recovery_codes"]:
+            return ("recovery", wanted)
+    return None
+
+
+def _spend(folder: Path, record: dict[str, Any], ledger: dict[str, Any], used: tuple[str, Any]) -> None:
+    """Record `used` as spent: the ledger first (a crash in between leaves the code spent),
+    then the admin record (which is written here in any case)."""
+    kind, value = used
+    if kind == "totp":
+        ledger["totp_last_step"] = max(ledger["totp_last_step"], value)
+        record["totp_last_step"] = max(int(record.get("totp_last_step", -1)), value)
+    else:
+        ledger["spent_recovery_codes"] = sorted({*ledger["spent_recovery_codes"], value})
+        record["recovery_codes"] = [h for h in record.get("recovery_codes", []) if not hmac.compare_digest(h, value)]
+    _write_json(folder / LEDGER, ledger)
+    _write_json(folder / ADMIN_RECORD, record)
+
+
+def restore_admin(state_dir: Path, record: dict[str, Any] | None, ledger: dict[str, Any] | None) -> dict[str, Any]:
+    """After a restore: the snapshot's admin record (checked by check_record; None: the
+    snapshot has none) goes in place with every code this machine's ledger or the
+    snapshot's ledger spent taken out, and its TOTP step no older than either's; the
+    two ledgers are merged (a fresh machine's is empty: it takes the snapshot's)."""
+    with _lock:
+        folder = secrets_dir(state_dir)
+        if record is None and ledger is None:
+            safefs.remove(folder / ADMIN_RECORD)  # a snapshot from before the Admin step; the ledger stays
+            return {"admin": None, "recovery_codes_dropped": 0}
+        mine = _read_ledger(folder)
+        theirs = check_ledger(ledger) if ledger is not None else {"spent_recovery_codes": [], "totp_last_step": -1}
+        merged = {"spent_recovery_codes": sorted({*mine["spent_recovery_codes"], *theirs["spent_recovery_codes"]}),
+                  "totp_last_step": max(mine["totp_last_step"], theirs["totp_last_step"])}
+        _write_json(folder / LEDGER, merged)
+        if record is None:
+            safefs.remove(folder / ADMIN_RECORD)
+            return {"admin": None, "recovery_codes_dropped": 0, "totp_last_step": merged["totp_last_step"]}
+        record = check_record(record)
+        spent = set(merged["spent_recovery_codes"])
+        kept = [h for h in record["recovery_codes"] if h not in spent]
+        dropped = len(record["recovery_codes"]) - len(kept)
+        record["recovery_codes"] = kept
+        record["totp_last_step"] = max(record["totp_last_step"], merged["totp_last_step"])
+        _write_json(folder / ADMIN_RECORD, record)
+        return {"admin": record["address"], "recovery_codes_dropped": dropped,
+                "totp_last_step": record["totp_last_step"]}
+
+
+# -- fresh codes for sensitive changes ------------------------------------------------------
+
+def _confirm_failed(ctx: Context, field: str, why: str) -> OpError:
+    """Count a wrong confirmation; the fifth in a row ends every session (a stolen
+    session cannot try codes for long). Returns the error to raise."""
+    with _lockout(ctx, CONFIRM) as entry:
+        entry["failures"] = int(entry.get("failures", 0)) + 1
+        failures = entry["failures"]
+        if failures >= LOCK_AFTER:
+            entry["failures"] = 0
+    if failures >= LOCK_AFTER:
+        _save_sessions(ctx, {})
+        return OpError("signed_out", f"{LOCK_AFTER} wrong codes in a row: every session was signed out. "
+                                     "Sign in again to make this change.", field)
+    return OpError("invalid", why, field)
+
+
+def _confirm_ok(ctx: Context) -> None:
+    with _lockout(ctx, CONFIRM) as entry:
+        entry["failures"], entry["locked_until"] = 0, 0.0
+
+
+WRONG_CODE = ("that code is not right, or was used already (a code works once: wait for the next one). "
+              "Enter the current 6-digit code from your authenticator app, or an unused recovery code")
+
+
+def confirm_code(ctx: Context, code: str, field: str = "totp_code") -> bool:
+    """Confirm a sensitive change with a fresh code of the administrator: a TOTP code of a
+    step newer than any used (sign-in included) or an unspent recovery code, which is then
+    spent. False before setup is finished or while no administrator exists (a fresh
+    appliance, the first-boot wizard: nobody to ask, and the setup token's holder may
+    make the administrator anyway); OpError naming `field` when the code is missing,
+    wrong or used already."""
+    with _lock:
+        folder = secrets_dir(ctx.state_dir)
+        record = _read_record(folder)
+        if record is None or not _setup_complete(ctx):
+            return False
+        if not _clean_code(code):
+            raise OpError("invalid", "enter a fresh 6-digit code from your authenticator app (or an unused "
+                                     "recovery code) to confirm this change", field)
+        ledger = _read_ledger(folder)
+        used = _check_code(record, ledger, code)
+        if used is None:
+            raise _confirm_failed(ctx, field, WRONG_CODE)
+        _spend(folder, record, ledger, used)
+        _confirm_ok(ctx)
+        return True
+
+
 @privileged(web=True, timeout=10.0)
 def admin_totp_begin(ctx: Context, address: str) -> dict[str, Any]:
     """Start (or continue) TOTP enrolment: the pending secret (made once, kept
@@ -233,6 +437,10 @@ def admin_setup(ctx: Context, address: str, password: str, totp_code: str) -> di
             "recovery_codes": [_code_hash(c) for c in codes],
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+        ledger = _read_ledger(folder)
+        ledger["totp_last_step"] = max(ledger["totp_last_step"], step)
+        record["totp_last_step"] = ledger["totp_last_step"]
+        _write_json(folder / LEDGER, ledger)
         _write_json(folder / ADMIN_RECORD, record)
         store.write_settings(ctx.state_dir, {"admin_address": address})
         put_pending_mailbox(ctx.state_dir, address, password)
@@ -424,24 +632,17 @@ def admin_login(ctx: Context, address: str, password: str, code: str, client: st
     with _lock, _lockout(ctx, client_key(client)) as lock:
         if lock.get("locked_until", 0) > now:
             raise OpError("locked", _locked_message(lock["locked_until"], now))
-        record = _read_json(ctx.state_dir / "secrets" / ADMIN_RECORD)
-        if not isinstance(record, dict):
+        folder = secrets_dir(ctx.state_dir)
+        record = _read_record(folder)
+        if record is None:
             raise OpError("not_configured", "no administrator account exists yet; finish the setup wizard")
         given = (address or "").strip().lower().encode("utf-8", "replace")
         address_ok = hmac.compare_digest(given, str(record.get("address", "")).encode("utf-8"))
         # Always verify the password, so a wrong address takes as long as a wrong password.
         password_ok = verify_password(str(record.get("password_hash", "")), password or "")
-        cleaned = _clean_code(code)
-        used_recovery = False
-        code_ok = False
-        if len(cleaned) == 6 and cleaned.isdigit():
-            step = _totp_step(str(record.get("totp_secret", "")), cleaned, int(record.get("totp_last_step", -1)))
-            code_ok = step is not None
-        elif cleaned:
-            wanted = _code_hash(cleaned)
-            matches = [h for h in record.get("recovery_codes", []) if hmac.compare_digest(h, wanted)]
-            code_ok = used_recovery = bool(matches)
-        if not (address_ok and password_ok and code_ok):
+        ledger = _read_ledger(folder)
+        used = _check_code(record, ledger, code)
+        if not (address_ok and password_ok and used is not None):
             lock["failures"] = int(lock.get("failures", 0)) + 1
             seconds = lock_seconds(lock["failures"])
             if seconds:
@@ -450,13 +651,120 @@ def admin_login(ctx: Context, address: str, password: str, code: str, client: st
             raise OpError("denied", "The address, password or code is not right. Check them and try again "
                                     "(a code works once; wait for the next one if you just used it).")
         lock["failures"], lock["locked_until"] = 0, 0.0
-        if used_recovery:
-            record["recovery_codes"] = [h for h in record["recovery_codes"] if not hmac.compare_digest(h, wanted)]
-        else:
-            record["totp_last_step"] = step
-        _write_json(ctx.state_dir / "secrets" / ADMIN_RECORD, record)
-        return {"address": record["address"], "used_recovery_code": used_recovery,
+        assert used is not None
+        _spend(folder, record, ledger, used)
+        return {"address": record["address"], "used_recovery_code": used[0] == "recovery",
                 "recovery_codes_left": len(record.get("recovery_codes", [])), "session": new_session(ctx)}
+
+
+# -- the administrator's own changes (dashboard Account) ---------------------------------------
+
+def _end_other_sessions(ctx: Context, keep: str) -> int:
+    """End every session but `keep` (the browser that made the change); how many ended."""
+    sessions = _sessions(ctx)
+    kept = {h: v for h, v in sessions.items() if keep and hmac.compare_digest(h, _session_hash(keep))}
+    _save_sessions(ctx, kept)
+    return len(sessions) - len(kept)
+
+
+def _need_record(folder: Path) -> dict[str, Any]:
+    record = _read_record(folder)
+    if record is None:
+        raise OpError("not_configured", "no administrator account exists yet; finish the setup wizard")
+    return record
+
+
+@privileged(web=True, timeout=30.0, secret=("old_password", "new_password", "totp_code", "session"))
+def admin_password_change(ctx: Context, old_password: str, new_password: str, totp_code: str,
+                          session: str = "") -> dict[str, Any]:
+    """Change the administrator's dashboard password: the current password and a fresh
+    code (TOTP or recovery) confirm it. Every other session ends (`session` is the one
+    that asked, which stays signed in)."""
+    with _lock:
+        folder = secrets_dir(ctx.state_dir)
+        record = _need_record(folder)
+        try:
+            check_admin_password(new_password, str(record["address"]))
+        except OpError as exc:
+            raise OpError(exc.code, exc.message, "new_password") from None
+        if not _clean_code(totp_code):
+            raise OpError("invalid", "enter a fresh 6-digit code from your authenticator app (or an unused "
+                                     "recovery code) to confirm this change", "totp_code")
+        password_ok = verify_password(str(record.get("password_hash", "")), old_password or "")
+        ledger = _read_ledger(folder)
+        used = _check_code(record, ledger, totp_code)
+        if not password_ok:
+            raise _confirm_failed(ctx, "old_password", "this is not the current password; enter the password "
+                                                       "you sign in with")
+        if used is None:
+            raise _confirm_failed(ctx, "totp_code", WRONG_CODE)
+        record["password_hash"] = hash_password(new_password)
+        _spend(folder, record, ledger, used)
+        _confirm_ok(ctx)
+        ended = _end_other_sessions(ctx, session)
+        return {"address": record["address"], "sessions_ended": ended,
+                "used_recovery_code": used[0] == "recovery",
+                "recovery_codes_left": len(record.get("recovery_codes", []))}
+
+
+@privileged(web=True, timeout=10.0)
+def admin_totp_reset_begin(ctx: Context) -> dict[str, Any]:
+    """Start moving the administrator to a new authenticator: a new TOTP key (kept for 15
+    minutes, the same on a reload) and its otpauth:// URI. Nothing changes until
+    admin_totp_reset_confirm."""
+    import pyotp
+
+    with _lock:
+        folder = secrets_dir(ctx.state_dir)
+        record = _need_record(folder)
+        path = folder / PENDING_TOTP_RESET
+        pending = _read_json(path)
+        now = time.time()
+        if not (isinstance(pending, dict) and isinstance(pending.get("secret"), str)
+                and isinstance(pending.get("created"), (int, float)) and 0 <= now - pending["created"] < TOTP_RESET_TTL):
+            pending = {"secret": pyotp.random_base32(), "created": now}
+            _write_json(path, pending)
+        address = str(record["address"])
+        return {"secret": pending["secret"], "uri": totp_uri(pending["secret"], address), "address": address}
+
+
+@privileged(web=True, timeout=30.0, secret=("totp_code", "new_code", "session"))
+def admin_totp_reset_confirm(ctx: Context, totp_code: str, new_code: str, session: str = "") -> dict[str, Any]:
+    """Switch the administrator to the new authenticator of admin_totp_reset_begin: a fresh
+    code of the current one (or an unused recovery code) confirms the change, a code of
+    the new one proves it was set up. Every other session ends."""
+    with _lock:
+        folder = secrets_dir(ctx.state_dir)
+        record = _need_record(folder)
+        pending = _read_json(folder / PENDING_TOTP_RESET)
+        if not (isinstance(pending, dict) and isinstance(pending.get("secret"), str)
+                and isinstance(pending.get("created"), (int, float))
+                and 0 <= time.time() - pending["created"] < TOTP_RESET_TTL):
+            raise OpError("invalid", "the new authenticator key has expired; start again, scan the new QR "
+                                     "code and enter the code it shows", "new_code")
+        if not _clean_code(totp_code):
+            raise OpError("invalid", "enter a fresh 6-digit code from your current authenticator app (or an "
+                                     "unused recovery code) to confirm this change", "totp_code")
+        cleaned_new = _clean_code(new_code)
+        if not (len(cleaned_new) == 6 and cleaned_new.isascii() and cleaned_new.isdigit()):
+            raise OpError("invalid", "enter the 6-digit code the new authenticator shows", "new_code")
+        ledger = _read_ledger(folder)
+        used = _check_code(record, ledger, totp_code)
+        if used is None:
+            raise _confirm_failed(ctx, "totp_code", WRONG_CODE)
+        new_step = _totp_step(pending["secret"], cleaned_new)
+        if new_step is None:
+            raise OpError("invalid", "that code of the new authenticator is not right; check that the phone's "
+                                     "clock is correct and enter the current 6-digit code", "new_code")
+        record["totp_secret"] = pending["secret"]
+        _spend(folder, record, ledger, used)
+        _spend(folder, record, ledger, ("totp", new_step))  # neither code works again
+        _confirm_ok(ctx)
+        safefs.remove(folder / PENDING_TOTP_RESET)
+        ended = _end_other_sessions(ctx, session)
+        return {"address": record["address"], "sessions_ended": ended,
+                "used_recovery_code": used[0] == "recovery",
+                "recovery_codes_left": len(record.get("recovery_codes", []))}
 
 
 # -- the Domain step's defaults ------------------------------------------------------

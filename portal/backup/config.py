@@ -187,16 +187,12 @@ OWN_SECRETS = ("backup.json", "backup-password", "backup-ssh", ".backup-password
 
 
 def write_secret(path: Path, data: str | bytes) -> None:
-    """Write `data` to `path` mode 0600 (made 0600 before any byte is written), atomically."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write `data` to `path` mode 0600 (made 0600 before any byte is written), atomically,
+    through the safe-write helper (no symlink followed, no fixed temporary name)."""
+    from portal.core import safefs
+
+    safefs.ensure_dir(path.parent, 0o700)
+    safefs.write_bytes(path, data.encode() if isinstance(data, str) else data, 0o600)
 
 
 def new_password() -> str:
@@ -232,15 +228,18 @@ def write_ssh_files(paths: Paths, target: Target, key: str | None) -> str:
     restic's `sftp.command`. Returns the public key to put in authorized_keys."""
     import subprocess
 
-    paths.ssh.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(paths.ssh, 0o700)
+    from portal.core import safefs
+
+    safefs.ensure_dir(paths.secrets, 0o700)
+    safefs.ensure_dir(paths.ssh, 0o700)
     if key:
         text = key.strip() + "\n"
         if "PRIVATE KEY-----" not in text:
             raise BackupError("key: paste the whole private key, from -----BEGIN to -----END lines", "key")
         write_secret(paths.ssh_key, text)
     elif not paths.ssh_key.exists():
-        paths.ssh_key.unlink(missing_ok=True)
+        safefs.remove(paths.ssh_key)
+        safefs.remove(paths.ssh_key.with_name(paths.ssh_key.name + ".pub"))
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "mailstead-backup",
                         "-f", str(paths.ssh_key)], check=True, capture_output=True, timeout=30)
     os.chmod(paths.ssh_key, 0o600)

@@ -16,8 +16,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import sqlite3
+import stat
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -29,9 +31,25 @@ from portal.backup.config import OWN_SECRETS
 Progress = Callable[[str, str], None]
 
 VOLUMES = ("mail", "dav", "redis", "rspamd")  # the spool (queued mail in flight) is not kept
-FILE_DIRS = ("secrets", "tls", "stack")
+# The state folders a backup holds. stack/ (the rendered compose project) is not one
+# since format 2: a restore renders it anew from the checked settings at deploy.
+FILE_DIRS = ("secrets", "tls")
 MANIFEST = "manifest.json"
-FORMAT = 1
+# 1: hashes of the messages and the two databases only (Mailstead before the restore
+#    treated snapshots as untrusted); files/stack/ included.
+# 2: every file hashed ("sha256"), every folder listed ("folders"), tls/live kept as
+#    data ("links"), special files left out and named ("skipped").
+FORMAT = 2
+FORMATS_READ = (1, 2)
+# This machine's own secrets: never backed up, never restored (signed-in sessions, the
+# sign-in lockout, a TOTP enrolment under way; see portal/admin/privileged.py). The
+# ledger of spent codes is backed up and merged on restore, never copied over.
+LOCAL_SECRETS = ("admin-sessions.json", "admin-lockout.json", "admin-totp.pending", "admin-totp-reset.pending")
+LEDGER = "admin-ledger.json"
+NOT_BACKED_UP = (*OWN_SECRETS, *LOCAL_SECRETS)
+# The one symlink of the state layout: tls/live -> archive/<name> (portal/certs/store.py).
+LINKS = {"files/tls/live": re.compile(r"archive/[A-Za-z0-9][A-Za-z0-9._+-]{0,200}")}
+SPECIAL_BITS = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX
 
 
 class VolumeIO(Protocol):
@@ -141,7 +159,7 @@ def sqlite_copy(src: Path, dest: Path) -> bool:
     """A consistent copy with the sqlite backup API (safe while others write)."""
     if not src.exists():
         return False
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     source = sqlite3.connect(f"file:{src}?mode=ro", uri=True, timeout=30)
     target = sqlite3.connect(dest)
     try:
@@ -153,6 +171,66 @@ def sqlite_copy(src: Path, dest: Path) -> bool:
     return True
 
 
+def copy_state_folder(src: Path, dest: Path, rel: str, skip: tuple[str, ...], links: dict[str, str],
+                      skipped: list[str]) -> None:
+    """Copy folder `src` (a state folder: secrets/ or tls/) to `dest` in the staging:
+    folders (0700) and regular files (0600) only, never following a symlink. The one
+    symlink the layout has (tls/live) is kept as data in `links`; anything else that is
+    not a file or a folder is left out and named in `skipped` (`rel` is dest's path in
+    the staging, e.g. files/tls)."""
+    dest.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with os.scandir(src) as entries:
+        for entry in sorted(entries, key=lambda e: e.name):
+            name = f"{rel}/{entry.name}"
+            if entry.name in skip or entry.name.startswith("."):
+                continue  # the backup's own secrets, this machine's, and temporary files
+            if entry.is_symlink():
+                target = os.readlink(entry.path)
+                if name in LINKS and LINKS[name].fullmatch(target):
+                    links[name] = target
+                else:
+                    skipped.append(name)
+            elif entry.is_dir(follow_symlinks=False):
+                copy_state_folder(Path(entry.path), dest / entry.name, name, (), links, skipped)
+            elif entry.is_file(follow_symlinks=False):
+                shutil.copyfile(entry.path, dest / entry.name, follow_symlinks=False)
+                os.chmod(dest / entry.name, 0o600)
+            else:
+                skipped.append(name)
+
+
+def normalize_volume(root: Path, rel: str, skipped: list[str], changed: list[str]) -> None:
+    """Make a dumped volume restorable as it is checked on restore (check_tree): symlinks,
+    devices, FIFOs and sockets are left out (named in `skipped`), hard links become
+    separate files, and setuid/setgid/sticky bits of files and write access for everyone
+    are taken off (named in `changed`). The mail stack makes none of these."""
+    mode = stat.S_IMODE(os.lstat(root).st_mode)
+    if mode & stat.S_IWOTH:
+        os.chmod(root, mode & ~stat.S_IWOTH)
+        changed.append(rel)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath) / name
+            what = f"{rel}/{path.relative_to(root).as_posix()}"
+            st = os.lstat(path)
+            if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+                skipped.append(what)
+                os.unlink(path)
+                if name in dirnames:
+                    dirnames.remove(name)
+                continue
+            if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                tmp = path.with_name(f".{name}.unlink")
+                shutil.copy2(path, tmp, follow_symlinks=False)
+                os.chown(tmp, st.st_uid, st.st_gid)
+                os.replace(tmp, path)
+            mode = stat.S_IMODE(st.st_mode)
+            bad = stat.S_IWOTH | (SPECIAL_BITS if stat.S_ISREG(st.st_mode) else 0)
+            if mode & bad:
+                os.chmod(path, mode & ~bad)
+                changed.append(what)
+
+
 def stage(state_dir: Path, staging: Path, volumes: VolumeIO, info: dict[str, Any], progress: Progress) -> dict[str, Any]:
     """Fill `staging` (made afresh, 0700) with everything a backup holds; returns the manifest."""
     if staging.exists():
@@ -161,18 +239,28 @@ def stage(state_dir: Path, staging: Path, volumes: VolumeIO, info: dict[str, Any
     progress("databases", "copying state.db and accounts.db (sqlite backup API)")
     dbs = {"state.db": sqlite_copy(state_dir / "state.db", staging / "db" / "state.db"),
            "accounts.db": sqlite_copy(state_dir / "accounts" / "accounts.db", staging / "db" / "accounts.db")}
+    links: dict[str, str] = {}
+    skipped: list[str] = []
+    changed: list[str] = []
     for name in FILE_DIRS:
         src = state_dir / name
-        if src.is_dir():
-            ignore = shutil.ignore_patterns(*OWN_SECRETS) if name == "secrets" else None
-            shutil.copytree(src, staging / "files" / name, symlinks=True, ignore=ignore)
+        if src.is_dir() and not src.is_symlink():
+            copy_state_folder(src, staging / "files" / name, f"files/{name}",
+                              NOT_BACKED_UP if name == "secrets" else (), links, skipped)
     kept = []
     for name in VOLUMES:
         progress("volumes", f"copying the {name} volume")
         if volumes.dump(name, staging / "volumes" / name):
             kept.append(name)
-    progress("manifest", "counting messages and computing SHA-256 sums")
-    manifest = build_manifest(staging, info, dbs, kept)
+            normalize_volume(staging / "volumes" / name, f"volumes/{name}", skipped, changed)
+    if skipped:
+        progress("contents", f"left out {len(skipped)} item(s) that are not files or folders: "
+                             + ", ".join(skipped[:5]) + (" …" if len(skipped) > 5 else ""))
+    if changed:
+        progress("contents", f"took setuid/setgid/sticky bits or write access for everyone off {len(changed)} "
+                             "item(s): " + ", ".join(changed[:5]) + (" …" if len(changed) > 5 else ""))
+    progress("manifest", "listing every file with its SHA-256")
+    manifest = build_manifest(staging, info, dbs, kept, links, skipped)
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return manifest
 
@@ -193,7 +281,8 @@ def mailbox_of(rel: Path) -> str:
 
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
@@ -202,13 +291,13 @@ def sha256(path: Path) -> str:
 def scan_mail(mail_root: Path) -> dict[str, dict[str, Any]]:
     """Per mailbox: message count and SHA-256 of each message file (path relative to the volume)."""
     boxes: dict[str, dict[str, Any]] = {}
-    if not mail_root.is_dir():
+    if not mail_root.is_dir() or mail_root.is_symlink():
         return boxes
     for dirpath, _dirs, files in os.walk(mail_root):
         for fname in files:
             full = Path(dirpath) / fname
             rel = full.relative_to(mail_root)
-            if not is_message(rel) or full.is_symlink():
+            if not is_message(rel) or not stat.S_ISREG(os.lstat(full).st_mode):
                 continue
             box = boxes.setdefault(mailbox_of(rel), {"messages": 0, "files": {}})
             box["messages"] += 1
@@ -216,23 +305,141 @@ def scan_mail(mail_root: Path) -> dict[str, dict[str, Any]]:
     return dict(sorted(boxes.items()))
 
 
-def build_manifest(staging: Path, info: dict[str, Any], dbs: dict[str, bool], volumes: list[str]) -> dict[str, Any]:
+def walk(root: Path) -> tuple[dict[str, str], list[str]]:
+    """Every regular file under `root` with its SHA-256, and every folder (paths relative
+    to root, the manifest itself left out); nothing is followed."""
+    files: dict[str, str] = {}
+    folders: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            folders.append((Path(dirpath) / name).relative_to(root).as_posix())
+        for name in filenames:
+            path = Path(dirpath) / name
+            rel = path.relative_to(root).as_posix()
+            if rel != MANIFEST and stat.S_ISREG(os.lstat(path).st_mode):
+                files[rel] = sha256(path)
+    return dict(sorted(files.items())), sorted(folders)
+
+
+def build_manifest(staging: Path, info: dict[str, Any], dbs: dict[str, bool], volumes: list[str],
+                   links: dict[str, str] | None = None, skipped: list[str] | None = None) -> dict[str, Any]:
     mailboxes = scan_mail(staging / "volumes" / "mail")
+    files, folders = walk(staging)
     return {
         "format": FORMAT,
         "version": info.get("version", ""),
         "created": info.get("created", ""),
         "settings": info.get("settings", {}),
-        "databases": {name: sha256(staging / "db" / name) for name, ok in dbs.items() if ok},
+        "databases": {name: files[f"db/{name}"] for name, ok in dbs.items() if ok},
         "volumes": volumes,
-        "files": [d for d in FILE_DIRS if (staging / "files" / d).is_dir()],
         "messages": sum(b["messages"] for b in mailboxes.values()),
-        "mailboxes": mailboxes,
+        "mailboxes": {box: {"messages": b["messages"]} for box, b in mailboxes.items()},
+        "sha256": files,
+        "folders": folders,
+        "links": dict(sorted((links or {}).items())),
+        "skipped": sorted(skipped or []),
     }
 
 
+# -- checking a restored snapshot (untrusted input) ---------------------------------------
+
+def check_tree(root: Path, allowed_links: dict[str, re.Pattern[str]] | None = None) -> tuple[list[str], dict[str, str]]:
+    """Problems with what a snapshot restored into `root` holds, each naming its path:
+    anything but folders and regular files (symlinks, devices, FIFOs, sockets), hard
+    links, files with setuid/setgid/sticky bits, write access for everyone. (A folder's
+    setgid bit is kept: it only passes the folder's group on, and Debian's /var/mail, the
+    mail volume, has it.) A symlink at a path of
+    `allowed_links` whose target matches is returned instead (format 1 kept tls/live
+    as a symlink). Nothing is followed."""
+    problems: list[str] = []
+    links: dict[str, str] = {}
+    allowed_links = allowed_links or {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath) / name
+            rel = path.relative_to(root).as_posix()
+            st = os.lstat(path)
+            kind = stat.S_IFMT(st.st_mode)
+            if stat.S_ISLNK(st.st_mode):
+                target = os.readlink(path)
+                if rel in allowed_links and allowed_links[rel].fullmatch(target):
+                    links[rel] = target
+                else:
+                    problems.append(f"{rel} is a symbolic link (to {target[:80]})")
+                if name in dirnames:
+                    dirnames.remove(name)
+                continue
+            if kind not in (stat.S_IFDIR, stat.S_IFREG):
+                what = {stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+                        stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket"}.get(kind, "not a file or a folder")
+                problems.append(f"{rel} is {what}")
+                continue
+            if kind == stat.S_IFREG and st.st_nlink > 1:
+                problems.append(f"{rel} is a hard link ({st.st_nlink} names for one file)")
+            mode = stat.S_IMODE(st.st_mode)
+            if kind == stat.S_IFREG and mode & SPECIAL_BITS:
+                problems.append(f"{rel} has mode {mode:04o} (setuid, setgid or sticky)")
+            elif mode & stat.S_IWOTH:
+                problems.append(f"{rel} has mode {mode:04o} (writable by everyone)")
+    return problems, links
+
+
+def compare_files(manifest: dict[str, Any], restored: Path) -> list[str]:
+    """Format 2: every file and folder restored against the manifest's lists, naming each
+    path that is not listed, is missing, or whose SHA-256 differs; then the message
+    counts per mailbox and the databases' own integrity check."""
+    problems: list[str] = []
+    want = manifest.get("sha256")
+    folders = manifest.get("folders")
+    if not isinstance(want, dict) or not isinstance(folders, list):
+        return ["the manifest lists no files (format 2 needs its sha256 and folders)"]
+    got, got_folders = walk(restored)
+    for rel in sorted(set(got) - set(want)):
+        problems.append(f"{rel} is in the snapshot but not in its manifest")
+    for rel, digest in sorted(want.items()):
+        if rel not in got:
+            problems.append(f"{rel} is missing")
+        elif got[rel] != digest:
+            problems.append(f"{rel} differs from the manifest (SHA-256 mismatch)")
+    for rel in sorted(set(got_folders) - {str(f) for f in folders}):
+        problems.append(f"{rel}/ is in the snapshot but not in its manifest")
+    for rel in sorted({str(f) for f in folders} - set(got_folders)):
+        problems.append(f"{rel}/ is missing")
+    found = scan_mail(restored / "volumes" / "mail")
+    boxes = manifest.get("mailboxes") if isinstance(manifest.get("mailboxes"), dict) else {}
+    for box, entry in boxes.items():
+        n = found.get(box, {"messages": 0})["messages"]
+        listed = entry.get("messages") if isinstance(entry, dict) else None
+        if n != listed:
+            problems.append(f"{box}: {n} messages restored, the manifest lists {listed}")
+    for box in sorted(set(found) - set(boxes)):
+        problems.append(f"{box}: restored but not in the manifest")
+    problems += _integrity(restored, [n for n in ("state.db", "accounts.db") if f"db/{n}" in got])
+    return problems
+
+
+def _integrity(restored: Path, names: list[str]) -> list[str]:
+    problems = []
+    for name in names:
+        path = restored / "db" / name
+        conn = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)
+        try:
+            ok = conn.execute("PRAGMA integrity_check").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            ok = str(exc)
+        finally:
+            conn.close()
+        if ok != "ok":
+            problems.append(f"db/{name}: sqlite integrity check failed: {str(ok)[:100]}")
+    return problems
+
+
 def compare(manifest: dict[str, Any], restored: Path) -> list[str]:
-    """Differences between a manifest and a restored staging folder (empty: all good)."""
+    """Differences between a manifest and a restored staging folder (empty: all good):
+    every file for format 2 (compare_files); for format 1, what its manifest covers (the
+    messages and the two databases)."""
+    if manifest.get("format") != 1:
+        return compare_files(manifest, restored)
     problems: list[str] = []
     found = scan_mail(restored / "volumes" / "mail")
     for box, want in manifest.get("mailboxes", {}).items():
@@ -254,11 +461,28 @@ def compare(manifest: dict[str, Any], restored: Path) -> list[str]:
         elif sha256(path) != digest:
             problems.append(f"{name} differs (SHA-256 mismatch)")
         else:
-            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-            try:
-                ok = conn.execute("PRAGMA integrity_check").fetchone()[0]
-            finally:
-                conn.close()
-            if ok != "ok":
-                problems.append(f"{name}: sqlite integrity check failed: {ok[:100]}")
+            problems += _integrity(restored, [name])
     return problems
+
+
+def check_snapshot(manifest: dict[str, Any], restored: Path) -> tuple[list[str], dict[str, str]]:
+    """Everything wrong with a snapshot restored into `restored` (empty: it may be used),
+    and its symlinks kept as data (tls/live). Types and modes first (check_tree), then
+    the manifest's hashes (compare). Format 2 has no symlink at all: its tls/live is in
+    the manifest's "links", whose targets are checked here too."""
+    fmt = manifest.get("format")
+    if fmt == 1:
+        problems, links = check_tree(restored, LINKS)
+    else:
+        problems, _ = check_tree(restored)
+        links = manifest.get("links") if isinstance(manifest.get("links"), dict) else {}
+        for rel, target in links.items():
+            if rel not in LINKS or not isinstance(target, str) or not LINKS[rel].fullmatch(target):
+                problems.append(f"{rel}: the manifest's link is not one Mailstead makes")
+    for rel, target in links.items():
+        folder = restored / Path(rel).parent / target
+        if not folder.is_dir() or folder.is_symlink():
+            problems.append(f"{rel} points to {target}, which is not a folder of the snapshot")
+    if problems:  # a symlink in the tree: nothing is read through it (no hashing)
+        return problems, {}
+    return compare(manifest, restored), links

@@ -3,7 +3,14 @@ backup_verify, backup_restore, backup_state, backup_ssh_key.
 
 backup_run, backup_verify and backup_restore start background jobs (jobs.py:
 kinds "backup_run", "backup_verify", "backup_restore") and return the job;
-watch it with job_status. The scheduler calls portal.backup.service directly
+watch it with job_status.
+
+A change of the backup target and a restore are confirmed with a fresh code of the
+administrator (`totp_code`: a TOTP code never used before, or an unused recovery code;
+portal.admin.privileged.confirm_code), from every caller, the console's CLI included,
+on a set-up appliance (setup finished, an administrator exists). Before that (a fresh
+appliance, the first-boot wizard and its restore: setup_restore in
+portal/setup/privileged.py) there is nobody to ask. The scheduler calls portal.backup.service directly
 (backup(env_for(ctx)), verify(...)), the same functions the jobs run.
 
 Tests may set on the Context: `backup_volumes` (a VolumeIO, e.g.
@@ -46,19 +53,25 @@ def env_for(ctx: Context) -> Any:
                timeout=float(getattr(ctx, "backup_timeout", DEFAULT_TIMEOUT)))
 
 
-@privileged(web=True, timeout=360.0, secret=("key", "secret_access_key", "password"))
+@privileged(web=True, timeout=360.0, secret=("key", "secret_access_key", "password", "totp_code"))
 def backup_configure(ctx: Context, target: str, path: str = "", host: str = "", port: int = 0, user: str = "",
                      key: str = "", endpoint: str = "", bucket: str = "", region: str = "",
-                     access_key_id: str = "", secret_access_key: str = "", password: str = "") -> dict[str, Any]:
+                     access_key_id: str = "", secret_access_key: str = "", password: str = "",
+                     totp_code: str = "") -> dict[str, Any]:
     """Choose the backup target. Without `password`: a new repository with a generated
     password, returned once in `recovery_sheet`. With `password` (from a recovery
-    sheet): connect to the existing repository."""
+    sheet): connect to the existing repository. On a set-up appliance, a fresh
+    `totp_code` confirms it (checked after the target's fields, spent even if the target
+    then cannot be reached)."""
+    from portal.admin.privileged import confirm_code
     from portal.backup import config as cfg
     from portal.backup.service import configure
 
     with refusals():
         t = cfg.validate(target, path=path, host=host, port=port, user=user, endpoint=endpoint, bucket=bucket,
                          region=region, access_key_id=access_key_id, secret_access_key=secret_access_key)
+    confirm_code(ctx, totp_code)
+    with refusals():
         return configure(env_for(ctx), t, password=password, key=key)
 
 
@@ -110,16 +123,29 @@ def backup_verify(ctx: Context, progress: Progress) -> dict[str, Any]:
 
 
 def check_restore(ctx: Context, snapshot: str = "latest") -> dict[str, Any]:
-    """A restore's request, checked before its job starts."""
+    """A restore's snapshot, checked before its job starts (also the wizard's setup_restore)."""
     from portal.backup.service import check_snapshot_id
 
     with refusals():
         return {"snapshot": check_snapshot_id(snapshot)}
 
 
-@privileged(web=True, job=True, timeout=10.0, check=check_restore)
-def backup_restore(ctx: Context, progress: Progress, snapshot: str = "latest") -> dict[str, Any]:
-    """Replace this appliance's mail, accounts, keys and settings with `snapshot` (a job)."""
+def check_backup_restore(ctx: Context, snapshot: str = "latest", totp_code: str = "") -> dict[str, Any]:
+    """backup_restore's request, before its job starts: the snapshot ID, then the fresh
+    code (spent here; the job never sees it)."""
+    from portal.admin.privileged import confirm_code
+
+    checked = check_restore(ctx, snapshot)
+    confirm_code(ctx, totp_code)
+    return {**checked, "totp_code": ""}
+
+
+@privileged(web=True, job=True, timeout=10.0, check=check_backup_restore, secret=("totp_code",))
+def backup_restore(ctx: Context, progress: Progress, snapshot: str = "latest", totp_code: str = "") -> dict[str, Any]:
+    """Replace this appliance's mail, accounts, keys and settings with `snapshot` (a job),
+    once a fresh `totp_code` of the administrator confirmed it (check_backup_restore; the
+    first-boot wizard's restore, with no administrator yet, is setup_restore). The snapshot
+    is untrusted input: checked before anything is touched, imported as checked data."""
     from portal.backup.service import restore
 
     with refusals():

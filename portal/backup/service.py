@@ -16,9 +16,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
-import json
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,8 +25,11 @@ from typing import Any
 
 from portal.backup import BackupError
 from portal.backup import config as cfg
-from portal.backup.contents import FORMAT, MANIFEST, VOLUMES, DockerVolumes, FolderVolumes, VolumeIO, compare, stage
+from portal.backup.contents import (FORMAT, FORMATS_READ, MANIFEST, VOLUMES, DockerVolumes, FolderVolumes, VolumeIO,
+                                    check_snapshot, stage)
 from portal.backup.restic import HOST, TAG, ProgressParser, Restic, clear_stale_locks, retention_args
+from portal.core import safefs
+from portal.core.layout import StateLayout
 
 Progress = Callable[[str, str], None]
 DEFAULT_TIMEOUT = 6 * 3600
@@ -56,20 +57,24 @@ class Env:
     give_up: float = 120.0                          # seconds of restic's backend retries before a run stops
 
     @property
+    def layout(self) -> StateLayout:
+        return StateLayout(self.state_dir)
+
+    @property
     def paths(self) -> cfg.Paths:
-        return cfg.Paths(self.state_dir / "secrets")
+        return cfg.Paths(self.layout.secrets)
 
     @property
     def state_file(self) -> Path:
-        return self.state_dir / "backup-state.json"
+        return self.layout.backup_state
 
     @property
     def work(self) -> Path:
-        return self.state_dir / "backup-work"  # staging, restore and verify scratch (0700)
+        return self.layout.backup_work  # staging, restore and verify scratch (0700)
 
     @property
     def cache(self) -> Path:
-        return self.state_dir / "backup-cache"
+        return self.layout.backup_cache
 
     def restic(self, target: cfg.Target | None = None, password_file: Path | None = None) -> Restic:
         return Restic(self.paths, target or cfg.load_target(self.paths), self.cache, self.restic_bin, password_file,
@@ -93,7 +98,7 @@ class Env:
 
 def read_state(env: Env) -> dict[str, Any]:
     try:
-        data = json.loads(env.state_file.read_text())
+        data = safefs.read_json(env.state_file, {})
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
@@ -102,17 +107,15 @@ def read_state(env: Env) -> dict[str, Any]:
 def record(env: Env, key: str, entry: dict[str, Any]) -> None:
     data = read_state(env)
     data[key] = entry
-    tmp = env.state_file.with_name(f".{env.state_file.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, env.state_file)
+    safefs.ensure_dir(env.state_dir, 0o755)
+    safefs.write_json(env.state_file, data, 0o644)
 
 
 @contextlib.contextmanager
 def run_lock(env: Env, what: str) -> Iterator[None]:
     """One backup/verify/restore at a time on this appliance (a flock: gone with its process)."""
-    env.state_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(env.state_dir / "backup.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    safefs.ensure_dir(env.state_dir, 0o755)
+    fd = os.open(env.layout.backup_lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -126,14 +129,15 @@ def run_lock(env: Env, what: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def scratch(env: Env, name: str) -> Iterator[Path]:
-    env.work.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(env.work, 0o700)
+    """A scratch folder under backup-work (root's, 0700), removed afterwards."""
+    safefs.ensure_dir(env.state_dir, 0o755)
+    safefs.ensure_dir(env.work, 0o700)
     path = env.work / name
-    shutil.rmtree(path, ignore_errors=True)  # a crashed run's leftovers
+    safefs.remove_tree(path)  # a crashed run's leftovers
     try:
         yield path
     finally:
-        shutil.rmtree(path, ignore_errors=True)
+        safefs.remove_tree(path)
 
 
 # -- configure ------------------------------------------------------------------------
@@ -145,7 +149,8 @@ def configure(env: Env, target: cfg.Target, *, password: str = "", key: str = ""
     Returns the public target, the SSH public key (sftp) and, for a new
     repository, the recovery sheet: the only time the password is shown."""
     paths = env.paths
-    paths.secrets.mkdir(mode=0o700, parents=True, exist_ok=True)
+    safefs.ensure_dir(env.state_dir, 0o755)
+    safefs.ensure_dir(paths.secrets, 0o700)
     pubkey = ""
     if target.kind == "sftp":
         pubkey = cfg.write_ssh_files(paths, target, key or None)
@@ -182,9 +187,9 @@ def configure(env: Env, target: cfg.Target, *, password: str = "", key: str = ""
                 raise
         else:
             r.run("cat", "config", "--no-lock", timeout=timeout)  # proves repository + password
-        os.replace(trial, paths.password)
+        safefs.rename(trial, paths.password)
     finally:
-        trial.unlink(missing_ok=True)
+        safefs.remove(trial)
     configured_at = now_iso()
     cfg.save_target(paths, target, configured_at)
     result: dict[str, Any] = {"target": target.public(), "created": new, "configured_at": configured_at}
@@ -284,12 +289,17 @@ def check_snapshot_id(snapshot: str) -> str:
 
 
 def read_manifest(r: Restic, snapshot: str, timeout: float) -> dict[str, Any]:
+    import json
+
     text = r.run("dump", "--tag", TAG, snapshot, f"/{MANIFEST}", json_out=False, timeout=timeout, what="dump")
     try:
-        return json.loads(text)
+        manifest = json.loads(text)
     except ValueError:
+        manifest = None
+    if not isinstance(manifest, dict):
         raise BackupError(f"snapshot {snapshot}: its manifest is unreadable; it was not made by Mailstead",
                           "snapshot") from None
+    return manifest
 
 
 def restore_into(r: Restic, snapshot: str, dest: Path, timeout: float, progress: Progress) -> str:
@@ -308,9 +318,53 @@ def _resolve(r: Restic, snapshot: str, timeout: float) -> str:
     return str(data[-1].get("short_id", ""))[:8] if data else snapshot
 
 
+def check_format(manifest: dict[str, Any], snapshot: str, version: str) -> int:
+    """The manifest's backup format, if this Mailstead reads it; BackupError otherwise.
+    The snapshot's own version claim only ever refuses (a newer one): it unlocks nothing."""
+    made_by = str(manifest.get("version", ""))
+    if version_tuple(made_by) > version_tuple(version):
+        raise BackupError(f"snapshot {snapshot} was made by Mailstead {made_by}, newer than this appliance "
+                          f"({version}); upgrade this appliance to {made_by} or later, then restore "
+                          "(nothing was changed)", "snapshot", "newer_version")
+    fmt = manifest.get("format")
+    if type(fmt) is not int or fmt not in FORMATS_READ:
+        raise BackupError(f"snapshot {snapshot} has backup format {fmt!r}, which this Mailstead ({version}) "
+                          f"does not read (it reads format {FORMATS_READ[0]} to {FORMAT}); upgrade this appliance, "
+                          "then restore (nothing was changed)", "snapshot", "newer_version")
+    return fmt
+
+
+def _mismatch(snapshot: str, problems: list[str], after: str) -> BackupError:
+    more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+    return BackupError(f"snapshot {snapshot} does not match its manifest or holds what Mailstead never backs up: "
+                       + "; ".join(problems[:5]) + more + after, "snapshot", "mismatch")
+
+
+def examine(env: Env, manifest: dict[str, Any], dest: Path, snapshot: str, progress: Progress,
+            after: str = "") -> Any:
+    """Check a snapshot restored into `dest` as a restore would (types and modes of every
+    entry, the manifest's hashes, then everything a restore reads: settings, accounts,
+    admin record, file names) and return the restore's plan; BackupError naming the
+    paths or keys otherwise. Format 1 manifests hash only the messages and the
+    databases: that is said, and the rest is checked for type, mode and content."""
+    from portal.backup.snapshot import read_plan
+
+    if manifest.get("format") == 1:
+        progress("check", f"snapshot {snapshot} is in backup format 1: its manifest has SHA-256 sums of the "
+                          "messages and the databases only; the other files are checked for type, mode and "
+                          "content but not against a sum")
+    progress("compare", f"checking {len(manifest.get('sha256') or {}) or manifest.get('messages', 0)} "
+                        "files against the manifest")
+    problems, links = check_snapshot(manifest, dest)
+    if problems:
+        raise _mismatch(snapshot, problems, after)
+    return read_plan(dest, manifest, links, env.work, progress)
+
+
 def verify(env: Env, progress: Progress = _quiet) -> dict[str, Any]:
-    """Restore the latest snapshot into a scratch folder and compare it with its
-    manifest (message counts, SHA-256 per message file, the databases)."""
+    """Restore the latest snapshot into a scratch folder and check it as a restore would
+    (examine): every file against its SHA-256 in the manifest, the message counts, the
+    databases, the settings and accounts a restore would import."""
     start = time.monotonic()
     entry: dict[str, Any] = {"at": now_iso(), "ok": False, "error": None, "snapshot": None, "seconds": 0,
                              "messages": 0}
@@ -322,16 +376,14 @@ def verify(env: Env, progress: Progress = _quiet) -> dict[str, Any]:
                 progress("download", "restoring the latest snapshot into a scratch folder")
                 entry["snapshot"] = restore_into(r, "latest", dest, env.timeout, progress)
                 try:
-                    manifest = json.loads((dest / MANIFEST).read_text())
+                    manifest = safefs.read_json(dest / MANIFEST, limit=1 << 30)
                 except (OSError, ValueError):
-                    raise BackupError(f"snapshot {entry['snapshot']}: no readable manifest", "snapshot") from None
-                progress("compare", f"comparing {manifest.get('messages', 0)} messages with the manifest")
-                problems = compare(manifest, dest)
+                    manifest = None
+                if not isinstance(manifest, dict):
+                    raise BackupError(f"snapshot {entry['snapshot']}: no readable manifest", "snapshot")
+                check_format(manifest, entry["snapshot"], env.version)
+                examine(env, manifest, dest, entry["snapshot"], progress)
             entry["messages"] = manifest.get("messages", 0)
-            if problems:
-                more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-                raise BackupError(f"snapshot {entry['snapshot']} does not match its manifest: "
-                                  + "; ".join(problems[:5]) + more, "verify", "mismatch")
         entry["ok"] = True
         return {"snapshot": entry["snapshot"], "messages": entry["messages"],
                 "mailboxes": len(manifest.get("mailboxes", {})), "ok": True}
@@ -369,10 +421,14 @@ class ComposeStack:
 
 
 def restore(env: Env, snapshot: str = "latest", progress: Progress = _quiet) -> dict[str, Any]:
-    """Bring the appliance back to `snapshot`: checked first (version, manifest,
-    SHA-256 of every message), then the stack is stopped, files and volumes are
-    put back, and the stack is deployed and waited for until healthy.
-    Recorded as "last_restore" in backup-state.json."""
+    """Bring the appliance back to `snapshot`, treated as untrusted input: restored into
+    a scratch folder and checked first (version and format, every entry's type and
+    mode, every file against the manifest's SHA-256, then the settings, accounts and
+    admin record it holds: see examine and portal/backup/snapshot.py); only then is
+    the stack stopped, the checked data written by the agent (never copied over the
+    state as it is) and the volumes put back, and the stack deployed from the restored
+    settings and waited for until healthy. Recorded as "last_restore" in
+    backup-state.json."""
     snapshot = check_snapshot_id(snapshot)
     start = time.monotonic()
     entry: dict[str, Any] = {"at": now_iso(), "ok": False, "error": None, "snapshot": snapshot, "seconds": 0}
@@ -389,106 +445,37 @@ def restore(env: Env, snapshot: str = "latest", progress: Progress = _quiet) -> 
 
 
 def _restore(env: Env, snapshot: str, progress: Progress, start: float) -> dict[str, Any]:
+    from portal.backup.snapshot import apply_plan
+
     with run_lock(env, "restore"):
         r = env.restic()
         clear_stale_locks(r, env.timeout, progress)
         progress("check", f"reading the manifest of snapshot {snapshot}")
         manifest = read_manifest(r, snapshot, env.timeout)
+        check_format(manifest, snapshot, env.version)
         made_by = str(manifest.get("version", ""))
-        if version_tuple(made_by) > version_tuple(env.version):
-            raise BackupError(f"snapshot {snapshot} was made by Mailstead {made_by}, newer than this appliance "
-                              f"({env.version}); upgrade this appliance to {made_by} or later, then restore "
-                              "(nothing was changed)", "snapshot", "newer_version")
-        fmt = manifest.get("format")
-        if not isinstance(fmt, int) or fmt < 1 or fmt > FORMAT:
-            raise BackupError(f"snapshot {snapshot} has backup format {fmt!r}, which this Mailstead ({env.version}) "
-                              f"does not read (it reads format 1 to {FORMAT}); upgrade this appliance, then restore "
-                              "(nothing was changed)", "snapshot", "newer_version")
-        # Older snapshots of a known format restore as they are: state.db's tables are
-        # created or extended by the portal on start (db.py), so settings carry over.
         with scratch(env, "restore") as dest:
             progress("download", f"restoring snapshot {snapshot} into a scratch folder")
             snap_id = restore_into(r, snapshot, dest, env.timeout, progress)
-            problems = compare(manifest, dest)
-            if problems:
-                raise BackupError(f"snapshot {snap_id} does not match its manifest ({'; '.join(problems[:3])}); "
-                                  "nothing was changed: try an older snapshot", "snapshot", "mismatch")
+            # Everything is checked before anything is touched.
+            plan = examine(env, manifest, dest, snap_id, progress, "; nothing was changed: try an older snapshot")
             old_project = env.project()
             stack = env.stack
-            if stack is not None and (env.state_dir / "stack" / "compose.yaml").exists():
+            if stack is not None and (env.layout.stack / "compose.yaml").exists():
                 progress("stop", f"stopping the mail stack ({old_project})")
                 stack.stop(old_project)  # a fresh appliance has none to stop
-            progress("files", "putting back the databases, secrets, certificates and stack config")
-            put_back_files(env.state_dir, dest)
-            volumes = env.volume_io()  # the restored settings' compose project
+            imported = apply_plan(plan, env.state_dir, progress)
+            volumes = env.volume_io()  # this machine's compose project (stack_project is its own)
             for name in manifest.get("volumes", []):
                 if name in VOLUMES and (dest / "volumes" / name).is_dir():
                     progress("volumes", f"putting back the {name} volume")
                     volumes.load(name, dest / "volumes" / name)
         deployed = None
-        # Only a stack the backed-up appliance had (its rendered compose file came back):
-        # a snapshot taken before setup's Deploy has none to start.
-        if stack is not None and (env.state_dir / "stack" / "compose.yaml").exists():
+        # Only a stack the backed-up appliance had deployed: a snapshot taken before
+        # setup's Deploy has none to start.
+        if stack is not None and plan.settings.get("stack_deployed") == "1":
             progress("deploy", "starting the restored stack and waiting until it is healthy")
             deployed = stack.start(progress)
     return {"snapshot": snap_id, "version": made_by, "messages": manifest.get("messages", 0),
             "mailboxes": len(manifest.get("mailboxes", {})), "seconds": round(time.monotonic() - start, 1),
-            "stack": deployed}
-
-
-def put_back_files(state_dir: Path, restored: Path) -> None:
-    """Replace state.db, accounts.db, tls/, stack/ and secrets/ (keeping this
-    appliance's own backup configuration) with the restored ones."""
-    db = restored / "db"
-    if (db / "state.db").exists():
-        _replace_file(db / "state.db", state_dir / "state.db")
-    if (db / "accounts.db").exists():
-        (state_dir / "accounts").mkdir(parents=True, exist_ok=True)
-        _replace_file(db / "accounts.db", state_dir / "accounts" / "accounts.db")
-        for extra in ("accounts.db-wal", "accounts.db-shm"):
-            (state_dir / "accounts" / extra).unlink(missing_ok=True)
-    for extra in ("state.db-wal", "state.db-shm"):
-        (state_dir / extra).unlink(missing_ok=True)
-    files = restored / "files"
-    for name in ("tls", "stack"):
-        if (files / name).is_dir():
-            _replace_tree(files / name, state_dir / name)
-    if (files / "secrets").is_dir():
-        secrets = state_dir / "secrets"
-        secrets.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for item in secrets.iterdir():
-            if item.name not in cfg.OWN_SECRETS:
-                shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
-        for item in (files / "secrets").iterdir():
-            if item.name in cfg.OWN_SECRETS:
-                continue
-            dest = secrets / item.name
-            if item.is_dir() and not item.is_symlink():
-                shutil.copytree(item, dest, symlinks=True)
-            else:
-                shutil.copy2(item, dest, follow_symlinks=False)
-
-
-def _replace_file(src: Path, dest: Path) -> None:
-    """Put `src` in place of `dest`, keeping the owner and mode of the file it replaces:
-    the snapshot's copies were made by root, but this appliance's state.db is the web
-    user's (the portal could not open a root-owned one: found by the VM restore test)."""
-    tmp = dest.with_name(f".{dest.name}.restore")
-    shutil.copy2(src, tmp)
-    if dest.exists():
-        st = dest.stat()
-        os.chown(tmp, st.st_uid, st.st_gid)
-        os.chmod(tmp, st.st_mode & 0o7777)
-    os.replace(tmp, dest)
-
-
-def _replace_tree(src: Path, dest: Path) -> None:
-    tmp = dest.with_name(f".{dest.name}.restore")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, symlinks=True)
-    old = dest.with_name(f".{dest.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dest.exists():
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    shutil.rmtree(old, ignore_errors=True)
+            "stack": deployed, "imported": imported}

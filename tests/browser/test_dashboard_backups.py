@@ -33,7 +33,7 @@ def test_back_up_now_with_live_progress(page: Page, portal: Portal, tmp_path: Pa
     agent = AgentClient(str(tmp_path / "run" / "agent.sock"), timeout=30)
     secret = agent.call("admin_totp_begin", address=ADMIN)["secret"]
     totp = pyotp.TOTP(secret)
-    agent.call("admin_setup", address=ADMIN, password=PASSWORD, totp_code=totp.now())
+    codes = agent.call("admin_setup", address=ADMIN, password=PASSWORD, totp_code=totp.now())["recovery_codes"]
     db.write_settings(portal.state_dir / "state.db", {"admin_address": ADMIN, "setup_complete": "1",
                                                       "stack_project": "mstest-i6dash-browser"})
     errors: list[str] = []
@@ -51,6 +51,7 @@ def test_back_up_now_with_live_progress(page: Page, portal: Portal, tmp_path: Pa
 
     page.goto(portal.url + "/admin/backups/")
     page.fill("#path", str(tmp_path / "backups"))
+    page.fill("#target_totp_code", codes[0])  # a change of target is confirmed (sign-in spent the TOTP step)
     page.click("#save_target")
     expect(page.locator("#recovery-sheet")).to_contain_text("Password:", timeout=60_000)
     page.screenshot(path=str(artifacts / "backups-1-sheet.png"), full_page=True)

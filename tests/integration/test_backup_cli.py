@@ -1,14 +1,19 @@
 """`mailstead backup configure|run|list|verify` and `mailstead restore` against
 real agents and real restic (a local folder target): progress printed, the
 recovery sheet shown once, a fresh appliance restored from the sheet's password,
-and failures exit non-zero with a message naming what to fix."""
+and failures exit non-zero with a message naming what to fix. Once the appliance has
+an administrator, a restore asks for a fresh code at the console too."""
 
 from __future__ import annotations
 
 import io
 import re
+import time
+
+import pyotp
 
 from portal import cli
+from portal.agent.registry import Context
 from tests.support.statedb import read_setting, write_settings
 from tests.conftest import launch_agent
 
@@ -17,7 +22,14 @@ def test_backup_then_restore_onto_a_fresh_state_with_the_cli(tmp_path, monkeypat
     old, repo = tmp_path / "old" / "state", tmp_path / "repo"
     # A compose project no test stack uses: only files are backed up (the stack tests cover volumes).
     write_settings(old / "state.db", {"domain": "example.test", "mail_host": "mail.example.test",
-                                      "stack_project": "mstest-i6-cli-none", "setup_complete": "1"})
+                                      "stack_project": "mstest-i6-cli-none"})
+    from portal.admin.privileged import admin_setup, admin_totp_begin
+
+    ctx = Context(state_dir=old)
+    totp = pyotp.TOTP(admin_totp_begin.run(ctx, address="postmaster@example.test")["secret"])
+    codes = admin_setup.run(ctx, address="postmaster@example.test", password="the admin's password",
+                            totp_code=totp.now())["recovery_codes"]
+    write_settings(old / "state.db", {"setup_complete": "1"})
     (old / "secrets" / "dkim").mkdir(parents=True)
     (old / "secrets" / "dkim" / "example.test.key").write_text("dkim private key\n")
     agent = launch_agent(tmp_path / "old", "--no-scheduler", env={"MAILSTEAD_STATE_DIR": str(old)})
@@ -26,7 +38,9 @@ def test_backup_then_restore_onto_a_fresh_state_with_the_cli(tmp_path, monkeypat
         assert cli.main([*sock, "backup", "run"]) == 1  # not configured yet: says how
         assert "backup configure" in capsys.readouterr().err
 
-        assert cli.main([*sock, "backup", "configure", "--target", "local", "--path", str(repo)]) == 0
+        monkeypatch.setattr("sys.stdin", io.StringIO(codes[0] + "\n"))  # an administrator exists: asked
+        assert cli.main([*sock, "backup", "configure", "--target", "local", "--path", str(repo),
+                         "--secret-stdin"]) == 0
         out = capsys.readouterr().out
         assert "RECOVERY SHEET" in out and "not shown again" in out
         password = re.search(r"^Password:\s+(\S+)$", out, re.M).group(1)
@@ -64,5 +78,12 @@ def test_backup_then_restore_onto_a_fresh_state_with_the_cli(tmp_path, monkeypat
         assert not (new / "setup-token").exists()  # the restored appliance is set up: the token is gone
         assert cli.main([*sock, "restore", "--snapshot", "deadbeef", "--yes"]) == 1
         assert "--snapshot" in capsys.readouterr().err
+        # Set up now (with the old administrator): a restore asks for a fresh code, refuses a spent one.
+        monkeypatch.setattr("sys.stdin", io.StringIO(codes[0] + "\n"))
+        assert cli.main([*sock, "restore", "--yes", "--secret-stdin"]) == 1
+        assert "totp_code: that code is not right, or was used already" in capsys.readouterr().err
+        monkeypatch.setattr("sys.stdin", io.StringIO(totp.at(time.time() + 30) + "\n"))
+        assert cli.main([*sock, "restore", "--yes", "--secret-stdin"]) == 0
+        assert '"messages": 0' in capsys.readouterr().out
     finally:
         fresh.stop()

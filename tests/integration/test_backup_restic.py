@@ -21,6 +21,7 @@ from portal.backup import BackupError
 from portal.backup import config as cfg
 from portal.backup.contents import FolderVolumes
 from portal.backup.service import Env, backup, configure, read_state, restore, snapshots, verify
+from portal.stack.accounts import Accounts, NoKeys
 from tests.support.statedb import write_settings
 
 from .backup_targets import Moto, Sshd
@@ -46,20 +47,17 @@ def make_state(root: Path, messages: int = 6) -> tuple[Path, Path]:
     """A state folder and volume folders as an appliance has them, with mail in 2 mailboxes."""
     state, vols = root / "state", root / "vols"
     write_settings(state / "state.db", {"domain": "example.test", "mail_host": "mail.example.test",
-                                        "stack_project": "mstest-i6b"})
-    accounts = state / "accounts" / "accounts.db"
-    accounts.parent.mkdir(parents=True)
-    with sqlite3.connect(accounts) as conn:
-        conn.execute("CREATE TABLE mailboxes (address TEXT PRIMARY KEY, password TEXT)")
-        conn.executemany("INSERT INTO mailboxes VALUES (?, ?)", [("alice@example.test", "$argon2id$a"),
-                                                                 ("bob@example.test", "$argon2id$b")])
-    conn.close()
+                                        "stack_project": "mstest-i6b", "stack_deployed": "1"})
+    accounts = Accounts(state / "accounts" / "accounts.db")
+    for address in ("alice@example.test", "bob@example.test"):
+        accounts.create_mailbox(address, f"{address} password", keys=NoKeys())
     (state / "secrets" / "dkim").mkdir(parents=True)
     (state / "secrets" / "dkim" / "mailstead-rsa.key").write_text("-----BEGIN PRIVATE KEY-----\nrsa\n")
     (state / "secrets" / "redis-password").write_text("redis-pw\n")
     os.chmod(state / "secrets", 0o700)
     (state / "tls" / "archive" / "1").mkdir(parents=True)
     (state / "tls" / "archive" / "1" / "fullchain.pem").write_text("cert")
+    (state / "tls" / "archive" / "1" / "privkey.pem").write_text("key")
     os.symlink("archive/1", state / "tls" / "live")
     (state / "stack").mkdir()
     (state / "stack" / "compose.yaml").write_text("services: {}\n")
@@ -86,6 +84,28 @@ def tree(root: Path) -> dict[str, str]:
             out[rel] = "-> " + os.readlink(p)
         elif p.is_file():
             out[rel] = f"{hashlib.sha256(p.read_bytes()).hexdigest()} {oct(stat.S_IMODE(st.st_mode))} {st.st_uid}"
+    return out
+
+
+def restored_modes(before: dict[str, str]) -> dict[str, str]:
+    """What a restore makes of the files of `before` (a tree()): the same bytes, in the
+    modes of the restore's fixed table (secrets 0600, tls 0644 and keys 0600), root's;
+    stack/ is rendered anew at deploy, not restored."""
+    out = {}
+    for rel, entry in before.items():
+        if rel.startswith("stack/"):
+            continue
+        if entry.startswith("->"):
+            out[rel] = entry
+            continue
+        digest = entry.split()[0]
+        if rel.startswith("secrets/"):
+            mode = "0o600"
+        elif rel.startswith("tls/"):
+            mode = "0o600" if rel.endswith(("key.pem", ".key")) else "0o644"
+        else:
+            mode = entry.split()[1]
+        out[rel] = f"{digest} {mode} 0"
     return out
 
 
@@ -128,26 +148,31 @@ def test_local_round_trip_onto_a_fresh_state(tmp_path):
     assert stack.calls == ["start"]  # a fresh appliance: nothing to stop; deployed from the restored settings
 
     after_state = {k: v for k, v in tree(new_state).items() if not k.startswith(("secrets/backup", "backup-"))}
-    want_state = {k: v for k, v in before_state.items() if not k.startswith(("secrets/backup", "backup-"))}
-    # state.db is a consistent copy (sqlite backup API), not the same bytes: compare its contents.
+    want_state = restored_modes({k: v for k, v in before_state.items() if not k.startswith(("secrets/backup", "backup-"))})
+    # The databases are imported as checked data, not copied: compare their contents.
     for db in ("state.db", "accounts/accounts.db"):
         after_state.pop(db), want_state.pop(db)
     assert after_state == want_state
     assert tree(new_vols) == before_vols
     with sqlite3.connect(new_state / "state.db") as conn:
+        # stack_project is the machine's own (not restored): the new machine has none set
         assert dict(conn.execute("SELECT key, value FROM settings")) == {
-            "domain": "example.test", "mail_host": "mail.example.test", "stack_project": "mstest-i6b"}
+            "domain": "example.test", "mail_host": "mail.example.test", "stack_deployed": "1"}
     conn.close()
-    with sqlite3.connect(new_state / "accounts" / "accounts.db") as conn:
-        assert conn.execute("SELECT count(*) FROM mailboxes").fetchone()[0] == 2
-    conn.close()
+    assert Accounts(state / "accounts" / "accounts.db").list_mailboxes() == \
+        Accounts(new_state / "accounts" / "accounts.db").list_mailboxes()
+    assert stat.S_IMODE((new_state / "accounts" / "accounts.db").stat().st_mode) == 0o640
 
-    # Restoring over a running appliance: its stack is stopped first, the damage undone.
+    # Restoring over a running appliance (its own compose project, its stack deployed):
+    # the stack is stopped first, the damage undone.
+    write_settings(new_state / "state.db", {"stack_project": "mstest-i6b-new"})
+    (new_state / "stack").mkdir()
+    (new_state / "stack" / "compose.yaml").write_text("services: {}\n")
     (new_state / "secrets" / "dkim" / "mailstead-rsa.key").write_text("damaged")
     next((new_vols / "mail").rglob("u.1")).unlink()
     stack2 = NoStack()
     restore(Env(new_state, VERSION, volumes=FolderVolumes(new_vols), stack=stack2, timeout=120), done["snapshot"])
-    assert stack2.calls == ["stop mstest-i6b", "start"]
+    assert stack2.calls == ["stop mstest-i6b-new", "start"]
     assert tree(new_vols) == before_vols
     assert (new_state / "secrets" / "dkim" / "mailstead-rsa.key").read_text().endswith("rsa\n")
     assert (new_state / "secrets" / "backup-password").read_text().strip() == password  # its own config kept
@@ -295,13 +320,14 @@ def test_a_snapshot_in_an_unknown_backup_format_is_refused_untouched(tmp_path, m
     state, vols = make_state(tmp_path)
     env = Env(state, VERSION, volumes=FolderVolumes(vols), timeout=60)
     configure(env, cfg.validate("local", path=str(tmp_path / "repo")))
-    monkeypatch.setattr(contents, "FORMAT", 2)  # a later Mailstead's backup format, same version string
+    monkeypatch.setattr(contents, "FORMAT", 3)  # a later Mailstead's backup format, same version string
     backup(env)
-    monkeypatch.setattr(contents, "FORMAT", 1)
+    monkeypatch.undo()
     stack = NoStack()
     with pytest.raises(BackupError) as err:
         restore(Env(state, VERSION, volumes=FolderVolumes(vols), stack=stack, timeout=60), "latest")
-    assert service.FORMAT == 1 and "backup format 2" in str(err.value) and "nothing was changed" in str(err.value)
+    assert service.FORMATS_READ == (1, 2) and "backup format 3" in str(err.value)
+    assert "nothing was changed" in str(err.value)
     assert stack.calls == []
 
 

@@ -63,9 +63,16 @@ def write_stack_settings(state: Path) -> None:
     s = make_settings(state, PROJECT, PORT_BASE)  # makes the certificate under state/tls
     write_settings(state / "state.db", {
         "domain": DOMAIN, "mail_host": HOSTNAME, "publish_addresses": "127.0.0.1",
-        "stack_ports": json.dumps(s.ports), "stack_project": PROJECT, "dns_servers": ",".join(s.dns_servers),
-        "tls_cert": str(s.tls_cert), "tls_key": str(s.tls_key)})
+        "stack_ports": json.dumps(s.ports, sort_keys=True), "dns_servers": ",".join(s.dns_servers), "stack_deployed": "1"})
+    write_machine_settings(state)
     shutil.copytree(SHARED_DKIM, s.dkim_dir, dirs_exist_ok=True)
+
+
+def write_machine_settings(state: Path) -> None:
+    """The settings that are the machine's own (never taken from a backup): the test rig's
+    compose project and certificate paths."""
+    write_settings(state / "state.db", {"stack_project": PROJECT, "tls_cert": str(state / "tls" / "cert.pem"),
+                                        "tls_key": str(state / "tls" / "key.pem")})
 
 
 def context(state: Path, tmp: Path) -> Context:
@@ -148,6 +155,8 @@ def test_stack_round_trip_through_restic(tmp_path):
         events: list[tuple[str, str]] = []
         result = backup(env, lambda s, d: events.append((s, d)))
         assert result["messages"] == 1000 and result["mailboxes"] == 3
+        # the stack's real volumes hold nothing a restore would refuse: nothing left out or changed
+        assert not [d for s, d in events if s == "contents"], events
         assert {"mail", "dav", "redis", "rspamd"} <= set(result["volumes"])
         assert verify(env)["ok"] is True
 
@@ -159,6 +168,7 @@ def test_stack_round_trip_through_restic(tmp_path):
             assert r.returncode != 0, f"{vol} volume still there"
 
         state.mkdir()
+        write_machine_settings(state)  # a fresh machine of the test rig
         ctx = context(state, tmp_path)
         env = env_for(ctx)
         configure(env, cfg.validate("local", path=str(tmp_path / "repo")), password=password)

@@ -1,7 +1,7 @@
 """The dashboard's Backups area end to end with a real agent, real restic and a local
 folder target: configure (recovery sheet once), Back up now as jobs.js starts it, the
 snapshot in the list, Verify now without JavaScript, then a restore of that snapshot
-behind its confirmation box, watched until it ends.
+behind its confirmation box and a fresh code of the administrator, watched until it ends.
 
 The stack's volumes are asked for through the host's docker engine under a compose
 project no test stack uses (as test_backup_agent.py does): they do not exist, so only
@@ -22,6 +22,9 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
+import pyotp
+
+from portal.agent.registry import Context
 from portal.web import create_app
 from tests.support.statedb import write_settings
 from tests.conftest import AgentProcess, launch_agent
@@ -32,12 +35,23 @@ ADMIN = "postmaster@example.test"
 CSRF_RE = re.compile(r'name="csrf_token" type="hidden" value="([^"]+)"')
 
 
+def make_admin(state: Path) -> tuple[pyotp.TOTP, list[str]]:
+    """The administrator, made by the agent's own operations (the Admin step)."""
+    from portal.admin.privileged import admin_setup, admin_totp_begin
+
+    ctx = Context(state_dir=state)
+    totp = pyotp.TOTP(admin_totp_begin.run(ctx, address=ADMIN)["secret"])
+    return totp, admin_setup.run(ctx, address=ADMIN, password="the admin's password", totp_code=totp.now())[
+        "recovery_codes"]
+
+
 @pytest.fixture
-def site(tmp_path: Path) -> Iterator[tuple[FlaskClient, AgentProcess, Path]]:
+def site(tmp_path: Path) -> Iterator[tuple[FlaskClient, AgentProcess, Path, tuple[pyotp.TOTP, list[str]]]]:
     state = tmp_path / "state"
     write_settings(state / "state.db", {"domain": "example.test", "mail_host": "mail.example.test",
-                                        "setup_complete": "1", "admin_address": ADMIN,
                                         "stack_project": "mstest-i6dash-none", "dnsbl_zones": "before.example"})
+    admin = make_admin(state)
+    write_settings(state / "state.db", {"setup_complete": "1", "admin_address": ADMIN})
     (state / "secrets" / "dkim").mkdir(parents=True)
     (state / "secrets" / "dkim" / "k.key").write_text("dkim")
     agent = launch_agent(tmp_path, "--no-scheduler", env={"MAILSTEAD_STATE_DIR": str(state)})
@@ -46,7 +60,7 @@ def site(tmp_path: Path) -> Iterator[tuple[FlaskClient, AgentProcess, Path]]:
     client = https_client(app)
     sign_in(client, ADMIN)
     try:
-        yield client, agent, state
+        yield client, agent, state, admin
     finally:
         agent.stop()
 
@@ -66,12 +80,17 @@ def watch(client: FlaskClient, kind: str, timeout: float = 120) -> dict[str, Any
         time.sleep(0.3)
 
 
-def test_backup_verify_and_restore_through_the_page(site: tuple[FlaskClient, AgentProcess, Path],
+def test_backup_verify_and_restore_through_the_page(site: tuple[FlaskClient, AgentProcess, Path, Any],
                                                      tmp_path: Path) -> None:
-    client, agent, state = site
+    client, agent, state, (totp, codes) = site
     repo = tmp_path / "backups"
+    unconfirmed = client.post("/admin/backups/target", data={"csrf_token": token(client), "target": "local",
+                                                              "path": str(repo), "save_target": "y"})
+    assert unconfirmed.status_code == 422 and 'id="target_totp_code-error"' in unconfirmed.text
+    assert not repo.exists()
     sheet = client.post("/admin/backups/target", data={"csrf_token": token(client), "target": "local",
-                                                        "path": str(repo), "save_target": "y"})
+                                                        "path": str(repo), "save_target": "y",
+                                                        "totp_code": totp.at(time.time() + 30)})
     assert sheet.status_code == 200 and "This sheet is shown only now." in sheet.text
     password = re.search(r"Password: +(\S+)", html.unescape(sheet.text)).group(1)
     assert stat.S_IMODE((state / "secrets" / "backup-password").stat().st_mode) == 0o600
@@ -103,8 +122,12 @@ def test_backup_verify_and_restore_through_the_page(site: tuple[FlaskClient, Age
     refused = client.post("/admin/backups/restore", data={"csrf_token": token(client), "snapshot": snapshot})
     assert refused.status_code == 422 and 'id="confirm-error"' in refused.text
     assert client.get("/admin/backups/status/backup_restore").get_json() == {"job": None}
+    refused = client.post("/admin/backups/restore", data={"csrf_token": token(client), "snapshot": snapshot,
+                                                          "confirm": "y", "restore": "y"})
+    assert refused.status_code == 422 and 'id="restore_totp_code-error"' in refused.text
+    assert client.get("/admin/backups/status/backup_restore").get_json() == {"job": None}
     restored = client.post("/admin/backups/restore", data={"csrf_token": token(client), "snapshot": snapshot,
-                                                           "confirm": "y", "restore": "y"})
+                                                           "confirm": "y", "restore": "y", "totp_code": codes[0]})
     assert restored.status_code == 303 and restored.location.endswith("#backup-restore")
     job = watch(client, "backup_restore")
     steps = [e["step"] for e in job["events"]]
@@ -116,4 +139,4 @@ def test_backup_verify_and_restore_through_the_page(site: tuple[FlaskClient, Age
     assert read_settings_table(state / "state.db")["dnsbl_zones"] == "before.example"  # the files are back
     page = html.unescape(client.get("/admin/backups/").text)
     assert re.search(r'id="last-restore"><span class="outcome-ok">OK</span>', page), page[:3000]
-    assert password not in page and password not in agent.log_text()
+    assert password not in page and password not in agent.log_text() and codes[0] not in agent.log_text()

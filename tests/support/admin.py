@@ -27,3 +27,17 @@ def sign_in(client: FlaskClient, address: str, *, seen_ago: float = 0, auth_ago:
         session["auth_at"] = now - auth_ago
         session["seen"] = now - seen_ago
     return sid
+
+
+def allow_code_again(state_dir: Path) -> None:
+    """Forget which TOTP step was used last, in the admin record and in the agent's ledger
+    of spent codes (a code works once; tests have no 30 s to wait for the next)."""
+    import json
+
+    secrets = Path(state_dir) / "secrets"
+    for name in ("admin.json", "admin-ledger.json"):
+        path = secrets / name
+        if path.exists():
+            record = json.loads(path.read_text())
+            record["totp_last_step"] = -1
+            path.write_text(json.dumps(record))

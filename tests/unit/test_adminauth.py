@@ -64,10 +64,9 @@ def enrol(agent: Agent, address: str = ADDRESS, password: str = PASSWORD) -> tup
 
 def allow_code_again(agent: Agent) -> None:
     """Forget which TOTP step was used last (a code works once; tests have no 30 s to wait)."""
-    path = agent.file("admin.json")
-    record = json.loads(path.read_text())
-    record["totp_last_step"] = -1
-    path.write_text(json.dumps(record))
+    from tests.support.admin import allow_code_again as forget
+
+    forget(agent.state_dir)
 
 
 def test_totp_begin_keeps_one_pending_secret(agent: Agent) -> None:
@@ -328,3 +327,102 @@ def test_resolv_conf_parsing(tmp_path: Path) -> None:
                     "options edns0\nnameserver 10.0.0.1\n")
     assert adminauth.resolv_conf_nameservers(path) == ["10.0.0.1", "fe80::1"]
     assert adminauth.resolv_conf_nameservers(tmp_path / "missing") == []
+
+
+# -- fresh codes for sensitive changes: password, authenticator ---------------------------------
+
+NEW_PASSWORD = "a completely new passphrase"
+
+
+def sessions(agent: Agent, n: int) -> list[str]:
+    from types import SimpleNamespace
+
+    return [adminauth.new_session(SimpleNamespace(state_dir=agent.state_dir)) for _ in range(n)]
+
+
+def live(agent: Agent, sid: str) -> bool:
+    return agent.portal_state(session=sid)["session_valid"]
+
+
+def test_a_password_change_needs_the_old_password_and_a_fresh_code(agent: Agent) -> None:
+    totp, codes = enrol(agent)
+    used_at_setup = totp.now()
+    change = {"old_password": PASSWORD, "new_password": NEW_PASSWORD}
+    for code, field in [("", "totp_code"), (used_at_setup, "totp_code"),
+                        ("000000" if totp.now() != "000000" else "111111", "totp_code"),
+                        ("AAAA-BBBB-CCCC-DDDD", "totp_code")]:
+        err = agent.refused("admin_password_change", **change, totp_code=code)
+        assert (err.code, err.field) == ("invalid", field), code
+    fresh = totp.at(time.time() + 30)
+    err = agent.refused("admin_password_change", **{**change, "old_password": "not the password"}, totp_code=fresh)
+    assert err.field == "old_password"
+    err = agent.refused("admin_password_change", **{**change, "new_password": "short"}, totp_code=fresh)
+    assert err.field == "new_password"
+    mine, other, third = sessions(agent, 3)
+    result = agent("admin_password_change", **change, totp_code=fresh, session=mine)
+    assert result["sessions_ended"] == 2 and result["used_recovery_code"] is False
+    assert live(agent, mine) and not live(agent, other) and not live(agent, third)
+    # the code is spent: it confirms nothing again, and does not sign in
+    assert agent.refused("admin_password_change", old_password=NEW_PASSWORD, new_password=PASSWORD,
+                         totp_code=fresh).field == "totp_code"
+    assert agent.refused("admin_login", address=ADDRESS, password=NEW_PASSWORD, code=fresh).code == "denied"
+    assert agent.refused("admin_login", address=ADDRESS, password=PASSWORD, code=codes[0]).code == "denied"
+    assert agent("admin_login", address=ADDRESS, password=NEW_PASSWORD, code=codes[0])["used_recovery_code"]
+    log = agent.process.log_text()
+    assert NEW_PASSWORD not in log and fresh not in log and codes[0] not in log
+
+
+def test_a_recovery_code_confirms_once(agent: Agent) -> None:
+    _, codes = enrol(agent)
+    agent("admin_password_change", old_password=PASSWORD, new_password=NEW_PASSWORD, totp_code=codes[2])
+    err = agent.refused("admin_password_change", old_password=NEW_PASSWORD, new_password=PASSWORD,
+                        totp_code=codes[2])
+    assert err.field == "totp_code"
+    assert json.loads(agent.file("admin-ledger.json").read_text())["spent_recovery_codes"] == \
+        [adminauth._code_hash(codes[2])]
+    assert mode(agent.file("admin-ledger.json")) == 0o600
+
+
+def test_five_wrong_codes_in_a_row_sign_every_session_out(agent: Agent) -> None:
+    totp, _ = enrol(agent)
+    mine, = sessions(agent, 1)
+    wrong = "000000" if totp.now() != "000000" else "111111"
+    for _ in range(4):
+        assert agent.refused("admin_password_change", old_password=PASSWORD, new_password=NEW_PASSWORD,
+                             totp_code=wrong, session=mine).code == "invalid"
+    assert live(agent, mine)
+    err = agent.refused("admin_password_change", old_password=PASSWORD, new_password=NEW_PASSWORD,
+                        totp_code=wrong, session=mine)
+    assert (err.code, err.field) == ("signed_out", "totp_code") and "signed out" in err.message
+    assert not live(agent, mine)
+    # the count starts again; a right code resets it
+    agent("admin_password_change", old_password=PASSWORD, new_password=NEW_PASSWORD,
+          totp_code=totp.at(time.time() + 30))
+
+
+def test_moving_to_a_new_authenticator(agent: Agent) -> None:
+    old, _ = enrol(agent)
+    started = agent("admin_totp_reset_begin")
+    assert agent("admin_totp_reset_begin")["secret"] == started["secret"] != old.secret  # same on a reload
+    assert started["uri"].startswith("otpauth://totp/Mailstead:postmaster%40example.com?secret=")
+    new = pyotp.TOTP(started["secret"])
+    fresh = old.at(time.time() + 30)
+    assert agent.refused("admin_totp_reset_confirm", totp_code=old.now(), new_code=new.now()).field == "totp_code"
+    assert agent.refused("admin_totp_reset_confirm", totp_code=fresh, new_code="000000"
+                         if new.now() != "000000" else "111111").field == "new_code"
+    mine, other = sessions(agent, 2)
+    agent("admin_totp_reset_confirm", totp_code=fresh, new_code=new.now(), session=mine)  # fresh was not spent
+    assert live(agent, mine) and not live(agent, other)
+    assert not agent.file("admin-totp-reset.pending").exists()
+    assert json.loads(agent.file("admin.json").read_text())["totp_secret"] == new.secret
+    assert agent.refused("admin_login", address=ADDRESS, password=PASSWORD, code=old.at(time.time() + 60)).code \
+        == "denied"
+    allow_code_again(agent)  # the steps used to switch are spent: the next sign-in waits 30 s for a new one
+    assert agent("admin_login", address=ADDRESS, password=PASSWORD, code=new.now())["session"]
+    assert started["secret"] not in agent.process.log_text()
+
+
+def test_no_administrator_no_changes(agent: Agent) -> None:
+    assert agent.refused("admin_totp_reset_begin").code == "not_configured"
+    assert agent.refused("admin_password_change", old_password=PASSWORD, new_password=NEW_PASSWORD,
+                         totp_code="123456").code == "not_configured"

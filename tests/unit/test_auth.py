@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import html
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +17,7 @@ from werkzeug.routing import IntegerConverter
 
 from portal.web import auth
 from tests.support import appdb as db
-from tests.support.admin import sign_in
+from tests.support.admin import allow_code_again, sign_in
 from portal.agent.client import AgentClient
 from tests.support.statedb import write_settings
 from tests.conftest import csrf_token
@@ -34,10 +33,7 @@ class Admin:
 
     def code(self) -> str:
         """A TOTP code that has not been used yet (tests have no 30 s to wait)."""
-        path = self.state_dir / "secrets" / "admin.json"
-        record = json.loads(path.read_text())
-        record["totp_last_step"] = -1
-        path.write_text(json.dumps(record))
+        allow_code_again(self.state_dir)
         return self.totp.now()
 
 

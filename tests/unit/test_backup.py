@@ -1,5 +1,6 @@
 """portal.backup: target validation naming the field, secrets on disk, the
-manifest and its comparison, retention arguments, restic failures explained."""
+manifest and its comparison, the checks of a restored snapshot (untrusted input),
+retention arguments, restic failures explained."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 
 from portal.backup import BackupError
 from portal.backup import config as cfg
-from portal.backup.contents import FolderVolumes, compare, scan_mail, stage
+from portal.backup.contents import FolderVolumes, check_snapshot, check_tree, compare, scan_mail, stage
 from portal.backup.restic import RETENTION, explain, retention_args
 from portal.backup.service import check_snapshot_id, version_tuple
 
@@ -163,30 +164,121 @@ def _state(tmp_path: Path) -> tuple[Path, FolderVolumes]:
     (state / "secrets" / "dkim").mkdir(parents=True)
     (state / "secrets" / "dkim" / "rsa.key").write_text("dkim key")
     cfg.write_secret(state / "secrets" / "backup-password", "not in the backup\n")
+    (state / "secrets" / "admin-sessions.json").write_text("{}")  # this machine's sign-ins
+    (state / "tls" / "archive" / "20300101T000000Z-1").mkdir(parents=True)
+    (state / "tls" / "archive" / "20300101T000000Z-1" / "fullchain.pem").write_text("cert")
+    os.symlink("archive/20300101T000000Z-1", state / "tls" / "live")
+    os.symlink("/etc/passwd", state / "tls" / "stray")  # nothing the agent makes
     vols = tmp_path / "vols"
     _mail(vols / "mail", "alice@example.test", 2)
     return state, FolderVolumes(vols)
 
 
-def test_stage_copies_everything_and_compare_finds_damage(tmp_path):
+def test_stage_lists_every_file_and_compare_finds_damage(tmp_path):
     state, vols = _state(tmp_path)
     staging = tmp_path / "staging"
     info = {"version": "0.1.0", "created": "now", "settings": {"domain": "example.test"}}
-    manifest = stage(state, staging, vols, info, lambda *_: None)
+    events: list[tuple[str, str]] = []
+    manifest = stage(state, staging, vols, info, lambda s, d: events.append((s, d)))
     assert stat.S_IMODE(staging.stat().st_mode) == 0o700
-    assert manifest["version"] == "0.1.0" and manifest["messages"] == 2 and manifest["volumes"] == ["mail"]
+    assert manifest["format"] == 2 and manifest["version"] == "0.1.0" and manifest["messages"] == 2
+    assert manifest["volumes"] == ["mail"]
     assert json.loads((staging / "manifest.json").read_text()) == manifest
     assert (staging / "files/secrets/dkim/rsa.key").read_text() == "dkim key"
     assert not (staging / "files/secrets/backup-password").exists()  # the backup's own password stays out
-    assert "state.db" in manifest["databases"]
-    assert compare(manifest, staging) == []
+    assert not (staging / "files/secrets/admin-sessions.json").exists()  # so do this machine's sessions
+    # every file is listed with its SHA-256, not only messages and databases
+    on_disk = {p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert set(manifest["sha256"]) == on_disk and "files/secrets/dkim/rsa.key" in on_disk
+    assert manifest["sha256"]["files/secrets/dkim/rsa.key"] == hashlib.sha256(b"dkim key").hexdigest()
+    # the one symlink the layout has is data; any other is left out and said
+    assert manifest["links"] == {"files/tls/live": "archive/20300101T000000Z-1"}
+    assert manifest["skipped"] == ["files/tls/stray"] and not (staging / "files/tls/stray").exists()
+    assert any(s == "contents" and "files/tls/stray" in d for s, d in events)
+    assert not [p for p in staging.rglob("*") if p.is_symlink()]
+    assert check_snapshot(manifest, staging) == ([], manifest["links"])
     msg = next((staging / "volumes/mail").rglob("u.1"))
     msg.write_bytes(b"tampered")
     next((staging / "volumes/mail").rglob("u.2")).unlink()
+    (staging / "files/tls/archive/20300101T000000Z-1/fullchain.pem").write_bytes(b"damaged")
+    (staging / "files/secrets/planted.key").write_text("not listed")
     problems = compare(manifest, staging)
-    assert any("SHA-256 mismatch" in p for p in problems)
-    assert any("1 messages restored, the manifest lists 2" in p for p in problems)
-    assert any("is missing" in p for p in problems)
+    assert any(p.endswith("/u.1 differs from the manifest (SHA-256 mismatch)") for p in problems), problems
+    assert any(p.endswith("/u.2 is missing") for p in problems)
+    assert "files/tls/archive/20300101T000000Z-1/fullchain.pem differs from the manifest (SHA-256 mismatch)" \
+        in problems
+    assert "files/secrets/planted.key is in the snapshot but not in its manifest" in problems
+    assert "alice@example.test: 1 messages restored, the manifest lists 2" in problems
+
+
+def test_stage_makes_volumes_restorable_as_they_are_checked(tmp_path):
+    """A volume's special files are left out, hard links copied apart, setuid and
+    world-writable modes taken off: what a restore would refuse is never backed up."""
+    state, vols = _state(tmp_path)
+    box = next((vols.root / "mail").rglob("dbox-Mails"))
+    os.mkfifo(box / "fifo")
+    os.symlink("/etc/shadow", box / "link")
+    os.link(box / "u.1", box / "u.1.again")
+    (box / "suid").write_text("x")
+    os.chmod(box / "suid", 0o4755)
+    os.chmod(box, 0o2777)
+    manifest = stage(state, tmp_path / "staging", vols, {"version": "0.1.0"}, lambda *_: None)
+    staged_box = tmp_path / "staging" / "volumes" / "mail" / box.relative_to(vols.root / "mail")
+    assert not (staged_box / "fifo").exists() and not (staged_box / "link").is_symlink()
+    assert {"volumes/mail/" + (box / n).relative_to(vols.root / "mail").as_posix() for n in ("fifo", "link")} \
+        <= set(manifest["skipped"])
+    assert os.stat(staged_box / "u.1").st_nlink == 1 and (staged_box / "u.1.again").read_bytes() == \
+        (box / "u.1").read_bytes()
+    assert stat.S_IMODE(os.stat(staged_box / "suid").st_mode) == 0o755
+    assert stat.S_IMODE(os.stat(staged_box).st_mode) == 0o2775  # a folder's setgid bit is kept
+    assert check_tree(tmp_path / "staging") == ([], {})
+
+
+def test_check_tree_names_every_special_file_and_mode(tmp_path):
+    root = tmp_path / "restored"
+    (root / "files" / "secrets").mkdir(parents=True)
+    s = root / "files" / "secrets"
+    os.symlink("/etc/shadow", s / "shadow")
+    os.mkfifo(s / "fifo")
+    os.mknod(s / "null", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    (s / "a").write_text("a")
+    os.link(s / "a", s / "b")
+    (s / "suid").write_text("x")
+    os.chmod(s / "suid", 0o2755)
+    (s / "open").write_text("x")
+    os.chmod(s / "open", 0o646)
+    (s / "tmp").mkdir()
+    os.chmod(s / "tmp", 0o1777)
+    (s / "group").mkdir()
+    os.chmod(s / "group", 0o2750)  # a setgid folder, as Debian's /var/mail: kept
+    problems, links = check_tree(root)
+    assert links == {}
+    assert sorted(problems) == sorted([
+        "files/secrets/shadow is a symbolic link (to /etc/shadow)", "files/secrets/fifo is a FIFO",
+        "files/secrets/null is a character device", "files/secrets/a is a hard link (2 names for one file)",
+        "files/secrets/b is a hard link (2 names for one file)",
+        "files/secrets/suid has mode 2755 (setuid, setgid or sticky)",
+        "files/secrets/open has mode 0646 (writable by everyone)",
+        "files/secrets/tmp has mode 1777 (writable by everyone)"])
+
+
+def test_a_format_1_snapshot_may_keep_only_tls_live_as_a_symlink(tmp_path):
+    root = tmp_path / "restored"
+    (root / "files" / "tls" / "archive" / "1").mkdir(parents=True)
+    os.symlink("archive/1", root / "files" / "tls" / "live")
+    manifest = {"format": 1, "mailboxes": {}, "databases": {}}
+    assert check_snapshot(manifest, root) == ([], {"files/tls/live": "archive/1"})
+    (root / "files" / "tls" / "live").unlink()
+    os.symlink("../../../etc", root / "files" / "tls" / "live")
+    problems, _ = check_snapshot(manifest, root)
+    assert problems == ["files/tls/live is a symbolic link (to ../../../etc)"]
+    problems, _ = check_snapshot({"format": 2, "sha256": {}, "folders": [], "links": {}}, root)
+    assert "files/tls/live is a symbolic link (to ../../../etc)" in problems  # format 2 has none at all
+    (root / "files" / "tls" / "live").unlink()
+    manifest2 = {"format": 2, "sha256": {}, "folders": ["files", "files/tls", "files/tls/archive",
+                                                        "files/tls/archive/1"], "links": {"files/tls/live": "/etc"}}
+    problems, _ = check_snapshot(manifest2, root)
+    assert "files/tls/live: the manifest's link is not one Mailstead makes" in problems
 
 
 @pytest.mark.parametrize("code, stderr, kind, field, code_out", [
@@ -267,28 +359,3 @@ def test_volumes_are_never_skipped_silently_when_docker_is_down(tmp_path, monkey
     assert err.value.field == "volumes" and "is docker running" in str(err.value)
     (fake / "docker").write_text("#!/bin/sh\necho 'Error: No such volume: mailstead_mail' >&2\nexit 1\n")
     assert DockerVolumes("mailstead", "mailstead-base:0.1.0").dump("mail", tmp_path / "out") is False
-
-
-def test_put_back_files_keeps_the_owner_and_mode_of_the_files_it_replaces(tmp_path: Path) -> None:
-    """The snapshot's database copies were made by root; the appliance's state.db is the
-    web user's (0660). A restore that left a root-owned 0600 state.db locked the portal out."""
-    from portal.backup.service import put_back_files
-
-    state, restored = tmp_path / "state", tmp_path / "restored"
-    (restored / "db").mkdir(parents=True)
-    (restored / "db" / "state.db").write_bytes(b"restored state")
-    (restored / "db" / "state.db").chmod(0o600)
-    (restored / "db" / "accounts.db").write_bytes(b"restored accounts")
-    (state / "accounts").mkdir(parents=True)
-    web_uid, web_gid = 4321, 4322
-    for path, mode in ((state / "state.db", 0o660), (state / "accounts" / "accounts.db", 0o640)):
-        path.write_bytes(b"old")
-        os.chown(path, web_uid, web_gid)
-        path.chmod(mode)
-    put_back_files(state, restored)
-    assert (state / "state.db").read_bytes() == b"restored state"
-    st = (state / "state.db").stat()
-    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (web_uid, web_gid, 0o660)
-    st = (state / "accounts" / "accounts.db").stat()
-    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (web_uid, web_gid, 0o640)
-    assert not list(state.glob(".*.restore"))

@@ -2,6 +2,10 @@
 backup, verification and restore, "Back up now" and "Verify now" with live progress,
 the snapshots, and restoring one of them behind an explicit confirmation.
 
+A change of the target and a restore each ask for a fresh code of the administrator
+(the authenticator's current code, never one used before, sign-in included; or an
+unused recovery code): the agent checks it (`totp_code`) and says so on that field.
+
 Agent operations: backup_target, backup_state, backup_list, backup_configure (a new
 repository's recovery sheet is in its answer: shown once, in the answer to the form,
 never stored by the portal), and the jobs backup_run, backup_verify (started through
@@ -40,8 +44,20 @@ LIST_TIMEOUT = 130.0  # the agent's own limit for listing is 120 s
 MAX_KEY = 16 * 1024
 
 
+CODE_HELP = ("The 6-digit code your authenticator app shows now, or an unused recovery code. Each code works "
+             "once: if you just used one to sign in, wait for the next.")
+
+
 def strip(value: str | None) -> str:
     return (value or "").strip()
+
+
+def code_text(form: FlaskForm, field: Field) -> None:
+    """A code's shape; whether one is needed (a set-up appliance) and right is the
+    agent's to say, on this field."""
+    field.data = "".join((field.data or "").split())
+    if field.data and (len(field.data) > 64 or not field.data.replace("-", "").isalnum() or not field.data.isascii()):
+        raise ValidationError("A code is 6 digits, or a recovery code like ABCD-EFGH-JKLM-NPQR.")
 
 
 def one_line(limit: int) -> Any:
@@ -82,6 +98,7 @@ class TargetForm(FlaskForm):
                                          "and shown once on a recovery sheet. To use backups made earlier (e.g. "
                                          "by this appliance before it was reinstalled), enter the password from "
                                          "their recovery sheet.")
+    totp_code = StringField("Code to confirm", validators=[code_text], description=CODE_HELP, id="target_totp_code")
     save_target = SubmitField("Save the backup target")
 
     def validate_target(self, field: Field) -> None:
@@ -104,6 +121,7 @@ class RestoreForm(FlaskForm):
     snapshot = SelectField("Snapshot", validate_choice=False, filters=[strip])
     confirm = BooleanField("I understand: the mail, accounts, keys, certificates and settings of this appliance "
                            "are replaced by those in the snapshot; anything newer is lost")
+    totp_code = StringField("Code to confirm", validators=[code_text], description=CODE_HELP, id="restore_totp_code")
     restore = SubmitField("Restore this snapshot")
 
     def validate_snapshot(self, field: Field) -> None:
@@ -189,10 +207,11 @@ def index() -> ResponseReturnValue:
 def configure() -> ResponseReturnValue:
     form = TargetForm()
     if not form.validate_on_submit():
-        form.key.data = ""
+        form.key.data = form.totp_code.data = ""
         return page(422, target_form=form)
     kind = form.target.data
-    args: dict[str, Any] = {"target": kind, "path": form.path.data, "password": form.password.data}
+    args: dict[str, Any] = {"target": kind, "path": form.path.data, "password": form.password.data,
+                            "totp_code": form.totp_code.data}
     if kind == "sftp":
         args.update(host=form.host.data, port=int(form.port.data or 22), user=form.user.data,
                     key=(form.key.data or "").strip())
@@ -202,7 +221,7 @@ def configure() -> ResponseReturnValue:
     try:
         result = backup_ops.backup_configure(**args)
     except AgentError as err:
-        form.key.data = ""
+        form.key.data = form.totp_code.data = ""  # a code works once: the next try needs a new one
         message = show_error(form, err)
         if message is None:
             return page(422, target_form=form)
@@ -242,10 +261,12 @@ def verify() -> ResponseReturnValue:
 def restore() -> ResponseReturnValue:
     form = RestoreForm()
     if not form.validate_on_submit():
+        form.totp_code.data = ""
         return page(422, restore_form=form)
     try:
-        backup_ops.backup_restore(snapshot=form.snapshot.data)
+        backup_ops.backup_restore(snapshot=form.snapshot.data, totp_code=form.totp_code.data)
     except AgentError as err:
+        form.totp_code.data = ""
         message = show_error(form, err)
         if message is None:
             return page(422, restore_form=form)
