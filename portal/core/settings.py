@@ -71,7 +71,8 @@ def dns_name(key: str, value: str, *, allow_empty: bool = False) -> str:
     if not name and allow_empty:
         return ""
     labels = name.split(".")
-    if len(name) > 253 or len(labels) < 2 or not all(LABEL.fullmatch(label) for label in labels):
+    if (len(name) > 253 or len(labels) < 2 or not all(LABEL.fullmatch(label) for label in labels)
+            or labels[-1].isdigit()):  # 192.0.2.1 is an address, not a name
         raise SettingsError(key, f"'{name[:64]}' is not a domain name (letters, digits and hyphens, "
                                  "such as mail.example.org; international names in their xn-- form)")
     return name
