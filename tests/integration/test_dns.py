@@ -373,11 +373,12 @@ def test_smtp_outbound_check() -> None:
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
         try:
-            ok = smtp_outbound_check("127.0.0.1", server.server_address[1], timeout=2)
-            assert ok.status == "ok" and "220 test ESMTP" in ok.message
+            # port and allow_private exist for this loopback test; net_check never passes them
+            ok = smtp_outbound_check("127.0.0.1", timeout=2, port=server.server_address[1], allow_private=True)
+            assert ok.status == "ok" and "greets with 220" in ok.message and "test ESMTP" not in ok.message
         finally:
             server.shutdown()
-    closed = smtp_outbound_check("127.0.0.1", free_port(), timeout=2)
+    closed = smtp_outbound_check("127.0.0.1", timeout=2, port=free_port(), allow_private=True)
     assert closed.status == "blocked"
     assert "appears blocked: ask your provider to open it" in closed.message
 
