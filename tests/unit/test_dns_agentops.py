@@ -118,6 +118,8 @@ def test_argument_types_checked(ctx: Context) -> None:
     ("mx example.net", "is not a host name"),
 ])
 def test_net_check_greets_no_local_address_and_no_other_port(ctx: Context, host: str, words: str) -> None:
+    with sqlite3.connect(ctx.state_dir / "state.db") as c:  # configured: only the host can be refused
+        c.execute("INSERT INTO settings VALUES ('dns_resolvers', '127.0.0.1')")
     with pytest.raises(OpError) as err:
         call(ctx, "net_check", smtp_host=host, timeout=1.0)
     assert err.value.code == "invalid" and err.value.field == "smtp_host" and words in err.value.message

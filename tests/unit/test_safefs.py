@@ -24,7 +24,6 @@ import pytest
 from portal.agent import registry as ops
 from portal.core import safefs
 from portal.core.errors import MailsteadError, UnsafePathError
-from portal.core.layout import StateLayout
 from tests.support.statedb import write_settings
 
 ops.load_all()
@@ -221,7 +220,7 @@ def _dns_configure_push(ctx):
 def _dkim_keys(ctx):
     from portal.stack.dkim import ensure_keys
 
-    ensure_keys(StateLayout(ctx.state_dir).dkim, ("mailstead-rsa", "mailstead-ed"))
+    ensure_keys(ctx.state_dir / "secrets" / "dkim", ("mailstead-rsa", "mailstead-ed"))
 
 
 def _install_cert(ctx):
@@ -357,7 +356,7 @@ def _accounts_open(ctx):
 def _load_lock(ctx):
     from portal.stack.images import load_lock
 
-    with load_lock(StateLayout(ctx.state_dir).images_lock):
+    with load_lock(ctx.state_dir / "images.lock"):
         pass
 
 
