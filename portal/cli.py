@@ -208,7 +208,8 @@ def add_maintenance_commands(commands: Any) -> None:
     p = command(commands, "upgrade", stack_ops.upgrade_run,
                 "load newer mail stack images, back up, redeploy; rolls back on failure", build=upgrade_args)
     p.add_argument("--check", action="store_true", help="only say whether a newer version is available")
-    p.add_argument("--source", default="", help="a folder holding the newer images (default: the ones in the OS)")
+    p.add_argument("--source", default="", help="a folder of its own under /var/lib/mailstead/upgrade/bundles "
+                                                "holding the newer images, root's (default: the ones in the OS)")
     p.add_argument("--without-backup", action="store_true",
                    help="upgrade even though no backup target is configured")
     p.add_argument("--force", action="store_true", help="redeploy even when the images are not newer")

@@ -99,6 +99,9 @@ class HashingReader:
     def __len__(self) -> int:  # requests sends it with a Content-Length, streamed
         return self._left
 
+    def __bool__(self) -> bool:  # docker-py tests `if not src`: a reader is given, even an empty one
+        return True
+
     def __iter__(self) -> Iterator[bytes]:
         while chunk := self.read(CHUNK):
             yield chunk

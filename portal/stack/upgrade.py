@@ -154,8 +154,8 @@ def _open_source_dir(folder: Path, roots: tuple[Path, ...]) -> Iterator[int]:
         raise _refuse(exc.message) from None
     walked = root
     try:
-        for part in (root, *folder.relative_to(root).parts):
-            if part != root:
+        for part in (None, *folder.relative_to(root).parts):  # None: the allowed root itself
+            if part is not None:
                 walked = walked / part
                 try:
                     nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import imaplib
 import json
+import os
 import shutil
 import ssl
 import subprocess
@@ -90,10 +91,14 @@ def broken_bundle(folder: Path) -> Path:
 
 
 def good_bundle(folder: Path) -> Path:
-    """The appliance's own image tars (links) with a VERSION file: a newer appliance version."""
+    """The appliance's own image tars (hard links: an upgrade follows no symlink; copies
+    across file systems) with a VERSION file: a newer appliance version."""
     folder.mkdir(mode=0o700)
     for name in NAMES:
-        (folder / f"mailstead-{name}.tar").symlink_to(IMAGES_DIR / f"mailstead-{name}.tar")
+        try:
+            os.link(IMAGES_DIR / f"mailstead-{name}.tar", folder / f"mailstead-{name}.tar")
+        except OSError:
+            shutil.copyfile(IMAGES_DIR / f"mailstead-{name}.tar", folder / f"mailstead-{name}.tar")
     (folder / "VERSION").write_text(f"{GOOD}\n")
     return folder
 
@@ -124,8 +129,10 @@ class Box:
         shutil.copytree(SHARED_DKIM, s.dkim_dir, dirs_exist_ok=True)
         for d in ("nginx", "www"):
             (tmp / d).mkdir(exist_ok=True)
+        # The bundles are made under tmp (root's, 0700): an allowed root for upgrade sources.
         self.ctx = Context(docker=docker_factory("unix:///var/run/docker.sock", timeout=120), state_dir=self.state,
-                           images_dir=IMAGES_DIR, nginx_dir=tmp / "nginx", www_dir=tmp / "www", reload_nginx=False)
+                           images_dir=IMAGES_DIR, nginx_dir=tmp / "nginx", www_dir=tmp / "www", reload_nginx=False,
+                           upgrade_roots=(tmp,))
         self.ctx.upgrade_health_wait = 60  # type: ignore[attr-defined]
         self.client = docker.from_env(timeout=120)
         self.sent: list[bytes] = []
