@@ -22,7 +22,8 @@ from cryptography.hazmat.primitives import serialization
 from tests.support import appdb as db
 from portal.agent.registry import Context, OpError, docker_factory
 from portal.certs.account import ensure_account_key, make_client
-from portal.certs.privileged import acme_configure, cert_issue, cert_renew, cert_status
+from portal.certs.privileged import (acme_configure, cert_issue, cert_renew, cert_status, check_ca_bundle_pem,
+                                     write_ca_bundle)
 from portal.certs.renew import read_state, renew_due, tlsa_311
 from portal.certs.settings import load_acme_settings
 from portal.certs.store import read_live
@@ -66,8 +67,10 @@ class Appliance:
                            nginx_dir=root / "nginx", www_dir=root / "www", reload_nginx=False)
         self.ctx.acme_dir = self.acme_dir
         self.ctx.cert_reload = lambda settings: self.reloads.append(str(settings.cert_path)) or {"test": "ok"}
+        # The CA bundle as the agent keeps a pasted one (the only file acme_ca_bundle may name).
+        bundle = write_ca_bundle(self.state, check_ca_bundle_pem(pebble.ca_bundle.read_text()))
         self.set(domain=ZONE, mail_host=HOST, acme_directory=pebble.directory_url,
-                 acme_ca_bundle=str(pebble.ca_bundle), acme_contact=f"postmaster@{ZONE}",
+                 acme_ca_bundle=str(bundle), acme_contact=f"postmaster@{ZONE}",
                  dns_resolvers=f"127.0.0.1:{knot.port}", dns_auth_port=str(knot.port))
         self.tokens: TokenServer | None = None
 
@@ -131,39 +134,46 @@ def assert_unchanged_after_failure(box: Appliance, before: tuple[bytes, bytes], 
     assert dt.timedelta(minutes=59) < next_attempt - dt.datetime.fromisoformat(state["last_attempt"]) \
         <= dt.timedelta(hours=1)
     # Backing off: the scheduler's daily run does not hammer the CA ...
-    assert "backing off" in cert_renew(box.ctx)["why"]
+    assert "backing off" in cert_renew.run(box.ctx)["why"]
 
 
 # -- issuance -------------------------------------------------------------------------------
 
+def issue(box: Appliance, steps: list[str]) -> dict:
+    """cert_issue in this thread (it is a job in the agent), its progress in `steps`."""
+    return cert_issue.run(box.ctx, progress=lambda step, detail: steps.append(f"{step}: {detail}"))
+
+
 def test_http01_issue(box: Appliance, pebble: Pebble) -> None:
     tokens = box.serve_tokens()
-    result = cert_issue(box.ctx)
+    steps: list[str] = []
+    result = issue(box, steps)
     cert = assert_issued_by_pebble(box.live(), pebble)
     assert result["serial"] == f"{cert.serial_number:x}" and sorted(result["names"]) == sorted(NAMES)
     assert any(p.startswith("/.well-known/acme-challenge/") for p in tokens.requests)
     assert list(box.acme_dir.iterdir()) == [], "tokens left behind"
-    assert [s.split(":")[0] for s in result["steps"]][:2] == ["account", "order"]
+    assert [s.split(":")[0] for s in steps][:2] == ["account", "order"]
     assert box.reloads == [str(box.state / "tls" / "live" / "fullchain.pem")]
     secrets = box.state / "secrets" / "acme"
     assert secrets.stat().st_mode & 0o777 == 0o700
     assert (secrets / "account-key.pem").stat().st_mode & 0o777 == 0o600
     account = json.loads((secrets / "account.json").read_text())
     assert account["directory"] == pebble.directory_url and account["uri"].startswith("https://127.0.0.1:")
-    status = cert_status(box.ctx)
+    status = cert_status.run(box.ctx)
     assert status["source"] == "ca" and not status["self_signed"] and status["days_left"] >= 88
     assert status["renewal"]["due"] is False and status["last_error"] is None
     # A second issue finds the same account (ConflictError path) and gets a new certificate.
-    again = cert_issue(box.ctx)
+    again = cert_issue.run(box.ctx)
     assert json.loads((secrets / "account.json").read_text())["uri"] == account["uri"]
     assert again["serial"] != result["serial"]
 
 
 def test_dns01_issue(box: Appliance, pebble: Pebble, knot: Knot) -> None:
     box.use_dns01()
-    result = cert_issue(box.ctx)
+    steps: list[str] = []
+    issue(box, steps)
     assert_issued_by_pebble(box.live(), pebble)
-    assert any(s.startswith("propagation:") for s in result["steps"])
+    assert any(s.startswith("propagation:") for s in steps)
     for name in NAMES:
         assert knot.txt(f"_acme-challenge.{name}") == [], "TXT record left behind"
 
@@ -172,7 +182,7 @@ def test_dns01_issue(box: Appliance, pebble: Pebble, knot: Knot) -> None:
 
 def test_forced_renewal_is_atomic(box: Appliance, pebble: Pebble) -> None:
     box.serve_tokens()
-    first = cert_issue(box.ctx)
+    first = cert_issue.run(box.ctx)
     old = box.live()
     seen, bad = [0], []
     stop = threading.Event()
@@ -187,7 +197,7 @@ def test_forced_renewal_is_atomic(box: Appliance, pebble: Pebble) -> None:
     thread = threading.Thread(target=reader)
     thread.start()
     try:
-        result = cert_renew(box.ctx, force=True)
+        result = cert_renew.run(box.ctx, force=True)
     finally:
         stop.set()
         thread.join()
@@ -203,9 +213,9 @@ def test_forced_renewal_is_atomic(box: Appliance, pebble: Pebble) -> None:
 def test_reuse_key_keeps_the_public_key(box: Appliance) -> None:
     box.serve_tokens()
     box.set(acme_reuse_key="1")
-    cert_issue(box.ctx)
+    cert_issue.run(box.ctx)
     old = box.live()
-    result = cert_renew(box.ctx, force=True)
+    result = cert_renew.run(box.ctx, force=True)
     assert result["key_reused"] is True
     assert spki(leaf(box.live()[0])) == spki(leaf(old[0]))
     assert leaf(box.live()[0]).serial_number != leaf(old[0]).serial_number
@@ -214,7 +224,7 @@ def test_reuse_key_keeps_the_public_key(box: Appliance) -> None:
 def test_renewal_asks_pebbles_ari(box: Appliance, pebble: Pebble) -> None:
     assert "renewalInfo" in pebble.directory()
     box.serve_tokens()
-    cert_issue(box.ctx)
+    cert_issue.run(box.ctx)
     acme = load_acme_settings(box.state)
     client = make_client(acme, ensure_account_key(box.state))
     decision = renew_due(box.live()[0], client)
@@ -223,7 +233,7 @@ def test_renewal_asks_pebbles_ari(box: Appliance, pebble: Pebble) -> None:
     assert cert.not_valid_before_utc < decision.when < cert.not_valid_after_utc
     # After the window the same certificate is due.
     assert renew_due(box.live()[0], client, now=cert.not_valid_after_utc).due
-    result = cert_renew(box.ctx)
+    result = cert_renew.run(box.ctx)
     assert result["renewed"] is False and result["source"] == "ari"
 
 
@@ -232,26 +242,28 @@ def test_renewal_asks_pebbles_ari(box: Appliance, pebble: Pebble) -> None:
 def test_ca_down(tmp_path: Path, knot: Knot, box: Appliance) -> None:
     own = Pebble(tmp_path / "own-pebble", knot.port, http_port=box.pebble.http_port).start()
     try:
-        box.set(acme_directory=own.directory_url, acme_ca_bundle=str(own.ca_bundle))
+        bundle = write_ca_bundle(box.state, check_ca_bundle_pem(own.ca_bundle.read_text()))
+        box.set(acme_directory=own.directory_url, acme_ca_bundle=str(bundle))
         box.serve_tokens()
-        cert_issue(box.ctx)
+        cert_issue.run(box.ctx)
         before = box.live()
     finally:
         own.stop()
     with pytest.raises(OpError) as err:
-        cert_renew(box.ctx, force=True)
-    assert str(err.value) == (f"cannot reach the ACME directory {own.directory_url}: connection refused; "
+        cert_renew.run(box.ctx, force=True)
+    assert err.value.field == "acme_directory"
+    assert err.value.message == (f"cannot reach the ACME directory {own.directory_url}: connection refused; "
                                  "check the URL and the CA bundle")
     assert_unchanged_after_failure(box, before, "cannot reach the ACME directory", err.value)
 
 
 def test_refused_http01_challenge(box: Appliance) -> None:
     box.serve_tokens()
-    cert_issue(box.ctx)
+    cert_issue.run(box.ctx)
     before = box.live()
     box.tokens.body = b"not the key authorization"
     with pytest.raises(OpError) as err:
-        cert_renew(box.ctx, force=True)
+        cert_renew.run(box.ctx, force=True)
     assert "could not validate" in str(err.value) and "is port 80 of" in str(err.value)
     assert "(http-01)" in str(err.value)
     assert list(box.acme_dir.iterdir()) == []
@@ -260,12 +272,12 @@ def test_refused_http01_challenge(box: Appliance) -> None:
 
 def test_token_server_down(box: Appliance) -> None:
     box.serve_tokens()
-    cert_issue(box.ctx)
+    cert_issue.run(box.ctx)
     before = box.live()
     box.tokens.stop()
     box.tokens = None
     with pytest.raises(OpError) as err:
-        cert_renew(box.ctx, force=True)
+        cert_renew.run(box.ctx, force=True)
     assert "connection refused" in str(err.value).lower(), str(err.value)
     assert_unchanged_after_failure(box, before, "could not validate", err.value)
 
@@ -274,7 +286,7 @@ def test_unpropagated_txt_record(tmp_path: Path, box: Appliance) -> None:
     """The zone names two servers but the second never answers: the TXT record never
     reaches every authoritative server, so nothing is answered and nothing changes."""
     box.serve_tokens()
-    cert_issue(box.ctx)
+    cert_issue.run(box.ctx)
     before = box.live()
     two = Knot(tmp_path / "two-ns", ZONE, zone_records(), ns=[("ns1", "127.0.0.1"), ("ns2", "127.0.0.9")],
                key=KEY).start()
@@ -282,7 +294,7 @@ def test_unpropagated_txt_record(tmp_path: Path, box: Appliance) -> None:
         box.use_dns01(two)
         box.ctx.dns_propagation_timeout = 2.0
         with pytest.raises(OpError) as err:
-            cert_renew(box.ctx, force=True)
+            cert_renew.run(box.ctx, force=True)
         assert "is still not served by every authoritative server" in str(err.value)
         assert "ns2.example.test (127.0.0.9" in str(err.value)
         assert two.txt(f"_acme-challenge.{HOST}") == [], "TXT record left behind"
@@ -295,20 +307,20 @@ def test_unpropagated_txt_record(tmp_path: Path, box: Appliance) -> None:
 
 @pytest.mark.parametrize("args, field", [
     ({"directory": "http://127.0.0.1/dir"}, "acme_directory"),
-    ({"ca_bundle": "/nonexistent/bundle.pem"}, "acme_ca_bundle"),
+    ({"ca_bundle_pem": "/nonexistent/bundle.pem"}, "acme_ca_bundle_pem"),
     ({"contact": "postmaster"}, "acme_contact"),
     ({"challenge": "dns-01"}, "acme_challenge"),
 ])
 def test_configure_refuses_bad_input(box: Appliance, args: dict, field: str) -> None:
     with pytest.raises(OpError) as err:
-        acme_configure(box.ctx, **{"directory": box.pebble.directory_url, **args})
+        acme_configure.run(box.ctx, **{"directory": box.pebble.directory_url, **args})
     assert err.value.code == "invalid" and str(err.value).startswith(field + ":")
     assert load_acme_settings(box.state).directory == box.pebble.directory_url, "bad input was stored"
 
 
 def test_configure_stores_good_input(box: Appliance, pebble: Pebble) -> None:
-    out = acme_configure(box.ctx, directory=pebble.directory_url, contact="hostmaster@example.test",
-                         include_apex=True, ca_bundle=str(pebble.ca_bundle))
+    out = acme_configure.run(box.ctx, directory=pebble.directory_url, contact="hostmaster@example.test",
+                         include_apex=True, ca_bundle_pem=pebble.ca_bundle.read_text())
     assert out["names"][-1] == ZONE
     acme = load_acme_settings(box.state)
     assert acme.include_apex and acme.contact == "hostmaster@example.test"
@@ -323,9 +335,9 @@ def test_unreachable_directory(box: Appliance, pebble: Pebble, case: str) -> Non
     if case == "untrusted tls":
         box.set(acme_ca_bundle="")
     with pytest.raises(OpError) as err:
-        cert_issue(box.ctx)
-    assert str(err.value).startswith(f"cannot reach the ACME directory {url}: ")
-    assert str(err.value).endswith("; check the URL and the CA bundle")
+        cert_issue.run(box.ctx)
+    assert err.value.message.startswith(f"cannot reach the ACME directory {url}: ")
+    assert err.value.message.endswith("; check the URL and the CA bundle")
     reason = {"closed port": "connection refused", "not acme": "not an ACME directory",
               "untrusted tls": "TLS error"}[case]
     assert reason in str(err.value)
@@ -343,9 +355,9 @@ def test_new_key_is_published_in_tlsa_before_the_switch(tmp_path: Path, box: App
         box.serve_tokens()
         box.use_dns01(zone)
         box.set(acme_challenge="http-01")
-        cert_issue(box.ctx)
+        cert_issue.run(box.ctx)
         old = box.live()
-        result = cert_renew(box.ctx, force=True)
+        result = cert_renew.run(box.ctx, force=True)
         assert result["tlsa"].startswith("TLSA _25._tcp.mail.example.test")
         served = {rr.to_text() for rrset in zone.query(f"_25._tcp.{HOST}", "TLSA").answer for rr in rrset}
         assert served == {placeholder, tlsa_311(old[0]), tlsa_311(box.live()[0])}

@@ -385,9 +385,9 @@ def test_smtp_outbound_check() -> None:
 
 def test_agent_operations_configure_push_and_check(pushable: tuple[Knot, Path, UpdateTarget]) -> None:
     """The path the wizard and the CLI take: store the TSIG key, dry run, push, check, push again."""
-    from portal.agent import server  # noqa: F401  (registers every operation)
-    from portal.agent.registry import REGISTRY, Context, OpError
+    from portal.agent.registry import REGISTRY, Context, OpError, load_all
 
+    load_all()
     knot, state, _target = pushable
     conn = sqlite3.connect(state / "state.db")
     conn.execute("INSERT OR REPLACE INTO settings VALUES ('dns_allow_private', '1')")

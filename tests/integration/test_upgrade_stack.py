@@ -37,14 +37,13 @@ import docker
 import pytest
 
 from portal.agent import jobs
-from portal.agent.registry import REGISTRY, Context, OpError, docker_factory
+from portal.agent.registry import REGISTRY, Context, OpError, docker_factory, load_all
 from portal.backup import config as backup_cfg
 from portal.backup.privileged import env_for
 from portal.backup.service import configure, snapshots
 from portal.checks.env import CheckEnv
 from tests.support.statedb import write_settings
 from portal.stack import pins, upgrade
-from portal.stack.privileged import KIND  # and registers upgrade_run, upgrade_check
 from portal.stack.privileged import deploy_stack, mailbox_create
 from portal.stack.deploy import DeployError, service_states, wait_healthy
 from portal.stack.settings import SERVICES
@@ -52,6 +51,7 @@ from tests.conftest import free_port, retry
 
 from .stackharness import DOMAIN, HOSTNAME, IMAGES_DIR, SHARED_DKIM, VERSION, ensure_images, make_settings
 
+load_all()
 PROJECT, PORT_BASE = "mstest-i6u", 34000
 USER, PASSWORD = f"alice@{DOMAIN}", "upgrade-test-password-1"
 BROKEN, GOOD = "0.1.1", "0.1.2"
@@ -139,8 +139,8 @@ class Box:
 
     def upgrade(self, **args: Any) -> dict[str, Any]:
         """upgrade_run as the web and the CLI call it; the finished job."""
-        job = REGISTRY["upgrade_run"](self.ctx, {"timeout": 300, **args})
-        assert job["kind"] == KIND == "upgrade"
+        job = REGISTRY["upgrade_run"].invoke(self.ctx, {"timeout": 300, **args})
+        assert job["kind"] == "upgrade_run"
         deadline = time.monotonic() + 1200
         while job["state"] == "running" and time.monotonic() < deadline:
             time.sleep(1)
@@ -172,7 +172,7 @@ def box(tmp_path_factory: pytest.TempPathFactory):
     try:
         ensure_images(b.client)
         deploy_stack(b.ctx, lambda *_: None, timeout=600)
-        mailbox_create(b.ctx, address=USER, password=PASSWORD)
+        mailbox_create.run(b.ctx, address=USER, password=PASSWORD)
         tls = ssl.create_default_context(cafile=str(b.state / "tls" / "cert.pem"))
         tls.check_hostname = False
         msg = EmailMessage()
@@ -247,7 +247,7 @@ def test_a_broken_new_version_is_rolled_back_and_the_old_stack_serves_mail(box: 
 
 def test_nothing_newer_is_refused(box: Box) -> None:
     with pytest.raises(OpError) as err:
-        REGISTRY["upgrade_run"](box.ctx, {})  # the appliance's own images: the version that runs
+        REGISTRY["upgrade_run"].invoke(box.ctx, {})  # the appliance's own images: the version that runs
     assert err.value.code == "not_newer" and f"the stack runs {VERSION}" in str(err.value)
 
 
@@ -257,7 +257,7 @@ def test_a_good_new_version_becomes_the_pinned_one(box: Box) -> None:
     (box.state / "secrets" / "backup.json").unlink()  # no backup target: only with without_backup
     bundle = good_bundle(box.tmp / "good-bundle")
     with pytest.raises(OpError) as err:
-        REGISTRY["upgrade_run"](box.ctx, {"source": str(bundle)})
+        REGISTRY["upgrade_run"].invoke(box.ctx, {"source": str(bundle)})
     assert err.value.code == "no_backup" and "without_backup=True" in str(err.value)
 
     job = box.upgrade(source=str(bundle), without_backup=True)
@@ -276,7 +276,7 @@ def test_a_good_new_version_becomes_the_pinned_one(box: Box) -> None:
     # A later deploy (a settings change, say) keeps the pinned 0.1.2 images, not the shipped 0.1.0 ones.
     deploy_stack(box.ctx, lambda *_: None, timeout=600)
     assert box.running() == after.images
-    check = REGISTRY["upgrade_check"](box.ctx, {})
+    check = REGISTRY["upgrade_check"].invoke(box.ctx, {})
     assert (check["current"], check["available"], check["upgrade_available"]) == (GOOD, VERSION, False)
 
 
