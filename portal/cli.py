@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--webhook-url", default="", help="https:// URL that gets a JSON POST per change (empty: none)")
     p.add_argument("--dnsbl-zones", default="", help="blocklist zones, comma separated (empty: the defaults)")
     command(commands, "alerts-test", check_ops.alerts_test, "send a test alert to the admin and the webhook")
+    p = command(commands, "alerts-private", check_ops.alerts_private,
+                "allow alert webhooks to private or loopback addresses (on), or refuse them again (off)",
+                build=lambda ns: {"allow": ns.state == "on"})
+    p.add_argument("state", choices=("on", "off"))
     command(commands, "load-images", stack_ops.stack_load_images, "load the preloaded mail stack images into docker")
     command(commands, "deploy", stack_ops.stack_deploy, "render the mail stack from the settings and start it")
     command(commands, "stack-status", stack_ops.stack_status, "state and health of each mail stack service")
@@ -146,8 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--algorithm", default="hmac-sha256", choices=("hmac-sha256", "hmac-sha512"))
     p.add_argument("--secret-stdin", dest="stdin", action="store_true", help="read the base64 TSIG secret from stdin")
     p = command(commands, "net-check", dns_ops.net_check, "reverse DNS of the public addresses and outbound port 25")
-    p.add_argument("--smtp-host", default=None, help="SMTP server to greet (default: a large public MX)")
-    p.add_argument("--smtp-port", type=int, default=25)
+    p.add_argument("--smtp-host", default=None, help="SMTP server to greet on port 25 (default: a large public MX)")
     p = command(commands, "acme-configure", cert_ops.acme_configure,
                 "choose the certificate authority (ACME) and how to prove the names", build=acme_args)
     p.add_argument("--directory", default="letsencrypt",
@@ -211,7 +214,8 @@ def add_maintenance_commands(commands: Any) -> None:
     p = command(commands, "upgrade", stack_ops.upgrade_run,
                 "load newer mail stack images, back up, redeploy; rolls back on failure", build=upgrade_args)
     p.add_argument("--check", action="store_true", help="only say whether a newer version is available")
-    p.add_argument("--source", default="", help="a folder holding the newer images (default: the ones in the OS)")
+    p.add_argument("--source", default="", help="a folder of its own under /var/lib/mailstead/upgrade/bundles "
+                                                "holding the newer images, root's (default: the ones in the OS)")
     p.add_argument("--without-backup", action="store_true",
                    help="upgrade even though no backup target is configured")
     p.add_argument("--force", action="store_true", help="redeploy even when the images are not newer")

@@ -85,10 +85,11 @@ def write_new(path: Path, data: bytes, mode: int, gid: int | None = None) -> boo
 def write_replace(path: Path, data: bytes, mode: int) -> None:
     """Write `path` atomically, replacing it; untouched if the content is the same."""
     try:
-        if safefs.read_bytes(path) == data and (path.stat().st_mode & 0o777) == mode:
-            return
-    except FileNotFoundError:
-        pass
+        with safefs.open_file(path, owner_uid=os.geteuid()) as f:
+            if f.read(len(data) + 1) == data and (os.fstat(f.fileno()).st_mode & 0o777) == mode:
+                return
+    except (FileNotFoundError, safefs.UnsafePathError):
+        pass  # missing, a symlink or another user's: replaced, never followed
     safefs.write_bytes(path, data, mode)
 
 
@@ -96,7 +97,7 @@ def write_replace(path: Path, data: bytes, mode: int) -> None:
 
 def setup_finished(paths: Paths) -> bool:
     """Setup was finished once: the marker file, or (older states) the setting."""
-    return StateLayout(paths.state_dir).setup_finished.exists() or setup_complete(paths.db_path)
+    return safefs.lstat(StateLayout(paths.state_dir).setup_finished) is not None or setup_complete(paths.db_path)
 
 
 def ensure_token(paths: Paths) -> str | None:
@@ -196,7 +197,7 @@ def ensure_certificate(paths: Paths, hostname: str, addresses: Sequence[IPAddres
     """Make the bootstrap certificate once (cert and key together); return its fingerprint."""
     safefs.ensure_dir(paths.state_dir, 0o755)
     safefs.ensure_dir(paths.tls_dir, 0o755)
-    if not (paths.cert.exists() and paths.key.exists()):
+    if safefs.lstat(paths.cert) is None or safefs.lstat(paths.key) is None:
         cert_pem, key_pem = make_certificate(hostname, addresses)
         write_replace(paths.key, key_pem, 0o600)
         write_replace(paths.cert, cert_pem, 0o644)  # written last: its presence means "done"

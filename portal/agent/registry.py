@@ -83,6 +83,9 @@ class Context:
     # ACME HTTP-01 tokens, served by the host nginx on port 80 (portal/certs).
     acme_dir: Path = field(default_factory=lambda: _env_path("MAILSTEAD_ACME_DIR", "/var/lib/mailstead-acme"))
     reload_nginx: bool = field(default_factory=lambda: os.environ.get("MAILSTEAD_RELOAD_NGINX", "1") != "0")
+    # Folders an upgrade source may also be in, besides images_dir and <state>/upgrade/bundles
+    # (portal/stack/upgrade.py allowed_roots); each must be root's and writable by no one else.
+    upgrade_roots: tuple[Path, ...] = ()
 
 
 def _env_path(var: str, default: str) -> Path:

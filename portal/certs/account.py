@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import josepy as jose
@@ -22,48 +21,42 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from portal import __version__
 from portal.certs import CertError
 from portal.certs.settings import AcmeSettings
+from portal.core import safefs
+from portal.core.layout import StateLayout
+from portal.core.errors import UnsafePathError
 
 TIMEOUT = 30  # seconds, for every request to the CA
 
 
 def account_dir(state_dir: Path) -> Path:
-    return state_dir / "secrets" / "acme"
+    return StateLayout(Path(state_dir)).acme_account
 
 
 def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Atomically write `path` with `mode` (created with it: never readable by others)."""
-    from portal.agent.firstboot import write_replace  # the one atomic writer of the project
-
-    write_replace(path, data, mode)
+    """Atomically write `path` with `mode` through the safe-write helper (a new file
+    with a random name, its mode set before it holds anything others could read)."""
+    safefs.write_bytes(path, data, mode)
 
 
 def ensure_account_key(state_dir: Path) -> ec.EllipticCurvePrivateKey:
     """The account key, made on first use and never replaced."""
     directory = account_dir(state_dir)
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(directory.parent, 0o700)
-    os.chmod(directory, 0o700)
+    safefs.ensure_dir(directory.parent, 0o700)
+    safefs.ensure_dir(directory, 0o700)
     path = directory / "account-key.pem"
-    if not path.exists():
+    if safefs.lstat(path) is None:
         key = ec.generate_private_key(ec.SECP256R1())
         pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".account-key.")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                os.fchmod(f.fileno(), 0o600)
-                f.write(pem)
-                f.flush()
-                os.fsync(f.fileno())
-            try:
-                os.link(tmp, path)  # never replaces a key another run made meanwhile
-            except FileExistsError:
-                pass
-        finally:
-            os.unlink(tmp)
-    os.chmod(path, 0o600)
+        safefs.write_new(path, pem, 0o600)  # never replaces a key another run made meanwhile
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        with safefs.open_file(path, owner_uid=os.geteuid()) as f:
+            os.fchmod(f.fileno(), 0o600)
+            data = f.read(64 * 1024)
+    except UnsafePathError as err:
+        raise CertError(err.message) from None
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError):
         raise CertError(f"{path} is not a PEM private key; move it away to make a new ACME account") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
@@ -136,6 +129,10 @@ def ensure_account(client: acme_client.ClientV2, acme: AcmeSettings,
     record = {"uri": regr.uri, "directory": acme.directory}
     path = account_dir(state_dir) / "account.json"
     data = (json.dumps(record, indent=2) + "\n").encode()
-    if not path.exists() or path.read_bytes() != data:
+    try:
+        same = safefs.read_bytes(path, 64 * 1024, owner_uid=os.geteuid()) == data
+    except (OSError, UnsafePathError):
+        same = False  # missing, or not the agent's own file: replaced, never followed
+    if not same:
         write_private(path, data)
     return regr

@@ -6,9 +6,7 @@ them all away again (`cleanup`, always called, also after a failure).
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +15,7 @@ from typing import Protocol
 from acme import challenges
 
 from portal.certs import CertError
+from portal.core import safefs
 
 TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")
 Progress = Callable[[str, str], None]
@@ -54,28 +53,20 @@ class HttpChallenge:
     written: list[Path] = field(default_factory=list)
 
     def publish(self, pending: list[Pending], progress: Progress) -> None:
-        self.acme_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        safefs.ensure_dir(self.acme_dir, 0o755)
         for item in pending:
             assert isinstance(item.chall, challenges.HTTP01)
             token = item.chall.encode("token")
             if not TOKEN.fullmatch(token):
                 raise CertError(f"the CA sent a challenge token that is not a safe file name for {item.name}")
             path = self.acme_dir / token
-            fd, tmp = tempfile.mkstemp(dir=self.acme_dir, prefix=".token.")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    os.fchmod(f.fileno(), 0o644)
-                    f.write(item.validation.encode("ascii"))
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            safefs.write_bytes(path, item.validation.encode("ascii"), 0o644)
             self.written.append(path)
             progress(f"challenge {item.name}", f"http-01 token at {item.chall.path}")
 
     def cleanup(self, progress: Progress) -> None:
         for path in self.written:
-            path.unlink(missing_ok=True)
+            safefs.remove(path)
         self.written.clear()
 
     def fix(self, name: str) -> str:

@@ -146,9 +146,11 @@ def redeploy_needed(settings: StackSettings) -> bool:
     """True if the deployed mail stack does not read the certificate now in use
     (e.g. the first CA certificate after the bootstrap one): run stack_deploy."""
     main_cf = settings.stack_dir / "postfix" / "main.cf"
-    if not main_cf.exists():
+    try:
+        text = safefs.read_text(main_cf)
+    except (OSError, UnicodeDecodeError, safefs.UnsafePathError):
         return False
-    return settings.tls_container_paths()[2] not in main_cf.read_text()
+    return settings.tls_container_paths()[2] not in text
 
 
 def _load(ctx: Context) -> tuple[StackSettings, AcmeSettings]:
@@ -292,8 +294,8 @@ def cert_status(ctx: Context) -> dict[str, Any]:
     pem = live[0] if live else None
     if pem is None:
         try:
-            pem = (tls / "bootstrap.crt").read_bytes()
-        except OSError:
+            pem = safefs.read_bytes(tls / "bootstrap.crt", 1 << 20)
+        except (OSError, safefs.UnsafePathError):
             pem = None
     out: dict[str, Any] = {"source": source if pem else "none", "state": read_state(ctx.state_dir)}
     if pem is None:

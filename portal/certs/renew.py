@@ -13,6 +13,7 @@ import base64
 import datetime as dt
 import hashlib
 import json
+import os
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,6 +29,9 @@ from portal.certs.challenges import ChallengeHandler, Progress, no_progress
 from portal.certs.issue import issue
 from portal.certs.settings import AcmeSettings
 from portal.certs.store import install, read_live, tls_dir
+from portal.core import safefs
+from portal.core.errors import UnsafePathError
+from portal.core.layout import StateLayout
 
 STATE_FILE = "certs-state.json"
 BACKOFF_FIRST = dt.timedelta(hours=1)
@@ -123,15 +127,17 @@ def renew_due(cert_pem: bytes, client: Any = None, now: dt.datetime | None = Non
 # -- state file -------------------------------------------------------------------------
 
 def read_state(state_dir: Path) -> dict[str, Any]:
+    """certs-state.json; a symlink or another user's file is refused, not followed."""
     try:
-        data = json.loads((state_dir / STATE_FILE).read_text())
+        data = safefs.read_json(StateLayout(Path(state_dir)).certs_state, {}, owner_uid=os.geteuid())
         return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, UnsafePathError):
         return {}
 
 
 def write_state(state_dir: Path, state: dict[str, Any]) -> None:
-    write_private(state_dir / STATE_FILE, (json.dumps(state, indent=2, sort_keys=True) + "\n").encode(), 0o644)
+    write_private(StateLayout(Path(state_dir)).certs_state,
+                  (json.dumps(state, indent=2, sort_keys=True) + "\n").encode(), 0o644)
 
 
 def backoff(failures: int) -> dt.timedelta:

@@ -3,7 +3,7 @@
 Layout of <state>/tls/:
     bootstrap.crt / bootstrap.key / bootstrap.sha256   made by firstboot, never touched here
     archive/<UTC time>-<serial>/fullchain.pem (0644), privkey.pem (0600)
-    live -> archive/<...>                              relative symlink, replaced with os.replace
+    live -> archive/<...>                              relative symlink, replaced in one rename
 
 nginx, postfix and dovecot read live/fullchain.pem and live/privkey.pem (the
 containers get the whole tls folder, read-only, so they see a new live/ too).
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import shutil
+import stat
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtensionOID
 
 from portal.certs import CertError
+from portal.core import safefs
 
 KEEP_ARCHIVES = 3
 
@@ -93,37 +94,20 @@ def verify_pair(fullchain_pem: bytes, key_pem: bytes, names: tuple[str, ...] | l
     return chain
 
 
-def _write(path: Path, data: bytes, mode: int, gid: int | None = None) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "wb") as f:
-        os.fchmod(f.fileno(), mode)
-        if gid is not None and os.geteuid() == 0:
-            os.fchown(f.fileno(), 0, gid)
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def read_live(tls: Path) -> tuple[bytes, bytes] | None:
     """(fullchain PEM, key PEM) of live/, read through one open of the folder so the
-    two always belong together; None if there is no live certificate."""
+    two always belong together; None if there is no live certificate. The tls folder
+    is walked without following a symlink; `live` is the one link followed (it is the
+    agent's own, switched by `install`), the files in it are not links."""
     try:
-        dfd = os.open(tls / "live", os.O_RDONLY | os.O_DIRECTORY)
+        with safefs.open_dir(tls) as tfd:
+            dfd = os.open("live", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=tfd)
     except (FileNotFoundError, NotADirectoryError):
         return None
     try:
         out = []
         for name in ("fullchain.pem", "privkey.pem"):
-            fd = os.open(name, os.O_RDONLY, dir_fd=dfd)
-            with os.fdopen(fd, "rb") as f:
+            with safefs.open_file(name, dir_fd=dfd) as f:
                 out.append(f.read())
         return out[0], out[1]
     finally:
@@ -133,54 +117,62 @@ def read_live(tls: Path) -> tuple[bytes, bytes] | None:
 def install(tls: Path, fullchain_pem: bytes, key_pem: bytes, names: tuple[str, ...] | list[str],
             now: dt.datetime | None = None, keep: int = KEEP_ARCHIVES) -> Installed:
     """Verify the pair, write it to a new archive folder, and switch live/ to it in one
-    os.replace of a symlink. Nothing changes for readers unless every check passed."""
+    rename of a symlink. Nothing changes for readers unless every check passed. Every
+    file and folder goes through the safe-write helper."""
     now = now or dt.datetime.now(dt.timezone.utc)
     chain = verify_pair(fullchain_pem, key_pem, names, now)
     leaf = chain[0]
-    archive = tls / "archive"
-    archive.mkdir(mode=0o755, parents=True, exist_ok=True)
+    safefs.ensure_dir(tls, 0o755)
+    archive = safefs.ensure_dir(tls / "archive", 0o755)
     serial = f"{leaf.serial_number:x}"
     folder = archive / f"{now:%Y%m%dT%H%M%S}Z-{serial[:16]}"
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(mode=0o755)
-    os.chmod(folder, 0o755)
-    bootstrap_key = tls / "bootstrap.key"
-    gid = bootstrap_key.stat().st_gid if bootstrap_key.exists() else None
+    safefs.remove_tree(folder)
+    safefs.new_dir(folder, 0o755)
+    bootstrap_key = safefs.lstat(tls / "bootstrap.key")
+    owner = (0, bootstrap_key.st_gid) if bootstrap_key is not None and os.geteuid() == 0 else None
     try:
-        _write(folder / "fullchain.pem", fullchain_pem, 0o644)
-        _write(folder / "privkey.pem", key_pem, 0o600, gid)
-        _fsync_dir(folder)
+        safefs.write_new(folder / "fullchain.pem", fullchain_pem, 0o644)
+        safefs.write_new(folder / "privkey.pem", key_pem, 0o600, owner)
         # What is on disk is what gets served: check it once more as written.
-        verify_pair((folder / "fullchain.pem").read_bytes(), (folder / "privkey.pem").read_bytes(), names, now)
+        verify_pair(safefs.read_bytes(folder / "fullchain.pem"), safefs.read_bytes(folder / "privkey.pem"), names, now)
     except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
+        safefs.remove_tree(folder)
         raise
     live = tls / "live"
-    if live.exists() and not live.is_symlink():
+    st = safefs.lstat(live)
+    if st is not None and not stat.S_ISLNK(st.st_mode):
         raise CertError(f"{live} is not a symlink; move it away so that certificates can be switched atomically")
-    tmp = tls / f".live.{os.getpid()}.tmp"
-    tmp.unlink(missing_ok=True)
-    os.symlink(os.path.relpath(folder, tls), tmp)
-    os.replace(tmp, live)
-    _fsync_dir(tls)
+    safefs.replace_symlink(live, os.path.relpath(folder, tls))
     prune(tls, keep)
     return Installed(folder, serial, leaf.not_valid_after_utc, cert_names(leaf))
+
+
+def _live_target(tls: Path) -> str | None:
+    """The archive folder name live/ points at (its link text, never followed)."""
+    try:
+        with safefs.open_dir(tls) as tfd:
+            target = os.readlink("live", dir_fd=tfd)
+    except (FileNotFoundError, OSError):
+        return None
+    parts = Path(target).parts
+    return parts[1] if len(parts) == 2 and parts[0] == "archive" else None
 
 
 def prune(tls: Path, keep: int = KEEP_ARCHIVES) -> list[Path]:
     """Remove all but the newest `keep` archive folders (never the live one)."""
     archive = tls / "archive"
-    if not archive.is_dir():
+    try:
+        with safefs.open_dir(archive) as afd:
+            names = [n for n in os.listdir(afd) if not n.startswith(".")
+                     and stat.S_ISDIR(os.stat(n, dir_fd=afd, follow_symlinks=False).st_mode)]
+    except FileNotFoundError:
         return []
-    live = (tls / "live").resolve() if (tls / "live").is_symlink() else None
-    folders = sorted((p for p in archive.iterdir() if p.is_dir() and not p.name.startswith(".")),
-                     key=lambda p: p.name, reverse=True)
+    live = _live_target(tls)
     removed = []
-    for old in folders[keep:]:
-        if old.resolve() != live:
-            shutil.rmtree(old)
-            removed.append(old)
+    for name in sorted(names, reverse=True)[keep:]:
+        if name != live:
+            safefs.remove_tree(archive / name)
+            removed.append(archive / name)
     return removed
 
 

@@ -11,14 +11,13 @@ port, and, if the setting alert_webhook_url is set, one JSON POST to it.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import smtplib
 import socket
 import sqlite3
 import time
-import urllib.error
-import urllib.request
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from pathlib import Path
@@ -44,9 +43,10 @@ TIMEOUT = 10.0
 
 
 def _db(state_dir: Path) -> sqlite3.Connection:
-    state_dir.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(state_dir / "state.db", timeout=10)
-    conn.row_factory = sqlite3.Row
+    """state.db through its one opener (root's 0600 file, never a symlink: portal/core/store.py)."""
+    from portal.core.store import connect
+
+    conn = connect(state_dir)
     conn.executescript(SCHEMA)
     if "fix" not in {row["name"] for row in conn.execute("PRAGMA table_info(health_history)")}:
         try:  # a table from before the fix was kept (the dashboard shows the latest fix)
@@ -125,11 +125,75 @@ def send_mail(host: str, port: int, sender: str, to: str, subject: str, body: st
         smtp.send_message(msg, from_addr=sender, to_addrs=[to])
 
 
-def post_webhook(url: str, payload: dict[str, Any]) -> int:
-    req = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
-                                 headers={"Content-Type": "application/json", "User-Agent": "mailstead-alerts"})
-    with urllib.request.urlopen(req, timeout=TIMEOUT) as resp:  # noqa: S310 - http(s) only, checked
-        return resp.status
+class WebhookError(Exception):
+    """The webhook was not sent, or not accepted: `reason` says why (never the URL)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def post_webhook(url: str, payload: dict[str, Any], allow_private: bool = False, timeout: float = TIMEOUT) -> int:
+    """POST `payload` as JSON to `url`: its host resolved once and checked (see
+    resolve_public), the connection made to that address (TLS verified against the
+    host name), no redirect followed (a 3xx is a WebhookError naming where it led).
+    Returns the HTTP status (2xx); WebhookError otherwise."""
+    import http.client
+    import ssl
+    from urllib.parse import urlsplit
+
+    from portal.dns.netcheck import AddressRefused, resolve_public
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    https = parts.scheme == "https"
+    try:
+        port = parts.port or (443 if https else 80)
+    except ValueError:
+        raise WebhookError("the URL's port is not a number") from None
+    try:
+        addresses = resolve_public(host, port, allow_private, "alerts-private")
+    except AddressRefused as err:
+        raise WebhookError(err.reason) from None
+    last: OSError | None = None
+    sock = None
+    for address in addresses:
+        try:
+            sock = socket.create_connection((address, port), timeout=timeout)
+            break
+        except OSError as err:
+            last = err
+    if sock is None:
+        assert last is not None
+        raise WebhookError(f"cannot connect to {host} port {port} ({last.strerror or type(last).__name__})")
+    conn: http.client.HTTPConnection
+    try:
+        if https:
+            tls = ssl.create_default_context()
+            sock = tls.wrap_socket(sock, server_hostname=host)
+            conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=tls)
+        else:
+            conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        conn.sock = sock  # already connected to the checked address: http.client never resolves again
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        conn.request("POST", target, body=json.dumps(payload).encode(),
+                     headers={"Content-Type": "application/json", "User-Agent": "mailstead-alerts"})
+        resp = conn.getresponse()
+        resp.read(64 * 1024)
+    except ssl.SSLError as err:
+        sock.close()
+        raise WebhookError(f"TLS with {host} failed ({err.reason or type(err).__name__})") from None
+    except (OSError, http.client.HTTPException) as err:
+        sock.close()
+        raise WebhookError(f"{host} port {port}: {getattr(err, 'strerror', None) or type(err).__name__}") from None
+    conn.close()
+    if 300 <= resp.status < 400:
+        where = urlsplit(resp.getheader("Location") or "").hostname or host
+        raise WebhookError(f"HTTP {resp.status}: {host} redirects to {where[:100]}, and redirects are not "
+                           "followed; give the URL it redirects to")
+    if not 200 <= resp.status < 300:
+        raise WebhookError(f"HTTP {resp.status}")
+    return resp.status
 
 
 from portal.core.errors import MailsteadError  # noqa: E402
@@ -142,8 +206,11 @@ class AlertSettingError(MailsteadError, ValueError):
         super().__init__(message, field=field)
 
 
-def check_webhook_url(url: str) -> str:
-    """https://host/... (http:// only to this machine, e.g. a local relay); empty: no webhook."""
+def check_webhook_url(url: str, allow_private: bool = False) -> str:
+    """https://host/... (http:// only to this machine, e.g. a local relay); empty: no webhook.
+    A host given as a private, loopback, link-local or reserved address (or localhost)
+    is refused unless `allow_private` (the setting alert_webhook_private); a name is
+    resolved and checked each time an alert is sent (post_webhook)."""
     from urllib.parse import urlsplit
 
     url = url.strip()
@@ -158,6 +225,17 @@ def check_webhook_url(url: str) -> str:
     if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "::1", "localhost"):
         raise AlertSettingError("alert_webhook_url", "must use https:// (alerts describe your server; plain "
                                                      "http:// is only accepted to this machine itself)")
+    if not allow_private:
+        from portal.dns.netcheck import address_kind
+
+        try:
+            kind = "loopback" if parts.hostname == "localhost" else address_kind(ipaddress.ip_address(parts.hostname))
+        except ValueError:
+            kind = None  # a name: checked when an alert is sent
+        if kind:
+            raise AlertSettingError("alert_webhook_url", f"names a {kind} address; alerts go only to public "
+                                                         "addresses unless the owner allows private ones "
+                                                         "(as root: mailstead alerts-private on)")
     return url
 
 
@@ -205,17 +283,16 @@ def alert(values: dict[str, str], stack_settings: Any, changes: list[dict[str, A
     url = (values.get("alert_webhook_url") or "").strip()
     if url:
         try:
-            check_webhook_url(url)
+            check_webhook_url(url, (values.get("alert_webhook_private") or "").strip() == "1")
         except AlertSettingError as err:
             out["webhook"] = f"not sent: {err}"
         else:
             payload = {"host": hostname, "subject": subject, "changes": changes, "at": time.time()}
+            allow_private = (values.get("alert_webhook_private") or "").strip() == "1"
             try:
-                out["webhook"] = f"sent (HTTP {post_webhook(url, payload)})"
-            except urllib.error.HTTPError as err:
-                out["webhook"] = f"failed: HTTP {err.code}"
-            except (OSError, ValueError) as err:
-                out["webhook"] = f"failed: {type(err).__name__}"  # never the URL: it may hold a token
+                out["webhook"] = f"sent (HTTP {post_webhook(url, payload, allow_private)})"
+            except WebhookError as err:
+                out["webhook"] = f"failed: {err.reason}"  # never the URL: it may hold a token
             if out["webhook"].startswith("failed"):
                 log.warning("alert webhook %s", out["webhook"])
     return out

@@ -70,12 +70,24 @@ def alerts_configure(ctx: Context, webhook_url: str = "", dnsbl_zones: str = "")
     from portal.checks.env import DEFAULT_DNSBL_ZONES
     from portal.checks.history import AlertSettingError, check_dnsbl_zones, check_webhook_url
 
+    allow_private = store.read_settings(ctx.state_dir).get("alert_webhook_private", "") == "1"
     try:
-        url, zones = check_webhook_url(webhook_url), check_dnsbl_zones(dnsbl_zones)
+        url, zones = check_webhook_url(webhook_url, allow_private), check_dnsbl_zones(dnsbl_zones)
     except AlertSettingError as err:
         raise OpError("invalid", err.message, err.field) from None
     store.write_settings(ctx.state_dir, {"alert_webhook_url": url, "dnsbl_zones": zones})
     return {"webhook": bool(url), "dnsbl_zones": (zones or ",".join(DEFAULT_DNSBL_ZONES)).split(",")}
+
+
+@privileged(timeout=10.0)
+def alerts_private(ctx: Context, allow: bool) -> dict[str, Any]:
+    """Allow (or refuse again) alert webhooks to private, loopback, link-local and
+    reserved addresses (setting alert_webhook_private; off by default). Root only:
+    the web cannot point the agent's requests at the local network."""
+    from portal.core import store
+
+    store.write_settings(ctx.state_dir, {"alert_webhook_private": "1" if allow else "0"})
+    return {"allow_private": allow}
 
 
 @privileged(web=True, timeout=30.0)

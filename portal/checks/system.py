@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import shutil
 import subprocess
 from typing import Any
@@ -56,11 +55,14 @@ def memory(env: CheckEnv) -> CheckResult:
 def read_backup_state(env: CheckEnv) -> dict[str, Any] | None:
     """<state>/backup-state.json, written by the backup operations:
     {"last_backup": {"at": ISO-8601 or epoch, "ok": bool, "error": str|null, ...}, "last_verify": {...}}."""
+    from portal.core import safefs
+    from portal.core.errors import UnsafePathError
+
     try:
-        data = json.loads(env.backup_state.read_text())
+        data = safefs.read_json(env.backup_state)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, UnsafePathError) as err:
         return {"_error": f"{env.backup_state} is unreadable ({type(err).__name__})"}
     return data if isinstance(data, dict) else {"_error": f"{env.backup_state} is not a JSON object"}
 

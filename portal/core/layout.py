@@ -66,6 +66,16 @@ class StateLayout:
         return self.root / "stack-images.json"
 
     @property
+    def upgrade_state(self) -> Path:
+        """The last upgrade check's and the last upgrade's outcome (portal/stack/upgrade.py)."""
+        return self.root / "upgrade-state.json"
+
+    @property
+    def certs_state(self) -> Path:
+        """Certificate renewal state (portal/certs/renew.py)."""
+        return self.root / "certs-state.json"
+
+    @property
     def images_lock(self) -> Path:
         return self.root / "images.lock"
 
@@ -107,6 +117,33 @@ class StateLayout:
         return self.root / "upgrade"
 
     @property
+    def upgrade_previous(self) -> Path:
+        """The kept previous stack folder and pin of the last upgrade."""
+        return self.upgrade / "previous"
+
+    @property
+    def upgrade_bundles(self) -> Path:
+        """Where the owner puts upgrade bundles (one folder each, root's, 0700/0755):
+        with the images the appliance ships, the only place an upgrade source may be."""
+        return self.upgrade / "bundles"
+
+    @property
+    def dkim(self) -> Path:
+        return self.secrets / "dkim"
+
+    @property
+    def acme_account(self) -> Path:
+        return self.secrets / "acme"
+
+    @property
+    def rfc2136_key(self) -> Path:
+        return self.secrets / "rfc2136.key"
+
+    @property
+    def redis_password(self) -> Path:
+        return self.secrets / "redis-password"
+
+    @property
     def backup_work(self) -> Path:
         return self.root / "backup-work"
 
@@ -115,7 +152,8 @@ class StateLayout:
         return self.root / "backup-cache"
 
     # Folders made at the agent's start, with their modes (secrets never readable by others).
-    FOLDERS = (("jobs", 0o700), ("secrets", 0o700), ("tls", 0o755), ("upgrade", 0o700))
+    FOLDERS = (("jobs", 0o700), ("secrets", 0o700), ("tls", 0o755), ("upgrade", 0o700),
+               ("upgrade/bundles", 0o700))
 
     def prepare(self) -> None:
         """Make the state folder and its fixed sub-folders root's (0755 / their modes),

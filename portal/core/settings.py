@@ -311,6 +311,7 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
     Setting("setup_complete", flag),
     # Maintenance.
     Setting("alert_webhook_url", url),
+    Setting("alert_webhook_private", flag, restore=False),
     Setting("dnsbl_zones", zone_list),
     Setting("upgrade_auto", flag),
 )}

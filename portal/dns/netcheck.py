@@ -1,4 +1,12 @@
-"""Checks outside the zone: reverse DNS of the public IPs, outbound SMTP (port 25)."""
+"""Checks outside the zone: reverse DNS of the public IPs, outbound SMTP (port 25).
+
+The outbound check is the agent greeting a mail server on the internet as root,
+so it is held to one purpose (net_check in portal/dns/privileged.py): port 25
+only, a host that resolves (once: the connection goes to that address) to public
+addresses only, and the result says whether a 220 greeting came, never what the
+server said. It cannot be pointed at this machine, the local network or any
+other port, nor read a service's banner.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +18,51 @@ import dns.exception
 import dns.resolver
 
 from portal.dns.check import make_resolver
+
+
+SMTP_PORT = 25
+
+
+class AddressRefused(ValueError):
+    """A host name that does not resolve, or resolves to an address that is not public."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def address_kind(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """None for a public (global unicast) address, else what it is: loopback, private, ..."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    for kind, test in (("loopback", ip.is_loopback), ("link-local", ip.is_link_local),
+                       ("unspecified", ip.is_unspecified), ("multicast", ip.is_multicast),
+                       ("reserved", ip.is_reserved), ("private", ip.is_private)):
+        if test:
+            return kind
+    return None if ip.is_global else "non-public"
+
+
+def resolve_public(host: str, port: int, allow_private: bool = False, setting: str = "") -> list[str]:
+    """The addresses `host` resolves to, resolved once: connect to these, never to the
+    name again. Unless `allow_private`, every one must be public (AddressRefused says
+    which is not; `setting` names the command that allows private ones)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as err:
+        raise AddressRefused(f"{host} does not resolve ({getattr(err, 'strerror', None) or type(err).__name__})") from None
+    addresses = list(dict.fromkeys(str(info[4][0]).split("%", 1)[0] for info in infos))
+    if not addresses:
+        raise AddressRefused(f"{host} does not resolve")
+    if not allow_private:
+        for a in addresses:
+            kind = address_kind(ipaddress.ip_address(a))
+            if kind:
+                allow = (f" unless the owner allows private ones (as root: mailstead {setting} on)"
+                         if setting else "")
+                raise AddressRefused(f"{host} resolves to {a}, a {kind} address; only public addresses are "
+                                     f"reached{allow}")
+    return addresses
 
 
 @dataclass(frozen=True)
@@ -44,22 +97,37 @@ def ptr_check(ip: str, expected_host: str, resolvers: list[tuple[str, int]], tim
     return NetCheck(f"ptr:{ip}", "ok", f"the reverse DNS of {ip} is {host}", "")
 
 
-def smtp_outbound_check(host: str, port: int = 25, timeout: float = 5.0) -> NetCheck:
-    """Open a TCP connection to an SMTP server and read its 220 greeting."""
+def smtp_outbound_check(host: str, timeout: float = 5.0, *, port: int = SMTP_PORT,
+                        allow_private: bool = False) -> NetCheck:
+    """Open a TCP connection to port 25 of the SMTP server `host` (resolved once, to
+    public addresses only) and see whether it greets with 220. The greeting itself is
+    never returned. (`port` and `allow_private` are for tests on loopback; the agent's
+    net_check never passes them.)"""
+    fix = f"ask your provider to open outbound port {port}"
     blocked = (f"outbound port {port} appears blocked: ask your provider to open it (many VPS providers block "
                "it until asked)")
     try:
-        with socket.create_connection((host, port), timeout=timeout) as conn:
+        addresses = resolve_public(host, port, allow_private)
+    except AddressRefused as err:
+        return NetCheck("smtp_outbound", "error", f"{err.reason}; give the name of a mail server on the internet",
+                        "leave the SMTP host empty to greet the default one")
+    greeting = b""
+    try:
+        with socket.create_connection((addresses[0], port), timeout=timeout) as conn:
             conn.settimeout(timeout)
-            banner = conn.recv(512).decode("ascii", "replace").strip()
+            while len(greeting) < 4 and b"\n" not in greeting:
+                chunk = conn.recv(512)
+                if not chunk:
+                    break
+                greeting += chunk
     except (TimeoutError, socket.timeout):
         return NetCheck("smtp_outbound", "blocked", f"no answer from {host} port {port} within {timeout:g} s; "
-                        f"{blocked}", f"ask your provider to open outbound port {port}")
+                        f"{blocked}", fix)
     except OSError as err:
         return NetCheck("smtp_outbound", "blocked", f"cannot connect to {host} port {port} "
-                        f"({err.strerror or err}); {blocked}", f"ask your provider to open outbound port {port}")
-    if not banner.startswith("220"):
-        return NetCheck("smtp_outbound", "error", f"{host} port {port} answered {banner[:80]!r} instead of an "
-                        "SMTP greeting (220)", "something between this server and the internet intercepts "
-                        "port 25; ask your provider")
-    return NetCheck("smtp_outbound", "ok", f"outbound port {port} is open ({host} greets: {banner[:80]})", "")
+                        f"({err.strerror or type(err).__name__}); {blocked}", fix)
+    if not greeting.startswith(b"220"):
+        return NetCheck("smtp_outbound", "error", f"{host} port {port} answered, but not with an SMTP greeting "
+                        "(220)", "something between this server and the internet intercepts port 25; ask your "
+                        "provider")
+    return NetCheck("smtp_outbound", "ok", f"outbound port {port} is open ({host} greets with 220)", "")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import re
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -130,19 +131,46 @@ def dns_configure_push(ctx: Context, server: str, key_name: str, secret: str, al
         return {**values, "secret_file": str(ctx.state_dir / "secrets" / "rfc2136.key")}
 
 
+def check_smtp_host(value: str) -> str:
+    """The SMTP host net_check greets: empty for the default probe, else a host name
+    or a public address (the name is resolved, and checked public, when it is used)."""
+    from portal.dns.netcheck import address_kind
+
+    host = value.strip().rstrip(".").lower()
+    if not host:
+        return DEFAULT_SMTP_PROBE
+    fix = "give the name of a mail server on the internet (e.g. an MX host), or leave it empty"
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        labels = host.split(".")
+        if (len(host) > 253 or len(labels) < 2
+                or not all(re.fullmatch(r"(?!-)[a-z0-9-]{1,63}(?<!-)", label) for label in labels)):
+            raise DnsError(f"'{value[:60]}' is not a host name; {fix}", "smtp_host") from None
+        return host
+    kind = address_kind(ip)
+    if kind:
+        raise DnsError(f"{host} is a {kind} address; {fix}", "smtp_host")
+    return host
+
+
 @privileged(timeout=60.0)
-def net_check(ctx: Context, smtp_host: str = DEFAULT_SMTP_PROBE, smtp_port: int = 25,
-              timeout: float = 5.0) -> dict[str, Any]:
-    """Reverse DNS of the public addresses, and whether outbound SMTP gets a greeting."""
+def net_check(ctx: Context, smtp_host: str = "", timeout: float = 5.0) -> dict[str, Any]:
+    """Reverse DNS of the public addresses, and whether outbound SMTP gets a greeting:
+    port 25 of `smtp_host` (default: a large public MX), which must resolve to public
+    addresses only; the result says ok or why not, never what the server said."""
     from portal.dns.netcheck import ptr_check, smtp_outbound_check
     from portal.dns.settings import load_dns_settings
 
     with refusals():
+        if not 1 <= timeout <= 30:
+            raise DnsError("give a number of seconds from 1 to 30", "timeout")
+        host = check_smtp_host(smtp_host)
         s = load_dns_settings(ctx.state_dir)
         if not s.resolvers:
             raise DnsError("dns_resolvers is not set; enter the recursive resolver(s), e.g. 9.9.9.9",
                            "dns_resolvers")
         results = [ptr_check(ip, s.mail_host, list(s.resolvers), timeout=timeout)
                    for ip in (s.public_ipv4, s.public_ipv6) if ip]
-        results.append(smtp_outbound_check(smtp_host, smtp_port, timeout=timeout))
+        results.append(smtp_outbound_check(host, timeout=timeout))
         return {"checks": [r.as_dict() for r in results]}

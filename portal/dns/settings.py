@@ -93,9 +93,13 @@ def caa_issuer_for(directory: str, explicit: str | None) -> str | None:
 
 
 def read_account_uri(state_dir: Path) -> str | None:
+    from portal.core import safefs
+    from portal.core.errors import UnsafePathError
+    from portal.core.layout import StateLayout
+
     try:
-        data = json.loads((state_dir / "secrets" / "acme" / "account.json").read_text())
-    except (OSError, ValueError):
+        data = safefs.read_json(StateLayout(Path(state_dir)).acme_account / "account.json", limit=64 * 1024)
+    except (OSError, ValueError, UnsafePathError):
         return None
     uri = data.get("uri") if isinstance(data, dict) else None
     return uri if isinstance(uri, str) and uri.startswith("https://") else None

@@ -162,21 +162,17 @@ def delete_rrset(target: UpdateTarget, name: str, rdtype: str) -> None:
 # -- configuration --------------------------------------------------------------------
 
 def secret_path(state_dir: Path) -> Path:
-    return state_dir / "secrets" / SECRET_FILE
+    from portal.core.layout import StateLayout
+
+    return StateLayout(Path(state_dir)).rfc2136_key
 
 
 def write_secret(state_dir: Path, secret: str) -> None:
     """Store the TSIG secret in <state>/secrets/rfc2136.key (0600, folder 0700)."""
-    folder = state_dir / "secrets"
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(folder, 0o700)
-    path = secret_path(state_dir)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secret + "\n")
-    os.replace(tmp, path)
-    os.chmod(path, 0o600)
+    from portal.core import safefs
+
+    safefs.ensure_dir(secret_path(state_dir).parent, 0o700)
+    safefs.write_text(secret_path(state_dir), secret + "\n", 0o600)
 
 
 
@@ -189,9 +185,12 @@ def load_update_target(state_dir: Path) -> UpdateTarget | None:
     domain = values.get("domain", "").strip().rstrip(".").lower()
     if not domain:
         raise DnsError("is not set yet; finish the Domain step of the setup wizard first", "domain")
+    from portal.core import safefs
+    from portal.core.errors import UnsafePathError
+
     try:
-        secret = secret_path(state_dir).read_text().strip()
-    except OSError:
+        secret = safefs.read_text(secret_path(state_dir), 4096, owner_uid=os.geteuid()).strip()
+    except (OSError, UnsafePathError, UnicodeDecodeError):
         raise DnsError(f"the TSIG secret file {secret_path(state_dir)} is missing or unreadable; "
                        "configure DNS updates again", "rfc2136_secret") from None
     key = TsigKey.parse(values.get("rfc2136_key_name", ""), secret,

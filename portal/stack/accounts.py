@@ -19,6 +19,7 @@ import hashlib
 import re
 import secrets
 import sqlite3
+import stat
 import string
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +29,9 @@ from encodings import idna
 from functools import cache
 from pathlib import Path
 from typing import Any, Protocol
+
+from portal.core import safefs
+from portal.core.errors import UnsafePathError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS domains   (name TEXT PRIMARY KEY);              -- punycode, lower case
@@ -351,17 +355,17 @@ class Accounts:
     @contextmanager
     def connect(self) -> Iterator[sqlite3.Connection]:
         """A connection in autocommit mode with the schema in place; closed on exit."""
-        folder = self.path.parent
-        if not folder.is_dir():
-            folder.mkdir(mode=DIR_MODE, parents=True)
-            folder.chmod(DIR_MODE)  # mkdir's mode is cut down by the umask
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-        except FileExistsError:
-            pass
-        else:
-            os.fchmod(fd, FILE_MODE)
-            os.close(fd)
+        # The folder is the agent's (made DIR_MODE; another user's is refused), so nothing
+        # in it can be swapped; the file is made whole if missing and must be a regular
+        # file of the agent's (a symlink is refused: sqlite would follow it).
+        safefs.ensure_dir(self.path.parent, DIR_MODE)
+        st = safefs.lstat(self.path)
+        if st is None:
+            safefs.write_new(self.path, b"", FILE_MODE)
+            st = safefs.lstat(self.path)
+        if st is None or not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            raise UnsafePathError(f"{self.path} is not a regular file of the agent's (a symlink?); as root, "
+                                  "check it and remove it if you did not make it")
         conn = sqlite3.connect(self.path, timeout=10, isolation_level=None)
         try:
             conn.row_factory = sqlite3.Row

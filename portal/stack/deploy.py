@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from portal.core import safefs
 from portal.stack.accounts import Accounts
 from portal.stack.render import render, replace_tree, restore_tree
 from portal.stack.settings import SERVICES, StackSettings
@@ -59,13 +60,10 @@ class DeployResult:
 
 def stack_secrets(secrets_dir: Path) -> dict[str, str]:
     """The stack's generated secrets, made once (0600) and then reused."""
-    secrets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    safefs.ensure_dir(secrets_dir, 0o700)
     path = secrets_dir / "redis-password"
-    if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(32) + "\n")
-    return {"redis_password": path.read_text().strip()}
+    safefs.write_new(path, (secrets.token_urlsafe(32) + "\n").encode(), 0o600)  # kept if there
+    return {"redis_password": safefs.read_text(path, 4096, owner_uid=os.geteuid()).strip()}
 
 
 # -- compose and the SDK --------------------------------------------------------
@@ -146,7 +144,8 @@ def deploy(client: Any, settings: StackSettings, *, timeout: float = 180,
     # The accounts database exists (with the appliance's domain) before
     # postfix and dovecot first open it.
     Accounts(settings.accounts_db).add_domain(settings.domain)
-    settings.dkim_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    safefs.ensure_dir(settings.secrets_dir, 0o700)
+    safefs.ensure_dir(settings.dkim_dir, 0o700)
     prev = replace_tree(files, settings.stack_dir)
     start = time.monotonic()
     try:

@@ -20,6 +20,9 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from portal.core import safefs
+from portal.core.errors import UnsafePathError
+
 RSA_BITS = 2048
 
 PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
@@ -45,39 +48,31 @@ def _pem(key: PrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
-def _write_new(path: Path, data: bytes) -> None:
-    """Create `path` (0600) with `data`; never overwrite. The file appears whole
-    (written under a temporary name, then linked), so a crash leaves no half key."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.link(tmp, path)  # fails if the key appeared meanwhile: the first one wins
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def ensure_keys(dkim_dir: Path, selectors: tuple[str, str]) -> None:
     """Make the RSA-2048 key (selectors[0]) and the Ed25519 key (selectors[1])
     in `dkim_dir` if they are missing. Existing keys are kept as they are, but
-    checked: a key of the wrong type is an error, not something to replace."""
+    checked: a key of the wrong type is an error, not something to replace.
+
+    `dkim_dir` (and the secrets folder, when missing) is made 0700, and refused if
+    it is another user's or a symlink; a key appears whole (a random temporary name,
+    then linked: the first one made wins), and its mode is set on its descriptor."""
     rsa_selector, ed_selector = selectors
-    dkim_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(dkim_dir, 0o700)
+    if safefs.lstat(dkim_dir.parent) is None:  # the secrets folder: never made readable by others
+        safefs.ensure_dir(dkim_dir.parent, 0o700)
+    safefs.ensure_dir(dkim_dir, 0o700)
     wanted = {
         rsa_selector: lambda: rsa.generate_private_key(public_exponent=65537, key_size=RSA_BITS),
         ed_selector: ed25519.Ed25519PrivateKey.generate,
     }
     for selector, generate in wanted.items():
         path = key_path(dkim_dir, selector)
-        if not path.exists():
-            _write_new(path, _pem(generate()))
-        os.chmod(path, 0o600)
+        if safefs.lstat(path) is None:
+            safefs.write_new(path, _pem(generate()), 0o600)
+        try:
+            with safefs.open_file(path, owner_uid=os.geteuid()) as f:
+                os.fchmod(f.fileno(), 0o600)
+        except UnsafePathError as err:
+            raise DkimError(err.message) from None
     for selector, kind in ((rsa_selector, rsa.RSAPrivateKey), (ed_selector, ed25519.Ed25519PrivateKey)):
         key = load_key(key_path(dkim_dir, selector))
         if not isinstance(key, kind):
@@ -87,9 +82,11 @@ def ensure_keys(dkim_dir: Path, selectors: tuple[str, str]) -> None:
 
 def load_key(path: Path) -> PrivateKey:
     try:
-        data = path.read_bytes()
+        data = safefs.read_bytes(path, 64 * 1024)
     except OSError as err:
         raise DkimError(f"cannot read DKIM key {path}: {err.strerror}") from None
+    except UnsafePathError as err:
+        raise DkimError(err.message) from None
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError):

@@ -4,47 +4,163 @@ The base tar is `docker import`ed; each service tar holds only what the
 service's packages added (mkosi Overlay=yes) and is layered on the base by a
 two-line build, so the base layer is shared. Loading is idempotent: an image
 whose label names the same source tar is kept. Nothing here needs a network.
+
+Every tar is opened once, without following a symlink (`open_tars`), and docker
+reads it from that open file: what was checked is what is loaded, whatever
+happens to the path meanwhile. When the tar's SHA-256 was taken before (an
+upgrade bundle), the bytes docker got are hashed on the way and must match.
 """
 
 from __future__ import annotations
 
-import fcntl
+import hashlib
 import io
 import os
+import stat
 import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+from portal.core import safefs
+from portal.core.errors import MailsteadError, UnsafePathError
 from portal.stack.settings import SERVICES
 
 SOURCE_LABEL = "org.mailstead.source"
 Progress = Callable[[str, str], None]
-
-
-from portal.core.errors import MailsteadError  # noqa: E402
+CHUNK = 1 << 20
 
 
 class ImageError(MailsteadError, RuntimeError):
-    code = "images"
-
     """An image could not be loaded; the message says which and why."""
 
-
-def source_key(tar: Path) -> str:
-    """Identifies one build of a tar without reading 150 MB (size + mtime)."""
-    st = tar.stat()
-    return f"{tar.name}:{st.st_size}:{st.st_mtime_ns}"
+    code = "images"
 
 
-def tar_path(images_dir: Path, name: str) -> Path:
-    path = images_dir / f"mailstead-{name}.tar"
-    if not path.is_file():
-        raise ImageError(f"image tar {path} is missing; rebuild the appliance image (mkosi build)")
-    return path
+@dataclass
+class ImageTar:
+    """One image tar, open for reading: docker is given this file, never the path."""
+
+    name: str            # base, postfix, ...
+    path: Path           # for messages only
+    file: IO[bytes]
+    size: int
+    mtime_ns: int
+    sha256: str | None = None  # taken from the open file (hash()); then checked as docker reads
+
+    @property
+    def key(self) -> str:
+        """Identifies one build of a tar without reading 150 MB (size + mtime)."""
+        return f"{self.path.name}:{self.size}:{self.mtime_ns}"
+
+    def hash(self) -> str:
+        """SHA-256 of the tar, read from the open file."""
+        self.file.seek(0)
+        digest = hashlib.sha256()
+        left = self.size
+        while left > 0:
+            chunk = self.file.read(min(CHUNK, left))
+            if not chunk:
+                break
+            digest.update(chunk)
+            left -= len(chunk)
+        self.file.seek(0)
+        self.sha256 = digest.hexdigest()
+        return self.sha256
+
+    def reader(self) -> HashingReader:
+        return HashingReader(self)
+
+
+class HashingReader:
+    """The tar's bytes from its start (exactly its size when opened), hashed on the
+    way: what docker read is what `check` compares with the hash taken before."""
+
+    def __init__(self, tar: ImageTar) -> None:
+        tar.file.seek(0)
+        self.tar = tar
+        self._left = tar.size
+        self._sha = hashlib.sha256()
+        self.count = 0
+
+    def read(self, n: int | None = -1) -> bytes:
+        if n is None or n < 0 or n > self._left:
+            n = self._left
+        data = self.tar.file.read(n) if n else b""
+        self._sha.update(data)
+        self.count += len(data)
+        self._left -= len(data)
+        return data
+
+    def __len__(self) -> int:  # requests sends it with a Content-Length, streamed
+        return self._left
+
+    def __bool__(self) -> bool:  # docker-py tests `if not src`: a reader is given, even an empty one
+        return True
+
+    def __iter__(self) -> Iterator[bytes]:
+        while chunk := self.read(CHUNK):
+            yield chunk
+
+    def check(self) -> None:
+        """ImageError unless docker read the whole tar and it had the hash taken before."""
+        if self.count != self.tar.size or (self.tar.sha256 and self._sha.hexdigest() != self.tar.sha256):
+            raise ImageError(f"{self.tar.path} changed while it was being loaded (docker read {self.count} of "
+                             f"{self.tar.size} bytes, or other bytes than were checked); its images are not "
+                             "used. Make sure nothing writes to the bundle, then try again")
+
+
+def trusted_stat(st: os.stat_result, path: Path, what: str) -> None:
+    """Refuse a file or folder that anyone but root could have written (what it holds
+    runs with the mail)."""
+    if st.st_uid != 0 or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UnsafePathError(f"{what} {path} must belong to root and be writable by no one else (it is uid "
+                              f"{st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}); its images would run with "
+                              "the mail: chown root and chmod go-w it")
+
+
+def open_tar_at(dfd: int, folder: Path, name: str) -> ImageTar:
+    """`mailstead-<name>.tar` in the opened folder `dfd`: a regular file of root's that
+    no one else may write, opened without following a symlink."""
+    filename = f"mailstead-{name}.tar"
+    path = folder / filename
+    f = safefs.open_file(filename, dir_fd=dfd)
+    try:
+        st = os.fstat(f.fileno())
+        trusted_stat(st, path, "image")
+    except BaseException:
+        f.close()
+        raise
+    return ImageTar(name, path, f, st.st_size, st.st_mtime_ns)
+
+
+@contextmanager
+def open_tars(folder: Path, names: tuple[str, ...]) -> Iterator[dict[str, ImageTar]]:
+    """Every `mailstead-<name>.tar` in `folder`, opened once (the folder walked from /
+    without following a symlink); closed on exit. ImageError says what is wrong."""
+    tars: dict[str, ImageTar] = {}
+    try:
+        try:
+            with safefs.open_dir(folder) as dfd:
+                for name in names:
+                    try:
+                        tars[name] = open_tar_at(dfd, folder, name)
+                    except FileNotFoundError:
+                        raise ImageError(f"image tar {folder / f'mailstead-{name}.tar'} is missing; rebuild "
+                                         "the appliance image (mkosi build)") from None
+        except FileNotFoundError:
+            raise ImageError(f"the images folder {folder} is missing; rebuild the appliance image "
+                             "(mkosi build)") from None
+        except UnsafePathError as exc:
+            raise ImageError(exc.message) from None
+        yield tars
+    finally:
+        for tar in tars.values():
+            tar.file.close()
 
 
 def current(client: Any, ref: str, key: str) -> str | None:
@@ -59,16 +175,33 @@ def current(client: Any, ref: str, key: str) -> str | None:
     return image.id if labels.get(SOURCE_LABEL) == key else None
 
 
-def import_base(client: Any, tar: Path, ref: str, key: str) -> str:
+@contextmanager
+def api_timeout(client: Any, seconds: float | None) -> Iterator[None]:
+    """Docker requests that stream a whole tar may take long: no short client timeout."""
+    api = getattr(client, "api", None)
+    old = getattr(api, "timeout", None)
+    if api is not None:
+        api.timeout = seconds
+    try:
+        yield
+    finally:
+        if api is not None:
+            api.timeout = old
+
+
+def import_base(client: Any, tar: ImageTar, ref: str, key: str, timeout: float | None = 1800) -> str:
     repo, tag = ref.split(":")
-    client.api.import_image_from_file(
-        str(tar), repository=repo, tag=tag,
-        changes=[f"LABEL {SOURCE_LABEL}={key}", 'CMD ["/bin/sh"]'],
-    )
+    reader = tar.reader()
+    with api_timeout(client, timeout):
+        client.api.import_image(
+            src=reader, repository=repo, tag=tag,
+            changes=[f"LABEL {SOURCE_LABEL}={key}", 'CMD ["/bin/sh"]'],
+        )
+    reader.check()
     return client.images.get(ref).id
 
 
-def build_layer(client: Any, base_id: str, tar: Path, ref: str, key: str, service: str) -> str:
+def build_layer(client: Any, base_id: str, tar: ImageTar, ref: str, key: str, service: str) -> str:
     """Layer `tar` on the base: FROM base + ADD (which keeps owners and modes)."""
     dockerfile = (
         f"FROM {base_id}\n"
@@ -82,7 +215,11 @@ def build_layer(client: Any, base_id: str, tar: Path, ref: str, key: str, servic
             info = tarfile.TarInfo("Dockerfile")
             info.size = len(dockerfile)
             out.addfile(info, io.BytesIO(dockerfile))
-            out.add(str(tar.resolve()), arcname="layer.tar")  # the file itself, also when `tar` is a link
+            layer = tarfile.TarInfo("layer.tar")
+            layer.size, layer.mode, layer.mtime = tar.size, 0o644, tar.mtime_ns // 1_000_000_000
+            reader = tar.reader()
+            out.addfile(layer, reader)  # from the open file, never the path
+            reader.check()
         ctx.seek(0)
         log = []
         for chunk in client.api.build(fileobj=ctx, custom_context=True, tag=ref,
@@ -96,24 +233,28 @@ def build_layer(client: Any, base_id: str, tar: Path, ref: str, key: str, servic
 @contextmanager
 def load_lock(lock_path: Path) -> Iterator[None]:
     """One loader at a time (the boot-time loader and a deploy may overlap)."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with safefs.open_dir(lock_path.parent, create=True):  # made (0755) if missing, never changed
+        pass
+    with safefs.lock(lock_path):
+        yield
 
 
 def load_images(client: Any, images_dir: Path, version: str, *,
                 lock_path: Path, services: tuple[str, ...] = SERVICES,
                 progress: Progress | None = None) -> dict[str, str]:
     """Make sure every service image is in docker; return {service: image ID}."""
+    with open_tars(images_dir, ("base", *services)) as tars:
+        return load_tars(client, tars, version, lock_path=lock_path, services=services, progress=progress)
+
+
+def load_tars(client: Any, tars: dict[str, ImageTar], version: str, *, lock_path: Path,
+              services: tuple[str, ...] = SERVICES, progress: Progress | None = None) -> dict[str, str]:
+    """load_images from tars opened before (open_tars): {service: image ID}."""
     say = progress or (lambda _name, _msg: None)
     with load_lock(lock_path):
-        base_tar = tar_path(images_dir, "base")
+        base_tar = tars["base"]
         base_ref = f"mailstead-base:{version}"
-        base_key = source_key(base_tar)
+        base_key = base_tar.key
         base_id = current(client, base_ref, base_key)
         rebuilt_base = base_id is None
         if base_id is None:
@@ -123,9 +264,9 @@ def load_images(client: Any, images_dir: Path, version: str, *,
             say("base", f"imported in {time.monotonic() - start:.1f} s")
         ids = {}
         for service in services:
-            tar = tar_path(images_dir, service)
+            tar = tars[service]
             ref = f"mailstead-{service}:{version}"
-            key = f"{base_key}+{source_key(tar)}"
+            key = f"{base_key}+{tar.key}"
             image_id = None if rebuilt_base else current(client, ref, key)
             if image_id is None:
                 say(service, "loading")

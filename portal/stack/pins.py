@@ -13,13 +13,14 @@ compose.yaml: the IDs it pins and the version in its first line.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from portal.core import safefs
+from portal.core.layout import StateLayout
 from portal.stack.settings import SERVICES
 
 PIN_FILE = "stack-images.json"
@@ -38,25 +39,27 @@ class Pin:
 
 
 def pin_path(state_dir: Path) -> Path:
-    return state_dir / PIN_FILE
+    return StateLayout(Path(state_dir)).stack_images
 
 
 def read_pin(state_dir: Path) -> Pin | None:
-    """The pinned version and image IDs, or None when no stack was ever deployed."""
+    """The pinned version and image IDs, or None when no stack was ever deployed.
+    The pin file is read only if it is the agent's own regular file (a symlink or
+    another user's file is refused, not followed)."""
     try:
-        data = json.loads(pin_path(state_dir).read_text())
+        data = safefs.read_json(pin_path(state_dir), owner_uid=os.geteuid())
         images = {s: str(data["images"][s]) for s in SERVICES}
         return Pin(str(data["version"]), images, "pin file")
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    return pin_from_compose(state_dir / "stack")
+    return pin_from_compose(StateLayout(Path(state_dir)).stack)
 
 
 def pin_from_compose(stack_dir: Path) -> Pin | None:
     """What the rendered compose.yaml pins (a stack deployed before the pin file existed)."""
     try:
-        text = (stack_dir / "compose.yaml").read_text()
-    except OSError:
+        text = safefs.read_text(stack_dir / "compose.yaml", owner_uid=os.geteuid())
+    except (OSError, UnicodeDecodeError):
         return None
     header = _HEADER.search(text)
     images = {m.group(1): m.group(2).strip("'\"") for m in _SERVICE_IMAGE.finditer(text)}
@@ -66,14 +69,12 @@ def pin_from_compose(stack_dir: Path) -> Pin | None:
 
 
 def write_pin(state_dir: Path, version: str, images: dict[str, str]) -> None:
-    state_dir.mkdir(parents=True, exist_ok=True)
-    path = pin_path(state_dir)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"version": version, "images": {s: images[s] for s in SERVICES},
-                               "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")},
-                              indent=1, sort_keys=True))
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    """Write the pin file through the safe-write helper (a new file with a random
+    temporary name, renamed into place: nothing at a fixed name is followed)."""
+    safefs.ensure_dir(state_dir, 0o755)
+    safefs.write_json(pin_path(state_dir), {"version": version, "images": {s: images[s] for s in SERVICES},
+                                            "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")},
+                      0o644)
 
 
 def present(client: Any, images: dict[str, str]) -> dict[str, str] | None:

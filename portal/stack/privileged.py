@@ -8,7 +8,7 @@ never logged or returned.
 from __future__ import annotations
 
 import contextlib
-import json
+import os
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +16,8 @@ from dataclasses import replace
 from typing import Any
 
 from portal.agent.registry import Context, OpError, privileged
+from portal.core import safefs
+from portal.core.layout import StateLayout
 from portal.stack import deploy as deploy_mod
 from portal.stack.accounts import AccountError, Accounts, MailboxKeys
 from portal.stack.images import ImageError, load_images, loaded_images
@@ -47,7 +49,7 @@ def settings_for(ctx: Context) -> StackSettings:
 def ensure_images(ctx: Context, client: Any, settings: StackSettings,
                   progress: Callable[[str, str], None] | None = None) -> dict[str, str]:
     return load_images(client, ctx.images_dir, settings.version,
-                       lock_path=ctx.state_dir / "images.lock", progress=progress)
+                       lock_path=StateLayout(ctx.state_dir).images_lock, progress=progress)
 
 
 def keys_for(client: Any, settings: StackSettings) -> MailboxKeys:
@@ -71,7 +73,7 @@ def stack_load_images(ctx: Context) -> dict[str, Any]:
     try:
         with refusals():
             ids = load_images(client, ctx.images_dir, ctx.portal_version,
-                              lock_path=ctx.state_dir / "images.lock")
+                              lock_path=StateLayout(ctx.state_dir).images_lock)
     finally:
         client.close()
     return {"images": ids, "seconds": round(time.monotonic() - start, 1)}
@@ -145,7 +147,7 @@ def publish_web(ctx: Context, settings: StackSettings) -> list[str]:
     if changed and ctx.reload_nginx:
         test = subprocess.run(["nginx", "-t"], capture_output=True, text=True, check=False)
         if test.returncode != 0:
-            (ctx.nginx_dir / NGINX_CONF_NAME).unlink(missing_ok=True)
+            safefs.remove(ctx.nginx_dir / NGINX_CONF_NAME)
             raise OpError("nginx", "nginx refused the generated routes and they were taken out: "
                                    + " ".join(test.stderr.split())[-400:])
         subprocess.run(["nginx", "-s", "reload"], capture_output=True, check=True)
@@ -293,8 +295,8 @@ def check_upgrade(ctx: Context, source: str = "", force: bool = False, without_b
         raise OpError("invalid", "give an absolute path to a folder of image tars", "source")
     if not 60 <= timeout <= 3600:
         raise OpError("invalid", "give a number of seconds from 60 to 3600", "timeout")
-    with upgrade_refusals():
-        plan(ctx, source, force, without_backup)
+    with upgrade_refusals(), plan(ctx, source, force, without_backup):
+        pass
     return {}
 
 
@@ -342,7 +344,7 @@ def upgrade_state(ctx: Context) -> dict[str, Any]:
     out = read_state(ctx.state_dir)
     out["pinned"] = pin.public() if pin else None
     try:
-        out["previous"] = json.loads((previous_dir(ctx.state_dir) / "pin.json").read_text())
+        out["previous"] = safefs.read_json(previous_dir(ctx.state_dir) / "pin.json", None, owner_uid=os.geteuid())
     except (OSError, ValueError):
         out["previous"] = None
     return out

@@ -7,13 +7,16 @@ Writing them is a separate step (`write_tree`), done by the agent.
 from __future__ import annotations
 
 import os
-import shutil
+import secrets
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
 
+from portal.core import safefs
+from portal.core.errors import UnsafePathError
 from portal.stack.compose import compose_yaml
 from portal.stack.settings import SERVICES, SettingsError, StackSettings
 
@@ -77,37 +80,54 @@ def render(settings: StackSettings, secrets: Mapping[str, str], recipes: Path | 
 
 
 def write_tree(files: Mapping[str, File], target: Path) -> None:
-    """Write `files` into a fresh folder `target` (which must not exist)."""
-    target.mkdir(mode=0o700, parents=False)
+    """Write `files` into a fresh folder `target` (which must not exist), every folder
+    and file through the safe-write helper (nothing followed, modes set on descriptors)."""
+    safefs.new_dir(target, 0o700)
     for rel, f in files.items():
         path = target / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(f.content)
-        os.chmod(path, f.mode)
-    for d in [target, *(p for p in target.rglob("*") if p.is_dir())]:
-        os.chmod(d, 0o755 if d != target else 0o700)
+        for parent in reversed(path.relative_to(target).parents[:-1]):
+            safefs.ensure_dir(target / parent, 0o755)
+        safefs.write_bytes(path, f.content, f.mode)
+
+
+def _own_folder(path: Path) -> bool:
+    """True if `path` is a folder this process made; False if nothing is there;
+    UnsafePathError if it is a symlink, a file or another user's folder (never adopted)."""
+    st = safefs.lstat(path)
+    if st is None:
+        return False
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise UnsafePathError(f"{path} is not a folder of the agent's (it is a symlink, a file or uid "
+                              f"{st.st_uid}'s); as root, check it and remove it if you did not make it")
+    return True
 
 
 def replace_tree(files: Mapping[str, File], stack_dir: Path) -> Path | None:
     """Make `stack_dir` hold `files`; the old folder is kept as `<stack_dir>.prev`
-    (returned, or None on a first deploy) so a failed deploy can roll back."""
-    stack_dir.parent.mkdir(parents=True, exist_ok=True)
-    nxt = stack_dir.with_name(stack_dir.name + ".next")
+    (returned, or None on a first deploy) so a failed deploy can roll back. The new
+    tree is written under a random name first, then renamed into place."""
+    with safefs.open_dir(stack_dir.parent, create=True):  # the state folder (0755 if missing)
+        pass
+    had_old = _own_folder(stack_dir)
+    nxt = stack_dir.with_name(f".{stack_dir.name}.next.{secrets.token_hex(6)}.tmp")
     prev = stack_dir.with_name(stack_dir.name + ".prev")
-    shutil.rmtree(nxt, ignore_errors=True)
-    write_tree(files, nxt)
-    had_old = stack_dir.exists()
-    if had_old:
-        shutil.rmtree(prev, ignore_errors=True)
-        stack_dir.rename(prev)
-    nxt.rename(stack_dir)
+    try:
+        write_tree(files, nxt)
+        if had_old:
+            safefs.remove_tree(prev)
+            safefs.rename(stack_dir, prev)
+        safefs.rename(nxt, stack_dir)
+    except BaseException:
+        safefs.remove_tree(nxt)
+        raise
     return prev if had_old else None
 
 
 def restore_tree(stack_dir: Path, prev: Path) -> None:
     """Put the previous folder back after a failed deploy."""
+    _own_folder(prev)
     failed = stack_dir.with_name(stack_dir.name + ".failed")
-    shutil.rmtree(failed, ignore_errors=True)
-    if stack_dir.exists():
-        stack_dir.rename(failed)
-    prev.rename(stack_dir)
+    safefs.remove_tree(failed)
+    if safefs.lstat(stack_dir) is not None:
+        safefs.rename(stack_dir, failed)
+    safefs.rename(prev, stack_dir)

@@ -12,8 +12,17 @@ or a bundle folder named by `source`. A folder holds `mailstead-base.tar` and
 
 Its version is the first line of a `VERSION` file; without one, the ships-with
 folder is the appliance's own version and a docker-save bundle's is the tag its
-images carry. The folder and its files must belong to root (the agent's user)
-and be writable by no one else: what they hold runs with the mail.
+images carry. What they hold runs with the mail, so a source is taken only
+
+- from under an allowed root (`allowed_roots`: the folder the appliance ships,
+  `<state>/upgrade/bundles/`, and the context's `upgrade_roots`, which tests use),
+- through a path without a symlink anywhere (walked from / with O_NOFOLLOW),
+- when the folder, every folder from the allowed root down to it and its files
+  belong to root and are writable by no one else,
+
+and each tar is opened once: it is checked, hashed and given to docker through
+that same open file (portal/stack/images.py), so swapping a file or a folder on
+the path after the check changes nothing that is loaded.
 
 Nothing is changed before the new images are loaded and, when a backup
 target is configured, a backup has succeeded. The previous pin (version and
@@ -30,20 +39,22 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
+import errno
 import json
 import os
 import re
-import shutil
-import stat
-import subprocess
+import secrets
 import tarfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from portal.core import safefs
+from portal.core.errors import UnsafePathError
+from portal.core.layout import StateLayout
+from portal.stack.images import ImageError, ImageTar, open_tar_at, trusted_stat
 from portal.stack.pins import Pin, present, read_pin, running_images, write_pin
 from portal.stack.settings import SERVICES, StackSettings
 
@@ -74,10 +85,10 @@ def now_iso() -> str:
 
 # -- versions -------------------------------------------------------------------------
 
-def check_version(text: str, where: str) -> str:
+def check_version(text: str, where: str, field: str | None = None) -> str:
     v = text.strip()
     if not VERSION_RE.match(v):
-        raise UpgradeError("invalid", f"{where}: '{v[:40]}' is not a version (e.g. 0.2.0 or 0.2.0-rc1)")
+        raise UpgradeError("invalid", f"{where}: '{v[:40]}' is not a version (e.g. 0.2.0 or 0.2.0-rc1)", field)
     return v
 
 
@@ -90,90 +101,167 @@ def version_key(v: str) -> tuple[Any, ...]:
 
 # -- bundles --------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass
 class Bundle:
     folder: Path
     version: str
     form: str            # "mkosi" or "docker"
     shipped: bool        # the folder the appliance ships (ctx.images_dir)
+    tars: dict[str, ImageTar] = field(default_factory=dict, repr=False)  # open: read only through these
 
     def tar(self, name: str) -> Path:
         return self.folder / f"mailstead-{name}.tar"
 
+    def hash(self) -> dict[str, str]:
+        """{name: SHA-256} of every tar, read from its open file (docker's reads are checked against it)."""
+        return {n: t.sha256 or t.hash() for n, t in self.tars.items()}
 
-def _trusted(path: Path, what: str) -> os.stat_result:
-    """Refuse a file or folder that anyone but root (the agent) could have written."""
+    def close(self) -> None:
+        for t in self.tars.values():
+            t.file.close()
+
+
+def allowed_roots(ctx: Any) -> tuple[Path, ...]:
+    """The folders an upgrade source may be in: the appliance's own images, the
+    bundles folder in the agent's state, and the context's `upgrade_roots`."""
+    extra = tuple(Path(p) for p in (getattr(ctx, "upgrade_roots", None) or ()))
+    return (Path(ctx.images_dir), StateLayout(Path(ctx.state_dir)).upgrade_bundles, *extra)
+
+
+def _normal(path: Path) -> Path:
+    return Path(os.path.normpath(path))
+
+
+def _refuse(why: str) -> UpgradeError:
+    return UpgradeError("invalid", why, field="source")
+
+
+@contextlib.contextmanager
+def _open_source_dir(folder: Path, roots: tuple[Path, ...]) -> Iterator[int]:
+    """A descriptor of `folder`, reached from its allowed root without following a
+    symlink, every folder from the root down checked (root's, writable by no one else)."""
+    root = next((r for r in map(_normal, roots) if folder == r or r in folder.parents), None)
+    if root is None:
+        raise _refuse(f"{folder} is not in a folder upgrades are taken from; copy the bundle, as root, into a "
+                      f"folder of its own under {roots[1] if len(roots) > 1 else roots[0]} (root's, mode 0700)")
     try:
-        st = os.stat(path)
-    except OSError as exc:
-        raise UpgradeError("invalid", f"source: {what} {path}: {exc.strerror}") from None
-    if st.st_uid not in (0, os.geteuid()) or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise UpgradeError("invalid", f"source: {what} {path} must belong to root and be writable by no one "
-                                      f"else (it is uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}); "
-                                      "its images would run with the mail: chown root and chmod go-w it")
-    return st
-
-
-def docker_tags(tar: Path) -> list[str] | None:
-    """The image tags in a `docker save` archive, or None when `tar` is not one."""
+        with safefs.open_dir(root) as rfd:
+            fd = os.dup(rfd)
+    except FileNotFoundError:
+        raise _refuse(f"{folder} is not a folder (a bundle holds mailstead-base.tar and one "
+                      "mailstead-<service>.tar per service)") from None
+    except UnsafePathError as exc:
+        raise _refuse(exc.message) from None
+    walked = root
     try:
-        with tarfile.open(tar, "r:") as archive:
+        for part in (None, *folder.relative_to(root).parts):  # None: the allowed root itself
+            if part is not None:
+                walked = walked / part
+                try:
+                    nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                except FileNotFoundError:
+                    raise _refuse(f"{folder} is not a folder (a bundle holds mailstead-base.tar and one "
+                                  "mailstead-<service>.tar per service)") from None
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                        raise _refuse(f"{walked} is a symlink or not a folder; give the real folder") from None
+                    raise
+                os.close(fd)
+                fd = nfd
+            try:
+                trusted_stat(os.fstat(fd), walked, "folder")
+            except UnsafePathError as exc:
+                raise _refuse(exc.message) from None
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def docker_tags(f: Any, path: Path) -> list[str] | None:
+    """The image tags in a `docker save` archive (read from the open file `f`), or None
+    when it is not one."""
+    try:
+        f.seek(0)
+        with tarfile.open(fileobj=f, mode="r:") as archive:
             for member in archive:
                 if member.name.lstrip("./") == "manifest.json" and member.isfile():
-                    f = archive.extractfile(member)
-                    data = json.loads(f.read(1 << 20)) if f else []
+                    m = archive.extractfile(member)
+                    data = json.loads(m.read(1 << 20)) if m else []
                     return [str(t) for entry in data for t in (entry.get("RepoTags") or [])]
     except (OSError, tarfile.TarError, ValueError, AttributeError) as exc:
-        raise UpgradeError("invalid", f"source: {tar} is not a readable tar archive "
-                                      f"({' '.join(str(exc).split())[:120]})") from None
+        raise _refuse(f"{path} is not a readable tar archive ({' '.join(str(exc).split())[:120]})") from None
+    finally:
+        f.seek(0)
     return None
 
 
-def read_bundle(folder: Path, shipped_version: str | None = None) -> Bundle:
-    """The images folder `folder` and its version (`shipped_version`: the folder the
-    appliance ships, whose version is the appliance's unless a VERSION file says otherwise)."""
+def _read_version_at(dfd: int, folder: Path) -> str | None:
+    """The first line of `VERSION` in the opened folder (root's, no one else may write it), or None."""
+    path = folder / "VERSION"
+    try:
+        with safefs.open_file("VERSION", dir_fd=dfd) as f:
+            trusted_stat(os.fstat(f.fileno()), path, "file")
+            text = f.read(4096).decode("utf-8", "replace")
+    except FileNotFoundError:
+        return None
+    except UnsafePathError as exc:
+        raise _refuse(exc.message) from None
+    return check_version(text.split("\n", 1)[0], str(path), "source")
+
+
+def open_bundle(folder: Path, roots: tuple[Path, ...], shipped_version: str | None = None) -> Bundle:
+    """The images folder `folder`, checked, its tars open (close() the bundle), and its
+    version (`shipped_version`: the folder the appliance ships, whose version is the
+    appliance's unless a VERSION file says otherwise)."""
     if not folder.is_absolute():
-        raise UpgradeError("invalid", f"source: give an absolute path to a folder of image tars, not '{str(folder)[:80]}'")
-    if not folder.is_dir():
-        raise UpgradeError("invalid", f"source: {folder} is not a folder (a bundle holds mailstead-base.tar "
-                                      "and one mailstead-<service>.tar per service)")
-    _trusted(folder, "folder")
-    missing = [f"mailstead-{n}.tar" for n in NAMES if not (folder / f"mailstead-{n}.tar").is_file()]
-    if missing:
-        raise UpgradeError("invalid", f"source: {folder} lacks {', '.join(missing)} (a bundle holds "
-                                      f"{', '.join(f'mailstead-{n}.tar' for n in NAMES)})")
-    for n in NAMES:
-        _trusted(folder / f"mailstead-{n}.tar", "image")
-    tags = {n: docker_tags(folder / f"mailstead-{n}.tar") for n in NAMES}
-    forms = {n: "mkosi" if t is None else "docker" for n, t in tags.items()}
-    if len(set(forms.values())) != 1:
-        docker_ones = sorted(n for n, f in forms.items() if f == "docker")
-        raise UpgradeError("invalid", f"source: {folder} mixes `docker save` archives ({', '.join(docker_ones)}) "
-                                      "with image-build tars; a bundle holds one kind")
-    form = forms["base"]
-    version_file = folder / "VERSION"
-    if version_file.exists():
-        _trusted(version_file, "file")
-        version = check_version(version_file.read_text(errors="replace").split("\n", 1)[0], f"source: {version_file}")
-    elif form == "docker":
-        found = {t.rsplit(":", 1)[1] for n, ts in tags.items() for t in ts or []
-                 if t.startswith(f"mailstead-{n}:")}
-        if len(found) != 1:
-            raise UpgradeError("invalid", f"source: the images in {folder} are tagged with "
-                                          f"{', '.join(sorted(found)) or 'no mailstead-<name>:<version> tag'}; "
-                                          "give them one version (or a VERSION file)")
-        version = check_version(found.pop(), f"source: the tags in {folder}")
-    elif shipped_version:
-        version = check_version(shipped_version, "the appliance's version")
-    else:
-        raise UpgradeError("invalid", f"source: {folder} has no VERSION file naming the version of its images")
-    if form == "docker":
-        for n, ts in tags.items():
-            if f"mailstead-{n}:{version}" not in (ts or []):
-                raise UpgradeError("invalid", f"source: {folder / f'mailstead-{n}.tar'} holds "
-                                              f"{', '.join(ts or []) or 'no tagged image'}, "
-                                              f"not mailstead-{n}:{version}")
-    return Bundle(folder, version, form, shipped_version is not None)
+        raise _refuse(f"give an absolute path to a folder of image tars, not '{str(folder)[:80]}'")
+    folder = _normal(folder)
+    tars: dict[str, ImageTar] = {}
+    try:
+        with _open_source_dir(folder, roots) as dfd:
+            missing = []
+            for n in NAMES:
+                try:
+                    tars[n] = open_tar_at(dfd, folder, n)
+                except FileNotFoundError:
+                    missing.append(f"mailstead-{n}.tar")
+                except UnsafePathError as exc:
+                    raise _refuse(exc.message) from None
+            if missing:
+                raise _refuse(f"{folder} lacks {', '.join(missing)} (a bundle holds "
+                              f"{', '.join(f'mailstead-{n}.tar' for n in NAMES)})")
+            version_in_file = _read_version_at(dfd, folder)
+        tags = {n: docker_tags(t.file, t.path) for n, t in tars.items()}
+        forms = {n: "mkosi" if t is None else "docker" for n, t in tags.items()}
+        if len(set(forms.values())) != 1:
+            docker_ones = sorted(n for n, f in forms.items() if f == "docker")
+            raise _refuse(f"{folder} mixes `docker save` archives ({', '.join(docker_ones)}) "
+                          "with image-build tars; a bundle holds one kind")
+        form = forms["base"]
+        if version_in_file:
+            version = version_in_file
+        elif form == "docker":
+            found = {t.rsplit(":", 1)[1] for n, ts in tags.items() for t in ts or []
+                     if t.startswith(f"mailstead-{n}:")}
+            if len(found) != 1:
+                raise _refuse(f"the images in {folder} are tagged with "
+                              f"{', '.join(sorted(found)) or 'no mailstead-<name>:<version> tag'}; "
+                              "give them one version (or a VERSION file)")
+            version = check_version(found.pop(), f"the tags in {folder}", "source")
+        elif shipped_version:
+            version = check_version(shipped_version, "the appliance's version")
+        else:
+            raise _refuse(f"{folder} has no VERSION file naming the version of its images")
+        if form == "docker":
+            for n, ts in tags.items():
+                if f"mailstead-{n}:{version}" not in (ts or []):
+                    raise _refuse(f"{folder / f'mailstead-{n}.tar'} holds {', '.join(ts or []) or 'no tagged image'}, "
+                                  f"not mailstead-{n}:{version}")
+    except BaseException:
+        for t in tars.values():
+            t.file.close()
+        raise
+    return Bundle(folder, version, form, shipped_version is not None, tars)
 
 
 def shipped_version(ctx: Any) -> str | None:
@@ -183,46 +271,49 @@ def shipped_version(ctx: Any) -> str | None:
     folder = Path(ctx.images_dir)
     if not (folder / "mailstead-base.tar").is_file():
         return None
-    version_file = folder / "VERSION"
-    if version_file.exists():
-        return check_version(version_file.read_text(errors="replace").split("\n", 1)[0], str(version_file))
-    return check_version(ctx.portal_version, "the appliance's version")
-
-
-@contextlib.contextmanager
-def _load_lock(state_dir: Path) -> Iterator[None]:
-    from portal.stack.images import load_lock
-
-    with load_lock(state_dir / "images.lock"):
-        yield
+    try:
+        with safefs.open_dir(folder) as dfd:
+            version = _read_version_at(dfd, folder)
+    except UnsafePathError as exc:
+        raise _refuse(exc.message) from None
+    return version or check_version(ctx.portal_version, "the appliance's version")
 
 
 def load_bundle(client: Any, bundle: Bundle, state_dir: Path, progress: Progress = _quiet,
                 timeout: float = 1800) -> dict[str, str]:
-    """Load the bundle's images into docker; {service: image ID}."""
-    from portal.stack.images import ImageError, load_images
-
-    if bundle.form == "mkosi":
-        try:
-            return load_images(client, bundle.folder, bundle.version, lock_path=state_dir / "images.lock",
-                               progress=progress)
-        except ImageError as exc:
-            raise UpgradeError("images", f"loading the {bundle.version} images failed: {exc}") from None
+    """Load the bundle's images into docker, from its open tars (their hashes taken
+    first, and what docker read checked against them); {service: image ID}."""
     import docker.errors
 
+    from portal.stack.images import api_timeout, load_lock, load_tars
+
+    hashes = bundle.hash()
+    progress("images", "sha256 " + ", ".join(f"{n} {h[:16]}" for n, h in hashes.items()))
+    lock_path = StateLayout(Path(state_dir)).images_lock
+    if bundle.form == "mkosi":
+        try:
+            return load_tars(client, bundle.tars, bundle.version, lock_path=lock_path, progress=progress)
+        except ImageError as exc:
+            raise UpgradeError("images", f"loading the {bundle.version} images failed: {exc}") from None
+        except (docker.errors.DockerException, OSError) as exc:
+            raise UpgradeError("images", f"loading the {bundle.version} images failed: "
+                                         f"{' '.join(str(exc).split())[-300:]}") from None
     ids = {}
-    with _load_lock(state_dir):
+    with load_lock(lock_path):
         for name in NAMES:
-            progress(name, f"loading {bundle.tar(name).name}")
+            tar = bundle.tars[name]
+            progress(name, f"loading {tar.path.name}")
             t0 = time.monotonic()
+            reader = tar.reader()
             try:
-                r = subprocess.run(["docker", "load", "--quiet", "--input", str(bundle.tar(name))],
-                                   capture_output=True, text=True, timeout=timeout, check=False)
-            except subprocess.TimeoutExpired:
-                raise UpgradeError("images", f"docker load {bundle.tar(name)} took more than {timeout:g} s") from None
-            if r.returncode != 0:
-                raise UpgradeError("images", f"docker load {bundle.tar(name)} failed: "
-                                             f"{' '.join(r.stderr.split())[-300:]}")
+                with api_timeout(client, timeout):
+                    client.images.load(reader)  # streamed from the open file, never from the path
+                reader.check()
+            except ImageError as exc:
+                raise UpgradeError("images", str(exc)) from None
+            except (docker.errors.DockerException, OSError) as exc:
+                raise UpgradeError("images", f"docker load {tar.path} failed: "
+                                             f"{' '.join(str(exc).split())[-300:]}") from None
             progress(name, f"loaded in {time.monotonic() - t0:.1f} s")
         for service in SERVICES:
             ref = f"mailstead-{service}:{bundle.version}"
@@ -241,30 +332,27 @@ def load_bundle(client: Any, bundle: Bundle, state_dir: Path, progress: Progress
 # -- the state file -------------------------------------------------------------------
 
 def state_path(state_dir: Path) -> Path:
-    return state_dir / STATE_FILE
+    return StateLayout(Path(state_dir)).upgrade_state
 
 
 def read_state(state_dir: Path) -> dict[str, Any]:
+    """upgrade-state.json; a symlink or another user's file is refused, not followed."""
     try:
-        data = json.loads(state_path(state_dir).read_text())
+        data = safefs.read_json(state_path(state_dir), {}, owner_uid=os.geteuid())
         return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
+    except (OSError, ValueError, UnsafePathError):
+        return {}  # (a symlink or another user's file is replaced by the next record, never followed)
 
 
 def record(state_dir: Path, key: str, entry: dict[str, Any]) -> None:
-    state_dir.mkdir(parents=True, exist_ok=True)
+    safefs.ensure_dir(state_dir, 0o755)
     data = read_state(state_dir)
     data[key] = entry
-    path = state_path(state_dir)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    safefs.write_json(state_path(state_dir), data, 0o644)
 
 
 def previous_dir(state_dir: Path) -> Path:
-    return state_dir / "upgrade" / "previous"
+    return StateLayout(Path(state_dir)).upgrade_previous
 
 
 # -- check ----------------------------------------------------------------------------
@@ -306,10 +394,18 @@ def check(ctx: Any) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Plan:
+    """What an upgrade will do; its bundle's tars are open: use it in a `with`."""
+
     settings: StackSettings
     current: Pin
     bundle: Bundle
     backup: bool         # a backup target is configured: back up first
+
+    def __enter__(self) -> Plan:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.bundle.close()
 
 
 def backup_configured(state_dir: Path) -> bool:
@@ -324,7 +420,8 @@ def backup_configured(state_dir: Path) -> bool:
 
 
 def plan(ctx: Any, source: str = "", force: bool = False, without_backup: bool = False) -> Plan:
-    """Everything that can be refused before anything is touched."""
+    """Everything that can be refused before anything is touched. The source's tars
+    are opened here, once: close the plan (`with plan(...) as p:`)."""
     from portal.stack.settings import SettingsError
     from portal.stack.store import load_settings
 
@@ -345,17 +442,21 @@ def plan(ctx: Any, source: str = "", force: bool = False, without_backup: bool =
         if not (folder / "mailstead-base.tar").is_file():
             raise UpgradeError("invalid", f"source: the appliance's images folder {folder} holds no images; "
                                           "give the folder of an upgrade bundle")
-    bundle = read_bundle(folder, ctx.portal_version if shipped else None)
-    if not force and version_key(bundle.version) <= version_key(current.version):
-        older = "an older version, " if version_key(bundle.version) < version_key(current.version) else ""
-        raise UpgradeError("not_newer", f"nothing to upgrade: the stack runs {current.version} and {folder} holds "
-                                        f"{bundle.version} ({older}nothing newer); to reinstall these images "
-                                        "anyway, give force=True")
-    has_backup = backup_configured(ctx.state_dir)
-    if not has_backup and not without_backup:
-        raise UpgradeError("no_backup", "no backup target is configured, so an upgrade cannot back up the mail "
-                                        "first: configure one (dashboard Backups, or mailstead backup configure), or give "
-                                        "without_backup=True to upgrade without a backup")
+    bundle = open_bundle(folder, allowed_roots(ctx), ctx.portal_version if shipped else None)
+    try:
+        if not force and version_key(bundle.version) <= version_key(current.version):
+            older = "an older version, " if version_key(bundle.version) < version_key(current.version) else ""
+            raise UpgradeError("not_newer", f"nothing to upgrade: the stack runs {current.version} and {folder} "
+                                            f"holds {bundle.version} ({older}nothing newer); to reinstall these "
+                                            "images anyway, give force=True")
+        has_backup = backup_configured(ctx.state_dir)
+        if not has_backup and not without_backup:
+            raise UpgradeError("no_backup", "no backup target is configured, so an upgrade cannot back up the "
+                                            "mail first: configure one (dashboard Backups, or mailstead backup "
+                                            "configure), or give without_backup=True to upgrade without a backup")
+    except BaseException:
+        bundle.close()
+        raise
     return Plan(settings, current, bundle, has_backup)
 
 
@@ -388,43 +489,45 @@ def health_problems(ctx: Any, wait: float, progress: Progress = _quiet) -> list[
 
 @contextlib.contextmanager
 def upgrade_lock(state_dir: Path) -> Iterator[None]:
-    state_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(state_dir / "upgrade.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    safefs.ensure_dir(state_dir, 0o755)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UpgradeError("busy", "another upgrade is running; watch it (job_latest upgrade)") from None
-        yield
-    finally:
-        os.close(fd)
+        with safefs.lock(StateLayout(Path(state_dir)).upgrade_lock, blocking=False):
+            yield
+    except BlockingIOError:
+        raise UpgradeError("busy", "another upgrade is running; watch it (job_latest upgrade)") from None
 
 
 def keep_previous(state_dir: Path, pin: Pin, stack_dir: Path) -> Path:
-    """Copy the running stack's folder and pin to <state>/upgrade/previous (0700)."""
-    prev = previous_dir(state_dir)
-    (state_dir / "upgrade").mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(state_dir / "upgrade", 0o700)
-    tmp = prev.with_name("previous.new")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(mode=0o700)
-    shutil.copytree(stack_dir, tmp / "stack", symlinks=True)
-    (tmp / "pin.json").write_text(json.dumps({**pin.public(), "kept": now_iso()}, indent=1, sort_keys=True))
-    shutil.rmtree(prev, ignore_errors=True)
-    os.replace(tmp, prev)
+    """Copy the running stack's folder and pin to <state>/upgrade/previous (0700):
+    built in a new folder with a random name, then renamed into place."""
+    layout = StateLayout(Path(state_dir))
+    safefs.ensure_dir(layout.upgrade, 0o700)
+    prev = layout.upgrade_previous
+    tmp = safefs.temp_dir(layout.upgrade, "previous")
+    try:
+        safefs.copy_tree(stack_dir, tmp / "stack")
+        safefs.write_json(tmp / "pin.json", {**pin.public(), "kept": now_iso()}, 0o600)
+        safefs.remove_tree(prev)
+        safefs.rename(tmp, prev)
+    except BaseException:
+        safefs.remove_tree(tmp)
+        raise
     return prev
 
 
 def put_back_config(stack_dir: Path, kept: Path) -> None:
     """Replace the stack folder with the kept copy of the previous one."""
-    nxt = stack_dir.with_name(stack_dir.name + ".rollback")
+    nxt = stack_dir.with_name(f".{stack_dir.name}.rollback.{secrets.token_hex(6)}.tmp")
     failed = stack_dir.with_name(stack_dir.name + ".failed")
-    shutil.rmtree(nxt, ignore_errors=True)
-    shutil.copytree(kept, nxt, symlinks=True)
-    shutil.rmtree(failed, ignore_errors=True)
-    if stack_dir.exists():
-        os.replace(stack_dir, failed)
-    os.replace(nxt, stack_dir)
+    try:
+        safefs.copy_tree(kept, nxt)  # made here (mkdir fails on anything already there)
+        safefs.remove_tree(failed)
+        if safefs.lstat(stack_dir) is not None:
+            safefs.rename(stack_dir, failed)
+        safefs.rename(nxt, stack_dir)
+    except BaseException:
+        safefs.remove_tree(nxt)
+        raise
 
 
 def _short(text: str, limit: int = 400) -> str:
@@ -440,8 +543,8 @@ def run(ctx: Any, progress: Progress = _quiet, *, source: str = "", force: bool 
     entry: dict[str, Any] = {"at": now_iso(), "ok": False, "from": None, "to": None, "source": None,
                              "backup": None, "changed": False, "rolled_back": False, "rollback_ok": None,
                              "error": None, "seconds": 0}
-    with upgrade_lock(ctx.state_dir):
-        p = plan(ctx, source, force, without_backup)  # refusals: nothing recorded, nothing touched
+    with upgrade_lock(ctx.state_dir), plan(ctx, source, force, without_backup) as p:
+        # (refusals: nothing recorded, nothing touched; the source's tars are open from here on)
         entry.update({"from": p.current.version, "to": p.bundle.version, "source": str(p.bundle.folder)})
         try:
             result = _run(ctx, p, progress, entry, timeout, health_wait)
@@ -469,6 +572,7 @@ def _run(ctx: Any, p: Plan, progress: Progress, entry: dict[str, Any], timeout: 
         # 1. The new images: loading them changes nothing that runs.
         progress("images", f"loading the {new} images")
         new_ids = load_bundle(client, p.bundle, ctx.state_dir, progress)
+        entry["sha256"] = p.bundle.hash()
         previous = present(client, p.current.images)
         if previous is None:
             raise UpgradeError("images", f"the running {old} images are no longer all in docker, so there "

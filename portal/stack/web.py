@@ -34,11 +34,12 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 import xml.etree.ElementTree as ET
 from encodings import idna
 from pathlib import Path
 
+from portal.core import safefs
+from portal.core.errors import UnsafePathError
 from portal.stack.accounts import check_domain
 from portal.stack.settings import DEFAULT_PORTS, SettingsError, StackSettings
 
@@ -395,24 +396,15 @@ def web_files(settings: StackSettings, www_dir: Path = WWW_DIR,
 
 
 def _replace(path: Path, content: str) -> bool:
-    """Atomically make `path` hold `content` (mode 0644); False if it already did."""
+    """Atomically make `path` hold `content` (mode 0644) through the safe-write helper;
+    False if it already did."""
     data = content.encode()
     try:
-        if path.read_bytes() == data:
+        if safefs.read_bytes(path, len(data) + 1, owner_uid=os.geteuid()) == data:
             return False
-    except FileNotFoundError:
-        pass
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except (FileNotFoundError, UnsafePathError):
+        pass  # missing, a symlink, another user's or too big: replaced (never followed)
+    safefs.write_bytes(path, data, 0o644)
     return True
 
 
@@ -423,9 +415,9 @@ def write_web_files(settings: StackSettings, nginx_dir: Path = NGINX_DIR, www_di
     file. Returns the files whose content changed: reload nginx (`nginx -t`,
     then `nginx -s reload`) if the list is not empty."""
     files = web_files(settings, www_dir, web_sock)
-    www_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    safefs.ensure_dir(www_dir, 0o755)
     changed = [www_dir / name for name, content in files.items()
                if name not in NGINX_FILES and _replace(www_dir / name, content)]
-    nginx_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    safefs.ensure_dir(nginx_dir, 0o755)
     changed += [nginx_dir / name for name in NGINX_FILES if _replace(nginx_dir / name, files[name])]
     return changed

@@ -16,8 +16,7 @@ import pytest
 from cryptography import x509
 
 from tests.support import appdb as db
-from portal.agent import server  # noqa: F401  (registers every operation)
-from portal.agent.registry import REGISTRY, Context
+from portal.agent.registry import REGISTRY, Context, load_all
 from portal.certs.store import read_live
 from portal.stack import deploy as deploy_mod
 from portal.stack.settings import DEFAULT_PORTS
@@ -28,6 +27,7 @@ from .knot import Knot, Record
 from .pebble import Pebble, TokenServer
 from .stackharness import DOMAIN, HOSTNAME, IMAGES_DIR, SHARED_DKIM, ensure_images, make_tls, shared_dns
 
+load_all()
 PROJECT, PORT_BASE = "mstest-certs", 28000
 PORTS = {name: PORT_BASE + port % 1000 for name, port in DEFAULT_PORTS.items()}
 
@@ -53,6 +53,7 @@ class Box:
         db.write_settings(self.state / "state.db", values)
 
     def op(self, name: str, **args: object) -> dict:
+        """As the agent runs it (arguments checked; a job's function run to its end here)."""
         return REGISTRY[name].run_checked(self.ctx, args)
 
 

@@ -90,7 +90,8 @@ def admin_subjects(stack: Stack) -> list[str]:
 def test_checks_see_a_running_stack_then_a_stopped_container(stack: Stack) -> None:
     load_all()
     with serving(HookServer()) as hook:
-        appliance_settings(stack, alert_webhook_url=f"http://127.0.0.1:{hook.port}/alerts")
+        appliance_settings(stack, alert_webhook_url=f"http://127.0.0.1:{hook.port}/alerts",
+                           alert_webhook_private="1")  # the receiver is on loopback: allowed for the test
         first = health(stack)
         assert statuses(first) == {c: "ok" for c in STACK_CHECKS}, first["results"]
         assert first["changes"] == [] and hook.posts == []
@@ -151,7 +152,8 @@ def test_the_scheduled_health_job_in_a_real_agent_sees_a_stopped_container(stack
 
     load_all()
     with serving(HookServer()) as hook:
-        appliance_settings(stack, alert_webhook_url=f"http://127.0.0.1:{hook.port}/alerts")
+        appliance_settings(stack, alert_webhook_url=f"http://127.0.0.1:{hook.port}/alerts",
+                           alert_webhook_private="1")  # the receiver is on loopback: allowed for the test
         state = stack.settings.state_dir
         agent = launch_agent(tmp_path, "--docker-host", "unix:///var/run/docker.sock",
                              env={"MAILSTEAD_STATE_DIR": str(state), "MAILSTEAD_SCHEDULER": "1"})

@@ -373,20 +373,21 @@ def test_smtp_outbound_check() -> None:
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
         try:
-            ok = smtp_outbound_check("127.0.0.1", server.server_address[1], timeout=2)
-            assert ok.status == "ok" and "220 test ESMTP" in ok.message
+            # port and allow_private exist for this loopback test; net_check never passes them
+            ok = smtp_outbound_check("127.0.0.1", timeout=2, port=server.server_address[1], allow_private=True)
+            assert ok.status == "ok" and "greets with 220" in ok.message and "test ESMTP" not in ok.message
         finally:
             server.shutdown()
-    closed = smtp_outbound_check("127.0.0.1", free_port(), timeout=2)
+    closed = smtp_outbound_check("127.0.0.1", timeout=2, port=free_port(), allow_private=True)
     assert closed.status == "blocked"
     assert "appears blocked: ask your provider to open it" in closed.message
 
 
 def test_agent_operations_configure_push_and_check(pushable: tuple[Knot, Path, UpdateTarget]) -> None:
     """The path the wizard and the CLI take: store the TSIG key, dry run, push, check, push again."""
-    from portal.agent import server  # noqa: F401  (registers every operation)
-    from portal.agent.registry import REGISTRY, Context, OpError
+    from portal.agent.registry import REGISTRY, Context, OpError, load_all
 
+    load_all()
     knot, state, _target = pushable
     conn = sqlite3.connect(state / "state.db")
     conn.execute("INSERT OR REPLACE INTO settings VALUES ('dns_allow_private', '1')")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import imaplib
 import json
+import os
 import shutil
 import ssl
 import subprocess
@@ -36,14 +37,13 @@ import docker
 import pytest
 
 from portal.agent import jobs
-from portal.agent.registry import REGISTRY, Context, OpError, docker_factory
+from portal.agent.registry import REGISTRY, Context, OpError, docker_factory, load_all
 from portal.backup import config as backup_cfg
 from portal.backup.privileged import env_for
 from portal.backup.service import configure, snapshots
 from portal.checks.env import CheckEnv
 from tests.support.statedb import write_settings
 from portal.stack import pins, upgrade
-from portal.stack import privileged as _stack_ops  # noqa: F401  (declares upgrade_run, upgrade_check)
 from portal.stack.privileged import deploy_stack, mailbox_create
 from portal.stack.deploy import DeployError, service_states, wait_healthy
 from portal.stack.settings import SERVICES
@@ -51,6 +51,7 @@ from tests.conftest import free_port, retry
 
 from .stackharness import DOMAIN, HOSTNAME, IMAGES_DIR, SHARED_DKIM, VERSION, ensure_images, make_settings
 
+load_all()
 PROJECT, PORT_BASE = "mstest-i6u", 34000
 USER, PASSWORD = f"alice@{DOMAIN}", "upgrade-test-password-1"
 BROKEN, GOOD = "0.1.1", "0.1.2"
@@ -90,10 +91,14 @@ def broken_bundle(folder: Path) -> Path:
 
 
 def good_bundle(folder: Path) -> Path:
-    """The appliance's own image tars (links) with a VERSION file: a newer appliance version."""
+    """The appliance's own image tars (hard links: an upgrade follows no symlink; copies
+    across file systems) with a VERSION file: a newer appliance version."""
     folder.mkdir(mode=0o700)
     for name in NAMES:
-        (folder / f"mailstead-{name}.tar").symlink_to(IMAGES_DIR / f"mailstead-{name}.tar")
+        try:
+            os.link(IMAGES_DIR / f"mailstead-{name}.tar", folder / f"mailstead-{name}.tar")
+        except OSError:
+            shutil.copyfile(IMAGES_DIR / f"mailstead-{name}.tar", folder / f"mailstead-{name}.tar")
     (folder / "VERSION").write_text(f"{GOOD}\n")
     return folder
 
@@ -124,8 +129,10 @@ class Box:
         shutil.copytree(SHARED_DKIM, s.dkim_dir, dirs_exist_ok=True)
         for d in ("nginx", "www"):
             (tmp / d).mkdir(exist_ok=True)
+        # The bundles are made under tmp (root's, 0700): an allowed root for upgrade sources.
         self.ctx = Context(docker=docker_factory("unix:///var/run/docker.sock", timeout=120), state_dir=self.state,
-                           images_dir=IMAGES_DIR, nginx_dir=tmp / "nginx", www_dir=tmp / "www", reload_nginx=False)
+                           images_dir=IMAGES_DIR, nginx_dir=tmp / "nginx", www_dir=tmp / "www", reload_nginx=False,
+                           upgrade_roots=(tmp,))
         self.ctx.upgrade_health_wait = 60  # type: ignore[attr-defined]
         self.client = docker.from_env(timeout=120)
         self.sent: list[bytes] = []
@@ -269,7 +276,7 @@ def test_a_good_new_version_becomes_the_pinned_one(box: Box) -> None:
     # A later deploy (a settings change, say) keeps the pinned 0.1.2 images, not the shipped 0.1.0 ones.
     deploy_stack(box.ctx, lambda *_: None, timeout=600)
     assert box.running() == after.images
-    check = REGISTRY["upgrade_check"].run_checked(box.ctx, {})
+    check = REGISTRY["upgrade_check"].invoke(box.ctx, {})
     assert (check["current"], check["available"], check["upgrade_available"]) == (GOOD, VERSION, False)
 
 

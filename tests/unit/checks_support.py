@@ -90,8 +90,15 @@ class _HookHandler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802 - http.server's naming
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         self.server.posts.append({"path": self.path, "type": self.headers.get("Content-Type"),
-                                  "json": json.loads(body)})
+                                  "host": self.headers.get("Host"), "json": json.loads(body)})
         self.send_response(self.server.answer)
+        if self.server.location:
+            self.send_header("Location", self.server.location)
+        self.end_headers()
+
+    def do_GET(self) -> None:  # noqa: N802 - a followed redirect arrives as a GET
+        self.server.gets.append({"path": self.path, "host": self.headers.get("Host")})
+        self.send_response(204)
         self.end_headers()
 
     def log_message(self, *_args: Any) -> None:
@@ -101,10 +108,19 @@ class _HookHandler(BaseHTTPRequestHandler):
 class HookServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self) -> None:
+    def __init__(self, tls: tuple[Path, Path] | None = None) -> None:
+        """A webhook receiver on loopback; `tls`: (cert, key) to serve HTTPS with."""
         super().__init__(("127.0.0.1", 0), _HookHandler)
+        if tls:
+            import ssl
+
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.socket = context.wrap_socket(self.socket, server_side=True)
         self.posts: list[dict[str, Any]] = []
+        self.gets: list[dict[str, Any]] = []
         self.answer = 204
+        self.location = ""
 
     @property
     def port(self) -> int:

@@ -416,7 +416,7 @@ def test_the_web_user_may_call_only_the_operations_declared_for_it(tmp_path):
     try:
         assert agent.call("status")["portal"]
         for name, args in (("stack_load_images", {}), ("admin_unlock", {}), ("upgrade_run", {"source": "/tmp"}),
-                           ("cert_renew", {}), ("net_check", {})):
+                           ("cert_renew", {}), ("net_check", {}), ("alerts_private", {"allow": True})):
             with pytest.raises(AgentError) as err:
                 agent.call(name, **args)
             assert err.value.code == "forbidden" and "root only" in err.value.message, name
@@ -424,7 +424,8 @@ def test_the_web_user_may_call_only_the_operations_declared_for_it(tmp_path):
         agent.stop()
     registry = ops.load_all()
     root_only = sorted(n for n, op in registry.items() if not op.web)
-    assert root_only == ["admin_unlock", "cert_renew", "net_check", "settings_set", "stack_load_images",
+    assert root_only == ["admin_unlock", "alerts_private", "cert_renew", "net_check", "settings_set",
+                         "stack_load_images",
                          "upgrade_check", "upgrade_configure", "upgrade_run"], root_only
 
 

@@ -286,7 +286,8 @@ def test_history_keeps_the_fix_and_upgrades_an_older_table(state):
 def alerting(state):
     with serving(SmtpSink()) as sink, serving(HookServer()) as hook:
         set_up(state, {"smtp": sink.port}, admin_address=f"admin@{DOMAIN}",
-               alert_webhook_url=f"http://127.0.0.1:{hook.port}/hooks/secret-token")
+               alert_webhook_url=f"http://127.0.0.1:{hook.port}/hooks/secret-token",
+               alert_webhook_private="1")  # the receiver is on loopback: allowed here, refused by default
         yield sink, hook
 
 
@@ -332,12 +333,89 @@ def test_a_failing_webhook_or_mail_is_reported_never_raised_nor_leaks_the_url(st
     (state / "reboot-required").write_text("")
     out = health(state)
     assert out["alerts"] == {"mail": f"sent to admin@{DOMAIN}", "webhook": "failed: HTTP 500"}
-    set_up(state, {"smtp": free_port()}, alert_webhook_url=f"http://127.0.0.1:{free_port()}/hooks/secret-token")
+    port = free_port()
+    set_up(state, {"smtp": free_port()}, alert_webhook_url=f"http://127.0.0.1:{port}/hooks/secret-token",
+           alert_webhook_private="1")
     (state / "reboot-required").unlink()
     out = health(state)
     assert out["alerts"]["mail"].startswith("failed: 127.0.0.1:") and "refused" in out["alerts"]["mail"].lower()
-    assert out["alerts"]["webhook"] == "failed: URLError"
+    assert out["alerts"]["webhook"] == f"failed: cannot connect to 127.0.0.1 port {port} (Connection refused)"
     assert "secret-token" not in json.dumps(out) and "secret-token" not in caplog.text
+
+
+# -- the webhook: no redirects, no private targets unless allowed, resolved once ---------------
+
+def test_a_webhook_redirect_is_not_followed_and_names_where_it_led(state, alerting):
+    """A receiver that answers 302 towards an internal address: reported as a failure
+    naming the Location's host; nothing is sent there (urllib would follow it as a GET)."""
+    sink, hook = alerting
+    with serving(HookServer()) as internal:
+        hook.answer, hook.location = 302, f"http://localhost:{internal.port}/internal/admin?x=1"
+        (state / "reboot-required").write_text("")
+        out = health(state)
+    assert out["alerts"]["webhook"] == ("failed: HTTP 302: 127.0.0.1 redirects to localhost, and redirects are "
+                                        "not followed; give the URL it redirects to")
+    assert len(hook.posts) == 1 and internal.posts == [] and internal.gets == []
+
+
+@pytest.fixture
+def fake_dns(monkeypatch):
+    """hooks.example.test resolves to 127.0.0.1 (a name whose DNS points at this machine,
+    as an attacker's would); every lookup of it is counted."""
+    real = socket.getaddrinfo
+    asked = []
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host == "hooks.example.test":
+            asked.append(host)
+            return real("127.0.0.1", port, *args, **kwargs)
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return asked
+
+
+def test_a_webhook_name_that_resolves_to_loopback_is_refused_unless_the_owner_allows_it(
+        state, tmp_path, monkeypatch, fake_dns):
+    cert, key = make_cert(tmp_path / "hook-tls", ["hooks.example.test"], self_signed=True)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the receiver's certificate is trusted: only the address is wrong
+    with serving(SmtpSink()) as sink, serving(HookServer(tls=(cert, key))) as hook:
+        url = f"https://hooks.example.test:{hook.port}/hooks/secret-token"
+        set_up(state, {"smtp": sink.port}, admin_address=f"admin@{DOMAIN}", alert_webhook_url=url)
+        (state / "reboot-required").write_text("")
+        out = health(state)
+        assert hook.posts == [], "the webhook reached an address on this machine"
+        assert out["alerts"]["webhook"] == (
+            "failed: hooks.example.test resolves to 127.0.0.1, a loopback address; only public addresses are "
+            "reached unless the owner allows private ones (as root: mailstead alerts-private on)")
+
+        ops.REGISTRY["alerts_private"].run_checked(env_for(state).ctx, {"allow": True})
+        fake_dns.clear()
+        (state / "reboot-required").unlink()
+        out = health(state)
+        assert out["alerts"]["webhook"] == "sent (HTTP 204)"
+        assert fake_dns == ["hooks.example.test"]  # resolved once; the connection went to that address
+        assert hook.posts[0]["host"] == f"hooks.example.test:{hook.port}"  # TLS and Host: the name, not the address
+
+
+@pytest.mark.parametrize("url, kind", [
+    ("http://127.0.0.1:8080/x", "loopback"), ("http://localhost/x", "loopback"), ("https://10.1.2.3/x", "private"),
+    ("https://[fe80::1]/x", "link-local"), ("https://169.254.169.254/latest", "link-local"),
+    ("https://[::ffff:192.168.1.1]/x", "private"), ("https://0.0.0.0/x", "unspecified"),
+    ("https://240.0.0.1/x", "reserved"), ("https://100.64.0.1/x", "non-public"),
+])
+def test_configuring_a_webhook_at_a_private_address_is_refused_unless_allowed(state, url, kind):
+    ctx = env_for(state).ctx
+    set_up(state)
+    with pytest.raises(ops.OpError) as err:
+        ops.REGISTRY["alerts_configure"].run_checked(ctx, {"webhook_url": url})
+    assert err.value.field == "alert_webhook_url" and f"names a {kind} address" in err.value.message
+    assert "mailstead alerts-private on" in err.value.message
+    assert ops.REGISTRY["alerts_private"].run_checked(ctx, {"allow": True}) == {"allow_private": True}
+    assert ops.REGISTRY["alerts_configure"].run_checked(ctx, {"webhook_url": url})["webhook"] is True
+    ops.REGISTRY["alerts_private"].run_checked(ctx, {"allow": False})
+    with pytest.raises(ops.OpError):
+        ops.REGISTRY["alerts_configure"].run_checked(ctx, {"webhook_url": url})
 
 
 def test_no_admin_address_is_said(state):

@@ -21,8 +21,9 @@ def parse(argv: list[str]):
     (["dns-records", "--zone", "--dnssec"], "dns_records", {"dnssec": True}),
     (["dns-check"], "dns_check", {}),
     (["dns-push", "--dry-run"], "dns_push", {"dry_run": True}),
-    (["net-check", "--smtp-host", "127.0.0.1", "--smtp-port", "2525"], "net_check",
-     {"smtp_host": "127.0.0.1", "smtp_port": 2525}),
+    (["net-check", "--smtp-host", "mx.example.net"], "net_check", {"smtp_host": "mx.example.net"}),
+    (["alerts-private", "on"], "alerts_private", {"allow": True}),
+    (["alerts-private", "off"], "alerts_private", {"allow": False}),
     (["acme-configure", "--directory", "https://ca.example.test/dir", "--contact", "a@example.test",
       "--challenge", "dns-01", "--reuse-key"], "acme_configure",
      {"directory": "https://ca.example.test/dir", "contact": "a@example.test", "challenge": "dns-01",
@@ -92,7 +93,7 @@ def test_every_command_names_a_registered_operation():
         argv = [name] + {"mailbox-delete": ["a@example.test"], "mailbox-rename": ["a@example.test", "b@example.test"],
                          "alias-add": ["x@example.test", "a@example.test"],
                          "alias-remove": ["x@example.test", "a@example.test"],
-                         "schedule-set": ["backup", "0 3 * * *"]}.get(name, [])
+                         "schedule-set": ["backup", "0 3 * * *"], "alerts-private": ["on"]}.get(name, [])
         op, _ = parse(argv)
         assert op in ops.REGISTRY, f"{name} -> {op} is not an agent operation"
 

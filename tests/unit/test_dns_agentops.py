@@ -104,3 +104,70 @@ def test_argument_types_checked(ctx: Context) -> None:
     with pytest.raises(OpError) as err:
         call(ctx, "dns_push", dry_run="yes")
     assert err.value.code == "bad_args"
+
+
+# -- net_check: port 25 of a public mail server, ok or not, never the banner ---------------
+
+@pytest.mark.parametrize("host, words", [
+    ("127.0.0.1", "127.0.0.1 is a loopback address"),
+    ("10.0.0.1", "10.0.0.1 is a private address"),
+    ("169.254.169.254", "169.254.169.254 is a link-local address"),
+    ("::1", "::1 is a loopback address"),
+    ("localhost", "'localhost' is not a host name"),
+    ("mx.example.net:2525", "'mx.example.net:2525' is not a host name"),
+    ("mx example.net", "is not a host name"),
+])
+def test_net_check_greets_no_local_address_and_no_other_port(ctx: Context, host: str, words: str) -> None:
+    with sqlite3.connect(ctx.state_dir / "state.db") as c:  # configured: only the host can be refused
+        c.execute("INSERT INTO settings VALUES ('dns_resolvers', '127.0.0.1')")
+    with pytest.raises(OpError) as err:
+        call(ctx, "net_check", smtp_host=host, timeout=1.0)
+    assert err.value.code == "invalid" and err.value.field == "smtp_host" and words in err.value.message
+    with pytest.raises(OpError) as err:  # the port is not an argument any more: always 25
+        REGISTRY["net_check"].run_checked(ctx, {"smtp_port": 22})
+    assert err.value.code == "bad_args" and "smtp_port" in err.value.message
+
+
+def test_a_name_that_resolves_to_this_machine_is_not_greeted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A name whose DNS points at a local address is refused before any connection."""
+    import socket
+
+    from portal.dns.netcheck import smtp_outbound_check
+
+    real = socket.getaddrinfo
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, port, *a, **kw: real(
+        "127.0.0.1" if host == "mx.attacker.example" else host, port, *a, **kw))
+    connected = []
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **kw: connected.append(a) or (_ for _ in ()).throw(OSError()))
+    result = smtp_outbound_check("mx.attacker.example", timeout=1.0)
+    assert result.status == "error" and "resolves to 127.0.0.1, a loopback address" in result.message
+    assert connected == []
+
+
+def test_the_greeting_says_ok_or_not_and_never_returns_what_the_server_said() -> None:
+    import socketserver
+    import threading
+
+    from portal.dns.netcheck import smtp_outbound_check
+
+    said = {"text": b"220 internal-db.corp ESMTP secret-version-4.2\r\n"}
+
+    class Greeter(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            self.request.sendall(said["text"])
+
+    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), Greeter) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            port = server.server_address[1]
+            ok = smtp_outbound_check("127.0.0.1", timeout=2, port=port, allow_private=True)
+            assert ok.status == "ok" and ok.message == f"outbound port {port} is open (127.0.0.1 greets with 220)"
+            said["text"] = b"SSH-2.0-OpenSSH_9.2p1 internal\r\n"
+            other = smtp_outbound_check("127.0.0.1", timeout=2, port=port, allow_private=True)
+            assert other.status == "error" and "not with an SMTP greeting" in other.message
+            for result in (ok, other):
+                assert "secret" not in str(result.as_dict()) and "OpenSSH" not in str(result.as_dict())
+            refused = smtp_outbound_check("127.0.0.1", timeout=2, port=port)  # by default: no local address
+            assert refused.status == "error" and "loopback address" in refused.message
+        finally:
+            server.shutdown()

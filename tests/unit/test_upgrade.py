@@ -6,6 +6,7 @@ tests/integration/test_upgrade_stack.py.)"""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -64,8 +65,10 @@ def docker_folder(folder: Path, version: str, tags: dict[str, str] | None = None
 def ctx(tmp_path):
     state = tmp_path / "state"
     write_settings(state, domain=DOMAIN, mail_host=f"mail.{DOMAIN}")
+    # tmp_path (root's, 0700) stands in for /var/lib/mailstead/upgrade/bundles: bundles go under it.
     return ops.Context(docker=ops.docker_factory(f"unix://{tmp_path}/no-docker.sock"), state_dir=state,
-                       images_dir=mkosi_folder(tmp_path / "shipped"), portal_version="0.1.0")
+                       images_dir=mkosi_folder(tmp_path / "shipped"), portal_version="0.1.0",
+                       upgrade_roots=(tmp_path,))
 
 
 def deployed(ctx, version="0.1.0"):
@@ -116,11 +119,18 @@ def test_pin_file_round_trip_and_a_stack_from_before_it_read_from_compose_yaml(t
 
 # -- bundle folders -------------------------------------------------------------------
 
+def read_bundle(folder, shipped_version=None, roots=None):
+    """The bundle's version and form (its tars opened, then closed again)."""
+    bundle = upgrade.open_bundle(folder, roots or (folder.parent,), shipped_version)
+    bundle.close()
+    return bundle
+
+
 def test_bundle_folders_of_both_kinds_and_their_versions(tmp_path):
-    b = upgrade.read_bundle(mkosi_folder(tmp_path / "m", "0.2.0"))
+    b = read_bundle(mkosi_folder(tmp_path / "m", "0.2.0"))
     assert (b.version, b.form) == ("0.2.0", "mkosi")
-    assert upgrade.read_bundle(mkosi_folder(tmp_path / "shipped"), "0.1.0").version == "0.1.0"
-    b = upgrade.read_bundle(docker_folder(tmp_path / "d", "0.1.1"))
+    assert read_bundle(mkosi_folder(tmp_path / "shipped"), "0.1.0").version == "0.1.0"
+    b = read_bundle(docker_folder(tmp_path / "d", "0.1.1"))
     assert (b.version, b.form) == ("0.1.1", "docker")
 
 
@@ -159,8 +169,9 @@ def test_a_bad_bundle_folder_is_refused_naming_what_to_fix(tmp_path, case, words
         mkosi_folder(folder, "0.1.1")
         (folder / "mailstead-radicale.tar").write_bytes(b"\x00garbage" * 100)
     with pytest.raises(upgrade.UpgradeError) as err:
-        upgrade.read_bundle(folder)
-    assert err.value.code == "invalid" and str(err.value).startswith("source: ") and words in str(err.value)
+        read_bundle(folder, roots=(tmp_path,))
+    assert err.value.code == "invalid" and err.value.field == "source" and words in str(err.value)
+    assert str(err.value).startswith("source: ")
 
 
 # -- refusals before anything is touched ----------------------------------------------
@@ -193,7 +204,9 @@ def test_without_a_backup_target_the_upgrade_is_refused_naming_the_option(ctx, t
 @pytest.mark.parametrize("args, words", [
     ({"timeout": 5}, "timeout: give a number of seconds from 60 to 3600"),
     ({"source": "relative/folder", "without_backup": True}, "source: give an absolute path"),
-    ({"source": "/nonexistent/bundle", "without_backup": True}, "source: /nonexistent/bundle is not a folder"),
+    ({"source": "/nonexistent/bundle", "without_backup": True},
+     "/nonexistent/bundle is not in a folder upgrades are taken from; copy the bundle, as root, into a folder "
+     "of its own under "),
 ])
 def test_bad_arguments_are_refused(ctx, args, words):
     deployed(ctx)
@@ -299,3 +312,192 @@ def test_health_check_reports_the_last_upgrade_and_an_available_one(ctx):
     deployed(ctx, "0.2.0")  # upgraded since (by hand, or a later run)
     (ctx.images_dir / "VERSION").write_text("0.2.0\n")
     assert run_check(ctx).status == "ok"
+
+
+# -- the source: resolved once, only under a root-only folder, read through the open file ----
+
+def bundles_dir(ctx):
+    """<state>/upgrade/bundles: where the owner puts bundles (an allowed root by default)."""
+    folder = ctx.state_dir / "upgrade" / "bundles"
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(ctx.state_dir / "upgrade", 0o700)
+    return folder
+
+
+@pytest.mark.parametrize("case, words", [
+    ("outside", "is not in a folder upgrades are taken from"),
+    ("symlinked_folder", "is a symlink or not a folder"),
+    ("symlinked_tar", "mailstead-dovecot.tar is a symlink"),
+    ("group_writable_parent", "must belong to root and be writable by no one else"),
+    ("other_users_folder", "must belong to root and be writable by no one else (it is uid 65534"),
+])
+def test_a_source_outside_a_root_only_folder_or_through_a_symlink_is_refused(ctx, tmp_path, case, words):
+    deployed(ctx, "0.1.0")
+    bundles = bundles_dir(ctx)
+    source = bundles / "0.2.0"
+    if case == "outside":
+        source = mkosi_folder(tmp_path / "elsewhere" / "0.2.0", "0.2.0")
+        ctx = ops.Context(**{**ctx.__dict__, "upgrade_roots": ()}) if hasattr(ctx, "upgrade_roots") else ctx
+    elif case == "symlinked_folder":
+        mkosi_folder(bundles / "real", "0.2.0")
+        source.symlink_to(bundles / "real")
+    elif case == "symlinked_tar":
+        mkosi_folder(source, "0.2.0")
+        elsewhere = mkosi_folder(tmp_path / "other", "0.2.0")
+        (source / "mailstead-dovecot.tar").unlink()
+        (source / "mailstead-dovecot.tar").symlink_to(elsewhere / "mailstead-dovecot.tar")
+    elif case == "group_writable_parent":
+        mkosi_folder(bundles / "team" / "0.2.0", "0.2.0")
+        os.chmod(bundles / "team", 0o775)  # anyone in the group could swap what is below it
+        source = bundles / "team" / "0.2.0"
+    elif case == "other_users_folder":
+        mkosi_folder(source, "0.2.0")
+        os.chown(source, 65534, 65534)
+    err = refused(ctx, source=str(source), without_backup=True)
+    assert err.code == "invalid" and err.field == "source" and words in err.message, err.message
+
+
+def test_a_bundle_under_the_state_folder_bundles_is_taken(ctx):
+    deployed(ctx, "0.1.0")
+    source = mkosi_folder(bundles_dir(ctx) / "0.2.0", "0.2.0")
+    ctx = ops.Context(**{**ctx.__dict__, "upgrade_roots": ()})  # only the default roots
+    with upgrade.plan(ctx, str(source), without_backup=True) as p:
+        assert (p.bundle.version, p.bundle.form) == ("0.2.0", "mkosi")
+
+
+class FakeImage:
+    def __init__(self, ref, labels):
+        self.id = "sha256:" + hashlib.sha256(ref.encode()).hexdigest()
+        self.attrs = {"Config": {"Labels": labels}}
+
+
+class RecordingDocker:
+    """Stands in for docker-py's client where the test needs to see what docker would
+    read. Like docker-py, given a path it opens the path; given a file, it reads the file."""
+
+    def __init__(self):
+        self.loaded: dict[str, bytes] = {}
+        self.refs: dict[str, FakeImage] = {}
+        outer = self
+
+        class Api:
+            timeout = 5
+
+            def import_image(self, src=None, repository=None, tag=None, changes=None, **_kw):
+                outer.loaded["base"] = read_all(src)
+                outer.refs[f"{repository}:{tag}"] = FakeImage(f"{repository}:{tag}", {})
+
+            def import_image_from_file(self, filename, repository=None, tag=None, changes=None):
+                with open(filename, "rb") as f:  # what docker-py does with a path
+                    return self.import_image(f, repository, tag, changes)
+
+            def build(self, fileobj=None, tag=None, **_kw):
+                with tarfile.open(fileobj=fileobj) as context:
+                    service = tag.split(":")[0].removeprefix("mailstead-")
+                    outer.loaded[service] = context.extractfile("layer.tar").read()
+                outer.refs[tag] = FakeImage(tag, {"org.mailstead.service": service})
+                yield {"stream": "built"}
+
+        class Images:
+            def get(self, ref):
+                import docker.errors
+
+                if ref not in outer.refs:
+                    raise docker.errors.ImageNotFound(ref)
+                return outer.refs[ref]
+
+            def load(self, data):
+                blob = read_all(data)
+                with tarfile.open(fileobj=io.BytesIO(blob)) as archive:
+                    tags = json.loads(archive.extractfile("manifest.json").read())[0]["RepoTags"]
+                for tag in tags:
+                    name = tag.split(":")[0].removeprefix("mailstead-")
+                    outer.loaded[name] = blob
+                    outer.refs[tag] = FakeImage(tag, {"org.mailstead.service": name})
+                return []
+
+        self.api, self.images = Api(), Images()
+
+    def close(self):
+        pass
+
+
+def read_all(src):
+    if hasattr(src, "read"):
+        out = b""
+        while chunk := src.read(65536):
+            out += chunk
+        return out
+    return b"".join(src)
+
+
+def evil_tar(path: Path) -> None:
+    make_tar(path, {"usr/bin/evil": b"#!/bin/sh\nsteal the passwords\n",
+                    "manifest.json": json.dumps([{"RepoTags": []}]).encode()})
+
+
+@pytest.mark.parametrize("form", ["mkosi", "docker"])
+@pytest.mark.parametrize("swap", ["rename_over", "symlink", "whole_folder"])
+def test_a_tar_swapped_after_the_check_is_never_what_docker_loads(ctx, tmp_path, form, swap):
+    """The check passes; then, before docker reads anything, the tars are swapped (a file
+    renamed over each, a symlink put in each one's place, or the whole bundle folder moved
+    away and another put at its path). Docker gets the bytes that were checked, or nothing."""
+    deployed(ctx, "0.1.0")
+    source = bundles_dir(ctx) / "0.2.0"
+    (docker_folder if form == "docker" else mkosi_folder)(source, "0.2.0")
+    if form == "docker":
+        (source / "VERSION").write_text("0.2.0\n")
+    original = {n: (source / f"mailstead-{n}.tar").read_bytes() for n in upgrade.NAMES}
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    for n in upgrade.NAMES:
+        evil_tar(evil / f"mailstead-{n}.tar")
+    (evil / "VERSION").write_text("0.2.0\n")
+
+    def swap_now():
+        if swap == "whole_folder":
+            os.rename(source, source.with_name("moved-away"))
+            os.rename(evil, source)
+            return
+        for n in upgrade.NAMES:
+            tar = source / f"mailstead-{n}.tar"
+            if swap == "rename_over":
+                os.replace(evil / tar.name, tar)
+            else:
+                tar.unlink()
+                tar.symlink_to(evil / tar.name)
+
+    steps = []
+
+    def progress(step, detail):
+        steps.append((step, detail))
+        if step == "images" and detail.startswith("loading the"):  # checked; nothing loaded yet
+            swap_now()
+
+    client = RecordingDocker()
+    ctx = ops.Context(**{**ctx.__dict__, "docker": lambda: client})
+    with pytest.raises(Exception):  # the running 0.1.0 images are not in this fake docker: it stops after loading
+        upgrade.run(ctx, progress, source=str(source), without_backup=True)
+    assert any(detail.startswith("loading the 0.2.0") for _s, detail in steps), steps
+    assert client.loaded, "nothing was loaded"
+    for name, data in client.loaded.items():
+        assert data == original[name], f"docker got other bytes than the checked {name} tar"
+    assert set(client.loaded) == set(upgrade.NAMES)
+    last = upgrade.read_state(ctx.state_dir)["last_upgrade"]
+    assert last["changed"] is False and pins.read_pin(ctx.state_dir).version == "0.1.0"
+    assert last["sha256"] == {n: hashlib.sha256(original[n]).hexdigest() for n in upgrade.NAMES}
+
+
+def test_a_tar_changed_in_place_while_docker_reads_it_is_refused(ctx):
+    """The hash taken from the open file is checked against what docker read: if the
+    bytes change under it (only root could), the images are not used."""
+    deployed(ctx, "0.1.0")
+    source = mkosi_folder(bundles_dir(ctx) / "0.2.0", "0.2.0")
+    client = RecordingDocker()
+    with upgrade.plan(ctx, str(source), without_backup=True) as p:
+        p.bundle.hash()
+        with open(source / "mailstead-base.tar", "r+b") as f:  # the same inode, rewritten
+            f.seek(600)
+            f.write(b"X")
+        with pytest.raises(upgrade.UpgradeError, match="changed while it was being loaded"):
+            upgrade.load_bundle(client, p.bundle, ctx.state_dir)
