@@ -95,3 +95,29 @@ def summary(results: list[CheckResult]) -> dict[str, Any]:
         counts[r.status] += 1
     worst = "fail" if counts["fail"] else "warn" if counts["warn"] else "ok"
     return {"status": worst, **counts}
+
+
+def wait_healthy(ctx: Any, only: list[str], wait: float, progress: Any = None) -> list[str]:
+    """Run the checks `only` until they pass, for up to `wait` seconds; [] when they do,
+    else what the last round found (the upgrade's health gate, given to it by
+    portal/stack/privileged.py)."""
+    import time
+
+    from portal.checks.env import env_for
+
+    load_all()
+    progress = progress or (lambda _step, _detail: None)
+    deadline = time.monotonic() + wait
+    said = None
+    while True:
+        results = run_all(env_for(ctx), only=only, timeout=30)
+        bad = [f"{r.id}: {r.message}" for r in results if r.status != "ok"]
+        if not bad:
+            progress("health", "; ".join(r.message for r in results))
+            return []
+        if time.monotonic() >= deadline:
+            return bad
+        if bad != said:
+            progress("health", "waiting: " + "; ".join(bad)[:250])
+            said = bad
+        time.sleep(2)

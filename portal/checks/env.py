@@ -66,3 +66,9 @@ class CheckEnv:
     @property
     def setup_complete(self) -> bool:
         return self.values.get("setup_complete") == "1"
+
+
+def env_for(ctx: Context) -> CheckEnv:
+    """The checks' view of the world; tests may set ctx.check_env (a callable ctx -> CheckEnv)."""
+    factory = getattr(ctx, "check_env", None)
+    return factory(ctx) if factory else CheckEnv(ctx)

@@ -16,11 +16,10 @@ _round_lock = threading.Lock()  # one round at a time (the scheduler and `mailst
 
 
 def make_env(ctx: Context) -> Any:
-    """The checks' view of the world; tests may set ctx.check_env (a callable ctx -> CheckEnv)."""
-    from portal.checks.env import CheckEnv
+    """The checks' view of the world (portal/checks/env.py env_for)."""
+    from portal.checks.env import env_for
 
-    factory = getattr(ctx, "check_env", None)
-    return factory(ctx) if factory else CheckEnv(ctx)
+    return env_for(ctx)
 
 
 def health_round(ctx: Context, alert: bool = True, env: Any = None,

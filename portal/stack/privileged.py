@@ -308,11 +308,13 @@ def upgrade_run(ctx: Context, progress: Progress, source: str = "", force: bool 
     roll back on failure. A background job. `force` reinstalls a version that is not newer;
     `without_backup` upgrades when no backup target is configured; `timeout`: seconds
     the new stack may take to become healthy."""
-    from portal.stack.upgrade import run
+    from portal.checks import wait_healthy
+    from portal.stack.upgrade import HEALTH_CHECKS, run
 
     with upgrade_refusals():
         return run(ctx, progress, source=source, force=force, without_backup=without_backup,
-                   timeout=float(timeout), health_wait=float(getattr(ctx, "upgrade_health_wait", 120)))
+                   timeout=float(timeout), health_wait=float(getattr(ctx, "upgrade_health_wait", 120)),
+                   health=lambda wait, pr: wait_healthy(ctx, HEALTH_CHECKS, wait, pr))
 
 
 @privileged(timeout=120.0)

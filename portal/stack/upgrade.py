@@ -462,27 +462,11 @@ def plan(ctx: Any, source: str = "", force: bool = False, without_backup: bool =
 
 # -- health ---------------------------------------------------------------------------
 
-def health_problems(ctx: Any, wait: float, progress: Progress = _quiet) -> list[str]:
-    """The stack's health checks (containers healthy, ports listening), retried for up
-    to `wait` seconds; [] when they pass, else what the last round found."""
-    from portal.checks import load_all, run_all
-    from portal.checks.privileged import make_env
+Health = Callable[[float, Progress], list[str]]
 
-    load_all()
-    deadline = time.monotonic() + wait
-    said = None
-    while True:
-        results = run_all(make_env(ctx), only=HEALTH_CHECKS, timeout=30)
-        bad = [f"{r.id}: {r.message}" for r in results if r.status != "ok"]
-        if not bad:
-            progress("health", "; ".join(r.message for r in results))
-            return []
-        if time.monotonic() >= deadline:
-            return bad
-        if bad != said:
-            progress("health", "waiting: " + "; ".join(bad)[:250])
-            said = bad
-        time.sleep(2)
+
+def _no_health_checks(wait: float, progress: Progress) -> list[str]:
+    return ["no health check was given to the upgrade"]
 
 
 # -- run ------------------------------------------------------------------------------
@@ -536,9 +520,13 @@ def _short(text: str, limit: int = 400) -> str:
 
 
 def run(ctx: Any, progress: Progress = _quiet, *, source: str = "", force: bool = False,
-        without_backup: bool = False, timeout: float = 900, health_wait: float = 120) -> dict[str, Any]:
+        without_backup: bool = False, timeout: float = 900, health_wait: float = 120,
+        health: Health = _no_health_checks) -> dict[str, Any]:
     """The upgrade (see the module's text). Raises UpgradeError when refused or failed;
-    the message says whether anything changed and whether the previous stack runs again."""
+    the message says whether anything changed and whether the previous stack runs again.
+    `health(wait, progress)` runs the stack's health checks for up to `wait` seconds and
+    returns what it found wrong ([] when healthy): the caller gives it (the health checks
+    read this module's state, so it does not import them)."""
     t0 = time.monotonic()
     entry: dict[str, Any] = {"at": now_iso(), "ok": False, "from": None, "to": None, "source": None,
                              "backup": None, "changed": False, "rolled_back": False, "rollback_ok": None,
@@ -547,7 +535,7 @@ def run(ctx: Any, progress: Progress = _quiet, *, source: str = "", force: bool 
         # (refusals: nothing recorded, nothing touched; the source's tars are open from here on)
         entry.update({"from": p.current.version, "to": p.bundle.version, "source": str(p.bundle.folder)})
         try:
-            result = _run(ctx, p, progress, entry, timeout, health_wait)
+            result = _run(ctx, p, progress, entry, timeout, lambda pr: health(health_wait, pr))
             entry["ok"] = True
             return result
         except UpgradeError as err:
@@ -562,7 +550,7 @@ def run(ctx: Any, progress: Progress = _quiet, *, source: str = "", force: bool 
 
 
 def _run(ctx: Any, p: Plan, progress: Progress, entry: dict[str, Any], timeout: float,
-         health_wait: float) -> dict[str, Any]:
+         check: Callable[[Progress], list[str]]) -> dict[str, Any]:
     from portal.stack import deploy as deploy_mod
 
     old, new = p.current.version, p.bundle.version
@@ -611,7 +599,7 @@ def _run(ctx: Any, p: Plan, progress: Progress, entry: dict[str, Any], timeout: 
             failure = _short(f"the deploy stopped: {type(err).__name__}: {err}", 900)
         if failure is None:
             progress("health", f"checking the {new} stack (containers healthy, ports listening)")
-            problems = health_problems(ctx, health_wait, progress)
+            problems = check(progress)
             if problems:
                 failure = _short("the health check failed: " + "; ".join(problems), 900)
         if failure is None:
@@ -624,7 +612,7 @@ def _run(ctx: Any, p: Plan, progress: Progress, entry: dict[str, Any], timeout: 
         entry["rolled_back"] = True
         progress("rollback", f"the {new} stack failed ({failure[:200]}); bringing back {old}")
         ok, why = _rollback(ctx, client, p, previous, kept / "stack", deploy_rolled_back, timeout,
-                            health_wait, progress)
+                            check, progress)
         entry["rollback_ok"] = ok
         if ok:
             progress("rollback", f"{old} runs again and passed the health check")
@@ -658,7 +646,7 @@ def _backup(ctx: Any, progress: Progress, old: str) -> str:
 
 
 def _rollback(ctx: Any, client: Any, p: Plan, previous: dict[str, str], kept_stack: Path,
-              deploy_rolled_back: bool, timeout: float, health_wait: float,
+              deploy_rolled_back: bool, timeout: float, check: Callable[[Progress], list[str]],
               progress: Progress) -> tuple[bool, str]:
     """Bring the previous images and config back; (ok, why not)."""
     from portal.stack import deploy as deploy_mod
@@ -667,7 +655,7 @@ def _rollback(ctx: Any, client: Any, p: Plan, previous: dict[str, str], kept_sta
         # The deploy put its previous folder (the same config, same image IDs) back and
         # brought it up: make sure that is what runs and that it is healthy.
         running = running_images(client, p.settings.project)
-        if all(running.get(s) == previous[s] for s in SERVICES) and not health_problems(ctx, health_wait, progress):
+        if all(running.get(s) == previous[s] for s in SERVICES) and not check(progress):
             return True, ""
         progress("rollback", "the deploy's own rollback did not bring the previous stack back; "
                              "restoring the kept config")
@@ -686,7 +674,7 @@ def _rollback(ctx: Any, client: Any, p: Plan, previous: dict[str, str], kept_sta
     wrong = [s for s in SERVICES if running.get(s) != previous[s]]
     if wrong:
         return False, f"{', '.join(wrong)} do not run the previous images"
-    problems = health_problems(ctx, health_wait, progress)
+    problems = check(progress)
     if problems:
         return False, "the health check failed: " + "; ".join(problems)
     return True, ""

@@ -45,7 +45,7 @@ def test_deploy_without_docker_says_so(agent):
     proc, _state = agent
     client = AgentClient(str(proc.socket), timeout=30)
     job = client.call("stack_deploy")
-    assert job["state"] == "running"
+    assert job["kind"] == "stack_deploy" and job["state"] in ("running", "failed")  # it may end at once
 
     def ended():
         got = client.call("job_status", job_id=job["id"])
