@@ -179,7 +179,10 @@ def read_accounts_db(path: Path, work: Path) -> tuple[bytes, dict[str, int]]:
             if missing:
                 raise refused(f"the snapshot's accounts.db: the table {table} lacks {', '.join(sorted(missing))}")
         domains = [r[0] for r in _rows(conn, "domains", need["domains"], "accounts.db")]
-        mailboxes = _rows(conn, "mailboxes", need["mailboxes"], "accounts.db")
+        # The mail key's derivation (version 2 and its salt); a snapshot from before it
+        # has no such columns: its keys are version 1 (unsalted sha256).
+        kdf_columns = ("key_kdf", "key_salt") if {"key_kdf", "key_salt"} <= tables["mailboxes"] else ()
+        mailboxes = _rows(conn, "mailboxes", need["mailboxes"] + kdf_columns, "accounts.db")
         aliases = _rows(conn, "aliases", need["aliases"], "accounts.db")
     except sqlite3.DatabaseError as exc:
         raise refused(f"the snapshot's accounts.db cannot be read ({exc})") from None
@@ -204,8 +207,14 @@ def read_accounts_db(path: Path, work: Path) -> tuple[bytes, dict[str, int]]:
             raise refused(f"the snapshot's accounts.db: the domain {str(name)[:80]!r} is not a normalized domain")
         hosted.add(name)
     boxes = []
-    for addr, local, domain, password, quota, created in mailboxes:
+    for row in mailboxes:
+        addr, local, domain, password, quota, created = row[:6]
+        version, salt = row[6:8] if len(row) > 6 else (acc.KEY_KDF_SHA256, "")
         addr = address(addr, "the mailbox")
+        try:
+            kdf = acc.KeyKdf(version if type(version) is int else -1, salt if isinstance(salt, str) else "")
+        except ValueError:
+            raise refused(f"the snapshot's accounts.db: the mailbox {addr} has no valid key derivation") from None
         if (local, domain) != tuple(addr.split("@")):
             raise refused(f"the snapshot's accounts.db: the mailbox {addr} has another local part or domain")
         if not (isinstance(password, str) and password.startswith(acc.SCHEME_PREFIX + "$argon2id$")
@@ -216,7 +225,7 @@ def read_accounts_db(path: Path, work: Path) -> tuple[bytes, dict[str, int]]:
                           f"from 0 to {acc.MAX_QUOTA_MB}")
         created = created if isinstance(created, str) and len(created) <= 64 and created.isprintable() else ""
         hosted.add(domain)
-        boxes.append((addr, local, domain, password, quota, created))
+        boxes.append((addr, local, domain, password, quota, created, kdf.version, kdf.salt))
     pairs = sorted({(address(s, "the alias source"), address(d, "the alias destination")) for s, d in aliases})
 
     folder = Path(tempfile.mkdtemp(prefix="accounts-", dir=work))
@@ -227,8 +236,8 @@ def read_accounts_db(path: Path, work: Path) -> tuple[bytes, dict[str, int]]:
         out.executescript(acc.SCHEMA)
         out.execute("BEGIN")
         out.executemany("INSERT INTO domains (name) VALUES (?)", [(d,) for d in sorted(hosted)])
-        out.executemany("INSERT INTO mailboxes (address, local, domain, password, quota_mb, created) "
-                        "VALUES (?, ?, ?, ?, ?, ?)", boxes)
+        out.executemany("INSERT INTO mailboxes (address, local, domain, password, quota_mb, created, "
+                        "key_kdf, key_salt) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", boxes)
         out.executemany("INSERT INTO aliases (source, destination) VALUES (?, ?)", pairs)
         out.execute("COMMIT")
     finally:

@@ -276,8 +276,8 @@ def test_an_account_row_that_fails_its_check_refuses_the_restore(tmp_path: Path)
     staging = staged(env, tmp_path)
     conn = sqlite3.connect(staging / "db" / "accounts.db")
     with conn:
-        conn.execute("INSERT INTO mailboxes VALUES ('../../etc@example.test', '../../etc', 'example.test', "
-                     "'{PLAIN}known', 0, 'now')")
+        conn.execute("INSERT INTO mailboxes (address, local, domain, password, quota_mb, created) "
+                     "VALUES ('../../etc@example.test', '../../etc', 'example.test', '{PLAIN}known', 0, 'now')")
     conn.close()
     refused_untouched(env, forge(env, staging), "'../../etc@example.test' is not a normalized address")
 

@@ -78,7 +78,36 @@ def test_accounts_come_as_checked_rows_in_a_new_database(tmp_path: Path) -> None
     assert new.list_aliases() == [{"source": "info@example.test", "destination": "alice@example.test"}]
 
 
+def read_kdf(data: bytes, where: Path) -> tuple[int, str]:
+    where.write_bytes(data)
+    with sqlite3.connect(where) as conn:
+        return conn.execute("SELECT key_kdf, key_salt FROM mailboxes").fetchone()
+
+
+def test_the_mail_key_derivation_comes_back_with_its_salt(tmp_path: Path) -> None:
+    """A mailbox's key derivation (version 2 and its salt) is restored: without it the
+    restored mailbox's keys would not open with its password (found by the integration
+    tier: a restore lost both columns)."""
+    db = accounts_db(tmp_path / "accounts.db")
+    with sqlite3.connect(db) as conn:
+        want = conn.execute("SELECT key_kdf, key_salt FROM mailboxes").fetchone()
+    assert want[0] == 2 and len(want[1]) == 32
+    data, _ = read_accounts_db(db, tmp_path)
+    assert read_kdf(data, tmp_path / "new.db") == want
+
+
+def test_a_snapshot_from_before_the_key_derivation_restores_as_version_1(tmp_path: Path) -> None:
+    db = accounts_db(tmp_path / "accounts.db")
+    with sqlite3.connect(db) as conn:  # the columns an older version did not have
+        conn.execute("ALTER TABLE mailboxes DROP COLUMN key_salt")
+        conn.execute("ALTER TABLE mailboxes DROP COLUMN key_kdf")
+    data, _ = read_accounts_db(db, tmp_path)
+    assert read_kdf(data, tmp_path / "new.db") == (1, "")
+
+
 @pytest.mark.parametrize("sql, words", [
+    ("UPDATE mailboxes SET key_kdf = 9", "has no valid key derivation"),
+    ("UPDATE mailboxes SET key_salt = '../../x'", "has no valid key derivation"),
     ("UPDATE mailboxes SET password = '{PLAIN}known'", "has no argon2id password hash"),
     ("UPDATE mailboxes SET address = 'Alice@example.test'", "is not a normalized address"),
     ("UPDATE mailboxes SET local = 'bob'", "has another local part or domain"),
