@@ -106,7 +106,7 @@ def test_wrong_key_type_is_refused_not_replaced(tmp_path: Path) -> None:
     (ec.generate_private_key(ec.SECP256R1()).private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
      "neither an RSA nor an Ed25519 key"),
-])
+], ids=["empty", "garbage", "rsa-1024", "ec-p256"])
 def test_load_key_rejects(tmp_path: Path, content: bytes, message: str) -> None:
     path = tmp_path / "bad.key"
     path.write_bytes(content)
