@@ -51,9 +51,15 @@ def read_password(prompt: str, from_stdin: bool) -> str:
 
 
 def read_secret(prompt: str, from_stdin: bool) -> str:
+    """A secret from stdin (one line), or asked on the terminal; "" when there is none
+    to ask (no terminal and nothing on stdin): the caller then names what is missing."""
     if from_stdin:
         return sys.stdin.readline().strip()
-    return getpass.getpass(f"{prompt}: ").strip()
+    try:
+        return getpass.getpass(f"{prompt}: ").strip()
+    except EOFError:
+        print(file=sys.stderr)
+        return ""
 
 
 def command(commands: Any, name: str, op: Operation | None, help: str,

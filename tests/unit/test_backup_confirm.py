@@ -175,6 +175,11 @@ def test_the_cli_asks_for_a_code_when_the_agent_wants_one(agent: ThreadAgent, st
     with pytest.raises(SystemExit) as out:
         cli.main(args)
     assert "totp_code: no code given" in str(out.value)
+    # No terminal to ask on and no --secret-stdin (a script): the same words, no traceback.
+    monkeypatch.setattr("getpass.getpass", lambda prompt: (_ for _ in ()).throw(EOFError()))
+    with pytest.raises(SystemExit) as out:
+        cli.main(args[:-1])
+    assert "totp_code: no code given" in str(out.value)
     monkeypatch.setattr("sys.stdin", io.StringIO(owner.fresh() + "\n"))
     assert cli.main(args) == 0
     assert "RECOVERY SHEET" in capsys.readouterr().out
