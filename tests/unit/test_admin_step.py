@@ -175,3 +175,12 @@ def test_fuzzed_admin_form_never_fails(client: FlaskClient, values: dict[str, st
     response = client.post("/setup/admin", data={"csrf_token": csrf_token(page), **values})
     assert response.status_code == 200
     assert 'class="error" role="alert"' in response.text
+
+
+def test_qr_svg_is_rendered_once_per_uri() -> None:
+    """The admin page re-renders on every form error: the QR code is kept per URI."""
+    first = qr_svg("otpauth://totp/Mailstead:admin@example.org?secret=JBSWY3DPEHPK3PXP")
+    again = qr_svg("otpauth://totp/Mailstead:admin@example.org?secret=JBSWY3DPEHPK3PXP")
+    other = qr_svg("otpauth://totp/Mailstead:admin@example.org?secret=KRSXG5CTMVRXEZLU")
+    assert again is first
+    assert other != first

@@ -10,6 +10,7 @@ the step done when the owner says they have saved them.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from flask import Blueprint, redirect, url_for
@@ -34,8 +35,13 @@ MIN_PASSWORD = 12
 MAX_PASSWORD = 1024
 
 
+@functools.lru_cache(maxsize=4)
 def qr_svg(uri: str) -> Markup:
-    """The QR code of `uri` as an inline <svg> (path only: nothing from the URI is in the markup)."""
+    """The QR code of `uri` as an inline <svg> (path only: nothing from the URI is in the markup).
+
+    Rendering takes tens of milliseconds and the page is reloaded on every
+    form error, so the last four are kept in this process's memory (which
+    is given the pending secret on every render anyway; nothing is written)."""
     import qrcode
     import qrcode.image.svg
 
