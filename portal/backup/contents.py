@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from portal.backup import BackupError
+from portal.core import safefs
 from portal.backup.config import OWN_SECRETS
 
 Progress = Callable[[str, str], None]
@@ -193,8 +194,8 @@ def copy_state_folder(src: Path, dest: Path, rel: str, skip: tuple[str, ...], li
             elif entry.is_dir(follow_symlinks=False):
                 copy_state_folder(Path(entry.path), dest / entry.name, name, (), links, skipped)
             elif entry.is_file(follow_symlinks=False):
-                shutil.copyfile(entry.path, dest / entry.name, follow_symlinks=False)
-                os.chmod(dest / entry.name, 0o600)
+                with safefs.open_file(entry.path) as f:
+                    safefs.write_bytes(dest / entry.name, f.read(), 0o600)
             else:
                 skipped.append(name)
 
@@ -206,7 +207,7 @@ def normalize_volume(root: Path, rel: str, skipped: list[str], changed: list[str
     are taken off (named in `changed`). The mail stack makes none of these."""
     mode = stat.S_IMODE(os.lstat(root).st_mode)
     if mode & stat.S_IWOTH:
-        os.chmod(root, mode & ~stat.S_IWOTH)
+        safefs.chmod(root, mode & ~stat.S_IWOTH)
         changed.append(rel)
     for dirpath, dirnames, filenames in os.walk(root):
         for name in sorted(dirnames + filenames):
@@ -219,15 +220,16 @@ def normalize_volume(root: Path, rel: str, skipped: list[str], changed: list[str
                 if name in dirnames:
                     dirnames.remove(name)
                 continue
-            if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
-                tmp = path.with_name(f".{name}.unlink")
-                shutil.copy2(path, tmp, follow_symlinks=False)
-                os.chown(tmp, st.st_uid, st.st_gid)
-                os.replace(tmp, path)
             mode = stat.S_IMODE(st.st_mode)
             bad = stat.S_IWOTH | (SPECIAL_BITS if stat.S_ISREG(st.st_mode) else 0)
+            if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                # A file of its own in place of the link: same content, owner and (safe) mode.
+                with safefs.open_file(path) as f:
+                    safefs.write_bytes(path, f.read(), mode & ~bad, owner=(st.st_uid, st.st_gid))
+                os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+            elif mode & bad:
+                safefs.chmod(path, mode & ~bad)
             if mode & bad:
-                os.chmod(path, mode & ~bad)
                 changed.append(what)
 
 

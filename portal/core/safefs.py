@@ -409,6 +409,25 @@ def rename(src: Path | str, dst: Path | str) -> None:
         os.fsync(dfd)
 
 
+def chmod(path: Path | str, mode: int) -> None:
+    """Set the mode of a file or folder through a descriptor opened without following
+    a symlink: a symlink at `path` is refused, never followed; so is anything that is
+    neither a regular file nor a folder."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _unsafe(path, "is a symlink") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            raise _unsafe(path, "is neither a file nor a folder")
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
 def lstat(path: Path | str) -> os.stat_result | None:
     try:
         return os.lstat(path)

@@ -33,6 +33,50 @@ DOMAIN = "example.test"
 
 # -- the helper --------------------------------------------------------------------------
 
+def test_chmod_changes_files_and_folders_and_never_follows_a_symlink(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("x")
+    victim.chmod(0o644)
+    (tmp_path / "folder").mkdir(mode=0o777)
+    safefs.chmod(tmp_path / "folder", 0o755)
+    assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == 0o755
+    (tmp_path / "link").symlink_to(victim)
+    with pytest.raises(UnsafePathError, match="symlink"):
+        safefs.chmod(tmp_path / "link", 0o666)
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o644
+    os.mkfifo(tmp_path / "fifo", 0o666)
+    with pytest.raises(UnsafePathError, match="neither a file nor a folder"):
+        safefs.chmod(tmp_path / "fifo", 0o600)
+
+
+def test_a_dumped_volume_is_made_restorable_through_descriptors(tmp_path):
+    """backup/contents.normalize_volume: hard links become files of their own (same bytes,
+    owner and times, unsafe bits off), write-for-everyone comes off, symlinks leave."""
+    from portal.backup.contents import normalize_volume
+
+    root = tmp_path / "vol"
+    (root / "cur").mkdir(parents=True)
+    message = root / "cur" / "1.eml"
+    message.write_bytes(b"Subject: hi\n\nbody\n")
+    os.chown(message, 1234, 1234)
+    os.chmod(message, 0o4666)
+    os.utime(message, ns=(1_000_000_000, 2_000_000_000))
+    os.link(message, root / "cur" / "2.eml")
+    (root / "open").mkdir(mode=0o777)
+    os.chmod(root / "open", 0o777)
+    (root / "cur" / "escape").symlink_to("/etc/shadow")
+    skipped, changed = [], []
+    normalize_volume(root, "volumes/mail", skipped, changed)
+    assert skipped == ["volumes/mail/cur/escape"] and not (root / "cur" / "escape").exists()
+    assert sorted(changed) == ["volumes/mail/cur/1.eml", "volumes/mail/cur/2.eml", "volumes/mail/open"]
+    for name in ("1.eml", "2.eml"):
+        st = os.lstat(root / "cur" / name)
+        assert st.st_nlink == 1 and (st.st_uid, st.st_gid) == (1234, 1234), name
+        assert stat.S_IMODE(st.st_mode) == 0o664 and st.st_mtime_ns == 2_000_000_000, name
+        assert (root / "cur" / name).read_bytes() == b"Subject: hi\n\nbody\n"
+    assert stat.S_IMODE((root / "open").stat().st_mode) == 0o775
+
+
 def test_write_bytes_replaces_a_symlink_at_the_target_and_never_follows_it(tmp_path):
     victim = tmp_path / "victim"
     victim.write_bytes(b"precious\n")
