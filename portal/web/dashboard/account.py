@@ -28,12 +28,10 @@ from portal.web import security
 from portal.web.dashboard import Nav, render_dashboard
 from portal.web.dashboard.backups import CODE_HELP, code_text
 from portal.web.jobs import show_error
+from portal.web.steps.admin import MAX_PASSWORD, MIN_PASSWORD, check_new_password, qr_svg
 
 bp = Blueprint("account", __name__, url_prefix="/admin/account")
 NAV = Nav(80, "Account", "account.index")
-
-MIN_PASSWORD = 12
-MAX_PASSWORD = 1024
 
 
 class PasswordForm(FlaskForm):
@@ -52,13 +50,7 @@ class PasswordForm(FlaskForm):
             raise ValidationError("That password is too long to be yours (at most 1024 characters).")
 
     def validate_new_password(self, field: Field) -> None:
-        value = field.data or ""
-        if len(value) < MIN_PASSWORD:
-            raise ValidationError(f"Use at least {MIN_PASSWORD} characters (this one has {len(value)}).")
-        if len(value) > MAX_PASSWORD:
-            raise ValidationError(f"Use at most {MAX_PASSWORD} characters.")
-        if any(ch in value for ch in "\0\n\r"):
-            raise ValidationError("The password must not contain line breaks or NUL characters.")
+        check_new_password(field.data or "")
 
     def validate_new_password_confirm(self, field: Field) -> None:
         if (field.data or "") != (self.new_password.data or ""):
@@ -107,8 +99,6 @@ def signed_out(err: AgentError) -> ResponseReturnValue:
 
 def enrolment(form: TotpForm | None = None, code: int = 200, error: str | None = None) -> ResponseReturnValue:
     """The new authenticator's key (QR code) and the form that switches to it."""
-    from portal.web.steps.admin import qr_svg
-
     try:
         pending = admin_ops.admin_totp_reset_begin()
     except AgentError as err:

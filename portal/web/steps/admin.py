@@ -35,6 +35,17 @@ MIN_PASSWORD = 12
 MAX_PASSWORD = 1024
 
 
+def check_new_password(password: str) -> None:
+    """The rules for a new administrator password (the wizard's and the Account page's);
+    ValidationError with the fix."""
+    if len(password) < MIN_PASSWORD:
+        raise ValidationError(f"Use at least {MIN_PASSWORD} characters (this one has {len(password)}).")
+    if len(password) > MAX_PASSWORD:
+        raise ValidationError(f"Use at most {MAX_PASSWORD} characters.")
+    if any(ch in password for ch in "\0\n\r"):
+        raise ValidationError("The password must not contain line breaks or NUL characters.")
+
+
 @functools.lru_cache(maxsize=4)
 def qr_svg(uri: str) -> Markup:
     """The QR code of `uri` as an inline <svg> (path only: nothing from the URI is in the markup).
@@ -89,12 +100,7 @@ class AdminForm(FlaskForm):
 
     def validate_password(self, field: PasswordField) -> None:
         password = field.data or ""
-        if len(password) < MIN_PASSWORD:
-            raise ValidationError(f"Use at least {MIN_PASSWORD} characters (this one has {len(password)}).")
-        if len(password) > MAX_PASSWORD:
-            raise ValidationError(f"Use at most {MAX_PASSWORD} characters.")
-        if any(ch in password for ch in "\0\n\r"):
-            raise ValidationError("The password must not contain line breaks or NUL characters.")
+        check_new_password(password)
         address = (self.address.data or "").strip().lower()
         if address and password.strip().lower() in (address, address.partition("@")[0]):
             raise ValidationError("The password must not be the address itself; choose something others "
