@@ -186,8 +186,9 @@ def write_json(path: Path | str, data: Any, mode: int = 0o600, owner: tuple[int,
     write_bytes(path, (json.dumps(data, sort_keys=True, indent=1) + "\n").encode("utf-8"), mode, owner)
 
 
-def _open_at(dfd: int, name: str, path: Path, flags: int, owner_uid: int | None) -> int:
-    """`name` in folder `dfd`, opened with O_NOFOLLOW: a regular file (of `owner_uid`)."""
+def _open_at(dfd: int, name: str, path: Path, flags: int, owner_uid: int | None, *, folders: bool = False) -> int:
+    """`name` in folder `dfd`, opened with O_NOFOLLOW: a regular file (of `owner_uid`),
+    or with `folders` also a folder."""
     try:
         fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o600, dir_fd=dfd)
     except OSError as exc:
@@ -196,7 +197,9 @@ def _open_at(dfd: int, name: str, path: Path, flags: int, owner_uid: int | None)
         raise
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
+        if folders and not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            raise _unsafe(path, "is neither a file nor a folder")
+        if not folders and not stat.S_ISREG(st.st_mode):
             raise _unsafe(path, "is not a regular file")
         if owner_uid is not None and st.st_uid != owner_uid:
             raise _unsafe(path, f"belongs to uid {st.st_uid}")
@@ -411,18 +414,12 @@ def rename(src: Path | str, dst: Path | str) -> None:
 
 def chmod(path: Path | str, mode: int) -> None:
     """Set the mode of a file or folder through a descriptor opened without following
-    a symlink: a symlink at `path` is refused, never followed; so is anything that is
-    neither a regular file nor a folder."""
+    a symlink anywhere in `path`: a symlink is refused, never followed; so is anything
+    that is neither a regular file nor a folder."""
+    path = Path(os.path.abspath(path))
+    with open_dir(path.parent) as dfd:
+        fd = _open_at(dfd, path.name, path, os.O_RDONLY, None, folders=True)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise _unsafe(path, "is a symlink") from None
-        raise
-    try:
-        st = os.fstat(fd)
-        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-            raise _unsafe(path, "is neither a file nor a folder")
         os.fchmod(fd, mode)
     finally:
         os.close(fd)
