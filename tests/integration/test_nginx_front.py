@@ -247,7 +247,22 @@ class StackFront:
                               capture_output=True, text=True, timeout=30)
         assert test.returncode == 0, test.stderr
         assert self.proc is not None
+        old_workers = self.workers()
         self.proc.send_signal(signal.SIGHUP)
+        # Old workers keep accepting on the shared sockets until they see the
+        # master's shutdown order, so a request right after the SIGHUP can still
+        # meet the old configuration: wait until they are gone.
+        retry(lambda: self._gone(old_workers), 15, "nginx's old workers to exit after the reload")
+
+    def workers(self) -> set[int]:
+        """The master's worker processes, from /proc."""
+        assert self.proc is not None
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
+        return {int(pid) for pid in children.split()}
+
+    def _gone(self, pids: set[int]) -> None:
+        left = pids & self.workers()
+        assert not left, f"old workers still running: {sorted(left)}"
 
 
 def https_get(port: int, host: str, path: str, method: str = "GET") -> tuple[int, Any, bytes]:
