@@ -343,6 +343,33 @@ def test_idle_memory(stack: Stack) -> None:
         assert used[service] <= budget, f"{service} uses {used[service]:.0f} MiB idle (budget {budget} MiB)"
 
 
+def test_rspamd_starts_on_the_public_suffix_list_the_image_ships(stack: Stack) -> None:
+    """The URL scanner's hyperscan databases (the public suffix list: 40 MB,
+    minutes to compile under emulation) come compiled with the image, and
+    rspamd loads them as they are. It unpacks a cache it loads next to it
+    (`<name>.unser`); one it had to compile itself would have another name,
+    as it does on this CPU without the platform shim."""
+    def listing(folder: str) -> dict[str, str]:
+        out = stack.exec("rspamd", "sh", "-c",
+                         f'cd {folder} && for f in *.hsmp*; do echo "$f $(sha256sum <$f | cut -c1-64)"; done',
+                         user="_rspamd")
+        return dict(line.split(" ") for line in out.splitlines())
+
+    shipped = listing("/usr/lib/mailstead/rspamd-hs-cache")
+    assert len(shipped) >= 2 and all(name.endswith(".hsmp") for name in shipped), shipped
+    in_volume = listing("/var/lib/rspamd")
+    for name, digest in shipped.items():
+        assert in_volume.get(name) == digest, f"{name} is not in the volume as shipped: {in_volume}"
+        assert f"{name}.unser" in in_volume, f"rspamd did not load the shipped {name}: {in_volume}"
+    # Every rspamd process has the shim loaded (rspamd's process titles
+    # overwrite /proc/<pid>/environ, so its maps are what shows it).
+    maps = stack.exec("rspamd", "sh", "-c",
+                      'for p in /proc/[0-9]*; do case "$(tr "\\0" " " <$p/cmdline)" in '
+                      '"rspamd: "*) echo "$(grep -c hs-generic-platform.so $p/maps) $p";; esac; done',
+                      user="_rspamd")
+    assert len(maps.splitlines()) == 4 and all(not line.startswith("0 ") for line in maps.splitlines()), maps
+
+
 def test_rspamd_runs_unprivileged_with_one_worker_each(stack: Stack) -> None:
     ps = stack.exec("rspamd", "sh", "-c",
                     'for p in /proc/[0-9]*; do echo "$(awk \'/^Uid:/{print $2}\' $p/status) '

@@ -65,24 +65,28 @@ if [ -n "$missing" ]; then
     say "(the agent makes them with portal.stack.dkim.ensure_keys; then deploy again)"
 fi
 
-# The named volume (Bayes cache, hyperscan cache, history) is _rspamd's.
+# The named volume (Bayes cache, hyperscan caches, history) is _rspamd's.
 chown _rspamd:_rspamd /var/lib/rspamd
 
+# The public suffix list (URL and eSLD matching) comes compiled with the
+# image (recipes/rspamd/postinst-hs-cache.chroot): put it where rspamd looks,
+# through a temporary name so a power loss never leaves half a cache. The
+# platform shim makes rspamd look for exactly that file on any CPU (and
+# compile its own regexp caches for the same generic target); without it,
+# rspamd's main process would compile the list itself on first start:
+# minutes under emulation, and ~200 MB more memory in every worker.
+# (As _rspamd: root here has no right to write into _rspamd's folder.)
 as_rspamd() { setpriv --reuid=_rspamd --regid=_rspamd --clear-groups "$@"; }
+as_rspamd sh -eu -c '
+for f in "$1"/*.hsmp; do
+    dest="/var/lib/rspamd/${f##*/}"
+    [ -s "$dest" ] && continue  # written by rename: complete if there
+    cp "$f" /var/lib/rspamd/.mailstead-hs.tmp
+    mv -f /var/lib/rspamd/.mailstead-hs.tmp "$dest"
+done' sh /usr/lib/mailstead/rspamd-hs-cache
 
-# Check the configuration first: a mistake is reported here, in words.
-if ! out=$(as_rspamd rspamadm configtest --config /etc/rspamd/rspamd.conf 2>&1); then
-    say "configuration test failed:"
-    echo "$out" >&2
-    exit 1
-fi
-# Compile the public suffix list (URL and eSLD matching) into the volume's
-# hyperscan cache in a process of its own (once per list and rspamd version;
-# a few seconds). Compiled by rspamd's main process instead, the compiler's
-# leftovers stay in its heap and in every worker it forks: ~250 MB idle
-# instead of ~50 MB.
-as_rspamd rspamadm publicsuffix compile --config /etc/rspamd/rspamd.conf >/dev/null ||
-    say "could not precompile the public suffix list; rspamd will (and use more memory)"
-
+# No separate configuration test: rspamd checks its configuration as it
+# loads it, and exits saying what is wrong (in the container's log).
+export LD_PRELOAD=/usr/lib/mailstead/hs-generic-platform.so
 exec setpriv --reuid=_rspamd --regid=_rspamd --clear-groups \
     rspamd --no-fork --config /etc/rspamd/rspamd.conf
