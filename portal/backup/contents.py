@@ -13,6 +13,7 @@ them into place); redis's data is its last own dump on the volume.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -32,6 +33,10 @@ from portal.backup.config import OWN_SECRETS
 Progress = Callable[[str, str], None]
 
 VOLUMES = ("mail", "dav", "redis", "rspamd")  # the spool (queued mail in flight) is not kept
+# Caches in a volume that are not kept (patterns on file names): rspamd's hyperscan
+# databases (~90 MB), which its entry point copies from the image or rspamd compiles
+# again at start (recipes/rspamd/templates/entrypoint.sh).
+NOT_KEPT = {"rspamd": ("*.hs", "*.hsmp", "*.hsmc", "*.unser", "hsmp-*", ".mailstead-hs.tmp")}
 # The state folders a backup holds. stack/ (the rendered compose project) is not one
 # since format 2: a restore renders it anew from the checked settings at deploy.
 FILE_DIRS = ("secrets", "tls")
@@ -54,7 +59,8 @@ SPECIAL_BITS = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX
 
 
 class VolumeIO(Protocol):
-    def dump(self, name: str, dest: Path) -> bool: ...      # False: the volume does not exist
+    # False: the volume does not exist. Files whose names match `leave_out` are not copied.
+    def dump(self, name: str, dest: Path, leave_out: tuple[str, ...] = ()) -> bool: ...
     def load(self, name: str, src: Path) -> None: ...
 
 
@@ -83,14 +89,14 @@ class DockerVolumes:
         raise BackupError(f"volumes: the docker engine did not answer about {self.volume(name)}: "
                           f"{' '.join(r.stderr.split())[-200:]}; is docker running?", "volumes")
 
-    def dump(self, name: str, dest: Path) -> bool:
+    def dump(self, name: str, dest: Path, leave_out: tuple[str, ...] = ()) -> bool:
         if not self.exists(name):
             return False
         dest.mkdir(parents=True, exist_ok=True)
         reader = subprocess.Popen(
             ["docker", "run", "--rm", "--network", "none", "--log-driver", "none",
              "-v", f"{self.volume(name)}:/v:ro", "--entrypoint", "tar", self.image,
-             "-C", "/v", "--numeric-owner", "-cf", "-", "."],
+             "-C", "/v", "--numeric-owner", *(f"--exclude={p}" for p in leave_out), "-cf", "-", "."],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         writer = subprocess.run(["tar", "-C", str(dest), "--numeric-owner", "-xpf", "-"],
                                 stdin=reader.stdout, capture_output=True, timeout=self.timeout, check=False)
@@ -132,11 +138,15 @@ class FolderVolumes:
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    def dump(self, name: str, dest: Path) -> bool:
+    def dump(self, name: str, dest: Path, leave_out: tuple[str, ...] = ()) -> bool:
         src = self.root / name
         if not src.is_dir():
             return False
         _copy_all(src, dest)
+        for dirpath, _dirnames, filenames in os.walk(dest):
+            for f in filenames:
+                if any(fnmatch.fnmatchcase(f, p) for p in leave_out):
+                    os.unlink(os.path.join(dirpath, f))
         return True
 
     def load(self, name: str, src: Path) -> None:
@@ -252,7 +262,7 @@ def stage(state_dir: Path, staging: Path, volumes: VolumeIO, info: dict[str, Any
     kept = []
     for name in VOLUMES:
         progress("volumes", f"copying the {name} volume")
-        if volumes.dump(name, staging / "volumes" / name):
+        if volumes.dump(name, staging / "volumes" / name, NOT_KEPT.get(name, ())):
             kept.append(name)
             normalize_volume(staging / "volumes" / name, f"volumes/{name}", skipped, changed)
     if skipped:

@@ -31,7 +31,7 @@ VOLUMES = ("mail", "spool", "rspamd", "redis", "dav")
 
 # Checked every 5 s; healthy as soon as one check passes. The long start period
 # only forgives failures while a slow machine (or emulation) is still starting a
-# service, e.g. rspamd compiling its maps on first start.
+# service, e.g. rspamd loading its configuration.
 HEALTH = {"interval": "5s", "timeout": "30s", "retries": 5, "start_period": "300s"}
 LOGGING = {"driver": "json-file", "options": {"max-size": "10m", "max-file": "3"}}
 
@@ -102,7 +102,9 @@ def compose(settings: StackSettings) -> dict[str, Any]:
             security_opt=["no-new-privileges:true"],
             volumes=[_bind("./rspamd", "/etc/mailstead/rspamd"), _volume("rspamd", "/var/lib/rspamd"),
                      _bind(v["dkim_dir"], "/run/mailstead-dkim")],
-            # Its first start compiles maps and regular expressions: minutes under emulation.
+            # Its start loads a large configuration (a minute under emulation), then compiles
+            # its regexp caches in the background; any multipattern the image does not ship
+            # (recipes/rspamd/postinst-hs-cache.chroot) is compiled before it answers.
             healthcheck=_health("rspamd", start_period="600s"), depends_on=["redis"]),
         # Unprivileged, and never published: rspamd reaches it on the stack network.
         "redis": service(

@@ -10,6 +10,7 @@ import imaplib
 import json
 import os
 import poplib
+import re
 import signal
 import smtplib
 import ssl
@@ -730,11 +731,20 @@ def test_wrong_passwords_and_unknown_users_are_refused(mail: Mail) -> None:
 # -- persistence ----------------------------------------------------------------------------
 
 def test_mail_and_accounts_survive_compose_restart(mail: Mail) -> None:
+    """And the spool's permissions are set up again when the IDs they were set
+    up for differ from the image's (an upgrade), not on every start."""
     before = mail.subjects()
+    stamp = "/var/spool/postfix/.mailstead-permissions"
+    ids = mail.stack.exec("postfix", "cat", stamp).strip()
+    assert re.fullmatch(r"\d+:\d+:\d+", ids), ids
+    # As if the spool had been set up by an image whose postfix had other IDs.
+    mail.stack.exec("postfix", "sh", "-c", f"chown root /var/spool/postfix/maildrop && echo 1:2:3 >{stamp}")
     r = deploy_mod.compose(mail.stack.settings, "restart", timeout=180)
     assert r.returncode == 0, r.stderr
     mail.wait_healthy()
     assert mail.subjects() == before
+    assert mail.stack.exec("postfix", "cat", stamp).strip() == ids
+    assert mail.stack.exec("postfix", "stat", "-c", "%U", "/var/spool/postfix/maildrop").strip() == "postfix"
     subject = token("after-restart")
     submit(mail, subject, "after the restart")
     mail.wait_for(subject)

@@ -344,11 +344,12 @@ def test_idle_memory(stack: Stack) -> None:
 
 
 def test_rspamd_starts_on_the_public_suffix_list_the_image_ships(stack: Stack) -> None:
-    """The URL scanner's hyperscan databases (the public suffix list: 40 MB,
-    minutes to compile under emulation) come compiled with the image, and
-    rspamd loads them as they are. It unpacks a cache it loads next to it
-    (`<name>.unser`); one it had to compile itself would have another name,
-    as it does on this CPU without the platform shim."""
+    """The multipatterns rspamd builds as it loads its configuration (the
+    public suffix list: 40 MB, minutes to compile under emulation) come
+    compiled with the image, and rspamd loads them as they are and compiles
+    none itself. It unpacks a cache it loads next to it (`<name>.unser`); one
+    it had to compile would be another file, as on this CPU without the
+    platform shim."""
     def listing(folder: str) -> dict[str, str]:
         out = stack.exec("rspamd", "sh", "-c",
                          f'cd {folder} && for f in *.hsmp*; do echo "$f $(sha256sum <$f | cut -c1-64)"; done',
@@ -358,6 +359,7 @@ def test_rspamd_starts_on_the_public_suffix_list_the_image_ships(stack: Stack) -
     shipped = listing("/usr/lib/mailstead/rspamd-hs-cache")
     assert len(shipped) >= 2 and all(name.endswith(".hsmp") for name in shipped), shipped
     in_volume = listing("/var/lib/rspamd")
+    assert {name for name in in_volume if name.endswith(".hsmp")} == set(shipped), in_volume
     for name, digest in shipped.items():
         assert in_volume.get(name) == digest, f"{name} is not in the volume as shipped: {in_volume}"
         assert f"{name}.unser" in in_volume, f"rspamd did not load the shipped {name}: {in_volume}"

@@ -234,6 +234,20 @@ def test_stage_makes_volumes_restorable_as_they_are_checked(tmp_path):
     assert check_tree(tmp_path / "staging") == ([], {})
 
 
+def test_stage_leaves_rspamds_caches_out(tmp_path):
+    """rspamd's hyperscan caches are made again at start: not in the backup, its data is."""
+    state, vols = _state(tmp_path)
+    rspamd = vols.root / "rspamd"
+    rspamd.mkdir()
+    for name in ("a1.hsmp", "a1.hsmp.unser", "b2.hs", "b2.hs.unser", "c3.hsmc", "hsmp-XYZ", "stats.ucl",
+                 "rspamd.rrd"):
+        (rspamd / name).write_text(name)
+    manifest = stage(state, tmp_path / "staging", vols, {"version": "0.1.0"}, lambda *_: None)
+    assert manifest["volumes"] == ["mail", "rspamd"]
+    assert sorted(p.name for p in (tmp_path / "staging/volumes/rspamd").iterdir()) == ["rspamd.rrd", "stats.ucl"]
+    assert sorted(p.name for p in rspamd.iterdir())[:2] == ["a1.hsmp", "a1.hsmp.unser"]  # the volume keeps them
+
+
 def test_check_tree_names_every_special_file_and_mode(tmp_path):
     root = tmp_path / "restored"
     (root / "files" / "secrets").mkdir(parents=True)

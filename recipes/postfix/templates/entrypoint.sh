@@ -9,9 +9,17 @@ for f in main.cf master.cf; do
 done
 
 # The spool volume starts empty: make the queue folders and fix owners and
-# modes (also after an image upgrade changed the postfix/postdrop IDs).
-postfix set-permissions >/dev/null 2>&1 || true
-postfix check
+# modes, and again whenever the image's postfix/postdrop IDs differ from the
+# ones the spool was set up for (an image upgrade). Not on every start: it
+# walks the queue (under emulation it took half a minute). No separate
+# `postfix check` either: `postfix start-fg` runs the same integrity checks
+# and refuses to start, saying why, when they fail.
+ids="$(id -u postfix):$(id -g postfix):$(getent group postdrop | cut -d: -f3)"
+stamp=/var/spool/postfix/.mailstead-permissions
+if [ "$(cat "$stamp" 2>/dev/null)" != "$ids" ]; then
+    postfix set-permissions >/dev/null 2>&1 || true
+    echo "$ids" >"$stamp.tmp" && mv -f "$stamp.tmp" "$stamp"
+fi
 
 # postfix daemons open the sqlite maps once, when they start. If accounts.db
 # appears after that (a first deploy, before the first account) or is replaced
