@@ -350,13 +350,12 @@ def test_rspamd_starts_on_the_public_suffix_list_the_image_ships(stack: Stack) -
     none itself. It unpacks a cache it loads next to it (`<name>.unser`); one
     it had to compile would be another file, as on this CPU without the
     platform shim."""
-    def listing(folder: str) -> dict[str, str]:
-        out = stack.exec("rspamd", "sh", "-c",
-                         f'cd {folder} && for f in *.hsmp*; do echo "$f $(sha256sum <$f | cut -c1-64)"; done',
-                         user="_rspamd")
+    def listing(folder: str, files: str = "*.hsmp*", cat: str = "cat") -> dict[str, str]:
+        out = stack.exec("rspamd", "sh", "-c", f'cd {folder} && for f in {files}; do '
+                         f'echo "${{f%.gz}} $({cat} <$f | sha256sum | cut -c1-64)"; done', user="_rspamd")
         return dict(line.split(" ") for line in out.splitlines())
 
-    shipped = listing("/usr/lib/mailstead/rspamd-hs-cache")
+    shipped = listing("/usr/lib/mailstead/rspamd-hs-cache", "*.hsmp.gz", "gzip -dc")  # compressed in the image
     assert len(shipped) >= 2 and all(name.endswith(".hsmp") for name in shipped), shipped
     in_volume = listing("/var/lib/rspamd")
     assert {name for name in in_volume if name.endswith(".hsmp")} == set(shipped), in_volume

@@ -78,10 +78,11 @@ chown _rspamd:_rspamd /var/lib/rspamd
 # (As _rspamd: root here has no right to write into _rspamd's folder.)
 as_rspamd() { setpriv --reuid=_rspamd --regid=_rspamd --clear-groups "$@"; }
 as_rspamd sh -eu -c '
-for f in "$1"/*.hsmp; do
-    dest="/var/lib/rspamd/${f##*/}"
+for f in "$1"/*.hsmp.gz; do
+    name="${f##*/}"
+    dest="/var/lib/rspamd/${name%.gz}"
     [ -s "$dest" ] && continue  # written by rename: complete if there
-    cp "$f" /var/lib/rspamd/.mailstead-hs.tmp
+    gzip -dc "$f" >/var/lib/rspamd/.mailstead-hs.tmp
     mv -f /var/lib/rspamd/.mailstead-hs.tmp "$dest"
 done' sh /usr/lib/mailstead/rspamd-hs-cache
 
