@@ -10,6 +10,7 @@ are built on the one ``retry`` that reports what it last saw.
 from __future__ import annotations
 
 import base64
+import json
 import re
 import shutil
 import socket
@@ -190,6 +191,12 @@ class Machine(VM):
 
     def wait_for_open_port(self, port: int, timeout: float = 300) -> None:
         self.wait_until_succeeds(f"ss -Htln 'sport = :{port}' | grep -q .", timeout)
+
+    def memory_budget(self) -> dict:
+        """bench/memory_budget.py run in the guest: used memory, per process and per unit or container."""
+        script = (Path(__file__).resolve().parents[2] / "bench" / "memory_budget.py").read_bytes()
+        payload = base64.b64encode(script).decode()
+        return json.loads(self.succeed(f"echo {payload} | base64 -d | python3 - --top 25", timeout=120))
 
     def screenshot(self, path: Path) -> Path:
         """The VM's screen (tty1, with the console banner) as PNG, through QMP."""

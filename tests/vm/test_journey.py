@@ -361,6 +361,7 @@ def test_first_boot_to_mail_delivered_surviving_power_loss_and_reboot(
             wait_for_subjects(ports["imaps"], ADMIN, PASSWORD, JOURNEY.subjects, 120)
             time.sleep(30)  # idle: let the boot-time work settle
             report["journey_memory_idle_mb"] = int(m.succeed("free -m | awk '/^Mem:/ {print $3}'").strip())
+            report["journey_memory_budget"] = m.memory_budget()
 
         with subtest('the owner signs in to the dashboard', report):
             # The dashboard after the reboot: the owner signs in with TOTP.

@@ -208,6 +208,10 @@ def check_offline_stack(m: Machine, report: dict) -> None:
         m.succeed("echo correct-horse-battery | mailstead mailbox-create postmaster@xn--bcher-kva.example --password-stdin")
         guest_python(m, MAIL_ROUND_TRIP, timeout=300)
         report["bios_stack_memory_used_mb"] = int(m.succeed("free -m | awk '/^Mem:/ {print $3}'").strip())
+        budget = report["bios_stack_memory_budget"] = m.memory_budget()
+        # The kernel keeps no hugepage-compaction reserve (transparent_hugepage=never on the command line).
+        assert "[never]" in budget["reserves"]["transparent_hugepage"], budget["reserves"]
+        assert budget["reserves"]["min_free_mb"] < 20, budget["reserves"]
         check_maintenance(m, report)
     finally:
         m.qmp("set_link", name="net0", up=True)
