@@ -172,7 +172,13 @@ def test_the_scheduled_health_job_in_a_real_agent_sees_a_stopped_container(stack
             try:
                 t1 = time.time()
                 retry(lambda: containers_now("fail", t1), 30, "the scheduled round that sees dovecot stopped")
-                time.sleep(5)  # two or three more rounds in the same state
+
+                def rounds_since(after: float, at_least: int) -> bool:
+                    rows = client.call("health_history", check="containers", limit=50)["history"]
+                    assert len([r for r in rows if r["at"] > after]) >= at_least, rows
+                    return True
+
+                retry(lambda: rounds_since(t1, 3), 30, "two more scheduled rounds in the same state")
                 down = [p for p in hook.posts[posts_before:]
                         if any(c["id"] == "containers" and c["new"] == "fail" for c in p["json"]["changes"])]
                 assert len(down) == 1, hook.posts
