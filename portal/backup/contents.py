@@ -1,14 +1,21 @@
 """What goes into a backup: the staging folder, the stack's volumes, the manifest.
 
-Docker volumes (decision): read through a short-lived container from the stack's
-own base image (`mailstead-base:<version>`, always loaded with the stack),
-mounting the volume read-only and streaming `tar` to the host's tar, which
-unpacks it with numeric owners into the staging folder; restored the same way
-in reverse. No `docker cp`, no reading /var/lib/docker behind the engine's back,
-and no image that is not already on the appliance. The mail is encrypted at
-rest by dovecot's mail_crypt, so the copy holds no plaintext mail. The copy is
-taken while the stack runs (sdbox writes whole message files and renames
-them into place); redis's data is its last own dump on the volume.
+Docker volumes (decision): a backup stages a point-in-time view of each volume,
+so that the manifest's hashes and what restic reads are the same bytes while
+the stack keeps running. Staging is fd-relative and follows nothing
+(stage_tree): dovecot's message files, which it never changes once written
+(sdbox writes a whole file and renames it into place; its own COPY hard-links
+them), are hard-linked into the staging folder, and everything else (indexes,
+logs, redis's dump) is copied. Linking needs the staging folder and the volume
+on one filesystem, as they are on the appliance (/var/lib); the engine names
+the folder of a `local` volume (`docker volume inspect`), and anything else
+(another driver, another filesystem) is read as before: through a short-lived
+container of the stack's own base image (`mailstead-base:<version>`, always
+loaded with the stack), mounting the volume read-only and streaming `tar` to
+the host's tar. A restore moves the checked files into the new volume
+(rename, same filesystem) or writes them through that container. The mail is
+encrypted at rest by dovecot's mail_crypt, so the backup holds no plaintext
+mail; redis's data is its last own dump on the volume.
 """
 
 from __future__ import annotations
@@ -59,9 +66,144 @@ SPECIAL_BITS = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX
 
 
 class VolumeIO(Protocol):
-    # False: the volume does not exist. Files whose names match `leave_out` are not copied.
-    def dump(self, name: str, dest: Path, leave_out: tuple[str, ...] = ()) -> bool: ...
+    # False: the volume does not exist. Files whose names match `leave_out` are not copied;
+    # what is neither a file nor a folder may be left out and named in `skipped`.
+    def dump(self, name: str, dest: Path, leave_out: tuple[str, ...] = (),
+             skipped: list[str] | None = None) -> bool: ...
     def load(self, name: str, src: Path) -> None: ...
+
+
+# -- staging a folder: links for the messages, copies for the rest ----------------------
+
+MAX_DEPTH = 100  # folders within folders; dovecot's deepest is a dozen
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _copy_into(sfd: int, dfd: int, name: str) -> os.stat_result | None:
+    """Copy the regular file `name` from folder sfd into folder dfd with its owner, mode and
+    times; None (nothing made) if it is not a regular file once opened."""
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=sfd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+        try:
+            with os.fdopen(os.dup(fd), "rb") as src, os.fdopen(os.dup(out), "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            os.fchown(out, st.st_uid, st.st_gid)
+            os.fchmod(out, stat.S_IMODE(st.st_mode))
+            os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
+        finally:
+            os.close(out)
+        return st
+    finally:
+        os.close(fd)
+
+
+def stage_tree(src: Path, dest: Path, leave_out: tuple[str, ...] = (),
+               link: Callable[[Path], bool] = lambda _rel: False, skipped: list[str] | None = None) -> int:
+    """A point-in-time view of the folder `src` (written by others: a container) at `dest`,
+    made afresh. Nothing is followed: every folder is opened relative to its parent with
+    O_NOFOLLOW, so a symlink swapped in mid-walk leads nowhere. Regular files for which
+    `link(rel)` holds, that have one name and no setuid/setgid/sticky bit or write access
+    for everyone, are hard-linked (files their writer never changes in place); other
+    regular files are copied, keeping owner, mode and times, and so are folders.
+    Symlinks, devices, FIFOs and sockets are not staged; their paths (relative to src)
+    go to `skipped`. Falls back to copies when linking is refused (another filesystem).
+    Returns how many files were linked."""
+    skipped = skipped if skipped is not None else []
+    can_link = [True]
+    linked = [0]
+    folders: list[tuple[Path, os.stat_result]] = []
+
+    def visit(sfd: int, dpath: Path, rel: Path, depth: int) -> None:
+        if depth > MAX_DEPTH:
+            raise BackupError(f"volumes: {rel.as_posix()} is more than {MAX_DEPTH} folders deep", "volumes")
+        dfd = os.open(dpath, DIR_FLAGS)
+        try:
+            for entry in sorted(os.scandir(sfd), key=lambda e: e.name):
+                name = entry.name
+                if any(fnmatch.fnmatchcase(name, p) for p in leave_out):
+                    continue
+                child = rel / name
+                st = os.lstat(name, dir_fd=sfd)
+                if stat.S_ISDIR(st.st_mode):
+                    try:
+                        cfd = os.open(name, DIR_FLAGS, dir_fd=sfd)
+                    except OSError:  # swapped for something else since
+                        skipped.append(child.as_posix())
+                        continue
+                    try:
+                        os.mkdir(name, 0o700, dir_fd=dfd)
+                        folders.append((dpath / name, os.fstat(cfd)))
+                        visit(cfd, dpath / name, child, depth + 1)
+                    finally:
+                        os.close(cfd)
+                elif stat.S_ISREG(st.st_mode):
+                    bad = stat.S_IMODE(st.st_mode) & (SPECIAL_BITS | stat.S_IWOTH)
+                    if can_link[0] and st.st_nlink == 1 and not bad and link(child):
+                        try:
+                            os.link(name, name, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
+                        except OSError:
+                            can_link[0] = False
+                        else:
+                            if stat.S_ISREG(os.lstat(name, dir_fd=dfd).st_mode):
+                                linked[0] += 1
+                                continue
+                            os.unlink(name, dir_fd=dfd)  # swapped for a symlink since
+                            skipped.append(child.as_posix())
+                            continue
+                    try:
+                        copied = _copy_into(sfd, dfd, name)
+                    except FileNotFoundError:  # gone since (an expunged message)
+                        continue
+                    if copied is None:
+                        skipped.append(child.as_posix())
+                else:
+                    skipped.append(child.as_posix())
+        finally:
+            os.close(dfd)
+
+    if dest.exists():
+        shutil.rmtree(dest)
+    sfd = os.open(src, DIR_FLAGS)
+    try:
+        root = os.fstat(sfd)
+        dest.mkdir(mode=0o700, parents=True)
+        folders.append((dest, root))
+        visit(sfd, dest, Path(), 0)
+    finally:
+        os.close(sfd)
+    for path, st in reversed(folders):  # this folder's own, after its contents
+        os.chown(path, st.st_uid, st.st_gid, follow_symlinks=False)
+        os.chmod(path, stat.S_IMODE(st.st_mode), follow_symlinks=False)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+    return linked[0]
+
+
+def move_tree(src: Path, dest: Path) -> bool:
+    """Move the contents of the checked folder `src` into the empty folder `dest`, and give
+    dest src's owner, mode and times. False (nothing moved) if they are on two filesystems."""
+    sfd, dfd = os.open(src, DIR_FLAGS), os.open(dest, DIR_FLAGS)
+    try:
+        st = os.fstat(sfd)
+        if st.st_dev != os.fstat(dfd).st_dev:
+            return False
+        for name in sorted(os.listdir(sfd)):
+            os.rename(name, name, src_dir_fd=sfd, dst_dir_fd=dfd)
+        os.fchown(dfd, st.st_uid, st.st_gid)
+        os.fchmod(dfd, stat.S_IMODE(st.st_mode))
+        os.utime(dfd, ns=(st.st_atime_ns, st.st_mtime_ns))
+        return True
+    finally:
+        os.close(sfd)
+        os.close(dfd)
+
+
+def mail_link(name: str) -> Callable[[Path], bool]:
+    """Which files of volume `name` are linked rather than copied: dovecot's messages."""
+    return is_message if name == "mail" else (lambda _rel: False)
 
 
 class DockerVolumes:
@@ -89,9 +231,31 @@ class DockerVolumes:
         raise BackupError(f"volumes: the docker engine did not answer about {self.volume(name)}: "
                           f"{' '.join(r.stderr.split())[-200:]}; is docker running?", "volumes")
 
-    def dump(self, name: str, dest: Path, leave_out: tuple[str, ...] = ()) -> bool:
+    def folder(self, name: str) -> Path | None:
+        """The host folder of the volume as the engine names it, if it is a `local` volume
+        without driver options (one that mounts nothing else); None otherwise."""
+        try:
+            r = subprocess.run(["docker", "volume", "inspect", "--format", "{{json .}}", self.volume(name)],
+                               capture_output=True, text=True, timeout=60, check=False)
+            info = json.loads(r.stdout) if r.returncode == 0 else None
+        except (OSError, subprocess.TimeoutExpired, ValueError):
+            return None
+        if not isinstance(info, dict) or info.get("Driver") != "local" or info.get("Options"):
+            return None
+        mount = info.get("Mountpoint")
+        if not isinstance(mount, str) or not mount.startswith("/") or ".." in Path(mount).parts:
+            return None
+        path = Path(mount)
+        return path if path.is_dir() and not path.is_symlink() else None
+
+    def dump(self, name: str, dest: Path, leave_out: tuple[str, ...] = (),
+             skipped: list[str] | None = None) -> bool:
         if not self.exists(name):
             return False
+        folder = self.folder(name)
+        if folder is not None and os.stat(folder).st_dev == os.stat(dest.parent).st_dev:
+            stage_tree(folder, dest, leave_out, mail_link(name), skipped)
+            return True
         dest.mkdir(parents=True, exist_ok=True)
         reader = subprocess.Popen(
             ["docker", "run", "--rm", "--network", "none", "--log-driver", "none",
@@ -118,6 +282,9 @@ class DockerVolumes:
         if made.returncode != 0:
             raise BackupError(f"volume {name}: cannot create {vol}: {' '.join(made.stderr.split())[-200:]}",
                               "volumes")
+        folder = self.folder(name)
+        if folder is not None and not any(folder.iterdir()) and move_tree(src, folder):
+            return
         reader = subprocess.Popen(["tar", "-C", str(src), "--numeric-owner", "-cf", "-", "."],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         writer = subprocess.run(
@@ -138,22 +305,21 @@ class FolderVolumes:
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    def dump(self, name: str, dest: Path, leave_out: tuple[str, ...] = ()) -> bool:
+    def dump(self, name: str, dest: Path, leave_out: tuple[str, ...] = (),
+             skipped: list[str] | None = None) -> bool:
         src = self.root / name
-        if not src.is_dir():
+        if not src.is_dir() or src.is_symlink():
             return False
-        _copy_all(src, dest)
-        for dirpath, _dirnames, filenames in os.walk(dest):
-            for f in filenames:
-                if any(fnmatch.fnmatchcase(f, p) for p in leave_out):
-                    os.unlink(os.path.join(dirpath, f))
+        stage_tree(src, dest, leave_out, mail_link(name), skipped)
         return True
 
     def load(self, name: str, src: Path) -> None:
         dest = self.root / name
         shutil.rmtree(dest, ignore_errors=True)
-        self.root.mkdir(parents=True, exist_ok=True)
-        _copy_all(src, dest)
+        dest.mkdir(parents=True, mode=0o700)
+        if not move_tree(src, dest):
+            dest.rmdir()
+            _copy_all(src, dest)
 
 
 def _copy_all(src: Path, dest: Path) -> None:
@@ -214,16 +380,21 @@ def normalize_volume(root: Path, rel: str, skipped: list[str], changed: list[str
     """Make a dumped volume restorable as it is checked on restore (check_tree): symlinks,
     devices, FIFOs and sockets are left out (named in `skipped`), hard links become
     separate files, and setuid/setgid/sticky bits of files and write access for everyone
-    are taken off (named in `changed`). The mail stack makes none of these."""
+    are taken off (named in `changed`). The mail stack makes none of these. A file
+    hard-linked from the volume (stage_tree) is one name in this tree: it stays a link,
+    unless its mode must change, which is then done on a copy of its own."""
     mode = stat.S_IMODE(os.lstat(root).st_mode)
     if mode & stat.S_IWOTH:
         safefs.chmod(root, mode & ~stat.S_IWOTH)
         changed.append(rel)
+    seen: set[int] = set()
     for dirpath, dirnames, filenames in os.walk(root):
         for name in sorted(dirnames + filenames):
             path = Path(dirpath) / name
             what = f"{rel}/{path.relative_to(root).as_posix()}"
             st = os.lstat(path)
+            twice = st.st_ino in seen
+            seen.add(st.st_ino)
             if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
                 skipped.append(what)
                 os.unlink(path)
@@ -232,7 +403,7 @@ def normalize_volume(root: Path, rel: str, skipped: list[str], changed: list[str
                 continue
             mode = stat.S_IMODE(st.st_mode)
             bad = stat.S_IWOTH | (SPECIAL_BITS if stat.S_ISREG(st.st_mode) else 0)
-            if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+            if stat.S_ISREG(st.st_mode) and st.st_nlink > 1 and (twice or mode & bad):
                 # A file of its own in place of the link: same content, owner and (safe) mode.
                 with safefs.open_file(path) as f:
                     safefs.write_bytes(path, f.read(), mode & ~bad, owner=(st.st_uid, st.st_gid))
@@ -260,10 +431,13 @@ def stage(state_dir: Path, staging: Path, volumes: VolumeIO, info: dict[str, Any
             copy_state_folder(src, staging / "files" / name, f"files/{name}",
                               NOT_BACKED_UP if name == "secrets" else (), links, skipped)
     kept = []
+    (staging / "volumes").mkdir(mode=0o700)
     for name in VOLUMES:
-        progress("volumes", f"copying the {name} volume")
-        if volumes.dump(name, staging / "volumes" / name, NOT_KEPT.get(name, ())):
+        progress("volumes", f"staging the {name} volume")
+        left: list[str] = []
+        if volumes.dump(name, staging / "volumes" / name, NOT_KEPT.get(name, ()), left):
             kept.append(name)
+            skipped += [f"volumes/{name}/{rel}" for rel in left]
             normalize_volume(staging / "volumes" / name, f"volumes/{name}", skipped, changed)
     if skipped:
         progress("contents", f"left out {len(skipped)} item(s) that are not files or folders: "
@@ -335,8 +509,13 @@ def walk(root: Path) -> tuple[dict[str, str], list[str]]:
 
 def build_manifest(staging: Path, info: dict[str, Any], dbs: dict[str, bool], volumes: list[str],
                    links: dict[str, str] | None = None, skipped: list[str] | None = None) -> dict[str, Any]:
-    mailboxes = scan_mail(staging / "volumes" / "mail")
     files, folders = walk(staging)
+    mailboxes: dict[str, dict[str, int]] = {}
+    for path in files:  # each file is read once: the messages are counted from the same list
+        rel = Path(path)
+        if rel.parts[:2] == ("volumes", "mail") and is_message(Path(*rel.parts[2:])):
+            mailboxes.setdefault(mailbox_of(Path(*rel.parts[2:])), {"messages": 0})["messages"] += 1
+    mailboxes = dict(sorted(mailboxes.items()))
     return {
         "format": FORMAT,
         "version": info.get("version", ""),
@@ -345,7 +524,7 @@ def build_manifest(staging: Path, info: dict[str, Any], dbs: dict[str, bool], vo
         "databases": {name: files[f"db/{name}"] for name, ok in dbs.items() if ok},
         "volumes": volumes,
         "messages": sum(b["messages"] for b in mailboxes.values()),
-        "mailboxes": {box: {"messages": b["messages"]} for box, b in mailboxes.items()},
+        "mailboxes": mailboxes,
         "sha256": files,
         "folders": folders,
         "links": dict(sorted((links or {}).items())),

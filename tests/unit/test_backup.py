@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -196,13 +197,22 @@ def test_stage_lists_every_file_and_compare_finds_damage(tmp_path):
     assert manifest["skipped"] == ["files/tls/stray"] and not (staging / "files/tls/stray").exists()
     assert any(s == "contents" and "files/tls/stray" in d for s, d in events)
     assert not [p for p in staging.rglob("*") if p.is_symlink()]
-    assert check_snapshot(manifest, staging) == ([], manifest["links"])
-    msg = next((staging / "volumes/mail").rglob("u.1"))
+    # The messages are the volume's own files (hard links: their writer never changes them);
+    # everything else is a copy. restic keeps each as one file: a restore has no links.
+    for staged in (staging / "volumes/mail").rglob("*"):
+        source = vols.root / "mail" / staged.relative_to(staging / "volumes/mail")
+        if staged.is_file():
+            assert staged.read_bytes() == source.read_bytes()
+            assert os.path.samefile(staged, source) == staged.name.startswith("u."), staged
+    restored = tmp_path / "restored"
+    shutil.copytree(staging, restored, symlinks=True)
+    assert check_snapshot(manifest, restored) == ([], manifest["links"])
+    msg = next((restored / "volumes/mail").rglob("u.1"))
     msg.write_bytes(b"tampered")
-    next((staging / "volumes/mail").rglob("u.2")).unlink()
-    (staging / "files/tls/archive/20300101T000000Z-1/fullchain.pem").write_bytes(b"damaged")
-    (staging / "files/secrets/planted.key").write_text("not listed")
-    problems = compare(manifest, staging)
+    next((restored / "volumes/mail").rglob("u.2")).unlink()
+    (restored / "files/tls/archive/20300101T000000Z-1/fullchain.pem").write_bytes(b"damaged")
+    (restored / "files/secrets/planted.key").write_text("not listed")
+    problems = compare(manifest, restored)
     assert any(p.endswith("/u.1 differs from the manifest (SHA-256 mismatch)") for p in problems), problems
     assert any(p.endswith("/u.2 is missing") for p in problems)
     assert "files/tls/archive/20300101T000000Z-1/fullchain.pem differs from the manifest (SHA-256 mismatch)" \
@@ -231,7 +241,13 @@ def test_stage_makes_volumes_restorable_as_they_are_checked(tmp_path):
         (box / "u.1").read_bytes()
     assert stat.S_IMODE(os.stat(staged_box / "suid").st_mode) == 0o755
     assert stat.S_IMODE(os.stat(staged_box).st_mode) == 0o2775  # a folder's setgid bit is kept
-    assert check_tree(tmp_path / "staging") == ([], {})
+    # The volume itself is untouched: its modes stay, its messages are linked, not moved.
+    assert stat.S_IMODE(os.stat(box / "suid").st_mode) == 0o4755 and stat.S_IMODE(os.stat(box).st_mode) == 0o2777
+    assert os.path.samefile(staged_box / "u.2", box / "u.2")  # one name in the volume: linked
+    assert not os.path.samefile(staged_box / "u.1", box / "u.1")  # two names there: copied
+    # What restic keeps of this tree (each name one file) passes the restore's check.
+    shutil.copytree(tmp_path / "staging", tmp_path / "restored", symlinks=True)
+    assert check_tree(tmp_path / "restored") == ([], {})
 
 
 def test_stage_leaves_rspamds_caches_out(tmp_path):
@@ -373,3 +389,95 @@ def test_volumes_are_never_skipped_silently_when_docker_is_down(tmp_path, monkey
     assert err.value.field == "volumes" and "is docker running" in str(err.value)
     (fake / "docker").write_text("#!/bin/sh\necho 'Error: No such volume: mailstead_mail' >&2\nexit 1\n")
     assert DockerVolumes("mailstead", "mailstead-base:0.1.0").dump("mail", tmp_path / "out") is False
+
+
+def test_stage_tree_follows_nothing_and_links_only_what_it_checked(tmp_path):
+    """stage_tree reads a folder others write (a container's volume): a file swapped for a
+    symlink between its check and its link is not staged, a FIFO does not block it, a
+    symlinked folder is not entered, and folders keep their owner, mode and times."""
+    from portal.backup.contents import stage_tree
+
+    src = tmp_path / "vol"
+    (src / "box" / "dbox-Mails").mkdir(parents=True)
+    (src / "box" / "dbox-Mails" / "u.1").write_bytes(b"one")
+    (src / "box" / "dbox-Mails" / "u.2").write_bytes(b"two")
+    (src / "box" / "index").write_bytes(b"index")
+    (src / "cache.hs").write_bytes(b"left out")
+    os.mkfifo(src / "box" / "pipe")
+    os.symlink("/etc", src / "etc")
+    os.chmod(src / "box", 0o750)
+    os.utime(src / "box", (1_000_000, 1_000_000))
+
+    def link(rel: Path) -> bool:  # failure injection: u.2 becomes a symlink after its check
+        if rel.name == "u.2":
+            (src / rel).unlink()
+            os.symlink("/etc/shadow", src / rel)
+        return rel.parent.name == "dbox-Mails"
+
+    skipped: list[str] = []
+    dest = tmp_path / "staged"
+    assert stage_tree(src, dest, ("*.hs",), link, skipped) == 1
+    assert os.path.samefile(dest / "box/dbox-Mails/u.1", src / "box/dbox-Mails/u.1")
+    assert (dest / "box/index").read_bytes() == b"index"
+    assert not os.path.samefile(dest / "box/index", src / "box/index")
+    assert not os.path.lexists(dest / "box/dbox-Mails/u.2") and not os.path.lexists(dest / "etc")
+    assert not (dest / "cache.hs").exists() and not os.path.lexists(dest / "box/pipe")
+    assert sorted(skipped) == ["box/dbox-Mails/u.2", "box/pipe", "etc"]
+    st = os.stat(dest / "box")
+    assert stat.S_IMODE(st.st_mode) == 0o750 and st.st_mtime == 1_000_000
+
+
+def test_stage_tree_refuses_a_bottomless_folder(tmp_path):
+    from portal.backup.contents import MAX_DEPTH, stage_tree
+
+    deep = tmp_path / "vol"
+    path = deep
+    for _ in range(MAX_DEPTH + 2):
+        path = path / "d"
+    path.mkdir(parents=True)
+    with pytest.raises(BackupError) as err:
+        stage_tree(deep, tmp_path / "staged")
+    assert err.value.field == "volumes" and "folders deep" in str(err.value)
+
+
+def test_a_linked_message_whose_mode_must_change_is_changed_on_a_copy(tmp_path):
+    """normalize_volume never changes the volume's own file through a link."""
+    from portal.backup.contents import normalize_volume, stage_tree
+
+    src = tmp_path / "vol" / "box" / "dbox-Mails"
+    src.mkdir(parents=True)
+    (src / "u.1").write_bytes(b"one")
+    dest = tmp_path / "staged"
+    stage_tree(tmp_path / "vol", dest, link=lambda rel: True)
+    os.chmod(src / "u.1", 0o666)  # the writer changes it after staging: the link shows it
+    changed: list[str] = []
+    normalize_volume(dest, "volumes/mail", [], changed)
+    assert changed == ["volumes/mail/box/dbox-Mails/u.1"]
+    assert not os.path.samefile(dest / "box/dbox-Mails/u.1", src / "u.1")
+    assert stat.S_IMODE(os.stat(src / "u.1").st_mode) == 0o666
+    assert stat.S_IMODE(os.stat(dest / "box/dbox-Mails/u.1").st_mode) == 0o664
+    assert (dest / "box/dbox-Mails/u.1").read_bytes() == b"one"
+
+
+def test_restored_volumes_are_moved_in_on_one_filesystem_and_copied_across(tmp_path):
+    from portal.backup.contents import move_tree
+
+    src = tmp_path / "restored"
+    (src / "a").mkdir(parents=True)
+    (src / "a" / "f").write_bytes(b"data")
+    os.chmod(src, 0o751)
+    dest = tmp_path / "volume"
+    dest.mkdir()
+    assert move_tree(src, dest) is True
+    assert (dest / "a" / "f").read_bytes() == b"data" and not (src / "a").exists()
+    assert stat.S_IMODE(os.stat(dest).st_mode) == 0o751
+    other = Path("/dev/shm") / f"mailstead-test-{os.getpid()}"
+    other.mkdir()
+    try:
+        (src / "b").write_bytes(b"x")
+        assert move_tree(src, other) is False and (src / "b").exists()  # another filesystem: nothing moved
+    finally:
+        shutil.rmtree(other)
+    vols = FolderVolumes(tmp_path / "vols")
+    vols.load("mail", src)
+    assert (tmp_path / "vols" / "mail" / "b").read_bytes() == b"x"
