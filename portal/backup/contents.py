@@ -20,6 +20,7 @@ mail; redis's data is its last own dump on the volume.
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import hashlib
 import json
@@ -110,7 +111,7 @@ def stage_tree(src: Path, dest: Path, leave_out: tuple[str, ...] = (),
     for everyone, are hard-linked (files their writer never changes in place); other
     regular files are copied, keeping owner, mode and times, and so are folders.
     Symlinks, devices, FIFOs and sockets are not staged; their paths (relative to src)
-    go to `skipped`. Falls back to copies when linking is refused (another filesystem).
+    go to `skipped`, but for sockets (as tar leaves them out: a program's, never data). Falls back to copies when linking is refused (another filesystem).
     Returns how many files were linked."""
     skipped = skipped if skipped is not None else []
     can_link = [True]
@@ -160,7 +161,7 @@ def stage_tree(src: Path, dest: Path, leave_out: tuple[str, ...] = (),
                         continue
                     if copied is None:
                         skipped.append(child.as_posix())
-                else:
+                elif not stat.S_ISSOCK(st.st_mode):  # a socket is a running program's, never data (tar's rule)
                     skipped.append(child.as_posix())
         finally:
             os.close(dfd)
@@ -184,14 +185,20 @@ def stage_tree(src: Path, dest: Path, leave_out: tuple[str, ...] = (),
 
 def move_tree(src: Path, dest: Path) -> bool:
     """Move the contents of the checked folder `src` into the empty folder `dest`, and give
-    dest src's owner, mode and times. False (nothing moved) if they are on two filesystems."""
+    dest src's owner, mode and times. False (nothing moved) if they are on two filesystems
+    or two mounts."""
     sfd, dfd = os.open(src, DIR_FLAGS), os.open(dest, DIR_FLAGS)
     try:
         st = os.fstat(sfd)
         if st.st_dev != os.fstat(dfd).st_dev:
             return False
-        for name in sorted(os.listdir(sfd)):
-            os.rename(name, name, src_dir_fd=sfd, dst_dir_fd=dfd)
+        for i, name in enumerate(sorted(os.listdir(sfd))):
+            try:
+                os.rename(name, name, src_dir_fd=sfd, dst_dir_fd=dfd)
+            except OSError as exc:  # two mounts of one filesystem: nothing was moved yet
+                if exc.errno == errno.EXDEV and i == 0:
+                    return False
+                raise
         os.fchown(dfd, st.st_uid, st.st_gid)
         os.fchmod(dfd, stat.S_IMODE(st.st_mode))
         os.utime(dfd, ns=(st.st_atime_ns, st.st_mtime_ns))

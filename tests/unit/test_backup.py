@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import stat
 from pathlib import Path
 
@@ -405,6 +406,8 @@ def test_stage_tree_follows_nothing_and_links_only_what_it_checked(tmp_path):
     (src / "cache.hs").write_bytes(b"left out")
     os.mkfifo(src / "box" / "pipe")
     os.symlink("/etc", src / "etc")
+    with socket.socket(socket.AF_UNIX) as sock:  # a program's socket: left out without a word
+        sock.bind(str(src / "box" / "app.sock"))
     os.chmod(src / "box", 0o750)
     os.utime(src / "box", (1_000_000, 1_000_000))
 
@@ -422,6 +425,7 @@ def test_stage_tree_follows_nothing_and_links_only_what_it_checked(tmp_path):
     assert not os.path.samefile(dest / "box/index", src / "box/index")
     assert not os.path.lexists(dest / "box/dbox-Mails/u.2") and not os.path.lexists(dest / "etc")
     assert not (dest / "cache.hs").exists() and not os.path.lexists(dest / "box/pipe")
+    assert not os.path.lexists(dest / "box/app.sock")
     assert sorted(skipped) == ["box/dbox-Mails/u.2", "box/pipe", "etc"]
     st = os.stat(dest / "box")
     assert stat.S_IMODE(st.st_mode) == 0o750 and st.st_mtime == 1_000_000
