@@ -128,10 +128,15 @@ def stage_tree(src: Path, dest: Path, leave_out: tuple[str, ...] = (),
                 if any(fnmatch.fnmatchcase(name, p) for p in leave_out):
                     continue
                 child = rel / name
-                st = os.lstat(name, dir_fd=sfd)
+                try:
+                    st = os.lstat(name, dir_fd=sfd)
+                except FileNotFoundError:  # gone since (an expunged message, a deleted folder)
+                    continue
                 if stat.S_ISDIR(st.st_mode):
                     try:
                         cfd = os.open(name, DIR_FLAGS, dir_fd=sfd)
+                    except FileNotFoundError:
+                        continue
                     except OSError:  # swapped for something else since
                         skipped.append(child.as_posix())
                         continue
@@ -146,7 +151,9 @@ def stage_tree(src: Path, dest: Path, leave_out: tuple[str, ...] = (),
                     if can_link[0] and st.st_nlink == 1 and not bad and link(child):
                         try:
                             os.link(name, name, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
-                        except OSError:
+                        except FileNotFoundError:
+                            continue
+                        except OSError:  # another filesystem or mount, or links refused: copies from here on
                             can_link[0] = False
                         else:
                             if stat.S_ISREG(os.lstat(name, dir_fd=dfd).st_mode):
@@ -159,6 +166,10 @@ def stage_tree(src: Path, dest: Path, leave_out: tuple[str, ...] = (),
                         copied = _copy_into(sfd, dfd, name)
                     except FileNotFoundError:  # gone since (an expunged message)
                         continue
+                    except OSError as exc:  # swapped since for a symlink (ELOOP) or a socket (ENXIO)
+                        if exc.errno not in (errno.ELOOP, errno.ENXIO):
+                            raise
+                        copied = None
                     if copied is None:
                         skipped.append(child.as_posix())
                 elif not stat.S_ISSOCK(st.st_mode):  # a socket is a running program's, never data (tar's rule)

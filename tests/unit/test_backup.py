@@ -402,7 +402,9 @@ def test_stage_tree_follows_nothing_and_links_only_what_it_checked(tmp_path):
     (src / "box" / "dbox-Mails").mkdir(parents=True)
     (src / "box" / "dbox-Mails" / "u.1").write_bytes(b"one")
     (src / "box" / "dbox-Mails" / "u.2").write_bytes(b"two")
+    (src / "box" / "dbox-Mails" / "u.3").write_bytes(b"three")
     (src / "box" / "index").write_bytes(b"index")
+    (src / "box" / "data").write_bytes(b"data")
     (src / "cache.hs").write_bytes(b"left out")
     os.mkfifo(src / "box" / "pipe")
     os.symlink("/etc", src / "etc")
@@ -411,10 +413,13 @@ def test_stage_tree_follows_nothing_and_links_only_what_it_checked(tmp_path):
     os.chmod(src / "box", 0o750)
     os.utime(src / "box", (1_000_000, 1_000_000))
 
-    def link(rel: Path) -> bool:  # failure injection: u.2 becomes a symlink after its check
-        if rel.name == "u.2":
+
+    def link(rel: Path) -> bool:  # failure injection: the writer acts between the check and the link
+        if rel.name in ("u.2", "data"):  # swapped for a symlink: to be linked, to be copied
             (src / rel).unlink()
             os.symlink("/etc/shadow", src / rel)
+        if rel.name == "u.3":  # expunged
+            (src / rel).unlink()
         return rel.parent.name == "dbox-Mails"
 
     skipped: list[str] = []
@@ -426,7 +431,8 @@ def test_stage_tree_follows_nothing_and_links_only_what_it_checked(tmp_path):
     assert not os.path.lexists(dest / "box/dbox-Mails/u.2") and not os.path.lexists(dest / "etc")
     assert not (dest / "cache.hs").exists() and not os.path.lexists(dest / "box/pipe")
     assert not os.path.lexists(dest / "box/app.sock")
-    assert sorted(skipped) == ["box/dbox-Mails/u.2", "box/pipe", "etc"]
+    assert not os.path.lexists(dest / "box/dbox-Mails/u.3") and not os.path.lexists(dest / "box/data")
+    assert sorted(skipped) == ["box/data", "box/dbox-Mails/u.2", "box/pipe", "etc"]
     st = os.stat(dest / "box")
     assert stat.S_IMODE(st.st_mode) == 0o750 and st.st_mtime == 1_000_000
 
