@@ -12,6 +12,8 @@ test_journey.py, UEFI, and the BIOS walking skeleton), adds:
 - memory budgets (bench/memory_budget.py run in the guest): the journey's
   idle machine after the reboot, and the BIOS skeleton's right after its
   deploy and mail round trip: per process, per unit or container, kernel;
+- where the journey's reboot spent its time: `systemd-analyze critical-chain`
+  of mailstead-web.service and the top of `systemd-analyze blame`;
 - a minimal boot in this run for the ratio: the same kernel and initrd booted
   directly with the portal, nginx and docker masked (bench/boot.py's "minimal
   image"), to the serial login prompt. boot_to_portal_vs_minimal is the
@@ -82,6 +84,8 @@ def main() -> int:
         "memory_idle_after_setup_mb": vm.get("journey_memory_idle_mb"),
         "memory_idle_budget": vm.get("journey_memory_budget"),
         "memory_after_deploy_budget_bios_offline": vm.get("bios_stack_memory_budget"),
+        "boot_critical_chain_to_portal": vm.get("journey_boot_critical_chain"),
+        "boot_blame_top": vm.get("journey_boot_blame"),
         "messages_per_second_host_mta_to_mailbox": vm.get("journey_messages_per_second"),
         "power_loss_to_portal_seconds": vm.get("journey_seconds_power_loss_to_portal"),
         "reboot_to_healthy_seconds": vm.get("journey_seconds_reboot_to_healthy"),

@@ -362,6 +362,11 @@ def test_first_boot_to_mail_delivered_surviving_power_loss_and_reboot(
             time.sleep(30)  # idle: let the boot-time work settle
             report["journey_memory_idle_mb"] = int(m.succeed("free -m | awk '/^Mem:/ {print $3}'").strip())
             report["journey_memory_budget"] = m.memory_budget()
+            # Where boot time goes (issue 15: boot to portal vs a minimal image), for the bench's report.
+            for key, command in (("journey_boot_critical_chain", "systemd-analyze critical-chain --no-pager "
+                                                                 "mailstead-web.service"),
+                                 ("journey_boot_blame", "systemd-analyze blame --no-pager | head -25")):
+                report[key] = m.execute(command, timeout=120)[1].splitlines()[:40]
 
         with subtest('the owner signs in to the dashboard', report):
             # The dashboard after the reboot: the owner signs in with TOTP.
