@@ -253,3 +253,13 @@ def test_agent_down_is_a_message_not_a_5xx(make_app: Callable[..., Flask], token
     response = client.get("/setup/dns")
     assert response.status_code == 503 and "mailstead-agent" in response.text
     assert client.get("/setup/dns/zone").status_code == 503
+
+
+def test_a_page_rendered_while_the_check_runs_watches_it(page: FlaskClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """jobs.js reloads for a job the page watches: one that ends between the render and
+    the first poll must be watched too, or its result never shows (seen in the journey)."""
+    job = {"id": "jrun", "kind": "dns_check", "state": "running", "events": [], "error": None, "result": None}
+    monkeypatch.setattr(dns_step, "latest_job", lambda kind: (job, None))
+    assert 'data-watched="jrun"' in page.get("/setup/dns").text
+    job.update(state="done", result={"servers": [], "summary": {}, "required_ok": True, "results": []})
+    assert "data-watched" not in page.get("/setup/dns").text  # finished before the render: no reload

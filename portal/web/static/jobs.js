@@ -2,6 +2,8 @@
 // Markup: <section data-job="KIND" data-start-url=".." data-status-url=".." data-done-url="..">
 //   <form data-job-start> (its CSRF token is sent) ... <ol data-job-events></ol>
 //   <p data-job-state role="status" aria-live="polite"></p> </section>
+// A page rendered while its job ran says so (data-watched="<job id>"), so a job that
+// ends between the render and the first poll still brings its result in.
 // When a job this page watched (or started) finishes, and data-done-url is set,
 // the browser goes there; a job that was already finished on load does not
 // redirect (no reload loops). Rows with data-service="NAME" (e.g. a deploy's
