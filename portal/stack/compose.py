@@ -31,11 +31,8 @@ VOLUMES = ("mail", "spool", "rspamd", "redis", "dav")
 
 # Checked every 5 s; healthy as soon as one check passes. The long start period
 # only forgives failures while a slow machine (or emulation) is still starting a
-# service, e.g. rspamd loading its configuration. Where the engine has
-# start_interval (docker 25+, the image's), checks run every second until the
-# first one passes, so a deploy is not kept waiting for the 5 s tick.
+# service, e.g. rspamd loading its configuration.
 HEALTH = {"interval": "5s", "timeout": "30s", "retries": 5, "start_period": "300s"}
-START_INTERVAL = "1s"
 LOGGING = {"driver": "json-file", "options": {"max-size": "10m", "max-file": "3"}}
 
 
@@ -55,9 +52,8 @@ def _ports(settings: StackSettings, name: str, container_port: int,
             for addr in (addresses if addresses is not None else settings.publish_addresses)]
 
 
-def _health(settings: StackSettings, service: str, **override: str) -> dict[str, Any]:
-    start = {"start_interval": START_INTERVAL} if settings.health_start_interval else {}
-    return {"test": ["CMD", "/bin/sh", f"/etc/mailstead/{service}/healthcheck.sh"], **HEALTH, **start, **override}
+def _health(service: str, **override: str) -> dict[str, Any]:
+    return {"test": ["CMD", "/bin/sh", f"/etc/mailstead/{service}/healthcheck.sh"], **HEALTH, **override}
 
 
 def _entrypoint(service: str) -> list[str]:
@@ -86,7 +82,7 @@ def compose(settings: StackSettings) -> dict[str, Any]:
             + _ports(settings, "submission", 587),
             volumes=[_bind("./postfix", "/etc/mailstead/postfix"), _volume("spool", "/var/spool/postfix"),
                      accounts, *tls_mounts],
-            healthcheck=_health(settings, "postfix"), depends_on=["dovecot", "rspamd"]),
+            healthcheck=_health("postfix"), depends_on=["dovecot", "rspamd"]),
         # Plaintext that must never reach a disk: LMTP spools large incoming messages in
         # /tmp before mail_crypt encrypts them, and the index cache (header fields,
         # snippets) lives in /var/cache/dovecot-index.
@@ -96,7 +92,7 @@ def compose(settings: StackSettings) -> dict[str, Any]:
             volumes=[_bind("./dovecot", "/etc/mailstead/dovecot"), _volume("mail", "/var/mail"),
                      accounts, *tls_mounts],
             tmpfs=["/tmp", "/var/cache/dovecot-index"],
-            healthcheck=_health(settings, "dovecot")),
+            healthcheck=_health("dovecot")),
         # Starts as root only to put config and DKIM keys in place for _rspamd, then runs
         # rspamd as _rspamd. Not published: postfix reaches the milter on the stack network.
         # The hostname is the authserv-id of its Authentication-Results and ARC headers.
@@ -109,13 +105,13 @@ def compose(settings: StackSettings) -> dict[str, Any]:
             # Its start loads a large configuration (a minute under emulation), then compiles
             # its regexp caches in the background; any multipattern the image does not ship
             # (recipes/rspamd/postinst-hs-cache.chroot) is compiled before it answers.
-            healthcheck=_health(settings, "rspamd", start_period="600s"), depends_on=["redis"]),
+            healthcheck=_health("rspamd", start_period="600s"), depends_on=["redis"]),
         # Unprivileged, and never published: rspamd reaches it on the stack network.
         "redis": service(
             "redis", user="redis", entrypoint=_entrypoint("redis"),
             cap_drop=["ALL"], security_opt=["no-new-privileges:true"],
             volumes=[_bind("./redis", "/etc/mailstead/redis"), _volume("redis", "/var/lib/redis")],
-            healthcheck=_health(settings, "redis")),
+            healthcheck=_health("redis")),
         # Starts as root only to chown the dav volume, then runs radicale as the radicale
         # user; these are all the capabilities it has. Published on loopback only, for nginx.
         "radicale": service(
@@ -124,7 +120,7 @@ def compose(settings: StackSettings) -> dict[str, Any]:
             security_opt=["no-new-privileges:true"],
             ports=_ports(settings, "dav", 5232, ("127.0.0.1",)),
             volumes=[_bind("./radicale", "/etc/mailstead/radicale"), _volume("dav", "/var/lib/radicale/collections")],
-            healthcheck=_health(settings, "radicale"), depends_on=["dovecot"]),
+            healthcheck=_health("radicale"), depends_on=["dovecot"]),
     }
     return {"name": project, "networks": {"mailstead": {"name": project}},
             "volumes": {name: {} for name in VOLUMES}, "services": services}

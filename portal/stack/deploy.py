@@ -13,7 +13,7 @@ import secrets
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -134,21 +134,12 @@ def up(client: Any, settings: StackSettings, timeout: float, progress: Progress)
     return wait_healthy(client, settings.project, timeout, progress)
 
 
-def engine_has_start_interval(client: Any) -> bool:
-    """Whether the engine runs health checks at `start_interval` (API 1.44, docker 25, and later)."""
-    try:
-        api = str(client.version().get("ApiVersion", ""))
-        return tuple(int(part) for part in api.split(".")[:2]) >= (1, 44)
-    except Exception:  # an engine that does not say: the 5 s interval works everywhere
-        return False
-
-
 def deploy(client: Any, settings: StackSettings, *, timeout: float = 180,
            progress: Progress | None = None) -> DeployResult:
     """Render `settings` (images must be loaded; settings.images pins their IDs),
     bring the stack up and wait for health. On failure, roll back."""
     say = progress or (lambda _s, _m: None)
-    settings = replace(settings, health_start_interval=engine_has_start_interval(client)).validate()
+    settings.validate()
     files = render(settings, stack_secrets(settings.secrets_dir))
     # The accounts database exists (with the appliance's domain) before
     # postfix and dovecot first open it.

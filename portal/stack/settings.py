@@ -52,10 +52,6 @@ class StackSettings:
     # Image IDs by service (pinned in compose.yaml); filled in after loading.
     images: dict[str, str] = field(default_factory=dict)
     project: str = "mailstead"
-    # The engine runs health checks every second until a service is first healthy
-    # (healthcheck start_interval: docker 25 / API 1.44 and later); set by the
-    # deploy from the engine it talks to, never stored.
-    health_start_interval: bool = False
 
     @property
     def stack_dir(self) -> Path:
@@ -162,8 +158,6 @@ class StackSettings:
             raise SettingsError("message_size_limit_mb", "must be between 1 and 1024")
         if self.mta_sts_mode not in ("enforce", "testing", "none"):
             raise SettingsError("mta_sts_mode", "must be enforce, testing or none")
-        if not isinstance(self.health_start_interval, bool):
-            raise SettingsError("health_start_interval", "must be true or false")
         if self.default_quota_mb < 0:
             raise SettingsError("default_quota_mb", "must be 0 (no limit) or more")
         for service, image in self.images.items():

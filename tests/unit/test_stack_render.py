@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from portal.stack.deploy import engine_has_start_interval
 from portal.stack.render import render, replace_tree, restore_tree
-from portal.stack.settings import SERVICES, SettingsError, StackSettings
+from portal.stack.settings import SERVICES, StackSettings
 
 SECRETS = {"redis_password": "s3cret-redis-password"}
 
@@ -41,33 +40,6 @@ def test_every_service_has_healthcheck_restart_and_pinned_image():
         assert svc["healthcheck"]["test"], name
         assert "start_interval" not in svc["healthcheck"], "docker 20.10 refuses start_interval"
         assert svc["image"].startswith("sha256:"), f"{name} is not pinned by image ID"
-
-
-def test_an_engine_with_start_interval_checks_every_second_until_healthy():
-    spec = compose(render(settings(health_start_interval=True), SECRETS))
-    for name, svc in spec["services"].items():
-        assert svc["healthcheck"]["start_interval"] == "1s", name
-        assert svc["healthcheck"]["interval"] == "5s", name
-    with pytest.raises(SettingsError, match="health_start_interval"):
-        render(settings(health_start_interval="yes"), SECRETS)
-
-
-class Engine:
-    def __init__(self, version: object) -> None:
-        self._version = version
-
-    def version(self) -> object:
-        if isinstance(self._version, Exception):
-            raise self._version
-        return self._version
-
-
-@pytest.mark.parametrize("version, has", [({"ApiVersion": "1.45"}, True), ({"ApiVersion": "1.44"}, True),
-                                          ({"ApiVersion": "2.0"}, True), ({"ApiVersion": "1.41"}, False),
-                                          ({"ApiVersion": "1.9"}, False), ({"ApiVersion": "x"}, False),
-                                          ({}, False), (ConnectionError("engine down"), False)])
-def test_start_interval_only_where_the_engine_has_it(version, has):
-    assert engine_has_start_interval(Engine(version)) is has
 
 
 def test_published_addresses_follow_the_setting_and_redis_is_never_published():
