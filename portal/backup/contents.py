@@ -111,7 +111,8 @@ def stage_tree(src: Path, dest: Path, leave_out: tuple[str, ...] = (),
     for everyone, are hard-linked (files their writer never changes in place); other
     regular files are copied, keeping owner, mode and times, and so are folders.
     Symlinks, devices, FIFOs and sockets are not staged; their paths (relative to src)
-    go to `skipped`, but for sockets (as tar leaves them out: a program's, never data). Falls back to copies when linking is refused (another filesystem).
+    go to `skipped`, but for sockets (as tar leaves them out: a program's, never data).
+    Falls back to copies when linking is refused (another filesystem or mount).
     Returns how many files were linked."""
     skipped = skipped if skipped is not None else []
     can_link = [True]
