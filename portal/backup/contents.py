@@ -117,81 +117,82 @@ def stage_tree(src: Path, dest: Path, leave_out: tuple[str, ...] = (),
     skipped = skipped if skipped is not None else []
     can_link = [True]
     linked = [0]
-    folders: list[tuple[Path, os.stat_result]] = []
 
-    def visit(sfd: int, dpath: Path, rel: Path, depth: int) -> None:
+    def visit(sfd: int, dfd: int, rel: Path, depth: int) -> None:
+        """Stage the folder open as sfd into the (new, empty) folder open as dfd."""
         if depth > MAX_DEPTH:
             raise BackupError(f"volumes: {rel.as_posix()} is more than {MAX_DEPTH} folders deep", "volumes")
-        dfd = os.open(dpath, DIR_FLAGS)
-        try:
-            for entry in sorted(os.scandir(sfd), key=lambda e: e.name):
-                name = entry.name
-                if any(fnmatch.fnmatchcase(name, p) for p in leave_out):
-                    continue
-                child = rel / name
+        own = os.fstat(sfd)
+        for entry in sorted(os.scandir(sfd), key=lambda e: e.name):
+            name = entry.name
+            if any(fnmatch.fnmatchcase(name, p) for p in leave_out):
+                continue
+            child = rel / name
+            try:
+                st = os.lstat(name, dir_fd=sfd)
+            except FileNotFoundError:  # gone since (an expunged message, a deleted folder)
+                continue
+            if stat.S_ISDIR(st.st_mode):
                 try:
-                    st = os.lstat(name, dir_fd=sfd)
-                except FileNotFoundError:  # gone since (an expunged message, a deleted folder)
+                    cfd = os.open(name, DIR_FLAGS, dir_fd=sfd)
+                except FileNotFoundError:
                     continue
-                if stat.S_ISDIR(st.st_mode):
+                except OSError:  # swapped for something else since
+                    skipped.append(child.as_posix())
+                    continue
+                try:
+                    os.mkdir(name, 0o700, dir_fd=dfd)
+                    cdfd = os.open(name, DIR_FLAGS, dir_fd=dfd)
                     try:
-                        cfd = os.open(name, DIR_FLAGS, dir_fd=sfd)
+                        visit(cfd, cdfd, child, depth + 1)
+                    finally:
+                        os.close(cdfd)
+                finally:
+                    os.close(cfd)
+            elif stat.S_ISREG(st.st_mode):
+                bad = stat.S_IMODE(st.st_mode) & (SPECIAL_BITS | stat.S_IWOTH)
+                if can_link[0] and st.st_nlink == 1 and not bad and link(child):
+                    try:
+                        os.link(name, name, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
                     except FileNotFoundError:
                         continue
-                    except OSError:  # swapped for something else since
+                    except OSError:  # another filesystem or mount, or links refused: copies from here on
+                        can_link[0] = False
+                    else:
+                        if stat.S_ISREG(os.lstat(name, dir_fd=dfd).st_mode):
+                            linked[0] += 1
+                            continue
+                        os.unlink(name, dir_fd=dfd)  # swapped for a symlink since
                         skipped.append(child.as_posix())
                         continue
-                    try:
-                        os.mkdir(name, 0o700, dir_fd=dfd)
-                        folders.append((dpath / name, os.fstat(cfd)))
-                        visit(cfd, dpath / name, child, depth + 1)
-                    finally:
-                        os.close(cfd)
-                elif stat.S_ISREG(st.st_mode):
-                    bad = stat.S_IMODE(st.st_mode) & (SPECIAL_BITS | stat.S_IWOTH)
-                    if can_link[0] and st.st_nlink == 1 and not bad and link(child):
-                        try:
-                            os.link(name, name, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
-                        except FileNotFoundError:
-                            continue
-                        except OSError:  # another filesystem or mount, or links refused: copies from here on
-                            can_link[0] = False
-                        else:
-                            if stat.S_ISREG(os.lstat(name, dir_fd=dfd).st_mode):
-                                linked[0] += 1
-                                continue
-                            os.unlink(name, dir_fd=dfd)  # swapped for a symlink since
-                            skipped.append(child.as_posix())
-                            continue
-                    try:
-                        copied = _copy_into(sfd, dfd, name)
-                    except FileNotFoundError:  # gone since (an expunged message)
-                        continue
-                    except OSError as exc:  # swapped since for a symlink (ELOOP) or a socket (ENXIO)
-                        if exc.errno not in (errno.ELOOP, errno.ENXIO):
-                            raise
-                        copied = None
-                    if copied is None:
-                        skipped.append(child.as_posix())
-                elif not stat.S_ISSOCK(st.st_mode):  # a socket is a running program's, never data (tar's rule)
+                try:
+                    copied = _copy_into(sfd, dfd, name)
+                except FileNotFoundError:  # gone since (an expunged message)
+                    continue
+                except OSError as exc:  # swapped since for a symlink (ELOOP) or a socket (ENXIO)
+                    if exc.errno not in (errno.ELOOP, errno.ENXIO):
+                        raise
+                    copied = None
+                if copied is None:
                     skipped.append(child.as_posix())
-        finally:
-            os.close(dfd)
+            elif not stat.S_ISSOCK(st.st_mode):  # a socket is a running program's, never data (tar's rule)
+                skipped.append(child.as_posix())
+        # The folder's own owner, mode and times (as it was opened), on its descriptor, after its contents.
+        os.fchown(dfd, own.st_uid, own.st_gid)
+        os.fchmod(dfd, stat.S_IMODE(own.st_mode))
+        os.utime(dfd, ns=(own.st_atime_ns, own.st_mtime_ns))
 
-    if dest.exists():
-        shutil.rmtree(dest)
+    safefs.remove_tree(dest)
     sfd = os.open(src, DIR_FLAGS)
     try:
-        root = os.fstat(sfd)
         dest.mkdir(mode=0o700, parents=True)
-        folders.append((dest, root))
-        visit(sfd, dest, Path(), 0)
+        dfd = os.open(dest, DIR_FLAGS)
+        try:
+            visit(sfd, dfd, Path(), 0)
+        finally:
+            os.close(dfd)
     finally:
         os.close(sfd)
-    for path, st in reversed(folders):  # this folder's own, after its contents
-        os.chown(path, st.st_uid, st.st_gid, follow_symlinks=False)
-        os.chmod(path, stat.S_IMODE(st.st_mode), follow_symlinks=False)
-        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
     return linked[0]
 
 
@@ -234,32 +235,31 @@ class DockerVolumes:
     def volume(self, name: str) -> str:
         return f"{self.project}_{name}"
 
-    def exists(self, name: str) -> bool:
-        """Whether the volume exists; an engine that does not answer is an error
-        (a backup must never silently leave the mail out)."""
+    def inspect(self, name: str) -> dict[str, Any] | None:
+        """The engine's record of the volume, or None if it does not exist; an engine that
+        does not answer is an error (a backup must never silently leave the mail out)."""
         try:
-            r = subprocess.run(["docker", "volume", "inspect", self.volume(name)], capture_output=True,
-                               text=True, timeout=60)
+            r = subprocess.run(["docker", "volume", "inspect", "--format", "{{json .}}", self.volume(name)],
+                               capture_output=True, text=True, timeout=60)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise BackupError(f"volumes: cannot ask the docker engine about {self.volume(name)}: {exc}; "
                               "is docker running?", "volumes") from None
         if r.returncode == 0:
-            return True
+            try:
+                info = json.loads(r.stdout)
+            except ValueError:
+                info = None
+            return info if isinstance(info, dict) else {}
         if "no such volume" in r.stderr.lower():
-            return False
+            return None
         raise BackupError(f"volumes: the docker engine did not answer about {self.volume(name)}: "
                           f"{' '.join(r.stderr.split())[-200:]}; is docker running?", "volumes")
 
-    def folder(self, name: str) -> Path | None:
-        """The host folder of the volume as the engine names it, if it is a `local` volume
+    @staticmethod
+    def folder(info: dict[str, Any] | None) -> Path | None:
+        """The host folder of a volume (its engine record), if it is a `local` volume
         without driver options (one that mounts nothing else); None otherwise."""
-        try:
-            r = subprocess.run(["docker", "volume", "inspect", "--format", "{{json .}}", self.volume(name)],
-                               capture_output=True, text=True, timeout=60, check=False)
-            info = json.loads(r.stdout) if r.returncode == 0 else None
-        except (OSError, subprocess.TimeoutExpired, ValueError):
-            return None
-        if not isinstance(info, dict) or info.get("Driver") != "local" or info.get("Options"):
+        if not info or info.get("Driver") != "local" or info.get("Options"):
             return None
         mount = info.get("Mountpoint")
         if not isinstance(mount, str) or not mount.startswith("/") or ".." in Path(mount).parts:
@@ -269,9 +269,10 @@ class DockerVolumes:
 
     def dump(self, name: str, dest: Path, leave_out: tuple[str, ...] = (),
              skipped: list[str] | None = None) -> bool:
-        if not self.exists(name):
+        info = self.inspect(name)
+        if info is None:
             return False
-        folder = self.folder(name)
+        folder = self.folder(info)
         if folder is not None and os.stat(folder).st_dev == os.stat(dest.parent).st_dev:
             stage_tree(folder, dest, leave_out, mail_link(name), skipped)
             return True
@@ -301,7 +302,7 @@ class DockerVolumes:
         if made.returncode != 0:
             raise BackupError(f"volume {name}: cannot create {vol}: {' '.join(made.stderr.split())[-200:]}",
                               "volumes")
-        folder = self.folder(name)
+        folder = self.folder(self.inspect(name))
         if folder is not None and not any(folder.iterdir()) and move_tree(src, folder):
             return
         reader = subprocess.Popen(["tar", "-C", str(src), "--numeric-owner", "-cf", "-", "."],
