@@ -111,6 +111,14 @@ def ip_list(key: str, value: str) -> str:
     return ",".join(_ip(key, a) for a in items)
 
 
+def ipv4_list(key: str, value: str) -> str:
+    """IPv4 addresses, comma-separated (the mail stack's network has no IPv6 yet)."""
+    items = [a.strip() for a in value.split(",") if a.strip()]
+    if len(items) > 16:
+        raise SettingsError(key, "give at most 16 addresses")
+    return ",".join(_ip(key, a, 4) for a in items)
+
+
 def resolver_list(key: str, value: str) -> str:
     """Resolvers as the Domain step writes them: "192.0.2.53, [2001:db8::53]:5353, 192.0.2.1:5353"."""
     out = []
@@ -191,6 +199,24 @@ def ports_json(key: str, value: str) -> str:
     if len(set(out.values())) != len(out):
         raise SettingsError(key, "two services cannot share one host port")
     return json.dumps(out, sort_keys=True)
+
+
+def private_subnet(key: str, value: str) -> str:
+    """The stack network: a private IPv4 network of /16 to /26 in its usual form
+    (e.g. 172.31.53.0/24); empty keeps the default."""
+    value = value.strip()
+    if not value:
+        return ""
+    try:
+        net = ipaddress.IPv4Network(value, strict=True) if len(value) <= 31 else None
+    except ValueError:
+        net = None
+    if net is None or not net.is_private or net.is_loopback or net.is_link_local or not 16 <= net.prefixlen <= 26:
+        raise SettingsError(key, f"'{value[:64]}' is not a private IPv4 network of /16 to /26 such as "
+                                 "172.31.53.0/24 (its host part all zeros)")
+    if str(net) != value:
+        raise SettingsError(key, f"write it as {net}")
+    return value
 
 
 def project(key: str, value: str) -> str:
@@ -289,7 +315,8 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
     # The mail stack.
     Setting("stack_ports", ports_json),
     Setting("publish_addresses", ip_list),
-    Setting("dns_servers", ip_list),
+    Setting("dns_servers", ipv4_list),
+    Setting("stack_subnet", private_subnet, restore=False),
     Setting("message_size_limit_mb", integer(1, 1024)),
     Setting("default_quota_mb", integer(0, 10_000_000)),
     Setting("stack_project", project, restore=False),

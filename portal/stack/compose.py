@@ -69,10 +69,11 @@ def compose(settings: StackSettings) -> dict[str, Any]:
     accounts = _bind(v["accounts_dir"], "/var/lib/mailstead-accounts")
 
     def service(name: str, **fields: Any) -> dict[str, Any]:
-        common: dict[str, Any] = {"restart": "unless-stopped", "networks": ["mailstead"]}
-        if settings.dns_servers:
-            common["dns"] = list(settings.dns_servers)
-        common["logging"] = LOGGING
+        # Every lookup goes to the stack's own resolver: rspamd's directly (its config
+        # names the address), the others' through docker's embedded DNS, which still
+        # answers the service names.
+        common: dict[str, Any] = {"restart": "unless-stopped", "networks": ["mailstead"],
+                                  "dns": [settings.resolver_address], "logging": LOGGING}
         return {**common, "image": images[name], "container_name": f"{project}-{name}", **fields}
 
     services = {
@@ -82,7 +83,7 @@ def compose(settings: StackSettings) -> dict[str, Any]:
             + _ports(settings, "submission", 587),
             volumes=[_bind("./postfix", "/etc/mailstead/postfix"), _volume("spool", "/var/spool/postfix"),
                      accounts, *tls_mounts],
-            healthcheck=_health("postfix"), depends_on=["dovecot", "rspamd"]),
+            healthcheck=_health("postfix"), depends_on=["dovecot", "rspamd", "unbound"]),
         # Plaintext that must never reach a disk: LMTP spools large incoming messages in
         # /tmp before mail_crypt encrypts them, and the index cache (header fields,
         # snippets) lives in /var/cache/dovecot-index.
@@ -105,7 +106,7 @@ def compose(settings: StackSettings) -> dict[str, Any]:
             # Its start loads a large configuration (a minute under emulation), then compiles
             # its regexp caches in the background; any multipattern the image does not ship
             # (recipes/rspamd/postinst-hs-cache.chroot) is compiled before it answers.
-            healthcheck=_health("rspamd", start_period="600s"), depends_on=["redis"]),
+            healthcheck=_health("rspamd", start_period="600s"), depends_on=["redis", "unbound"]),
         # Unprivileged, and never published: rspamd reaches it on the stack network.
         "redis": service(
             "redis", user="redis", entrypoint=_entrypoint("redis"),
@@ -121,8 +122,21 @@ def compose(settings: StackSettings) -> dict[str, Any]:
             ports=_ports(settings, "dav", 5232, ("127.0.0.1",)),
             volumes=[_bind("./radicale", "/etc/mailstead/radicale"), _volume("dav", "/var/lib/radicale/collections")],
             healthcheck=_health("radicale"), depends_on=["dovecot"]),
+        # The stack's caching resolver (rspamd makes some 24 lookups a message). It
+        # forwards to `dns_servers` or resolves from the root. Unprivileged from the
+        # start (port 53 is allowed by the sysctl), never published, and at a fixed
+        # address that only it may use (outside the range docker hands out).
+        "unbound": service(
+            "unbound", user="unbound", entrypoint=_entrypoint("unbound"),
+            networks={"mailstead": {"ipv4_address": settings.resolver_address}},
+            cap_drop=["ALL"], security_opt=["no-new-privileges:true"],
+            sysctls={"net.ipv4.ip_unprivileged_port_start": 53},
+            volumes=[_bind("./unbound", "/etc/mailstead/unbound")],
+            healthcheck=_health("unbound")),
     }
-    return {"name": project, "networks": {"mailstead": {"name": project}},
+    network = {"name": project, "ipam": {"config": [{"subnet": settings.subnet,
+                                                     "ip_range": settings.dynamic_range}]}}
+    return {"name": project, "networks": {"mailstead": network},
             "volumes": {name: {} for name in VOLUMES}, "services": services}
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from portal import __version__
 
-SERVICES = ("postfix", "dovecot", "rspamd", "redis", "radicale")
+SERVICES = ("postfix", "dovecot", "rspamd", "redis", "radicale", "unbound")
 VERSION = re.compile(r"[0-9][0-9A-Za-z.+~-]{0,39}")
 IMAGE = re.compile(r"sha256:[0-9a-f]{64}|mailstead-[a-z]+:[0-9][0-9A-Za-z.+~-]{0,39}")
 SELECTOR = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
@@ -45,8 +45,13 @@ class StackSettings:
     dkim_selectors: tuple[str, str] = ("mailstead-rsa", "mailstead-ed25519")
     message_size_limit_mb: int = 50
     default_quota_mb: int = 2048
-    # DNS servers the containers use (IPs, port 53); empty: the host's.
+    # Where the stack's resolver (unbound) sends its queries: these servers
+    # (IPs, port 53), or, when empty, the internet's own (it resolves from the root).
     dns_servers: tuple[str, ...] = ()
+    # The stack network (IPv4, private). Containers take addresses from its lower
+    # half; the resolver has a fixed one in the upper half (resolver_address), so
+    # rspamd can be pointed at it by address.
+    subnet: str = "172.31.53.0/24"
     # MTA-STS policy mode: enforce, testing or none.
     mta_sts_mode: str = "enforce"
     # Image IDs by service (pinned in compose.yaml); filled in after loading.
@@ -111,6 +116,20 @@ class StackSettings:
             return mounts, str(base / cert.relative_to(self.tls_dir)), str(base / key.relative_to(self.tls_dir))
         return mounts, f"{base}/cert.pem", f"{base}/key.pem"
 
+    @property
+    def network(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Network(self.subnet)
+
+    @property
+    def dynamic_range(self) -> str:
+        """The lower half of the subnet: where docker gives containers their addresses."""
+        return str(next(self.network.subnets(prefixlen_diff=1)))
+
+    @property
+    def resolver_address(self) -> str:
+        """unbound's fixed address: the subnet's last host (outside dynamic_range)."""
+        return str(self.network[-2])
+
     def with_images(self, images: dict[str, str]) -> StackSettings:
         return replace(self, images=dict(images))
 
@@ -135,7 +154,9 @@ class StackSettings:
         for addr in self.dns_servers:
             if not isinstance(addr, str):
                 raise SettingsError("dns_servers", "must be IP addresses")
-            rules.ip()("dns_servers", addr)
+            rules.ip(4)("dns_servers", addr)
+        if not isinstance(self.subnet, str) or rules.private_subnet("stack_subnet", self.subnet) != self.subnet:
+            raise SettingsError("stack_subnet", "must be a private IPv4 network such as 172.31.53.0/24")
         if not isinstance(self.project, str) or not rules.PROJECT.fullmatch(self.project):
             raise SettingsError("stack_project", "must be lower-case letters, digits, '-' and '_', e.g. mailstead")
         if not isinstance(self.version, str) or not VERSION.fullmatch(self.version):
@@ -176,6 +197,8 @@ class StackSettings:
             "project": self.project,
             "publish_addresses": list(self.publish_addresses),
             "dns_servers": list(self.dns_servers),
+            "subnet": self.subnet,
+            "resolver_address": self.resolver_address,
             "ports": ports,
             "stack_dir": str(self.stack_dir),
             "accounts_dir": str(self.accounts_dir),

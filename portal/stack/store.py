@@ -36,8 +36,10 @@ def load_settings(state_dir: Path) -> StackSettings:
                 raise SettingsError(key, "must be a whole number") from None
     if values.get("stack_project"):  # the compose project (several stacks on one engine, e.g. tests)
         kwargs["project"] = values["stack_project"].strip()
-    if values.get("dns_servers"):  # the containers' resolvers (default: the host's)
+    if values.get("dns_servers"):  # where the stack's resolver forwards (default: it recurses itself)
         kwargs["dns_servers"] = tuple(a.strip() for a in values["dns_servers"].split(",") if a.strip())
+    if values.get("stack_subnet"):
+        kwargs["subnet"] = values["stack_subnet"].strip()
     if values.get("mta_sts_mode"):
         kwargs["mta_sts_mode"] = values["mta_sts_mode"].strip()
     if values.get("tls_cert") and values.get("tls_key"):

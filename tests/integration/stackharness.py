@@ -109,12 +109,15 @@ def shared_dns() -> Knot:
 
 
 def make_settings(state_dir: Path, project: str, port_base: int) -> StackSettings:
-    """Settings for a stack published on 127.0.0.1 at port_base + the standard port % 1000."""
+    """Settings for a stack published on 127.0.0.1 at port_base + the standard port % 1000,
+    on a network of its own (172.31.<port_base // 1000>.0/24), so one left running by an
+    interrupted run never blocks another."""
     cert, key = make_tls(state_dir / "tls", [HOSTNAME, f"mta-sts.{DOMAIN}", f"autoconfig.{DOMAIN}", f"autodiscover.{DOMAIN}"])
     ports = {name: port_base + port % 1000 for name, port in DEFAULT_PORTS.items()}
     return StackSettings(domain=DOMAIN, hostname=HOSTNAME, state_dir=state_dir, version=VERSION,
                          publish_addresses=("127.0.0.1",), ports=ports, tls_cert=cert, tls_key=key,
-                         project=project, dns_servers=(shared_dns().address,))
+                         project=project, dns_servers=(shared_dns().address,),
+                         subnet=f"172.31.{port_base // 1000 % 256}.0/24")
 
 
 @dataclass

@@ -64,7 +64,8 @@ def write_stack_settings(state: Path) -> None:
     s = make_settings(state, PROJECT, PORT_BASE)  # makes the certificate under state/tls
     write_settings(state / "state.db", {
         "domain": DOMAIN, "mail_host": HOSTNAME, "publish_addresses": "127.0.0.1",
-        "stack_ports": json.dumps(s.ports, sort_keys=True), "dns_servers": ",".join(s.dns_servers), "stack_deployed": "1"})
+        "stack_ports": json.dumps(s.ports, sort_keys=True), "dns_servers": ",".join(s.dns_servers), "stack_deployed": "1",
+        "stack_subnet": s.subnet})
     write_machine_settings(state)
     shutil.copytree(SHARED_DKIM, s.dkim_dir, dirs_exist_ok=True)
 

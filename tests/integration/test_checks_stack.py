@@ -35,7 +35,7 @@ def appliance_settings(stack: Stack, **extra: str) -> None:
     s = stack.settings
     db.write_settings(s.state_dir / "state.db", {
         "domain": s.domain, "mail_host": s.hostname, "publish_addresses": ",".join(s.publish_addresses),
-        "stack_ports": json.dumps(s.ports), "stack_project": s.project, "tls_cert": str(s.tls_cert),
+        "stack_ports": json.dumps(s.ports), "stack_project": s.project, "stack_subnet": s.subnet, "tls_cert": str(s.tls_cert),
         "tls_key": str(s.tls_key), "admin_address": ADMIN, **extra})
 
 

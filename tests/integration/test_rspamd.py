@@ -4,9 +4,10 @@ not), the controller, redis' password and persistence, and idle memory.
 
 The milter is driven the way postfix drives it (tests/integration's own
 milter client, over the stack network from the host), and the controller
-through `rspamc` inside the container. The containers' resolver points at
-a dead address inside their own network namespace, so no lookup leaves the
-test, and the tests show that failing DNS costs a scan seconds, not a hang."""
+through `rspamc` inside the container. The stack's resolver (unbound) is
+told to forward to a dead address (loopback, which it never asks), so no
+lookup leaves the test, and the tests show that failing DNS costs a scan
+seconds, not a hang."""
 
 from __future__ import annotations
 
@@ -35,8 +36,8 @@ from .stackharness import DOMAIN, HOSTNAME, Stack, start_stack
 ALICE = f"alice@{DOMAIN}"
 OUTSIDER = "bob@example.org"
 GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
-# No DNS server answers in these tests: rspamd asks a closed port in its own
-# container (see the module docstring).
+# No DNS server answers in these tests: unbound's only forwarder is loopback,
+# which it refuses to ask (see the module docstring).
 DEAD_RESOLVER = "127.0.0.1"
 SCAN_SECONDS = 25  # a scan with every lookup timing out takes 8-12 s; postfix waits up to 300 s
 IDLE_BUDGET_MIB = {"rspamd": 120, "redis": 16}
@@ -45,8 +46,8 @@ IDLE_BUDGET_MIB = {"rspamd": 120, "redis": 16}
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     s = start_stack(tmp_path_factory.mktemp("rspamd"), "mstest-spam", 21000)
-    # Failure injection: every container asks a DNS server that is not there
-    # (its own loopback), instead of the test session's knot.
+    # Failure injection: the stack's resolver forwards to a DNS server that is not
+    # there (loopback), instead of the test session's knot.
     s.settings = replace(s.settings, dns_servers=(DEAD_RESOLVER,))
     try:
         s.deploy()

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import dkim
+import dns.resolver
 import pytest
 
 from portal.stack.accounts import Accounts
@@ -21,7 +22,7 @@ from portal.stack.dovecot_keys import DovecotKeys
 from tests.conftest import retry
 
 from .tlsaudit import tls_problems
-from .stackharness import DOMAIN, Stack, shared_dns, start_stack
+from .stackharness import DOMAIN, HOSTNAME, Stack, shared_dns, start_stack
 
 PASSWORD = "e2e-correct-horse-battery"
 ALICE = f"alice@{DOMAIN}"
@@ -80,6 +81,40 @@ def test_submission_is_dual_dkim_signed_and_verifies_against_dns(stack: Stack) -
     verifier = dkim.DKIM(raw)
     for idx in range(len(sigs)):
         assert verifier.verify(idx=idx, dnsfunc=dnsfunc), f"signature {idx} does not verify: {sigs[idx]}"
+
+
+def unbound_stats(stack: Stack) -> dict[str, float]:
+    out = stack.exec("unbound", "unbound-control", "-c", "/etc/mailstead/unbound/unbound.conf", "stats_noreset",
+                     user="unbound")
+    return {k: float(v) for k, v in (line.split("=", 1) for line in out.splitlines() if "=" in line)}
+
+
+def test_lookups_go_to_the_stacks_own_caching_resolver(stack: Stack) -> None:
+    """rspamd asks unbound (at its fixed address), which forwards to dns_servers (the
+    test's knot) and answers repeats from its cache."""
+    before = unbound_stats(stack)
+    with smtplib.SMTP("127.0.0.1", stack.port("smtp"), local_hostname="sender.test", timeout=60) as s:
+        s.starttls(context=tls_context(stack))
+        s.sendmail("someone@sender.test", [ALICE], f"From: someone@sender.test\r\nTo: {ALICE}\r\n"
+                                                  "Subject: via unbound\r\n\r\nbody\r\n")
+    fetch(stack, "via unbound")
+    after = unbound_stats(stack)
+    # SPF, DMARC and the HELO name at least, for the sender's domain
+    assert after["total.num.queries"] - before["total.num.queries"] >= 3, (before, after)
+    # The zone's records through the resolver (asked from the host, on the stack network):
+    # forwarded to knot once, then from the cache.
+    resolver = dns.resolver.Resolver(configure=False)
+    resolver.nameservers, resolver.lifetime = [stack.settings.resolver_address], 10
+    first = unbound_stats(stack)
+    for _ in range(2):
+        assert [r.exchange.to_text() for r in resolver.resolve(DOMAIN, "MX")] == [f"{HOSTNAME}."]
+    last = unbound_stats(stack)
+    assert last["total.num.cachehits"] - first["total.num.cachehits"] >= 1, (first, last)
+    # rspamd is pointed at it by address (the others reach it through docker's DNS).
+    options = stack.exec("rspamd", "cat", "/etc/rspamd/override.d/options.inc")
+    assert f'nameserver = ["{stack.settings.resolver_address}:53"];' in options
+    network = stack.container("unbound").attrs["NetworkSettings"]["Networks"][stack.settings.project]
+    assert network["IPAMConfig"]["IPv4Address"] == stack.settings.resolver_address
 
 
 def test_gtube_is_rejected_at_smtp_time(stack: Stack) -> None:

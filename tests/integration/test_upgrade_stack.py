@@ -125,6 +125,7 @@ class Box:
         write_settings(self.state / "state.db", {
             "domain": DOMAIN, "mail_host": HOSTNAME, "publish_addresses": "127.0.0.1",
             "stack_ports": json.dumps(s.ports), "stack_project": PROJECT, "dns_servers": ",".join(s.dns_servers),
+            "stack_subnet": s.subnet,
             "tls_cert": str(s.tls_cert), "tls_key": str(s.tls_key)})
         shutil.copytree(SHARED_DKIM, s.dkim_dir, dirs_exist_ok=True)
         for d in ("nginx", "www"):

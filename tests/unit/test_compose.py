@@ -33,9 +33,9 @@ HOSTILE_PARTS = ["\n", "\r\n", "\x00", "#", "%", ":", "..", "/", "]", "[", "'", 
 # Per service: the only keys it may have, and what its capabilities are.
 ALLOWED_KEYS = {"restart", "networks", "dns", "logging", "image", "container_name", "hostname", "entrypoint",
                 "ports", "volumes", "tmpfs", "healthcheck", "depends_on", "cap_drop", "cap_add", "security_opt",
-                "user"}
+                "user", "sysctls"}
 CAPS = {"postfix": None, "dovecot": None, "rspamd": ["CHOWN", "KILL", "SETUID", "SETGID"], "redis": None,
-        "radicale": ["CHOWN", "DAC_READ_SEARCH", "SETUID", "SETGID"]}
+        "radicale": ["CHOWN", "DAC_READ_SEARCH", "SETUID", "SETGID"], "unbound": None}
 MOUNT_TARGETS = {
     "postfix": {"/etc/mailstead/postfix", "/var/spool/postfix", "/var/lib/mailstead-accounts", "/etc/mailstead/tls",
                 "/etc/mailstead/tls/cert.pem", "/etc/mailstead/tls/key.pem"},
@@ -44,6 +44,7 @@ MOUNT_TARGETS = {
     "rspamd": {"/etc/mailstead/rspamd", "/var/lib/rspamd", "/run/mailstead-dkim"},
     "redis": {"/etc/mailstead/redis", "/var/lib/redis"},
     "radicale": {"/etc/mailstead/radicale", "/var/lib/radicale/collections"},
+    "unbound": {"/etc/mailstead/unbound"},
 }
 
 hostile = st.one_of(
@@ -72,11 +73,16 @@ def check_compose(state: Path) -> None:
     assert set(spec) == {"name", "networks", "volumes", "services"}
     assert set(spec["services"]) == set(SERVICES)
     assert set(spec["volumes"]) == {"mail", "spool", "rspamd", "redis", "dav"}
-    assert spec["networks"] == {"mailstead": {"name": spec["name"]}}
+    assert spec["networks"] == {"mailstead": {"name": spec["name"], "ipam": {"config": [
+        {"subnet": s.subnet, "ip_range": s.dynamic_range}]}}}
     addresses = set(s.publish_addresses)
     for name, svc in spec["services"].items():
         assert set(svc) <= ALLOWED_KEYS, (name, set(svc) - ALLOWED_KEYS)
-        assert svc["networks"] == ["mailstead"] and svc["container_name"] == f"{spec['name']}-{name}"
+        assert svc["networks"] == (["mailstead"] if name != "unbound" else
+                                   {"mailstead": {"ipv4_address": s.resolver_address}})
+        assert svc["container_name"] == f"{spec['name']}-{name}"
+        assert svc["dns"] == [s.resolver_address]
+        assert svc.get("sysctls", {}) == ({"net.ipv4.ip_unprivileged_port_start": 53} if name == "unbound" else {})
         assert svc.get("cap_add") == CAPS[name], name
         assert "privileged" not in svc and "pid" not in svc and "network_mode" not in svc
         for mount in svc["volumes"]:
@@ -93,8 +99,6 @@ def check_compose(state: Path) -> None:
             assert set(port) == {"target", "published", "host_ip", "protocol"}
             assert port["published"].isdigit() and port["protocol"] == "tcp"
             assert port["host_ip"] in (addresses if name != "radicale" else {"127.0.0.1"})
-        for server in svc.get("dns", []):
-            assert "%" not in server and "\n" not in server
 
 
 @pytest.mark.parametrize("key", sorted(SETTINGS))
@@ -154,3 +158,39 @@ def test_the_compose_file_is_yaml_from_a_serializer(tmp_path: Path) -> None:
     text = render(load_settings(tmp_path), SECRETS)["compose.yaml"].content.decode()
     assert text.startswith("# Mailstead mail stack ") and "&id" not in text and "*id" not in text
     assert not (Path(__file__).resolve().parents[2] / "recipes" / "compose.yaml.j2").exists()
+
+
+def test_the_stack_resolver_sits_at_a_fixed_address_outside_dockers_range(tmp_path: Path) -> None:
+    fresh(tmp_path)
+    store.write_settings(tmp_path, {"stack_subnet": "10.77.0.0/16", "dns_servers": "192.0.2.53, 198.51.100.53"})
+    s = load_settings(tmp_path)
+    assert (s.subnet, s.dynamic_range, s.resolver_address) == ("10.77.0.0/16", "10.77.0.0/17", "10.77.255.254")
+    check_compose(tmp_path)
+    files = render(s, SECRETS)
+    unbound = files["unbound/unbound.conf"].content.decode()
+    assert "interface: 10.77.255.254\n" in unbound and "access-control: 10.77.0.0/16 allow\n" in unbound
+    assert [line.strip() for line in unbound.splitlines() if "forward-addr" in line] == [
+        "forward-addr: 192.0.2.53", "forward-addr: 198.51.100.53"]
+    assert 'nameserver = ["10.77.255.254:53"];' in files["rspamd/override.d/options.inc"].content.decode()
+    # No forwarders: unbound resolves from the root itself.
+    store.write_settings(tmp_path, {"dns_servers": ""})
+    assert "forward-zone" not in render(load_settings(tmp_path), SECRETS)["unbound/unbound.conf"].content.decode()
+
+
+@pytest.mark.parametrize("value, hint", [
+    ("8.8.8.0/24", "private IPv4 network"), ("172.31.53.1/24", "host part all zeros"),
+    ("10.0.0.0/8", "/16 to /26"), ("10.0.0.0/27", "/16 to /26"), ("fd00::/64", "private IPv4 network"),
+    ("127.0.0.0/16", "private IPv4 network"), ("10.1.0.0/255.255.0.0", "write it as 10.1.0.0/16"),
+])
+def test_a_bad_stack_subnet_is_refused_naming_the_fix(value: str, hint: str, tmp_path: Path) -> None:
+    fresh(tmp_path)
+    with pytest.raises(SettingsError) as err:
+        store.write_settings(tmp_path, {"stack_subnet": value})
+    assert err.value.field == "stack_subnet" and hint in err.value.message
+
+
+def test_dns_servers_are_ipv4_while_the_stack_network_is(tmp_path: Path) -> None:
+    fresh(tmp_path)
+    with pytest.raises(SettingsError) as err:
+        store.write_settings(tmp_path, {"dns_servers": "192.0.2.53, 2001:db8::53"})
+    assert err.value.field == "dns_servers" and "IPv4" in err.value.message

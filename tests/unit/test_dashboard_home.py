@@ -42,11 +42,11 @@ def svc(status: str = "running", health: str = "healthy") -> dict[str, str]:
     return {"status": status, "health": health}
 
 
-NAMES = ("postfix", "dovecot", "rspamd", "redis", "radicale")
+NAMES = ("postfix", "dovecot", "rspamd", "redis", "radicale", "unbound")
 
 
 @pytest.mark.parametrize("states, colour, words", [
-    ({n: svc() for n in NAMES}, GREEN, "All 5 services"),
+    ({n: svc() for n in NAMES}, GREEN, "All 6 services"),
     ({**{n: svc() for n in NAMES}, "redis": svc(health="none")}, GREEN, "running and healthy"),
     ({**{n: svc() for n in NAMES}, "rspamd": svc(health="starting")}, AMBER, "Starting: rspamd"),
     ({**{n: svc() for n in NAMES}, "dovecot": svc(health="unhealthy")}, RED, "Not working: dovecot"),

@@ -23,7 +23,7 @@ from portal.agent.registry import REGISTRY, Context, OpError
 from tests.conftest import retry
 from tests.support.settings import write_settings
 
-SERVICES = ("postfix", "dovecot", "rspamd", "redis", "radicale")
+SERVICES = ("postfix", "dovecot", "rspamd", "redis", "radicale", "unbound")
 
 
 

@@ -54,7 +54,7 @@ def test_service_progress_keeps_each_services_latest_state() -> None:
     states = {s["service"]: (s["state"], s["detail"]) for s in service_progress(events)}
     assert states["postfix"] == ("ok", "running and healthy")
     assert states["dovecot"][0] == "bad" and states["redis"] == ("waiting", "waiting to start")
-    assert [s["service"] for s in service_progress([])] == ["postfix", "dovecot", "rspamd", "redis", "radicale"]
+    assert [s["service"] for s in service_progress([])] == ["postfix", "dovecot", "rspamd", "redis", "radicale", "unbound"]
 
 
 def test_the_wizard_arrives_at_deploy(ready: FlaskClient) -> None:

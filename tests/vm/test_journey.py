@@ -62,7 +62,7 @@ HOST_ALIAS = "10.0.2.2"  # the host's loopback, as qemu user networking shows it
 KEY = KnotKey("mailstead-journey", base64.b64encode(os.urandom(32)).decode())
 GUEST_PY = "/usr/lib/mailstead/venv/bin/python"
 STATE = "/var/lib/mailstead"
-SERVICES = ("postfix", "dovecot", "rspamd", "redis", "radicale")
+SERVICES = ("postfix", "dovecot", "rspamd", "redis", "radicale", "unbound")
 MESSAGES = 40  # host MTA -> guest mailbox, for the rate figure
 
 REMOTE_ZONE = f"""$ORIGIN remote.test.
@@ -512,13 +512,13 @@ def check_security(m: Machine, ports: Ports, url: str) -> None:
     # No process runs as root where it need not.
     pid = m.succeed("systemctl show -P MainPID mailstead-web.service").strip()
     assert m.succeed(f"ps -o user= -p {pid}").strip() == "mailstead"
-    must_not_be_root = ("redis-server", "rspamd", "radicale", "smtpd", "qmgr", "cleanup", "imap", "imap-login",
-                        "pop3-login", "gunicorn")
+    must_not_be_root = ("redis-server", "rspamd", "unbound", "radicale", "smtpd", "qmgr", "cleanup", "imap",
+                        "imap-login", "pop3-login", "gunicorn")
     table = m.succeed("ps -eo user:32,comm --no-headers")
     as_root = [line for line in table.splitlines()
                if line.split()[0] == "root" and line.split()[-1] in must_not_be_root]
     assert not as_root, "running as root:\n" + "\n".join(as_root)
-    for name in must_not_be_root[:3]:
+    for name in must_not_be_root[:4]:
         assert re.search(rf"^\S+\s+{re.escape(name)}", table, re.M) or name == "radicale", f"{name} is not running"
 
 

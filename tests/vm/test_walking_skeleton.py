@@ -170,7 +170,7 @@ def guest_python(m: Machine, code: str, timeout: float = 120) -> str:
     return m.succeed(f"echo {payload} | base64 -d | {GUEST_PY} -", timeout=timeout)
 
 
-STACK_SERVICES = ("postfix", "dovecot", "rspamd", "redis", "radicale")
+STACK_SERVICES = ("postfix", "dovecot", "rspamd", "redis", "radicale", "unbound")
 GUEST_PY = "/usr/lib/mailstead/venv/bin/python"
 
 
