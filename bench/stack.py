@@ -39,8 +39,8 @@ are listed under machine.
 
 The bare run differs from compose only where it must: no docker network
 (services find each other through /etc/hosts in one network namespace, a
-knot with the test zone answers DNS there as the harness's does for the
-containers), no cap_drop/no-new-privileges, host /dev, and the client
+knot with the test zone answers DNS there, as the harness's does through
+the stack's unbound), no unbound, no cap_drop/no-new-privileges, host /dev, and the client
 connects from a non-loopback address of that namespace (10.254.0.2 to
 10.254.0.1), because a loopback client would be in postfix's mynetworks
 and rspamd's local_addrs and skip postscreen and the SPF/DMARC checks that
@@ -92,8 +92,9 @@ BARE_NOTES = (
     "no docker: no bridge network and no docker-proxy (services reach each other on the namespace's "
     "loopback through /etc/hosts), no cap_drop / no-new-privileges, host /dev, fresh proc and sysfs, "
     "tmpfs /tmp and /var/cache/dovecot-index for dovecot as in compose",
-    "DNS: a knot with the harness's test zone on the namespace's 127.0.0.1:53 (resolv.conf); the "
-    "containers use docker's resolver, which forwards to the harness's knot",
+    "DNS: bare rspamd asks a knot with the harness's test zone on the namespace's 127.0.0.1:53 "
+    "(resolv.conf); in compose rspamd asks the stack's unbound (cached), which forwards to the "
+    "harness's knot, and unbound's CPU counts in the containers' figures",
     f"the bare client sends from {BARE_CLIENT} to {BARE_SERVER} (both on the namespace's lo), not from "
     "127.0.0.1: a loopback client is in postfix's mynetworks and rspamd's local_addrs, so it would skip "
     "postscreen and SPF/DMARC; the containers see their clients as the docker gateway (docker-proxy)",
@@ -643,7 +644,8 @@ def container_phase(out: dict[str, Any], stack: Any, args: argparse.Namespace, p
     Accounts(settings.accounts_db).create_mailbox(USER, password, keys=DovecotKeys(client, settings.project))
     out["mailbox_create_seconds"] = round(time.monotonic() - t, 1)
 
-    containers = {svc: stack.container(svc) for svc in ("postfix", "dovecot", "rspamd", "redis", "radicale")}
+    from portal.stack.settings import SERVICES
+    containers = {svc: stack.container(svc) for svc in SERVICES}
     pids = {svc: c.attrs["State"]["Pid"] for svc, c in containers.items()}
     cpu_groups = {svc: pid_cgroup(pid, "cpuacct") for svc, pid in pids.items()}
     ports = (settings.ports["smtp"], settings.ports["imaps"])
@@ -838,8 +840,8 @@ class Bare:
     # -- running ---------------------------------------------------------------
 
     def start_dns(self, records: list[Any]) -> None:
-        """knot with the harness's zone on the namespace's 127.0.0.1:53 (the
-        containers' DNS, docker's resolver forwarding to the harness's knot)."""
+        """knot with the harness's zone on the namespace's 127.0.0.1:53 (in compose,
+        the stack's unbound forwards to the harness's knot)."""
         from tests.integration.knot import Knot
 
         kdir = self.workdir / "knot"
@@ -1216,6 +1218,7 @@ def main() -> int:
     meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
     out["machine"]["mem_mb"] = int(meminfo["MemTotal"].split()[0]) // 1024
 
+    from portal.stack.settings import SERVICES
     client = docker.from_env(timeout=300)
     out["machine"]["docker"] = client.version().get("Version")
     state_dir = Path(tempfile.mkdtemp(prefix=f"{PROJECT}-state-", dir="/var/tmp"))
@@ -1245,7 +1248,7 @@ def main() -> int:
                     raise RuntimeError(f"compose stop: {r.stderr.strip()[-500:]}")
                 out["compose_stop"] = {"seconds": round(time.monotonic() - t, 1), "exit_codes": {
                     svc: stack.container(svc).attrs["State"]["ExitCode"]
-                    for svc in ("postfix", "dovecot", "rspamd", "redis", "radicale")},
+                    for svc in SERVICES},
                     "note": "137: killed (did not stop within 10 s of SIGTERM)"}
                 if own_dns:
                     sh._dns.stop()  # noqa: SLF001 - free the gateway's port 53 for the test sessions
