@@ -83,7 +83,7 @@ def compose(settings: StackSettings) -> dict[str, Any]:
             + _ports(settings, "submission", 587),
             volumes=[_bind("./postfix", "/etc/mailstead/postfix"), _volume("spool", "/var/spool/postfix"),
                      accounts, *tls_mounts],
-            healthcheck=_health("postfix"), depends_on=["dovecot", "rspamd", "unbound"]),
+            healthcheck=_health("postfix"), depends_on=["dovecot", "rspamd"]),
         # Plaintext that must never reach a disk: LMTP spools large incoming messages in
         # /tmp before mail_crypt encrypts them, and the index cache (header fields,
         # snippets) lives in /var/cache/dovecot-index.
@@ -106,7 +106,7 @@ def compose(settings: StackSettings) -> dict[str, Any]:
             # Its start loads a large configuration (a minute under emulation), then compiles
             # its regexp caches in the background; any multipattern the image does not ship
             # (recipes/rspamd/postinst-hs-cache.chroot) is compiled before it answers.
-            healthcheck=_health("rspamd", start_period="600s"), depends_on=["redis", "unbound"]),
+            healthcheck=_health("rspamd", start_period="600s"), depends_on=["redis"]),
         # Unprivileged, and never published: rspamd reaches it on the stack network.
         "redis": service(
             "redis", user="redis", entrypoint=_entrypoint("redis"),
@@ -125,7 +125,8 @@ def compose(settings: StackSettings) -> dict[str, Any]:
         # The stack's caching resolver (rspamd makes some 24 lookups a message). It
         # forwards to `dns_servers` or resolves from the root. Unprivileged from the
         # start (port 53 is allowed by the sysctl), never published, and at a fixed
-        # address that only it may use (outside the range docker hands out).
+        # address that only it may use (outside the range docker hands out). Nothing
+        # waits for it to start: a lookup before it answers fails like any DNS failure.
         "unbound": service(
             "unbound", user="unbound", entrypoint=_entrypoint("unbound"),
             networks={"mailstead": {"ipv4_address": settings.resolver_address}},

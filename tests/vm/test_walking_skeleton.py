@@ -147,9 +147,12 @@ def test_boot_to_token_gated_portal(image: Path, firmware: str, report: dict, tm
 
 MAIL_ROUND_TRIP = """
 import imaplib, smtplib, ssl, time
+from email.utils import formatdate, make_msgid
 with smtplib.SMTP("127.0.0.1", 25, timeout=60) as s:
-    s.sendmail("someone@remote.test", ["postmaster@xn--bcher-kva.example"],
-               "From: someone@remote.test\\r\\nSubject: offline hello\\r\\n\\r\\nbody\\r\\n")
+    s.sendmail("someone@remote.example", ["postmaster@xn--bcher-kva.example"],
+               "From: someone@remote.example\\r\\nTo: postmaster@xn--bcher-kva.example\\r\\n"
+               f"Date: {formatdate()}\\r\\nMessage-ID: {make_msgid(domain='remote.example')}\\r\\n"
+               "Subject: offline hello\\r\\n\\r\\nbody\\r\\n")
 ctx = ssl._create_unverified_context()
 for _ in range(120):
     with imaplib.IMAP4_SSL("127.0.0.1", 993, ssl_context=ctx) as i:
