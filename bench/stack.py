@@ -789,6 +789,13 @@ class Bare:
                 dkim = root / "run/mailstead-dkim"
                 dkim.mkdir(parents=True, exist_ok=True)
                 run(["cp", "-a", f"{s.dkim_dir}/.", f"{dkim}/"])
+                # Bare, there is no unbound: rspamd asks the namespace's knot directly.
+                options = conf / "override.d/options.inc"
+                text = options.read_text()
+                resolver = f'nameserver = ["{s.resolver_address}:53"];'
+                if resolver not in text:
+                    raise RuntimeError(f"{options} does not name the stack's resolver ({resolver})")
+                options.write_text(text.replace(resolver, 'nameserver = ["127.0.0.1:53"];'))
             # What docker writes into every container: hosts (the stack network's
             # names, here all on this namespace's loopback), resolv.conf, hostname.
             (root / "etc/hosts").write_text(
