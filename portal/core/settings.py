@@ -104,19 +104,16 @@ def _ip(key: str, value: str, version: int | None = None) -> str:
     return addr.compressed
 
 
-def ip_list(key: str, value: str) -> str:
+def ip_list(key: str, value: str, version: int | None = None) -> str:
     items = [a.strip() for a in value.split(",") if a.strip()]
     if len(items) > 16:
         raise SettingsError(key, "give at most 16 addresses")
-    return ",".join(_ip(key, a) for a in items)
+    return ",".join(_ip(key, a, version) for a in items)
 
 
 def ipv4_list(key: str, value: str) -> str:
     """IPv4 addresses, comma-separated (the mail stack's network has no IPv6 yet)."""
-    items = [a.strip() for a in value.split(",") if a.strip()]
-    if len(items) > 16:
-        raise SettingsError(key, "give at most 16 addresses")
-    return ",".join(_ip(key, a, 4) for a in items)
+    return ip_list(key, value, 4)
 
 
 def resolver_list(key: str, value: str) -> str:

@@ -155,7 +155,8 @@ class StackSettings:
             if not isinstance(addr, str):
                 raise SettingsError("dns_servers", "must be IP addresses")
             rules.ip(4)("dns_servers", addr)
-        if not isinstance(self.subnet, str) or rules.private_subnet("stack_subnet", self.subnet) != self.subnet:
+        if (not isinstance(self.subnet, str) or not self.subnet
+                or rules.private_subnet("stack_subnet", self.subnet) != self.subnet):
             raise SettingsError("stack_subnet", "must be a private IPv4 network such as 172.31.53.0/24")
         if not isinstance(self.project, str) or not rules.PROJECT.fullmatch(self.project):
             raise SettingsError("stack_project", "must be lower-case letters, digits, '-' and '_', e.g. mailstead")
