@@ -79,7 +79,7 @@ HOSTNAME = f"mail.{DOMAIN}"
 USER = f"bench@{DOMAIN}"
 PASSWORD_ENV = "MAILSTEAD_BENCH_PASSWORD"
 SENDER_DOMAIN = "sender.example.net"   # outside the test zone: knot answers REFUSED at once
-MAIL_SERVICES = ("redis", "rspamd", "dovecot", "postfix")  # start order (compose depends_on)
+MAIL_SERVICES = ("redis", "rspamd", "dovecot", "postfix")  # the bare stack starts them in this order
 BARE_SERVER, BARE_CLIENT = "10.254.0.1", "10.254.0.2"
 TARGETS = {"throughput_msgs_per_s": 100, "ratio": 0.9, "seconds_to_healthy": 30,
            "idle_rss_mb": 350, "image_mb": 150}

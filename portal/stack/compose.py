@@ -76,6 +76,11 @@ def compose(settings: StackSettings) -> dict[str, Any]:
                                   "dns": [settings.resolver_address], "logging": LOGGING}
         return {**common, "image": images[name], "container_name": f"{project}-{name}", **fields}
 
+    # No depends_on: compose's "started" promises nothing about readiness, and every
+    # service already copes with a peer that is not there yet (postfix defers, or
+    # accepts unscanned as it does when rspamd is down; rspamd retries redis; radicale
+    # asks dovecot per request). Under emulation, starting all six at once instead of
+    # in three waves took ~40 s off a deploy.
     services = {
         "postfix": service(
             "postfix", hostname=settings.hostname, entrypoint=_entrypoint("postfix"),
@@ -83,7 +88,7 @@ def compose(settings: StackSettings) -> dict[str, Any]:
             + _ports(settings, "submission", 587),
             volumes=[_bind("./postfix", "/etc/mailstead/postfix"), _volume("spool", "/var/spool/postfix"),
                      accounts, *tls_mounts],
-            healthcheck=_health("postfix"), depends_on=["dovecot", "rspamd"]),
+            healthcheck=_health("postfix")),
         # Plaintext that must never reach a disk: LMTP spools large incoming messages in
         # /tmp before mail_crypt encrypts them, and the index cache (header fields,
         # snippets) lives in /var/cache/dovecot-index.
@@ -106,7 +111,7 @@ def compose(settings: StackSettings) -> dict[str, Any]:
             # Its start loads a large configuration (a minute under emulation), then compiles
             # its regexp caches in the background; any multipattern the image does not ship
             # (recipes/rspamd/postinst-hs-cache.chroot) is compiled before it answers.
-            healthcheck=_health("rspamd", start_period="600s"), depends_on=["redis"]),
+            healthcheck=_health("rspamd", start_period="600s")),
         # Unprivileged, and never published: rspamd reaches it on the stack network.
         "redis": service(
             "redis", user="redis", entrypoint=_entrypoint("redis"),
@@ -121,7 +126,7 @@ def compose(settings: StackSettings) -> dict[str, Any]:
             security_opt=["no-new-privileges:true"],
             ports=_ports(settings, "dav", 5232, ("127.0.0.1",)),
             volumes=[_bind("./radicale", "/etc/mailstead/radicale"), _volume("dav", "/var/lib/radicale/collections")],
-            healthcheck=_health("radicale"), depends_on=["dovecot"]),
+            healthcheck=_health("radicale")),
         # The stack's caching resolver (rspamd makes some 24 lookups a message). It
         # forwards to `dns_servers` or resolves from the root. Unprivileged from the
         # start (port 53 is allowed by the sysctl), never published, and at a fixed

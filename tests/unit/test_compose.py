@@ -30,9 +30,9 @@ SECRETS = {"redis_password": "r" * 32, "rspamd_controller_password": "c" * 32}
 HOSTILE_PARTS = ["\n", "\r\n", "\x00", "#", "%", ":", "..", "/", "]", "[", "'", '"', "{", "}", "&", "*", "!",
                  " ", "\t", "\\", "privileged: true", "  pid: host", "/:/host", ":ro #", "fe80::1%", "0.0.0.0",
                  "::1", "127.0.0.1", "${HOME}", "$(id)", "`id`", "\u202e", "é", "x" * 300]
-# Per service: the only keys it may have, and what its capabilities are.
+# Per service: the only keys it may have (no depends_on: all start at once), and what its capabilities are.
 ALLOWED_KEYS = {"restart", "networks", "dns", "logging", "image", "container_name", "hostname", "entrypoint",
-                "ports", "volumes", "tmpfs", "healthcheck", "depends_on", "cap_drop", "cap_add", "security_opt",
+                "ports", "volumes", "tmpfs", "healthcheck", "cap_drop", "cap_add", "security_opt",
                 "user", "sysctls"}
 CAPS = {"postfix": None, "dovecot": None, "rspamd": ["CHOWN", "KILL", "SETUID", "SETGID"], "redis": None,
         "radicale": ["CHOWN", "DAC_READ_SEARCH", "SETUID", "SETGID"], "unbound": None}
