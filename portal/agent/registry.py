@@ -78,7 +78,7 @@ class Context:
                                                                           "/usr/lib/mailstead/images")))
     # The host nginx's generated routes (portal/stack/web.py). The environment
     # overrides are for an agent run by the tests (never set on the appliance).
-    nginx_dir: Path = field(default_factory=lambda: _env_path("MAILSTEAD_NGINX_DIR", "/etc/nginx/conf.d"))
+    nginx_dir: Path = field(default_factory=lambda: _env_path("MAILSTEAD_NGINX_DIR", "/var/lib/mailstead/nginx"))
     www_dir: Path = field(default_factory=lambda: _env_path("MAILSTEAD_WWW_DIR", "/var/lib/mailstead-www"))
     # ACME HTTP-01 tokens, served by the host nginx on port 80 (portal/certs).
     acme_dir: Path = field(default_factory=lambda: _env_path("MAILSTEAD_ACME_DIR", "/var/lib/mailstead-acme"))

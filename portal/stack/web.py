@@ -2,7 +2,7 @@
 
 nginx runs on the appliance host (image/extra/etc/nginx/conf.d/mailstead.conf
 holds the portal's default server). This module adds one include,
-/etc/nginx/conf.d/mailstead-stack.conf, with a server block per name:
+/var/lib/mailstead/nginx/mailstead-stack.conf (on /var, which image updates keep), with a server block per name:
 
 - `<hostname>`: CalDAV/CardDAV at /dav/ (radicale on 127.0.0.1:<ports.dav>),
   /.well-known/caldav and /.well-known/carddav redirecting there (RFC 6764),
@@ -43,7 +43,7 @@ from portal.core.errors import UnsafePathError
 from portal.stack.accounts import check_domain
 from portal.stack.settings import DEFAULT_PORTS, SettingsError, StackSettings
 
-NGINX_DIR = Path("/etc/nginx/conf.d")
+NGINX_DIR = Path("/var/lib/mailstead/nginx")
 NGINX_CONF_NAME = "mailstead-stack.conf"
 # Included by mailstead.conf's port-80 server (not *.conf: it is no http-level file).
 REDIRECT_NAME = "mailstead-stack-redirect.inc"

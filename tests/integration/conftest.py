@@ -32,18 +32,22 @@ def _sub(text: str, pattern: str, repl: str, count: int) -> str:
 
 
 def localize_nginx_conf(conf: str, *, http_port: int, https_port: int, tls_dir: Path,
-                        acme_dir: Path, web_sock: Path, nginx_dir: Path) -> str:
+                        acme_dir: Path, web_sock: Path, nginx_dir: Path, stack_conf: Path | None = None) -> str:
     """Rewrite ONLY what is machine-specific in the shipped config, so that the rest
     is tested exactly as shipped: listen addresses (loopback, free ports, no [::]),
     the certificate/key paths, the ACME root, the portal's unix socket and the
-    folder of the agent's includes (its ctx.nginx_dir, /etc/nginx/conf.d)."""
+    folder of the agent's includes (its ctx.nginx_dir, /var/lib/mailstead/nginx). The
+    agent's server blocks come from `stack_conf` (a copy localized by the test), or
+    from nowhere."""
     conf = _sub(conf, r"^(\s*listen\s+)80(\s)", rf"\g<1>127.0.0.1:{http_port}\2", 1)
     conf = _sub(conf, r"^(\s*listen\s+)443(\s)", rf"\g<1>127.0.0.1:{https_port}\2", 1)
     conf = _sub(conf, r"^\s*listen\s+\[::\]:\d+[^;]*;\n", "", 2)
     conf = _sub(conf, r"/var/lib/mailstead/tls/", f"{tls_dir}/", 2)
     conf = _sub(conf, r"/var/lib/mailstead-acme/", f"{acme_dir}/", 1)
     conf = _sub(conf, r"unix:/run/mailstead/web\.sock", f"unix:{web_sock}", 1)
-    conf = _sub(conf, r"(\binclude\s+)/etc/nginx/conf\.d/", rf"\g<1>{nginx_dir}/", 1)
+    conf = _sub(conf, r"^include /var/lib/mailstead/nginx/mailstead-stack\*\.conf;$",
+                f"include {stack_conf};" if stack_conf else "", 1)
+    conf = _sub(conf, r"(\binclude\s+)/var/lib/mailstead/nginx/", rf"\g<1>{nginx_dir}/", 1)
     return conf
 
 

@@ -131,14 +131,14 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         threading.Thread(target=portal.serve_forever, daemon=True).start()
 
         http_port, https_port = free_port(), free_port()
+        generated = ngx / "conf.d" / NGINX_CONF_NAME
+        generated.write_text(localize_stack_conf(generated.read_text(), https_port))
         shipped = ngx / "mailstead.conf"
         shipped.write_text(localize_nginx_conf(SHIPPED_CONF.read_text(), http_port=http_port,
                                                https_port=https_port, tls_dir=tls, acme_dir=root,
-                                               web_sock=web_sock, nginx_dir=ngx / "conf.d"))
-        generated = ngx / "conf.d" / NGINX_CONF_NAME
-        generated.write_text(localize_stack_conf(generated.read_text(), https_port))
+                                               web_sock=web_sock, nginx_dir=ngx / "conf.d", stack_conf=generated))
         site = ngx / "sites.conf"
-        site.write_text(f"include {shipped};\ninclude {generated};\n")
+        site.write_text(f"include {shipped};\n")
         nginx = start_nginx(ngx, site, generated)
 
         def listening() -> None:

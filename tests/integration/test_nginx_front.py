@@ -317,9 +317,9 @@ def stack_front(front: Front, tmp_path_factory: pytest.TempPathFactory) -> Itera
     shipped = ngx / "mailstead.conf"
     shipped.write_text(localize_nginx_conf(SHIPPED_CONF.read_text(), http_port=http_port, https_port=https_port,
                                            tls_dir=state / "tls", acme_dir=acme, web_sock=front.portal.sock,
-                                           nginx_dir=ctx.nginx_dir))
+                                           nginx_dir=ctx.nginx_dir, stack_conf=ngx / "stack.conf"))
     site = ngx / "site.conf"
-    site.write_text(f"include {shipped};\ninclude {ngx / 'stack.conf'};\n")
+    site.write_text(f"include {shipped};\n")
     env = StackFront(front, settings, ctx, ngx, http_port, https_port)
     env.localize()
     env.proc = proc = start_nginx(ngx, site, ngx / "stack.conf")

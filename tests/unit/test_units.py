@@ -146,7 +146,7 @@ def test_web_writes_only_its_own_folder_and_never_sees_the_agents_state() -> Non
     assert env(web)["MAILSTEAD_WEB_DIR"] == "/var/lib/mailstead-web"
     assert "/var/lib/mailstead" in web["InaccessiblePaths"]
     assert writable(web, "/var/lib/mailstead-web/secret_key")
-    for path in ("/var/lib/mailstead", "/var/lib/mailstead/state.db", "/etc/nginx/conf.d",
+    for path in ("/var/lib/mailstead", "/var/lib/mailstead/state.db", "/var/lib/mailstead/nginx",
                  "/usr/lib/mailstead/venv", "/var/lib/mailstead-www", "/run/mailstead"):
         assert not writable(web, path), f"the portal's sandbox lets it write {path}"
 
@@ -154,10 +154,10 @@ def test_web_writes_only_its_own_folder_and_never_sees_the_agents_state() -> Non
 # What the agent writes (portal/agent/ops.py Context, the backup, certs and stack
 # modules), and local backup folders where an owner mounts a disk.
 AGENT_WRITES = ("/var/lib/mailstead/state.db", "/var/lib/mailstead/secrets", "/var/lib/mailstead-acme",
-                "/var/lib/mailstead-www", "/etc/nginx/conf.d/mailstead-stack.conf", "/mnt/backup/mailstead",
+                "/var/lib/mailstead-www", "/var/lib/mailstead/nginx/mailstead-stack.conf", "/mnt/backup/mailstead",
                 "/media/usb-disk/mailstead", "/srv/backup/mailstead", "/var/backups/mailstead")
 AGENT_READ_ONLY = ("/usr/lib/mailstead/venv/bin/mailstead-agent", "/usr/lib/mailstead/images", "/etc/passwd",
-                   "/etc/nginx/nginx.conf", "/boot", "/root/.ssh/authorized_keys", "/home/owner")
+                   "/etc/nginx/nginx.conf", "/etc/nginx/conf.d/x.conf", "/boot", "/root/.ssh/authorized_keys", "/home/owner")
 
 
 def test_agent_writes_its_folders_and_any_backup_disk_but_not_the_system() -> None:
