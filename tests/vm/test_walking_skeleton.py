@@ -82,9 +82,15 @@ def test_boot_to_token_gated_portal(image: Path, firmware: str, report: dict, tm
         )
         assert failed.strip() == "", f"failed units:\n{failed}"
 
-        # The root file system grew into the 16 GB disk.
-        size = int(m.succeed("findmnt -bno SIZE /").strip())
-        assert size > 12 * 1024**3, f"root is only {size / 1024**3:.1f} GiB on a 16 GiB disk"
+        # The A/B layout: root is the slot of this version, /var (the machine's own)
+        # grew into the 16 GB disk, the other slot is empty, the ESP is at /efi.
+        version = m.succeed(". /usr/lib/os-release; echo $IMAGE_VERSION").strip()
+        assert m.succeed("findmnt -no PARTLABEL /").strip() == f"mailstead_{version}"
+        size = int(m.succeed("findmnt -bno SIZE /var").strip())
+        assert size > 9 * 1024**3, f"/var is only {size / 1024**3:.1f} GiB on a 16 GiB disk"
+        labels = m.succeed("lsblk -rno PARTLABEL").split()
+        assert labels.count("_empty") == 1 and "mailstead-esp" in labels, labels
+        m.succeed("test -d /efi/EFI")
 
         # Nothing listens but ssh, http and https (loopback aside).
         listeners = m.succeed("ss -Htuln")
@@ -104,7 +110,7 @@ def test_boot_to_token_gated_portal(image: Path, firmware: str, report: dict, tm
         # ssh takes keys only; the image shipped no host keys, first boot made them.
         sshd = m.succeed("sshd -T")
         assert "passwordauthentication no" in sshd and "kbdinteractiveauthentication no" in sshd
-        m.succeed("test -s /etc/ssh/ssh_host_ed25519_key")
+        m.succeed("test -s /var/lib/mailstead-ssh/etc/ssh/ssh_host_ed25519_key")
 
         # The units' sandboxes, and what they are rated (issue 14).
         with subtest("the units' sandboxes and their exposure scores", report):
