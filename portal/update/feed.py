@@ -136,6 +136,9 @@ def check_url(url: str) -> str:
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise FeedError(f"'{url[:80]}' is not an http:// or https:// address", "invalid")
+    if "%" in url:
+        raise FeedError("the feed address may not hold '%' (systemd-sysupdate reads it as a specifier): "
+                        "rename the folder", "invalid")
     if parts.username or parts.password or parts.query or parts.fragment:
         raise FeedError("the feed address may not hold a user name, password, '?' or '#'", "invalid")
     return url if url.endswith("/") else url + "/"
