@@ -62,7 +62,7 @@ Progress = Callable[[str, str], None]
 NAMES = ("base", *SERVICES)
 STATE_FILE = "upgrade-state.json"
 HEALTH_CHECKS = ["containers", "ports"]
-VERSION_RE = re.compile(r"^[0-9]{1,6}(\.[0-9]{1,6}){1,3}(-[0-9A-Za-z][0-9A-Za-z.]{0,39})?$")
+VERSION_RE = re.compile(r"^[0-9]{1,9}(\.[0-9]{1,12}){1,4}(-[0-9A-Za-z][0-9A-Za-z.]{0,39})?$")
 
 
 from portal.core.errors import MailsteadError  # noqa: E402
@@ -96,7 +96,7 @@ def version_key(v: str) -> tuple[Any, ...]:
     """Orders versions: 0.1.10 > 0.1.9 > 0.1.9-rc1."""
     main, _, pre = v.partition("-")
     nums = [int(p) for p in main.split(".")]
-    return (*nums, *[0] * (4 - len(nums)), 0 if pre else 1, pre)
+    return (*nums, *[0] * (5 - len(nums)), 0 if pre else 1, pre)
 
 
 # -- bundles --------------------------------------------------------------------------
