@@ -35,10 +35,16 @@ def make_key(home: Path, uid: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
     root = tmp_path_factory.mktemp("keys")
-    return {"ours": make_key(root / "ours", "Mailstead test feed <feed@example.test>"),
-            "stranger": make_key(root / "stranger", "Someone else <else@example.test>")}
+    homes = [root / "ours", root / "stranger"]
+    try:
+        yield {"ours": make_key(homes[0], "Mailstead test feed <feed@example.test>"),
+               "stranger": make_key(homes[1], "Someone else <else@example.test>")}
+    finally:  # gpg left an agent running for each home
+        for home in homes:
+            subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "gpg-agent"], capture_output=True,
+                           timeout=30)
 
 
 def publish(folder: Path, versions: list[str], key_home: Path | None, notes: dict | None = None) -> None:
