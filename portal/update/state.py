@@ -1,0 +1,208 @@
+"""What an image update keeps of the agent's state, and how a rollback puts it back.
+
+Before a new version is installed, the agent's state folder (settings, accounts,
+secrets, certificates, the stack's pins) is copied to <update>/pre-update: the
+databases through sqlite's backup API, the rest as it is (owners, modes and the
+one symlink kept). The mail is not in it: it lives in docker's volumes, which
+no update or rollback touches, so mail that arrives while a new version runs is
+kept whatever happens.
+
+`update.json` in the same folder holds the update under way ("pending": from,
+to, when, firmware) and the history of updates and rollbacks. On every boot,
+before the agent starts (mailstead-update-boot.service), `on_boot` compares
+the running version with the pending update:
+
+- running the new version: it is on trial; the health check decides (`finish`).
+- running the old one again (the new one failed to boot, or was not healthy in
+  time, and the boot loader came back): the state the new version may have
+  changed is moved aside to <update>/failed-<version> and the pre-update copy is
+  moved into its place (one rename each, on the same file system), and the
+  rollback is recorded for the alert mail and the Updates page.
+
+Both folders are root's; the web process never reads or writes them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from portal.core import safefs
+from portal.core.errors import MailsteadError
+
+DEFAULT_UPDATE_DIR = Path("/var/lib/mailstead-update")
+RECORD = "update.json"
+COPY = "pre-update"
+HISTORY_KEPT = 50
+# Inside the state folder: not part of the copy (they are rebuilt, or are this
+# boot's and not the version's): running jobs' records and bundles of images.
+NOT_COPIED = ("jobs", "upgrade/bundles")
+DATABASES = ("state.db", "accounts/accounts.db")
+
+
+class UpdateStateError(MailsteadError):
+    code = "update_state"
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def read_record(update_dir: Path) -> dict[str, Any]:
+    doc = safefs.read_json(update_dir / RECORD, default={})
+    if not isinstance(doc, dict):
+        doc = {}
+    history = doc.get("history")
+    doc["history"] = [h for h in history if isinstance(h, dict)] if isinstance(history, list) else []
+    if not isinstance(doc.get("pending"), dict):
+        doc["pending"] = None
+    return doc
+
+
+def write_record(update_dir: Path, doc: dict[str, Any]) -> None:
+    doc["history"] = doc.get("history", [])[-HISTORY_KEPT:]
+    safefs.write_json(update_dir / RECORD, doc)
+
+
+def add_history(update_dir: Path, outcome: str, **fields: Any) -> dict[str, Any]:
+    doc = read_record(update_dir)
+    entry = {"at": now_iso(), "outcome": outcome, **fields}
+    doc["history"].append(entry)
+    write_record(update_dir, doc)
+    return entry
+
+
+def copy_state(state_dir: Path, update_dir: Path) -> Path:
+    """<update>/pre-update: a copy of `state_dir` as it is now, replacing an older one."""
+    safefs.ensure_dir(update_dir, 0o700)
+    tmp = safefs.temp_dir(update_dir, COPY)
+    try:
+        target = tmp / "state"
+        _copy(state_dir, target)
+        for rel in NOT_COPIED:
+            shutil.rmtree(target / rel, ignore_errors=True)
+        for rel in DATABASES:
+            if (state_dir / rel).is_file():
+                _sqlite_copy(state_dir / rel, target / rel)
+        final = update_dir / COPY
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        fd = os.open(update_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return final / "state"
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _copy(src: Path, dest: Path) -> None:
+    """cp -a: owners, modes, times and symlinks as they are (the state is root's own)."""
+    r = subprocess.run(["cp", "-a", "--", str(src), str(dest)], capture_output=True, text=True,
+                       timeout=600, check=False)
+    if r.returncode != 0:
+        raise UpdateStateError(f"copying the agent's state failed: {' '.join(r.stderr.split())[-300:]}")
+
+
+def _sqlite_copy(src: Path, dest: Path) -> None:
+    """Over the file cp made: a consistent copy, even while the agent writes."""
+    st = os.stat(dest)
+    tmp = dest.with_name(f".{dest.name}.copy")
+    tmp.unlink(missing_ok=True)
+    source = sqlite3.connect(f"file:{src}?mode=ro", uri=True, timeout=30)
+    target = sqlite3.connect(tmp)
+    try:
+        source.backup(target)
+    finally:
+        target.close()
+        source.close()
+    os.chown(tmp, st.st_uid, st.st_gid)
+    os.chmod(tmp, st.st_mode & 0o7777)
+    os.replace(tmp, dest)
+    for suffix in ("-wal", "-shm"):
+        dest.with_name(dest.name + suffix).unlink(missing_ok=True)
+
+
+def begin(state_dir: Path, update_dir: Path, running: str, new: str, firmware: str) -> dict[str, Any]:
+    """Before installing `new`: copy the state and record the update as pending."""
+    copy_state(state_dir, update_dir)
+    doc = read_record(update_dir)
+    doc["pending"] = {"from": running, "to": new, "at": now_iso(), "firmware": firmware}
+    write_record(update_dir, doc)
+    return doc["pending"]
+
+
+def on_boot(state_dir: Path, update_dir: Path, running: str) -> str:
+    """What this boot is, for a pending update: "none", "trial" (the new version is
+    running and must prove itself), "rolled_back" (the old one is back: the state
+    was put back), or "abandoned" (some third version runs: the record is dropped)."""
+    doc = read_record(update_dir)
+    pending = doc["pending"]
+    if not pending:
+        return "none"
+    if running == pending.get("to"):
+        return "trial"
+    if running == pending.get("from"):
+        restore_state(state_dir, update_dir, str(pending.get("to")))
+        doc = read_record(update_dir)
+        doc["pending"] = None
+        doc["history"].append({"at": now_iso(), "outcome": "rolled_back", "from": pending.get("from"),
+                               "to": pending.get("to"), "alerted": False,
+                               "message": f"{pending.get('to')} did not come up healthy; "
+                                          f"back on {running} with the settings from before the update"})
+        write_record(update_dir, doc)
+        return "rolled_back"
+    doc["pending"] = None
+    doc["history"].append({"at": now_iso(), "outcome": "abandoned", "from": pending.get("from"),
+                           "to": pending.get("to"), "message": f"running {running}, neither version of the update"})
+    write_record(update_dir, doc)
+    return "abandoned"
+
+
+def restore_state(state_dir: Path, update_dir: Path, failed_version: str) -> None:
+    """Put the pre-update copy in the state folder's place; keep the one the failed
+    version left in <update>/failed-<version> (one at a time)."""
+    copy = update_dir / COPY / "state"
+    if not copy.is_dir():
+        raise UpdateStateError(f"no copy of the state from before the update in {copy}: the state is kept "
+                               "as the failed version left it")
+    failed = update_dir / f"failed-{failed_version}"
+    if failed.exists():
+        shutil.rmtree(failed)
+    if state_dir.exists():
+        os.rename(state_dir, failed)
+    os.rename(copy, state_dir)
+    shutil.rmtree(update_dir / COPY, ignore_errors=True)
+
+
+def finish(update_dir: Path, running: str, ok: bool, message: str) -> dict[str, Any]:
+    """The trial of `running` ended: installed (the copy is dropped) or failed (kept for
+    the rollback the next boot does)."""
+    doc = read_record(update_dir)
+    pending = doc["pending"] or {}
+    entry = {"at": now_iso(), "outcome": "installed" if ok else "failed", "from": pending.get("from"),
+             "to": running, "message": message}
+    doc["history"].append(entry)
+    if ok:
+        doc["pending"] = None
+    write_record(update_dir, doc)
+    if ok:
+        shutil.rmtree(update_dir / COPY, ignore_errors=True)
+    return entry
+
+
+def history(update_dir: Path) -> list[dict[str, Any]]:
+    return list(reversed(read_record(update_dir)["history"]))
+
+
+def dumps(doc: Any) -> str:
+    return json.dumps(doc, indent=1, sort_keys=True)
