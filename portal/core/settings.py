@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -253,6 +254,19 @@ def url(key: str, value: str) -> str:
     return value
 
 
+def feed_url(key: str, value: str) -> str:
+    """An update feed: a folder's http(s) URL (plain http too: feeds are signed), with
+    no credentials, query, fragment or '%' (systemd-sysupdate reads it as a specifier)."""
+    value = url(key, value)
+    if not value:
+        return ""
+    parts = urllib.parse.urlsplit(value)
+    if not parts.hostname or parts.username or parts.password or parts.query or parts.fragment or "%" in value:
+        raise SettingsError(key, "must be the http(s):// address of the feed's folder, without a user name, "
+                                 "password, '?', '#' or '%'")
+    return value if value.endswith("/") else value + "/"
+
+
 def acme_directory(key: str, value: str) -> str:
     value = value.strip()
     if value.lower() in ("", "letsencrypt", "letsencrypt-staging"):
@@ -338,6 +352,8 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
     Setting("alert_webhook_private", flag, restore=False),
     Setting("dnsbl_zones", zone_list),
     Setting("upgrade_auto", flag),
+    # Image updates (portal/update): where the signed feed is.
+    Setting("update_feed_url", feed_url),
 )}
 
 

@@ -1,0 +1,89 @@
+"""Installing a version (portal/update/service.py): what is refused before anything
+changes, and the helpers that read the machine. systemd-sysupdate itself runs in
+the VM tier, on a booted image."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from portal.core import store
+from portal.update import feed, service, state
+from tests.support.feeds import make_key, publish, serve, stop_agent
+
+
+@pytest.fixture(scope="module")
+def key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    home = tmp_path_factory.mktemp("key") / "home"
+    try:
+        yield make_key(home, "Mailstead test feed <feed@example.test>")
+    finally:
+        stop_agent(home)
+
+
+@pytest.fixture
+def env(tmp_path: Path, key: Path) -> Iterator[tuple[service.Env, Path]]:
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    os_release = tmp_path / "os-release"
+    os_release.write_text('ID=debian\nIMAGE_ID=mailstead\nIMAGE_VERSION="0.2.0"\n')
+    with serve(tmp_path / "www") as url:
+        store.write_settings(state_dir, {"update_feed_url": url})
+        yield service.Env(state_dir=state_dir, update_dir=tmp_path / "update", os_release=os_release,
+                          esp=tmp_path / "esp", definitions=tmp_path / "run" / "sysupdate.d", keyring=key,
+                          efi_firmware=tmp_path / "no-efi"), tmp_path / "www" / "feed"
+
+
+def test_nothing_newer_on_the_feed_changes_nothing(env, key) -> None:
+    e, folder = env
+    publish(folder, ["0.1.9", "0.2.0"], key.parent)
+    assert service.install(e)["installed"] == ""
+    assert not e.update_dir.exists() and not e.definitions.exists()
+
+
+def test_an_older_version_asked_for_by_name_is_refused_before_anything_changes(env, key) -> None:
+    e, folder = env
+    publish(folder, ["0.1.9", "0.2.0", "0.3.0"], key.parent)
+    with pytest.raises(service.InstallError, match="not newer than the running 0.2.0"):
+        service.install(e, "0.1.9")
+    assert not e.update_dir.exists()
+
+
+def test_a_tampered_feed_is_refused_before_anything_changes(env, key) -> None:
+    e, folder = env
+    publish(folder, ["0.3.0"], key.parent)
+    (folder / "SHA256SUMS").write_text((folder / "SHA256SUMS").read_text().replace("0.3.0", "0.3.1"))
+    with pytest.raises(feed.FeedError, match="does not match SHA256SUMS"):
+        service.install(e)
+    assert not e.update_dir.exists() and state.read_record(e.update_dir)["pending"] is None
+
+
+def test_the_running_version_comes_from_os_release(env) -> None:
+    e, _ = env
+    assert e.running_version() == "0.2.0"
+    e.os_release.write_text("ID=debian\n")
+    with pytest.raises(service.InstallError, match="names no IMAGE_VERSION"):
+        e.running_version()
+
+
+def test_definitions_are_written_for_the_feed_only_root_can_change(env) -> None:
+    e, _ = env
+    service.write_definitions(e, "https://updates.example.org/m/")
+    names = sorted(p.name for p in e.definitions.iterdir())
+    assert names == ["10-mailstead-root.transfer", "20-mailstead-kernel.transfer"]
+    assert "Path=https://updates.example.org/m/" in (e.definitions / names[0]).read_text()
+    assert all((e.definitions / n).stat().st_mode & 0o022 == 0 for n in names)
+
+
+def test_installed_kernels_are_found_whatever_their_boot_counter(tmp_path) -> None:
+    linux = tmp_path / "EFI" / "Linux"
+    linux.mkdir(parents=True)
+    for name in ("mailstead_0.2.0.efi", "mailstead_0.3.0+1-0.efi", "mailstead_0.4.0+0-1.efi", "other.efi",
+                 "mailstead_x.efi"):
+        (linux / name).write_bytes(b"")
+    assert sorted(service.installed_kernels(tmp_path)) == ["0.2.0", "0.3.0", "0.4.0"]
+    os.remove(linux / "mailstead_0.2.0.efi")
+    assert sorted(service.installed_kernels(tmp_path)) == ["0.3.0", "0.4.0"]
