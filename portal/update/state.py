@@ -28,11 +28,11 @@ import datetime as dt
 import json
 import os
 import shutil
-import sqlite3
 import subprocess
 from pathlib import Path
 from typing import Any
 
+from portal.backup.contents import sqlite_copy
 from portal.core import safefs
 from portal.core.errors import MailsteadError
 
@@ -114,17 +114,12 @@ def _copy(src: Path, dest: Path) -> None:
 
 
 def _sqlite_copy(src: Path, dest: Path) -> None:
-    """Over the file cp made: a consistent copy, even while the agent writes."""
+    """Over the file cp made: a consistent copy (sqlite's backup API, as backups take
+    it), even while the agent writes; owner and mode as the original's."""
     st = os.stat(dest)
     tmp = dest.with_name(f".{dest.name}.copy")
     tmp.unlink(missing_ok=True)
-    source = sqlite3.connect(f"file:{src}?mode=ro", uri=True, timeout=30)
-    target = sqlite3.connect(tmp)
-    try:
-        source.backup(target)
-    finally:
-        target.close()
-        source.close()
+    sqlite_copy(src, tmp)
     os.chown(tmp, st.st_uid, st.st_gid)
     os.chmod(tmp, st.st_mode & 0o7777)
     os.replace(tmp, dest)
