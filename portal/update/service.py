@@ -34,7 +34,7 @@ from portal.core import safefs
 from portal.core.layout import state_dir_from_env
 from portal.core.store import read_settings
 from portal.update import feed as feed_mod
-from portal.update import grub, state, transfers
+from portal.update import gpt, grub, state, transfers
 
 SYSUPDATE = "/usr/lib/systemd/systemd-sysupdate"
 DEFINITIONS = Path("/run/mailstead/sysupdate.d")
@@ -60,7 +60,8 @@ class Env:
     definitions: Path = DEFINITIONS
     keyring: Path = feed_mod.KEYRING
     machine_id: Path = Path("/etc/machine-id")
-    by_partlabel: Path = Path("/dev/disk/by-partlabel")
+    by_partuuid: Path = Path("/dev/disk/by-partuuid")
+    disk: Path | None = None      # the disk of / (gpt.root_disk) unless given
     efi_firmware: Path = Path("/sys/firmware/efi")
 
     def running_version(self) -> str:
@@ -101,11 +102,19 @@ def sysupdate(env: Env, *args: str, timeout: float = 3600) -> str:
     return out
 
 
+def slot_device(env: Env, version: str) -> Path:
+    """The partition sysupdate labelled mailstead_<version>, from the disk's own table."""
+    label = f"mailstead_{version}"
+    disk = env.disk or gpt.root_disk()
+    found = [p for p in gpt.read(disk) if p.type == gpt.ROOT_X86_64 and p.label == label]
+    if len(found) != 1:
+        raise InstallError(f"{disk} has {len(found)} system slots labelled {label} after sysupdate, not one")
+    return env.by_partuuid / str(found[0].uuid)
+
+
 def carry_identity(env: Env, version: str) -> None:
     """Write this machine's /etc/machine-id into the new slot."""
-    device = env.by_partlabel / f"mailstead_{version}"
-    if not device.exists():
-        raise InstallError(f"sysupdate wrote no partition labelled mailstead_{version}")
+    device = slot_device(env, version)
     machine_id = env.machine_id.read_text().strip()
     with tempfile.TemporaryDirectory(prefix="mailstead-slot-") as mnt:
         subprocess.run(["mount", "-t", "ext4", "-o", "nodev,nosuid,noexec", str(device), mnt], check=True,

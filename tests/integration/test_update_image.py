@@ -4,19 +4,13 @@ GPT), and its kernel image as GRUB boots it on BIOS machines (portal/update/grub
 from __future__ import annotations
 
 import os
-import struct
-import uuid
 from pathlib import Path
 
 import pytest
 
-from portal.update import grub
+from portal.update import gpt, grub
 
 REPO = Path(__file__).resolve().parents[2]
-ROOT_X86_64 = uuid.UUID("4f68bce3-e8cd-4db1-96e7-fbcaf984b709")
-VAR = uuid.UUID("4d21b016-b534-45c2-a9fb-5c16e091fd2d")
-ESP = uuid.UUID("c12a7328-f81f-11d2-ba4b-00a0c93ec93b")
-BIOS = uuid.UUID("21686148-6449-6e6f-744e-656564454649")
 
 
 @pytest.fixture(scope="module")
@@ -27,31 +21,15 @@ def image() -> tuple[Path, str]:
     return raw, raw.name[len("mailstead_"):-len(".raw")]
 
 
-def partitions(raw: Path) -> list[tuple[uuid.UUID, str, int]]:
-    """(type, label, size in bytes) of each GPT entry, in order."""
-    with raw.open("rb") as f:
-        f.seek(512)
-        header = f.read(92)
-        assert header[:8] == b"EFI PART"
-        lba, count, size = struct.unpack_from("<QII", header, 72)
-        f.seek(lba * 512)
-        out = []
-        for _ in range(count):
-            e = f.read(size)
-            kind = uuid.UUID(bytes_le=e[:16])
-            if kind.int:
-                first, last = struct.unpack_from("<QQ", e, 32)
-                out.append((kind, e[56:128].decode("utf-16le").rstrip("\x00"), (last - first + 1) * 512))
-        return out
-
-
 def test_two_system_slots_of_one_size_and_a_var_partition_last(image) -> None:
     raw, version = image
-    parts = partitions(raw)
-    assert [(k, label) for k, label, _ in parts] == [
-        (ESP, "mailstead-esp"), (BIOS, parts[1][1]), (ROOT_X86_64, f"mailstead_{version}"),
-        (ROOT_X86_64, "_empty"), (VAR, "mailstead-var")]
-    assert parts[2][2] == parts[3][2] >= 2 * 1024**3, "the slots differ in size, or are too small"
+    parts = gpt.read(raw)
+    assert [(p.type, p.label) for p in parts] == [
+        (gpt.ESP, "mailstead-esp"), (gpt.BIOS_BOOT, parts[1].label), (gpt.ROOT_X86_64, f"mailstead_{version}"),
+        (gpt.ROOT_X86_64, "_empty"), (gpt.VAR, "mailstead-var")]
+    assert [p.number for p in parts] == [1, 2, 3, 4, 5]
+    assert parts[2].size == parts[3].size >= 2 * 1024**3, "the slots differ in size, or are too small"
+    assert len({p.uuid for p in parts}) == 5
 
 
 def test_the_kernel_image_carries_what_grub_boots_and_names_its_own_slot(image) -> None:
