@@ -116,6 +116,11 @@ def carry_identity(env: Env, version: str) -> None:
     """Write this machine's /etc/machine-id into the new slot."""
     device = slot_device(env, version)
     machine_id = env.machine_id.read_text().strip()
+    # udev probes a relabelled partition; what it read before sysupdate finished
+    # may sit in the partition's own page cache (sysupdate writes through the
+    # disk): wait for udev, then drop that cache, so the mount reads what is on disk.
+    subprocess.run(["udevadm", "settle", "--timeout=60"], capture_output=True, timeout=90, check=False)
+    subprocess.run(["blockdev", "--flushbufs", str(device)], check=True, capture_output=True, timeout=120)
     with tempfile.TemporaryDirectory(prefix="mailstead-slot-") as mnt:
         subprocess.run(["mount", "-t", "ext4", "-o", "nodev,nosuid,noexec", str(device), mnt], check=True,
                        capture_output=True, timeout=120)
@@ -123,6 +128,15 @@ def carry_identity(env: Env, version: str) -> None:
             safefs.write_text(Path(mnt) / "etc" / "machine-id", machine_id + "\n", 0o444)
         finally:
             subprocess.run(["umount", mnt], check=True, capture_output=True, timeout=120)
+    subprocess.run(["blockdev", "--flushbufs", str(device)], check=True, capture_output=True, timeout=120)
+
+
+def drop_factory_entry(env: Env) -> None:
+    """The image's own Type #1 boot entry (mkosi writes it for GRUB, systemd-boot lists
+    it too) names the first slot by label: once that slot may hold another version,
+    it must go. Each version's kernel image is its entry from now on."""
+    for entry in (env.esp / "loader" / "entries").glob("mailstead-*.conf"):
+        entry.unlink()
 
 
 def installed_kernels(esp: Path) -> dict[str, Path]:
@@ -174,6 +188,7 @@ def install(env: Env, version: str | None = None) -> dict[str, str]:
     sysupdate(env, "update", new)
     say("carrying this machine's identity into the new system slot")
     carry_identity(env, new)
+    drop_factory_entry(env)
     if firmware == "bios":
         say("setting up GRUB to boot the new version once")
         set_up_grub(env, new)

@@ -87,3 +87,13 @@ def test_installed_kernels_are_found_whatever_their_boot_counter(tmp_path) -> No
     assert sorted(service.installed_kernels(tmp_path)) == ["0.2.0", "0.3.0", "0.4.0"]
     os.remove(linux / "mailstead_0.2.0.efi")
     assert sorted(service.installed_kernels(tmp_path)) == ["0.3.0", "0.4.0"]
+
+
+def test_the_factory_boot_entry_goes_and_the_kernel_images_stay(env) -> None:
+    e, _ = env
+    entries = e.esp / "loader" / "entries"
+    entries.mkdir(parents=True)
+    (entries / "mailstead-6.12.118+deb13-amd64.conf").write_text("options root=PARTLABEL=mailstead_0.1.0\n")
+    (entries / "other.conf").write_text("")
+    service.drop_factory_entry(e)
+    assert sorted(p.name for p in entries.iterdir()) == ["other.conf"]
