@@ -23,7 +23,6 @@ says what it does on stdout, for the job's progress and the journal.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
@@ -39,7 +38,6 @@ from portal.update import gpt, grub, state, transfers
 SYSUPDATE = "/usr/lib/systemd/systemd-sysupdate"
 DEFINITIONS = Path("/run/mailstead/sysupdate.d")
 ESP = Path("/efi")
-DEFAULT_FEED_FILE = Path("/usr/lib/mailstead/update-feed")   # set at build time
 # The ESP is FAT, mounted with umask=0077: a file's mode can only be this one
 # (FAT keeps no modes; Linux refuses a chmod to anything else).
 ESP_MODE = 0o700
@@ -74,10 +72,8 @@ class Env:
         return "uefi" if self.efi_firmware.is_dir() else "bios"
 
     def feed_url(self) -> str:
-        url = read_settings(self.state_dir).get("update_feed_url", "").strip()
-        if not url and DEFAULT_FEED_FILE.is_file():
-            url = DEFAULT_FEED_FILE.read_text().strip()
-        return url
+        """The setting update_feed_url (a build-time default is still to come)."""
+        return read_settings(self.state_dir).get("update_feed_url", "").strip()
 
 
 def say(text: str) -> None:
