@@ -132,7 +132,7 @@ def drop_factory_entry(env: Env) -> None:
     it too) names the first slot by label: once that slot may hold another version,
     it must go. Each version's kernel image is its entry from now on."""
     for entry in (env.esp / "loader" / "entries").glob("mailstead-*.conf"):
-        entry.unlink()
+        safefs.remove(entry)
 
 
 def installed_kernels(esp: Path) -> dict[str, Path]:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -86,22 +85,16 @@ def copy_state(state_dir: Path, update_dir: Path) -> Path:
         target = tmp / "state"
         _copy(state_dir, target)
         for rel in NOT_COPIED:
-            shutil.rmtree(target / rel, ignore_errors=True)
+            safefs.remove_tree(target / rel)
         for rel in DATABASES:
             if (state_dir / rel).is_file():
                 _sqlite_copy(state_dir / rel, target / rel)
         final = update_dir / COPY
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        fd = os.open(update_dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        safefs.remove_tree(final)
+        safefs.rename(tmp, final)
         return final / "state"
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        safefs.remove_tree(tmp)
         raise
 
 
@@ -116,15 +109,18 @@ def _copy(src: Path, dest: Path) -> None:
 def _sqlite_copy(src: Path, dest: Path) -> None:
     """Over the file cp made: a consistent copy (sqlite's backup API, as backups take
     it), even while the agent writes; owner and mode as the original's."""
-    st = os.stat(dest)
+    st = os.lstat(dest)
     tmp = dest.with_name(f".{dest.name}.copy")
-    tmp.unlink(missing_ok=True)
+    safefs.remove(tmp)
     sqlite_copy(src, tmp)
-    os.chown(tmp, st.st_uid, st.st_gid)
-    os.chmod(tmp, st.st_mode & 0o7777)
-    os.replace(tmp, dest)
+    # Owner and mode through descriptors opened without following symlinks, then
+    # the rename into place.
+    with safefs.open_file(tmp) as f:
+        os.fchown(f.fileno(), st.st_uid, st.st_gid)
+    safefs.chmod(tmp, st.st_mode & 0o7777)
+    safefs.rename(tmp, dest)
     for suffix in ("-wal", "-shm"):
-        dest.with_name(dest.name + suffix).unlink(missing_ok=True)
+        safefs.remove(dest.with_name(dest.name + suffix))
 
 
 def begin(state_dir: Path, update_dir: Path, running: str, new: str, firmware: str) -> dict[str, Any]:
@@ -171,12 +167,11 @@ def restore_state(state_dir: Path, update_dir: Path, failed_version: str) -> Non
         raise UpdateStateError(f"no copy of the state from before the update in {copy}: the state is kept "
                                "as the failed version left it")
     failed = update_dir / f"failed-{failed_version}"
-    if failed.exists():
-        shutil.rmtree(failed)
-    if state_dir.exists():
-        os.rename(state_dir, failed)
-    os.rename(copy, state_dir)
-    shutil.rmtree(update_dir / COPY, ignore_errors=True)
+    safefs.remove_tree(failed)
+    if safefs.lstat(state_dir) is not None:
+        safefs.rename(state_dir, failed)
+    safefs.rename(copy, state_dir)
+    safefs.remove_tree(update_dir / COPY)
 
 
 def finish(update_dir: Path, running: str, ok: bool, message: str) -> dict[str, Any]:
@@ -191,7 +186,7 @@ def finish(update_dir: Path, running: str, ok: bool, message: str) -> dict[str, 
         doc["pending"] = None
     write_record(update_dir, doc)
     if ok:
-        shutil.rmtree(update_dir / COPY, ignore_errors=True)
+        safefs.remove_tree(update_dir / COPY)
     return entry
 
 
