@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from portal.core import safefs
 from portal.core.errors import MailsteadError
 
 # Names as scripts/publish writes them, and the version in them.
@@ -171,7 +172,7 @@ def verify_signature(data: bytes, signature: bytes, keyring: Path = KEYRING) -> 
         raise FeedError(f"this appliance has no update key ({keyring}): it was built without one", "refused")
     with tempfile.TemporaryDirectory(prefix="mailstead-gpg-") as home:
         sig = Path(home) / "SHA256SUMS.gpg"
-        sig.write_bytes(signature)
+        safefs.write_bytes(sig, signature, 0o600)
         try:
             proc = subprocess.run(
                 ["gpg", "--homedir", home, "--batch", "--no-tty", "--no-default-keyring",
