@@ -33,6 +33,7 @@ from portal.checks import privileged as check_ops
 from portal.dns import privileged as dns_ops
 from portal.setup import privileged as setup_ops
 from portal.stack import privileged as stack_ops
+from portal.update import privileged as update_ops
 
 SECRET_PROMPTS = {"password": "Password", "new_password": "New password", "old_password": "Current password",
                   "secret": "TSIG secret (base64)"}
@@ -217,14 +218,16 @@ def add_maintenance_commands(commands: Any) -> None:
     add_target_arguments(p)
     p.add_argument("--snapshot", default="latest", help="snapshot ID from `mailstead backup list` (default latest)")
     p.add_argument("--yes", action="store_true", help="do not ask before replacing this appliance's data")
-    p = command(commands, "upgrade", stack_ops.upgrade_run,
-                "load newer mail stack images, back up, redeploy; rolls back on failure", build=upgrade_args)
-    p.add_argument("--check", action="store_true", help="only say whether a newer version is available")
-    p.add_argument("--source", default="", help="a folder of its own under /var/lib/mailstead/upgrade/bundles "
-                                                "holding the newer images, root's (default: the ones in the OS)")
-    p.add_argument("--without-backup", action="store_true",
-                   help="upgrade even though no backup target is configured")
-    p.add_argument("--force", action="store_true", help="redeploy even when the images are not newer")
+    p = command(commands, "upgrade", update_ops.update_status,
+                "the appliance's version and updates (signed images from the update feed)", build=upgrade_args)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--check", action="store_true", help="read the feed now: is a newer version available?")
+    which.add_argument("--now", action="store_true",
+                       help="install the newest version now and reboot into it (it rolls back by itself "
+                            "when it is not healthy)")
+    which.add_argument("--rollback", action="store_true",
+                       help="go back to the version that ran before the last update (with the settings "
+                            "from before it; mail is kept) and reboot")
     certs = commands.add_parser("certs", help="TLS certificates: status, renew")
     sub = certs.add_subparsers(dest="action", required=True, metavar="ACTION")
     p = command(sub, "renew", cert_ops.cert_renew, "renew the certificate if due (or --force)")
@@ -241,9 +244,12 @@ def status_args(ns: argparse.Namespace) -> dict[str, Any]:
 
 def upgrade_args(ns: argparse.Namespace) -> dict[str, Any]:
     if ns.check:
-        ns.op = stack_ops.upgrade_check
-        return {}
-    return {"source": ns.source, "without_backup": ns.without_backup, "force": ns.force}
+        ns.op = update_ops.update_check
+    elif ns.now:
+        ns.op = update_ops.update_install
+    elif ns.rollback:
+        ns.op = update_ops.update_rollback
+    return {}
 
 
 def acme_args(ns: argparse.Namespace) -> dict[str, Any]:
@@ -482,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
         return print_configured(result)
     if op is backup_ops.backup_list:
         return print_snapshots(result)
+    if args.command == "upgrade":
+        return print_update(op, result)
     if args.command == "dns-records" and args.zone:
         print(result.get("zone", ""), end="")
     elif op is check_ops.health_run and not args.json:
@@ -489,6 +497,38 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if result["summary"]["status"] == "fail" else 0
     else:
         print(json.dumps(result, indent=2, sort_keys=True))
+    return 0
+
+
+def print_update(op: Operation, result: dict[str, Any]) -> int:
+    """`mailstead upgrade`: what runs, what the feed offers, what happened (exit 1 when the
+    feed could not be read)."""
+    if op is update_ops.update_check:
+        print(result.get("message", ""))
+        for line in (result.get("notes") or {}).get("notes", []) if result.get("available") else []:
+            print(f"  {line}")
+        return 0 if result.get("ok") else 1
+    if op is not update_ops.update_status:
+        print(result.get("message", ""))
+        return 0
+    check = result.get("check") or {}
+    window = result.get("window") or {}
+    print(f"Running {result['running']} (built {result.get('built') or '?'}).")
+    print(f"Feed: {result.get('feed_url') or 'none set'}; automatic updates "
+          f"{'on' if result.get('auto') else 'off'}, window {window.get('cron') or '?'} "
+          f"({result.get('time_zone') or 'the appliance local time'}), next {window.get('next_run') or '?'}.")
+    if check:
+        print(f"Last check {check.get('at')}: {check.get('message')}")
+    if result.get("pending"):
+        pending = result["pending"]
+        print(f"Under way: {pending.get('from')} -> {pending.get('to')} since {pending.get('at')}.")
+    if result.get("installing"):
+        print("An update is being installed now; the appliance reboots when it is written.")
+    for entry in (result.get("history") or [])[:10]:
+        print(f"  {entry.get('at')}  {entry.get('outcome'):<13} {entry.get('from')} -> {entry.get('to')}: "
+              f"{entry.get('message', '')}")
+    if result.get("rollback_to"):
+        print(f"`mailstead upgrade --rollback` goes back to {result['rollback_to']}.")
     return 0
 
 

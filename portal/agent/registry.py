@@ -86,6 +86,10 @@ class Context:
     # Folders an upgrade source may also be in, besides images_dir and <state>/upgrade/bundles
     # (portal/stack/upgrade.py allowed_roots); each must be root's and writable by no one else.
     upgrade_roots: tuple[Path, ...] = ()
+    # The image update's record and state copy (portal/update/state.py): root's, read here.
+    update_dir: Path = field(default_factory=lambda: _env_path("MAILSTEAD_UPDATE_DIR", "/var/lib/mailstead-update"))
+    # The public key the feed must be signed with (baked into the image at build time).
+    update_keyring: Path = Path("/etc/systemd/import-pubring.gpg")
 
 
 def _env_path(var: str, default: str) -> Path:
@@ -113,6 +117,7 @@ PRIVILEGED_MODULES = (
     "portal.certs.privileged",
     "portal.checks.privileged",
     "portal.backup.privileged",
+    "portal.update.privileged",
 )
 
 

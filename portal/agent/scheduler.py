@@ -46,14 +46,17 @@ class JobSpec:
     title: str
 
 
-# The jobs and their defaults (issue 6). Times are the appliance's local time.
+# The jobs and their defaults (issue 6). Times are in the owner's time zone (the
+# setting time_zone; the appliance's local time when it is not set).
 JOBS: dict[str, JobSpec] = {
     "backup": JobSpec("backup_run", "0 3 * * *", 6 * 3600, "Back up"),
     "verify": JobSpec("backup_verify", "30 4 * * 0", 24 * 3600, "Verify the latest backup by restoring it"),
     "cert_renew": JobSpec("cert_renew", "17 5,17 * * *", 6 * 3600, "Renew the certificate when due"),
     "health": JobSpec("health_run", "*/5 * * * *", 240, "Health checks"),
     "dns_check": JobSpec("dns_check", "40 6 * * *", 12 * 3600, "Check DNS for drift"),
-    "upgrade_check": JobSpec("upgrade_check", "50 4 * * 1", 24 * 3600, "Look for a newer appliance version"),
+    # The update window: the feed is checked daily, and a newer version installed
+    # (then a reboot) when automatic updates are on (portal/update/privileged.py).
+    "update": JobSpec("update_window", "0 4 * * *", 2 * 3600, "Update window: install a newer version"),
 }
 
 # Jobs whose outcome a health check reports: a health round follows each run, so
@@ -237,10 +240,12 @@ def _call(ctx: Context, name: str, args: Mapping[str, Any]) -> tuple[str, str]:
 
 
 def _summary(result: Any) -> str:
+    """A run's result in one line: its message (when it has one), then its short values."""
     if isinstance(result, dict):
-        keys = ", ".join(f"{k}={result[k]}" for k in sorted(result)
-                         if isinstance(result[k], (bool, int, float, str)) and len(str(result[k])) < 40)
-        return keys[:300]
+        keys = ", ".join(f"{k}={result[k]}" for k in sorted(result) if k != "message"
+                         and isinstance(result[k], (bool, int, float, str)) and len(str(result[k])) < 40)
+        message = " ".join(str(result.get("message") or "").split())[:200]
+        return "; ".join(t for t in (message, keys) if t)[:300]
     return ""
 
 
@@ -292,10 +297,26 @@ def _cron_text(trigger: Any) -> str:
     return text if fields["second"] == "0" else f"{fields['second']} {text}"
 
 
+def owner_timezone(state_dir: Path) -> Any:
+    """The setting time_zone as a ZoneInfo; None (the appliance's local time) when unset
+    or unknown to this system."""
+    import zoneinfo
+
+    from portal.core.store import read_settings
+
+    name = read_settings(state_dir).get("time_zone", "").strip()
+    try:
+        return zoneinfo.ZoneInfo(name) if name else None
+    except (ValueError, zoneinfo.ZoneInfoNotFoundError):
+        log.warning("the time zone %r is not known here: using the appliance's local time", name[:40])
+        return None
+
+
 def _add(scheduler: Any, job: str, cron: str, replace: bool, next_run_time: Any = None) -> None:
     spec = JOBS[job]
     extra = {"next_run_time": next_run_time} if next_run_time is not None else {}
-    scheduler.add_job(run_operation, trigger=parse_cron(cron), id=job, name=spec.title,
+    tz = owner_timezone(_ctx.state_dir) if _ctx is not None else None
+    scheduler.add_job(run_operation, trigger=parse_cron(cron, tz), id=job, name=spec.title,
                       args=[spec.op, {}], kwargs={"job": job}, coalesce=True,
                       misfire_grace_time=spec.grace, max_instances=1, replace_existing=replace, **extra)
 
@@ -397,6 +418,39 @@ def _check_job(job: str) -> str:
     return job
 
 
+def schedule_of(job: str) -> dict[str, Any]:
+    """A job's schedule and next run, for other areas' pages (None values when the
+    scheduler is not running)."""
+    scheduler = _scheduler
+    j = scheduler.get_job(_check_job(job)) if scheduler is not None else None
+    return {"job": job, "cron": _cron_text(j.trigger) if j else None, "default_cron": JOBS[job].cron,
+            "timezone": str(j.trigger.timezone) if j else None,
+            "next_run": j.next_run_time.isoformat(timespec="seconds") if j and j.next_run_time else None}
+
+
+def set_schedule(ctx: Context, job: str, cron: str) -> dict[str, Any]:
+    """Change a job's schedule (checked crontab text) and store it."""
+    try:
+        parse_cron(cron)
+    except CronError as err:
+        raise OpError("invalid", f"{err.message}", "cron") from None
+    scheduler = _need_scheduler()
+    _add(scheduler, _check_job(job), cron, replace=True)
+    j = scheduler.get_job(job)
+    store_schedule(ctx.state_dir, job, cron, j.next_run_time)
+    return schedule_of(job)
+
+
+def reschedule(ctx: Context) -> None:
+    """Every job again on its schedule, in the time zone now set."""
+    scheduler = _need_scheduler()
+    stored = stored_schedules(ctx.state_dir)
+    for job, spec in JOBS.items():
+        cron = stored.get(job, (spec.cron, None))[0]
+        _add(scheduler, job, cron, replace=True)
+        store_schedule(ctx.state_dir, job, cron, scheduler.get_job(job).next_run_time)
+
+
 # -- operations ------------------------------------------------------------------------
 
 @privileged(web=True, timeout=20.0)
@@ -422,16 +476,8 @@ def schedule_set(ctx: Context, job: str, cron: str) -> dict[str, Any]:
     """Change a job's schedule (crontab text; 'default' restores the default)."""
     _check_job(job)
     text = JOBS[job].cron if cron.strip() == "default" else cron.strip()
-    try:
-        parse_cron(text)
-    except CronError as err:
-        raise OpError("invalid", f"{err.message}", "cron") from None
-    scheduler = _need_scheduler()
-    _add(scheduler, job, text, replace=True)
-    j = scheduler.get_job(job)
-    store_schedule(ctx.state_dir, job, text, j.next_run_time)
-    return {"job": job, "cron": _cron_text(j.trigger),
-            "next_run": j.next_run_time.isoformat(timespec="seconds") if j.next_run_time else None}
+    out = set_schedule(ctx, job, text)
+    return {"job": job, "cron": out["cron"], "next_run": out["next_run"]}
 
 
 @privileged(web=True, timeout=10.0)

@@ -16,10 +16,6 @@ DEFAULT_DNSBL_ZONES = ("zen.spamhaus.org", "bl.spamcop.net", "b.barracudacentral
 class CheckEnv:
     ctx: Context
     reboot_file: Path = Path("/run/reboot-required")
-    apt: str = "apt"                       # the command; missing -> "unknown"
-    # `apt list --upgradable` takes seconds; its answer changes only with these two.
-    apt_lists: Path = Path("/var/lib/apt/lists")
-    dpkg_status: Path = Path("/var/lib/dpkg/status")
     # Free disk: warn below either threshold, fail below both halved.
     disk_min_free_percent: float = 10.0
     disk_min_free_bytes: int = 2 * 1024 ** 3

@@ -1,10 +1,9 @@
-"""Host checks: free disk and memory, backups, security updates, reboot required."""
+"""Host checks: free disk and memory, backups, image updates, reboot required."""
 
 from __future__ import annotations
 
 import datetime as dt
 import shutil
-import subprocess
 from typing import Any
 
 from portal.checks import CheckResult, check
@@ -116,50 +115,44 @@ def verify(env: CheckEnv) -> CheckResult:
                       "cannot be trusted: run a new backup")
 
 
-_apt_cache: dict[tuple[Any, ...], CheckResult] = {}
-
-
-def _mtime(path: Any) -> float | None:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return None
-
-
-@check("updates", "Security updates")
+@check("updates", "Updates")
 def updates(env: CheckEnv) -> CheckResult:
-    """Pending updates from a -security suite. apt takes seconds, so its answer is kept
-    until the package lists (apt update) or the installed packages (dpkg) change."""
-    if shutil.which(env.apt) is None:
-        return CheckResult("updates", "warn", "unknown: apt is not available on this system", "")
-    key = (env.apt, _mtime(env.apt_lists), _mtime(env.dpkg_status))
-    if None not in key[1:] and key in _apt_cache:
-        return _apt_cache[key]
-    result = _apt_updates(env)
-    if not result.message.startswith("unknown"):
-        _apt_cache.clear()
-        _apt_cache[key] = result
-    return result
+    """The image updates (portal/update): a feed is set and readable, the running version
+    is not far behind the newest, and the last update did not have to be rolled back."""
+    from portal.update import privileged as upd
+    from portal.update import state
 
-
-def _apt_updates(env: CheckEnv) -> CheckResult:
-    try:
-        out = subprocess.run([env.apt, "list", "--upgradable"], capture_output=True, text=True,
-                             timeout=30, check=False, env={"LC_ALL": "C", "PATH": "/usr/bin:/bin"})
-    except (OSError, subprocess.TimeoutExpired) as err:
-        return CheckResult("updates", "warn", f"unknown: apt list failed ({type(err).__name__})", "")
-    if out.returncode != 0:
-        return CheckResult("updates", "warn", f"unknown: apt list exited {out.returncode}", "")
-    security = []
-    for line in out.stdout.splitlines():
-        name, slash, rest = line.partition("/")
-        if slash and "-security" in rest.split(" ", 1)[0]:
-            security.append(name)
-    if security:
-        shown = ", ".join(security[:8]) + (" …" if len(security) > 8 else "")
-        return CheckResult("updates", "warn", f"{len(security)} security update(s) pending: {shown}",
-                           "unattended-upgrades installs them daily; to install now: apt-get upgrade")
-    return CheckResult("updates", "ok", "no security updates pending")
+    now = dt.datetime.now(dt.timezone.utc)
+    if not upd.feed_url(env.ctx):
+        return CheckResult("updates", "warn", "no update feed is set, so this appliance gets no security updates",
+                           "enter the feed's address on the Updates page (the folder scripts/publish writes)")
+    last = state.history(env.ctx.update_dir)[:1]
+    if last and last[0].get("outcome") == "rolled_back" and last[0].get("by") != "owner":
+        return CheckResult("updates", "warn", f"the update to {last[0].get('to')} was rolled back: "
+                                              f"{last[0].get('message', '')}"[:400],
+                           "nothing, normally: the previous version runs. The next version on the feed is "
+                           "tried at the next window; the Updates page shows what failed")
+    check = upd.last_check(env.ctx)
+    if not check:
+        return CheckResult("updates", "ok", "the feed was not read yet: the update window reads it daily")
+    if not check.get("ok"):
+        since = _when(check.get("failing_since")) or now
+        days = (now - since).total_seconds() / 86400
+        message = f"the update feed could not be read since {since:%Y-%m-%d}: {check.get('error')}"[:400]
+        if days >= upd.STALE_FEED_DAYS:
+            return CheckResult("updates", "warn", message, "check the feed's address on the Updates page and "
+                                                            "that its host serves it")
+        return CheckResult("updates", "ok", f"{message} (retried daily; a warning after "
+                                            f"{upd.STALE_FEED_DAYS} days)"[:400])
+    newest_built = _when((check.get("notes") or {}).get("built"))
+    running_built = _when(upd.built(env.ctx))
+    if check.get("available") and newest_built and running_built:
+        behind = (newest_built - running_built).total_seconds() / 86400
+        if behind > upd.OLD_IMAGE_DAYS:
+            return CheckResult("updates", "warn", f"{check.get('running')} is {behind:.0f} days older than "
+                                                  f"{check.get('newest')} on the feed",
+                               "install it: Updates page, Install now (or turn automatic updates on)")
+    return CheckResult("updates", "ok", str(check.get("message") or "up to date")[:400])
 
 
 @check("reboot", "Reboot required")

@@ -267,6 +267,26 @@ def feed_url(key: str, value: str) -> str:
     return value if value.endswith("/") else value + "/"
 
 
+TIME_ZONE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_+-]{0,30}(/[A-Za-z0-9_+-]{1,30}){0,2}$")
+
+
+def time_zone(key: str, value: str) -> str:
+    """An IANA time zone name that this system's zone database knows (Europe/Berlin, UTC)."""
+    import zoneinfo
+
+    value = value.strip()
+    if not value:
+        return ""
+    try:
+        if not TIME_ZONE_RE.match(value):
+            raise ValueError(value)
+        zoneinfo.ZoneInfo(value)
+    except (ValueError, zoneinfo.ZoneInfoNotFoundError):
+        raise SettingsError(key, f"'{value[:40]}' is not a time zone this system knows; give a name such as "
+                                 "Europe/Berlin, America/New_York or UTC") from None
+    return value
+
+
 def acme_directory(key: str, value: str) -> str:
     value = value.strip()
     if value.lower() in ("", "letsencrypt", "letsencrypt-staging"):
@@ -352,8 +372,12 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
     Setting("alert_webhook_private", flag, restore=False),
     Setting("dnsbl_zones", zone_list),
     Setting("upgrade_auto", flag),
-    # Image updates (portal/update): where the signed feed is.
+    # Image updates (portal/update): where the signed feed is, whether the
+    # window installs a newer version by itself ("" = on, the default; "0" = off).
     Setting("update_feed_url", feed_url),
+    Setting("update_auto", flag),
+    # The owner's time zone: the scheduler's times (the update window, backups) are in it.
+    Setting("time_zone", time_zone),
 )}
 
 

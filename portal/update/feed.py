@@ -4,7 +4,7 @@ A feed is a folder on any static HTTP(S) host (scripts/publish writes it):
 
     SHA256SUMS                             "<sha256> *<name>" per file
     SHA256SUMS.gpg                         detached signature of SHA256SUMS
-    mailstead_<v>.root-x86-64.raw.xz       the system slot of version <v>
+    mailstead_<v>.root-x86-64.raw.xz       the system slot of version <v> (or .gz)
     mailstead_<v>.efi                      its kernel (a unified kernel image)
     mailstead_<v>.json                     what it is: version, build date, notes
 
@@ -41,10 +41,12 @@ from portal.core.errors import MailsteadError
 
 # Names as scripts/publish writes them, and the version in them.
 VERSION_RE = re.compile(r"^[0-9]{1,9}(\.[0-9]{1,12}){1,4}$")
-SLOT_SUFFIX = ".root-x86-64.raw.xz"
+# The slot, compressed with xz (the smallest) or gzip (the quickest to unpack);
+# systemd-pull tells them apart by their first bytes.
+SLOT_SUFFIXES = (".root-x86-64.raw.xz", ".root-x86-64.raw.gz")
 KERNEL_SUFFIX = ".efi"
 NOTES_SUFFIX = ".json"
-NAME_RE = re.compile(r"^mailstead_(?P<version>[0-9.]{3,70})(?P<kind>\.root-x86-64\.raw\.xz|\.efi|\.json)$")
+NAME_RE = re.compile(r"^mailstead_(?P<version>[0-9.]{3,70})(?P<kind>\.root-x86-64\.raw\.[gx]z|\.efi|\.json)$")
 SUMS_LINE_RE = re.compile(r"^(?P<hash>[0-9a-f]{64}) [ *](?P<name>[^\x00-\x1f/]{1,200})$")
 KEYRING = Path("/etc/systemd/import-pubring.gpg")   # where systemd-pull looks first
 MAX_SUMS = 64 * 1024
@@ -90,7 +92,8 @@ class Release:
 
     @property
     def slot(self) -> str:
-        return f"mailstead_{self.version}{SLOT_SUFFIX}"
+        return next((f"mailstead_{self.version}{s}" for s in SLOT_SUFFIXES
+                     if f"mailstead_{self.version}{s}" in self.hashes), f"mailstead_{self.version}{SLOT_SUFFIXES[0]}")
 
     @property
     def kernel(self) -> str:
@@ -225,7 +228,8 @@ def releases(sums: dict[str, str]) -> dict[str, Release]:
         if not m or not VERSION_RE.match(m["version"]):
             continue
         found.setdefault(m["version"], {})[name] = digest
-    return {v: Release(v, files) for v, files in found.items() if len(files) == 3}
+    out = {v: Release(v, files) for v, files in found.items() if len(files) == 3}
+    return {v: r for v, r in out.items() if {r.slot, r.kernel, r.notes_file} == set(r.hashes)}
 
 
 def parse_notes(data: bytes, release: Release) -> Notes:

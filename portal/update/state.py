@@ -36,6 +36,9 @@ from portal.core import safefs
 from portal.core.errors import MailsteadError
 
 DEFAULT_UPDATE_DIR = Path("/var/lib/mailstead-update")
+# The feed address the image was built with (scripts/build-image --feed-url); the
+# owner's setting update_feed_url comes first.
+DEFAULT_FEED_FILE = Path("/usr/lib/mailstead/update-feed-url")
 RECORD = "update.json"
 COPY = "pre-update"
 HISTORY_KEPT = 50
@@ -140,21 +143,24 @@ def on_boot(state_dir: Path, update_dir: Path, running: str) -> str:
     pending = doc["pending"]
     if not pending:
         return "none"
-    if running == pending.get("to"):
+    by_owner = pending.get("by") == "owner"
+    if running == pending.get("to") and not by_owner:
         return "trial"
     if running == pending.get("from"):
         restore_state(state_dir, update_dir, str(pending.get("to")))
         doc = read_record(update_dir)
         doc["pending"] = None
+        why = ("the owner chose to go back to it" if by_owner else f"{pending.get('to')} did not come up healthy")
         doc["history"].append({"at": now_iso(), "outcome": "rolled_back", "from": pending.get("from"),
-                               "to": pending.get("to"), "alerted": False,
-                               "message": f"{pending.get('to')} did not come up healthy; "
-                                          f"back on {running} with the settings from before the update"})
+                               "to": pending.get("to"), "alerted": False, "by": "owner" if by_owner else "health",
+                               "message": f"{why}; back on {running} with the settings from before the "
+                                          f"update to {pending.get('to')} (mail is kept)"})
         write_record(update_dir, doc)
         return "rolled_back"
     doc["pending"] = None
+    what = "the boot loader did not switch" if running == pending.get("to") else "neither version of the update"
     doc["history"].append({"at": now_iso(), "outcome": "abandoned", "from": pending.get("from"),
-                           "to": pending.get("to"), "message": f"running {running}, neither version of the update"})
+                           "to": pending.get("to"), "message": f"running {running}: {what}"})
     write_record(update_dir, doc)
     return "abandoned"
 
@@ -175,8 +181,9 @@ def restore_state(state_dir: Path, update_dir: Path, failed_version: str) -> Non
 
 
 def finish(update_dir: Path, running: str, ok: bool, message: str) -> dict[str, Any]:
-    """The trial of `running` ended: installed (the copy is dropped) or failed (kept for
-    the rollback the next boot does)."""
+    """The trial of `running` ended: installed, or failed. The copy stays either way:
+    for the rollback the next boot does, or for the owner's "go back" (until the
+    next update replaces it)."""
     doc = read_record(update_dir)
     pending = doc["pending"] or {}
     entry = {"at": now_iso(), "outcome": "installed" if ok else "failed", "from": pending.get("from"),
@@ -185,9 +192,63 @@ def finish(update_dir: Path, running: str, ok: bool, message: str) -> dict[str, 
     if ok:
         doc["pending"] = None
     write_record(update_dir, doc)
-    if ok:
-        safefs.remove_tree(update_dir / COPY)
     return entry
+
+
+def abort(update_dir: Path, message: str) -> dict[str, Any]:
+    """Installing failed before the new version could boot: nothing is pending any more
+    (the next boot is an ordinary one), the copy goes."""
+    doc = read_record(update_dir)
+    pending = doc["pending"] or {}
+    entry = {"at": now_iso(), "outcome": "not_installed", "from": pending.get("from"), "to": pending.get("to"),
+             "message": message}
+    doc["pending"] = None
+    doc["history"].append(entry)
+    write_record(update_dir, doc)
+    safefs.remove_tree(update_dir / COPY)
+    return entry
+
+
+def mark_alerted(update_dir: Path, alerts: str) -> None:
+    """The owner was told about the last rollback (`alerts`: what the alert mail and
+    webhook did): it is not told again at the next boot."""
+    doc = read_record(update_dir)
+    if doc["history"] and doc["history"][-1].get("outcome") == "rolled_back":
+        doc["history"][-1].update({"alerted": True, "alerts": alerts[:300]})
+        write_record(update_dir, doc)
+
+
+def rollback_target(update_dir: Path, running: str) -> str | None:
+    """The version the owner can go back to: the one `running` was installed over, while
+    the copy of the state from before that update is still here."""
+    doc = read_record(update_dir)
+    if doc["pending"] or not (update_dir / COPY / "state").is_dir():
+        return None
+    for entry in reversed(doc["history"]):
+        if entry.get("outcome") == "installed" and entry.get("to") == running:
+            return str(entry.get("from") or "") or None
+        if entry.get("outcome") in ("installed", "rolled_back"):
+            return None
+    return None
+
+
+def begin_rollback(update_dir: Path, running: str, target: str, firmware: str) -> dict[str, Any]:
+    """The owner goes back from `running` to `target`: recorded as an update from `target`
+    to `running` that is being undone, so the next boot (on `target`) puts the state back
+    and tells the owner, as after a failed update."""
+    doc = read_record(update_dir)
+    doc["pending"] = {"from": target, "to": running, "at": now_iso(), "firmware": firmware, "by": "owner"}
+    write_record(update_dir, doc)
+    return doc["pending"]
+
+
+def default_feed_url(path: Path = DEFAULT_FEED_FILE) -> str:
+    from portal.core.settings import SettingsError, feed_url
+
+    try:
+        return feed_url("update_feed_url", path.read_text(encoding="utf-8").strip()[:600])
+    except (OSError, UnicodeDecodeError, SettingsError):
+        return ""
 
 
 def history(update_dir: Path) -> list[dict[str, Any]]:

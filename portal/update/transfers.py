@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 from configparser import ConfigParser
 
-from portal.update.feed import KERNEL_SUFFIX, SLOT_SUFFIX, check_url
+from portal.update.feed import KERNEL_SUFFIX, SLOT_SUFFIXES, check_url
 
 # Boots a new version gets before systemd-boot gives up on it: one, so that a
 # version that fails is undone on the next boot, not after several slow ones.
@@ -43,7 +43,7 @@ def transfers(url: str, tries: int = TRIES) -> dict[str, str]:
     common = {"ProtectVersion": "%A", "Verify": "yes"}
     root = _ini({
         "Transfer": common,
-        "Source": {"Type": "url-file", "Path": url, "MatchPattern": f"mailstead_@v{SLOT_SUFFIX}"},
+        "Source": {"Type": "url-file", "Path": url, "MatchPattern": " ".join(f"mailstead_@v{s}" for s in SLOT_SUFFIXES)},
         "Target": {"Type": "partition", "Path": "auto", "MatchPattern": "mailstead_@v",
                    "MatchPartitionType": "root", "InstancesMax": str(INSTANCES)},
     })

@@ -133,7 +133,7 @@ PAGES: dict[str, list[str]] = {
     "dashboard": ["/admin/", "/admin/mailboxes/", f"/admin/mailboxes/delete?address=bob@{BASE_SETTINGS['domain']}",
                   "/admin/dns", "/admin/certs", "/admin/clients/", "/admin/logs/",
                   "/admin/logs/?service=postfix&lines=0", "/admin/health/", "/admin/backups/"],
-    "maintenance": ["/admin/schedules/"],
+    "maintenance": ["/admin/schedules/", "/admin/updates/"],
 }
 CASES = [(state, path) for state, paths in PAGES.items() for path in paths]
 
@@ -180,8 +180,11 @@ BAD_POSTS: dict[str, list[tuple[str, str, dict[str, str]]]] = {
         ("/admin/backups/", "/admin/backups/restore", {"snapshot": "zz"}),
     ],
     "maintenance": [
-        ("/admin/schedules/", "/admin/schedules/upgrade_check", {"upgrade_check-cron": "61 * * * *"}),
+        ("/admin/schedules/", "/admin/schedules/update", {"update-cron": "61 * * * *"}),
         ("/admin/schedules/", "/admin/schedules/health", {"health-cron": ""}),
+        ("/admin/updates/", "/admin/updates/settings", {"window_hour": "25", "time_zone": "Mars/Olympus",
+                                                         "feed_url": "ftp://x"}),
+        ("/admin/updates/", "/admin/updates/install", {}),
     ],
 }
 BAD_CASES = [(state, *post) for state, posts in BAD_POSTS.items() for post in posts]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import stat
 import time
 from contextlib import ExitStack
 
@@ -19,6 +18,7 @@ from portal.checks import CheckResult, history
 from portal.checks import privileged as agentops
 from portal.checks.env import CheckEnv
 from tests.conftest import free_port
+from tests.support.feeds import make_key, publish, serve, stop_agent
 
 from .checks_support import HookServer, SmtpSink, make_cert, serving, write_settings
 
@@ -34,7 +34,8 @@ def state(tmp_path):
 
 
 def env_for(state, **kw):
-    ctx = ops.Context(docker=ops.docker_factory(f"unix://{state}/no-docker.sock"), state_dir=state)
+    ctx = ops.Context(docker=ops.docker_factory(f"unix://{state}/no-docker.sock"), state_dir=state,
+                      update_dir=state.parent / "update")
     return CheckEnv(ctx, **{"reboot_file": state / "reboot-required", **kw})
 
 
@@ -162,40 +163,67 @@ def test_backup_and_verification_outcomes(state):
 
 # -- updates, reboot ----------------------------------------------------------------------------------
 
-def fake_apt(tmp_path, output, code=0):
-    """A stand-in `apt` (the real one's list depends on this host's mirrors)."""
-    script = tmp_path / "apt"
-    script.write_text(f"#!/bin/sh\ncat <<'EOF'\n{output}\nEOF\nexit {code}\n")
-    script.chmod(script.stat().st_mode | stat.S_IXUSR)
-    return str(script)
+@pytest.fixture(scope="module")
+def feed_key(tmp_path_factory):
+    home = tmp_path_factory.mktemp("key") / "home"
+    try:
+        yield make_key(home, "Mailstead test feed <feed@example.test>")
+    finally:
+        stop_agent(home)
 
 
-def test_security_updates(state, tmp_path):
-    lists, status = tmp_path / "lists", tmp_path / "status"
-    lists.mkdir()
-    status.write_text("")
-    apt = {"apt_lists": lists, "dpkg_status": status}
+def test_updates_warn_without_a_feed_then_on_a_feed_unreadable_for_days(state, tmp_path, feed_key):
+    from portal.core import store
+    from portal.update import privileged as upd
 
-    def changed():  # what apt update does to the lists folder
-        n = len(os.listdir(lists)) + 1
-        (lists / f"list{n}").write_text("")
-        os.utime(lists, (1_000_000 + n, 1_000_000 + n))  # a distinct mtime even within one clock tick
+    r = run("updates", state)
+    assert r.status == "warn" and "no update feed is set" in r.message and "Updates page" in r.fix
+    port = free_port()  # nothing listens there
+    store.write_settings(state, {"update_feed_url": f"http://127.0.0.1:{port}/feed/"})
+    ctx = env_for(state).ctx
+    ctx.update_keyring = feed_key
+    out = upd.check_feed(ctx)
+    assert not out["ok"] and out["failing_since"] == out["at"]
+    r = checks.run_one("updates", CheckEnv(ctx))
+    assert r.status == "ok" and "could not be read" in r.message and "retried daily" in r.message
+    # Still failing 4 days later (the first failure's time is kept across checks).
+    doc = json.loads((state / upd.CHECK_FILE).read_text())
+    doc["failing_since"] = "2026-01-01T00:00:00+00:00"
+    (state / upd.CHECK_FILE).write_text(json.dumps(doc))
+    assert upd.check_feed(ctx)["failing_since"] == "2026-01-01T00:00:00+00:00"
+    r = checks.run_one("updates", CheckEnv(ctx))
+    assert r.status == "warn" and "since 2026-01-01" in r.message and r.fix
 
-    listing = ("Listing...\n"
-               "libssl3/stable-security 3.0.15-1~deb12u1 amd64 [upgradable from: 3.0.14-1~deb12u2]\n"
-               "openssh-server/bookworm-security 1:9.2p1-2+deb12u4 amd64 [upgradable from: 1:9.2p1-2+deb12u3]\n"
-               "tzdata/stable-updates 2025a-0+deb12u1 all [upgradable from: 2024b-0+deb12u1]")
-    r = run("updates", state, apt=fake_apt(tmp_path, listing), **apt)
-    assert r.status == "warn" and r.message.startswith("2 security update(s)") and "tzdata" not in r.message
-    # apt is slow: its answer is kept until the package lists or the installed packages change.
-    fake_apt(tmp_path, "Listing...\ntzdata/stable-updates 1 all")
-    assert run("updates", state, apt=str(tmp_path / "apt"), **apt).status == "warn"
-    changed()
-    assert run("updates", state, apt=str(tmp_path / "apt"), **apt).status == "ok"
-    r = run("updates", state, apt=str(tmp_path / "no-apt-here"), **apt)
-    assert r.status == "warn" and r.message.startswith("unknown")
-    changed()
-    assert run("updates", state, apt=fake_apt(tmp_path, "E: broken", code=100), **apt).message.startswith("unknown")
+
+def test_updates_warn_when_the_running_version_is_a_month_behind(state, tmp_path, feed_key):
+    from portal.core import store
+    from portal.update import privileged as upd
+
+    os_release = tmp_path / "os-release"
+    os_release.write_text('IMAGE_VERSION="0.2.0"\n')
+    built = time.time() - 40 * 86400
+    os.utime(os_release, (built, built))
+    with serve(tmp_path / "www") as url:
+        store.write_settings(state, {"update_feed_url": url})
+        ctx = env_for(state).ctx
+        ctx.update_keyring, ctx.os_release, ctx.update_dir = feed_key, os_release, tmp_path / "update"
+        now = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
+        publish(tmp_path / "www" / "feed", ["0.3.0"], feed_key.parent,
+                {"version": "0.3.0", "built": now, "notes": [], "slot_bytes": 1})
+        assert upd.check_feed(ctx)["available"]
+        r = checks.run_one("updates", CheckEnv(ctx))
+        assert r.status == "warn" and "0.2.0 is 40 days older than 0.3.0" in r.message
+        # Built this week: only "available".
+        os.utime(os_release, (time.time() - 86400, time.time() - 86400))
+        r = checks.run_one("updates", CheckEnv(ctx))
+        assert r.status == "ok" and "0.3.0 is available" in r.message
+        # The last update was rolled back: said until the next one.
+        from portal.update import state as upd_state
+        ctx.update_dir.mkdir()
+        upd_state.add_history(ctx.update_dir, "rolled_back", **{"from": "0.2.0", "to": "0.2.1", "by": "health",
+                                                                "message": "0.2.1 did not come up healthy"})
+        r = checks.run_one("updates", CheckEnv(ctx))
+        assert r.status == "warn" and "0.2.1 was rolled back" in r.message
 
 
 def test_reboot_required(state):

@@ -53,10 +53,10 @@ def parse(argv: list[str]):
     (["backup", "status"], "backup_state", {}),
     (["certs", "renew", "--force"], "cert_renew", {"force": True}),
     (["certs", "status"], "cert_status", {}),
-    (["upgrade"], "upgrade_run", {"source": "", "without_backup": False, "force": False}),
-    (["upgrade", "--source", "/srv/bundle", "--without-backup"], "upgrade_run",
-     {"source": "/srv/bundle", "without_backup": True, "force": False}),
-    (["upgrade", "--check"], "upgrade_check", {}),
+    (["upgrade"], "update_status", {}),
+    (["upgrade", "--check"], "update_check", {}),
+    (["upgrade", "--now"], "update_install", {}),
+    (["upgrade", "--rollback"], "update_rollback", {}),
 ])
 def test_commands_map_to_registered_operations(argv, op, args):
     got_op, got_args = parse(argv)

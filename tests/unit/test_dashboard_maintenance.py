@@ -39,7 +39,8 @@ def agent(start_agent: Callable[..., AgentProcess], state_dir: Path) -> AgentPro
                    admin_address=ADMIN, dns_resolvers=f"127.0.0.1:{free_port()}", publish_addresses="127.0.0.1",
                    stack_ports={name: free_port() for name in ("smtp", "submissions", "submission", "imaps",
                                                                "pop3s", "dav")})
-    return start_agent(env={"MAILSTEAD_STATE_DIR": str(state_dir), "MAILSTEAD_SCHEDULER": "1"})
+    return start_agent(env={"MAILSTEAD_STATE_DIR": str(state_dir), "MAILSTEAD_SCHEDULER": "1",
+                            "MAILSTEAD_UPDATE_DIR": str(state_dir.parent / "update")})
 
 
 @pytest.fixture
@@ -197,7 +198,7 @@ def test_alert_settings_errors_on_the_field_then_saved_and_tested(client: FlaskC
 
 def test_schedule_change_persists_and_goes_back_to_the_default(client: FlaskClient, agent: AgentProcess) -> None:
     text = client.get("/admin/schedules/").text
-    for job in ("backup", "verify", "cert_renew", "health", "dns_check", "upgrade_check"):
+    for job in ("backup", "verify", "cert_renew", "health", "dns_check", "update"):
         assert f'id="schedule-{job}"' in text and f'<label for="{job}-cron">' in text and f'id="{job}-run"' in text
     response = post(client, "/admin/schedules/", "/admin/schedules/backup", "backup-form",
                     **{"backup-cron": " 15 2 * * * ", "backup-save": "Save"})
@@ -235,15 +236,15 @@ def test_unknown_job_is_not_found(client: FlaskClient) -> None:
 
 
 def test_run_now_and_recent_runs(client: FlaskClient, agent: AgentProcess) -> None:
-    response = post(client, "/admin/schedules/", "/admin/schedules/upgrade_check/run", "upgrade_check-run-form")
+    response = post(client, "/admin/schedules/", "/admin/schedules/update/run", "update-run-form")
     assert response.status_code == 303 and response.location.endswith("#recent-runs")
     text = html.unescape(client.get("/admin/schedules/").text)
     # The rig has no stack deployed and no newer images: the check runs and finds nothing to do.
-    assert re.search(r'id="flash-1">upgrade_check: OK after [\d.]+ s \([^)]*upgrade_available=False', text), text[-3000:]
+    assert re.search(r'id="flash-1">update: OK after [\d.]+ s \([^)]*no update feed is set', text), text[-3000:]
     runs = text[text.index('id="run-list"'):]
-    assert 'data-job="upgrade_check" data-outcome="ok"' in runs and "Look for a newer appliance version" in runs
-    assert 'id="schedule-upgrade_check-last" data-outcome="ok"' in text
-    assert call(agent, "schedule_runs", job="upgrade_check")["runs"][0]["outcome"] == "ok"
+    assert 'data-job="update" data-outcome="ok"' in runs and "Update window: install a newer version" in runs
+    assert 'id="schedule-update-last" data-outcome="ok"' in text
+    assert call(agent, "schedule_runs", job="update")["runs"][0]["outcome"] == "ok"
 
 
 # -- backups ---------------------------------------------------------------------------------------------
@@ -320,10 +321,44 @@ def test_pages_with_their_data_have_the_accessibility_basics(client: FlaskClient
     for i, status in enumerate(["ok", "warn", "fail"]):
         history.record(state_dir, [CheckResult("disk", status, f"round {i}", "free space")], at=time.time() + i)
     assert problems(client.get("/admin/health/").text) == []
-    post(client, "/admin/schedules/", "/admin/schedules/upgrade_check/run", "upgrade_check-run-form")
+    post(client, "/admin/schedules/", "/admin/schedules/update/run", "update-run-form")
     assert problems(client.get("/admin/schedules/").text) == []
     sheet = post(client, "/admin/backups/", "/admin/backups/target", "backup-target-form", target="local",
                  path=str(tmp_path / "repo"))
     assert sheet.status_code == 200 and problems(sheet.text) == []
     refused = post(client, "/admin/backups/", "/admin/backups/restore", "backup-target-form", snapshot="latest")
     assert refused.status_code == 422 and problems(refused.text) == []
+
+
+# -- updates --------------------------------------------------------------------------------------------
+
+def test_updates_page_settings_move_the_window_into_the_owners_time_zone(client: FlaskClient,
+                                                                          agent: AgentProcess) -> None:
+    text = html.unescape(client.get("/admin/updates/").text)
+    assert 'id="update-running">Mailstead ' in text and 'id="update-auto">on' in text
+    assert 'id="update-history-none"' in text and 'id="update-rollback"' not in text
+    response = post(client, "/admin/updates/", "/admin/updates/settings", "update-settings-form",
+                    window_hour="5", time_zone="Asia/Kolkata", feed_url="", save="Save")
+    assert response.status_code == 303, response.text[-2000:]
+    window = {j["job"]: j for j in call(agent, "schedule_list")["jobs"]}["update"]
+    assert window["cron"] == "0 5 * * *" and window["next_run"].endswith("T05:00:00+05:30"), window
+    # The other jobs follow the owner's time zone too.
+    backup = {j["job"]: j for j in call(agent, "schedule_list")["jobs"]}["backup"]
+    assert backup["next_run"].endswith("T03:00:00+05:30"), backup
+    text = html.unescape(client.get("/admin/updates/").text)
+    assert 'id="update-auto">off' in text and "Update settings saved: automatic updates off" in text
+    # Refused values name their field and keep what is stored.
+    response = post(client, "/admin/updates/", "/admin/updates/settings", "update-settings-form",
+                    auto="y", window_hour="5", time_zone="Mars/Olympus", feed_url="", save="Save")
+    assert response.status_code == 422
+    assert "not a time zone this system knows" in field_error(html.unescape(response.text), "time_zone")
+    assert call(agent, "update_status")["time_zone"] == "Asia/Kolkata"
+
+
+def test_updates_check_now_without_a_feed_says_what_to_do(client: FlaskClient) -> None:
+    response = post(client, "/admin/updates/", "/admin/updates/check", "update-check-form")
+    assert response.status_code == 303
+    text = html.unescape(client.get("/admin/updates/").text)
+    assert "The update feed could not be read: no update feed is set" in text
+    response = post(client, "/admin/updates/", "/admin/updates/install", "update-check-form")
+    assert response.status_code == 409 and "Not installed:" in html.unescape(response.text)

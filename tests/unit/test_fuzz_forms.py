@@ -278,9 +278,12 @@ FORMS = [
     Form("backup verify", "dashboard", "/admin/backups/", "/admin/backups/verify", {}),
     Form("backup restore", "dashboard", "/admin/backups/", "/admin/backups/restore",
          {"snapshot": "latest", "confirm": ""}, also=_f("confirm")),
-    Form("schedule", "maintenance", "/admin/schedules/", "/admin/schedules/upgrade_check",
-         {"upgrade_check-cron": FAR_OFF, "upgrade_check-save": "Save"}, csrf="upgrade_check-csrf_token"),
-    Form("schedule run now", "maintenance", "/admin/schedules/", "/admin/schedules/upgrade_check/run", {}),
+    Form("schedule", "maintenance", "/admin/schedules/", "/admin/schedules/update",
+         {"update-cron": FAR_OFF, "update-save": "Save"}, csrf="update-csrf_token"),
+    Form("schedule run now", "maintenance", "/admin/schedules/", "/admin/schedules/update/run", {}),
+    Form("update settings", "maintenance", "/admin/updates/", "/admin/updates/settings",
+         {"auto": "y", "window_hour": "4", "time_zone": "", "feed_url": "", "save": "Save"}),
+    Form("update check", "maintenance", "/admin/updates/", "/admin/updates/check", {}),
     Form("logout", "dashboard", "/admin/", "/logout", {}),
 ]
 

@@ -46,7 +46,7 @@ def test_day_of_week_numbers_follow_cron_not_apscheduler(dow, weekday):
 def test_default_schedules_are_those_of_the_issue():
     assert {j: s.cron for j, s in scheduler.JOBS.items()} == {
         "backup": "0 3 * * *", "verify": "30 4 * * 0", "cert_renew": "17 5,17 * * *",
-        "health": "*/5 * * * *", "dns_check": "40 6 * * *", "upgrade_check": "50 4 * * 1"}
+        "health": "*/5 * * * *", "dns_check": "40 6 * * *", "update": "0 4 * * *"}
     for spec in scheduler.JOBS.values():
         scheduler.parse_cron(spec.cron)
         assert 0 < spec.grace
@@ -79,9 +79,9 @@ def test_a_backup_or_verify_run_is_followed_by_a_health_round(in_process, monkey
 
 
 def test_missing_operation_is_recorded_as_not_available_yet(in_process):
-    out = scheduler.run_operation("no_such_op_yet", {}, job="upgrade_check")
+    out = scheduler.run_operation("no_such_op_yet", {}, job="update")
     assert out["outcome"] == "skipped" and "not available yet" in out["message"]
-    (run,) = scheduler.runs(in_process.state_dir, "upgrade_check")
+    (run,) = scheduler.runs(in_process.state_dir, "update")
     assert run["outcome"] == "skipped" and run["op"] == "no_such_op_yet" and run["seconds"] >= 0
 
 
@@ -176,10 +176,10 @@ def test_jobs_persist_across_an_agent_restart(start_agent, tmp_path):
     assert rows["backup"] == "15 2 * * *" and set(rows) == set(scheduler.JOBS)
     assert "scheduler_jobs" not in tables
     assert client.call("schedule_set", job="backup", cron="default")["cron"] == "0 3 * * *"
-    # The weekly upgrade check is the upgrade_check operation (nothing is deployed here: no upgrade).
-    ran = client.call("schedule_run_now", job="upgrade_check")
-    assert ran["outcome"] == "ok" and "upgrade_available=False" in ran["message"], ran
-    assert client.call("schedule_runs", job="upgrade_check")["runs"][0]["outcome"] == "ok"
+    # The daily update window is the update_window operation (no feed is set here: nothing to install).
+    ran = client.call("schedule_run_now", job="update")
+    assert ran["outcome"] == "ok" and "no update feed is set" in ran["message"], ran
+    assert client.call("schedule_runs", job="update")["runs"][0]["outcome"] == "ok"
     assert len(client.call("schedule_list")["jobs"]) == len(scheduler.JOBS)
 
 

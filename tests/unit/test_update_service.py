@@ -97,3 +97,92 @@ def test_the_factory_boot_entry_goes_and_the_kernel_images_stay(env) -> None:
     (entries / "other.conf").write_text("")
     service.drop_factory_entry(e)
     assert sorted(p.name for p in entries.iterdir()) == ["other.conf"]
+
+
+# -- after the reboot: the trial, the deadline, going back -------------------------------------
+
+@pytest.fixture
+def portal(tmp_path: Path) -> Iterator[tuple[str, int]]:
+    """The portal's /healthz behind TLS, as nginx serves it on the appliance."""
+    import http.server
+    import ssl
+    import threading
+
+    from tests.unit.checks_support import make_cert
+
+    cert, key = make_cert(tmp_path / "tls", ["mailstead.test"], self_signed=True)
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(200 if self.path == "/healthz" else 404)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *_a: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield ("127.0.0.1", httpd.server_address[1])
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.fixture
+def trial_env(env, start_agent, tmp_path) -> Iterator[service.Env]:
+    """A machine that booted 0.2.0 after an update from 0.1.0, with its agent running."""
+    from portal.agent.client import use_socket
+
+    e, _ = env
+    e.reboot, e.portal_wait = False, 3
+    agent = start_agent(env={"MAILSTEAD_STATE_DIR": str(e.state_dir), "MAILSTEAD_UPDATE_DIR": str(e.update_dir)})
+    use_socket(str(agent.socket))
+    try:
+        yield e
+    finally:
+        use_socket(None)
+
+
+def test_a_new_version_that_passes_its_checks_is_kept(trial_env, portal) -> None:
+    e = trial_env
+    e.portal = portal
+    state.begin(e.state_dir, e.update_dir, "0.1.0", "0.2.0", "uefi")
+    assert service.boot(e) == "trial"
+    assert service.verify(e) == 0
+    last = state.history(e.update_dir)[0]
+    assert last["outcome"] == "installed" and last["to"] == "0.2.0" and "passed its health checks" in last["message"]
+    assert state.read_record(e.update_dir)["pending"] is None
+    assert service.verify(e) == 0 and len(state.history(e.update_dir)) == 1  # an ordinary boot: nothing more
+    assert service.deadline(e) == 0
+
+
+def test_a_new_version_whose_portal_does_not_answer_fails_and_goes_back(trial_env) -> None:
+    from tests.conftest import free_port
+
+    e = trial_env
+    e.portal = ("127.0.0.1", free_port())  # nothing listens: the portal is down
+    state.begin(e.state_dir, e.update_dir, "0.1.0", "0.2.0", "uefi")
+    assert service.verify(e) == 1
+    last = state.history(e.update_dir)[0]
+    assert last["outcome"] == "failed" and "does not answer" in last["message"]
+    # The old version boots again: the state from before the update comes back, and
+    # the owner is told once (no stack here: the alert says why no mail went out).
+    e.os_release.write_text('IMAGE_VERSION="0.1.0"\n')
+    assert service.boot(e) == "rolled_back"
+    assert service.verify(e) == 0
+    last = state.history(e.update_dir)[0]
+    assert last["outcome"] == "rolled_back" and last["alerted"] is True and "not sent" in last["alerts"]
+
+
+def test_a_new_version_still_on_trial_at_its_deadline_fails(trial_env) -> None:
+    e = trial_env
+    state.begin(e.state_dir, e.update_dir, "0.1.0", "0.2.0", "bios")
+    assert service.deadline(e) == 1
+    assert state.history(e.update_dir)[0]["outcome"] == "failed"
+    assert "time limit" in state.history(e.update_dir)[0]["message"]

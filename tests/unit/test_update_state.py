@@ -75,15 +75,55 @@ def test_a_rollback_puts_back_the_state_from_before_the_update(dirs) -> None:
     assert "0.3.0 did not come up healthy; back on 0.2.0" in S.history(update)[0]["message"]
 
 
-def test_an_update_that_passes_keeps_the_new_state_and_drops_the_copy(dirs) -> None:
+def test_an_update_that_passes_keeps_the_new_state_and_the_copy_for_going_back(dirs) -> None:
     state, update = dirs
     S.begin(state, update, "0.2.0", "0.3.0", "bios")
+    assert S.rollback_target(update, "0.3.0") is None  # on trial: nothing to go back to yet
     change(state)
     S.finish(update, "0.3.0", True, "healthy")
-    assert not (update / S.COPY).exists()
     assert S.on_boot(state, update, "0.3.0") == "none"
     assert value(state / "state.db") == "after"
     assert [h["outcome"] for h in S.history(update)] == ["installed"]
+    assert S.rollback_target(update, "0.3.0") == "0.2.0"
+    assert S.rollback_target(update, "0.2.0") is None
+
+
+def test_going_back_by_choice_puts_back_the_state_from_before_the_update(dirs) -> None:
+    state, update = dirs
+    S.begin(state, update, "0.2.0", "0.3.0", "uefi")
+    change(state)
+    S.finish(update, "0.3.0", True, "healthy")
+    S.begin_rollback(update, "0.3.0", "0.2.0", "uefi")
+    # The boot loader did not switch: the request is dropped, nothing is put back.
+    assert S.on_boot(state, update, "0.3.0") == "abandoned"
+    assert value(state / "state.db") == "after"
+    assert "did not switch" in S.history(update)[0]["message"]
+    S.begin_rollback(update, "0.3.0", "0.2.0", "uefi")
+    assert S.on_boot(state, update, "0.2.0") == "rolled_back"
+    assert value(state / "state.db") == "before" and (state / "secrets" / "admin.json").read_text() == '{"user": "owner"}'
+    last = S.history(update)[0]
+    assert last["by"] == "owner" and last["alerted"] is False and "the owner chose" in last["message"]
+    S.mark_alerted(update, "mail: sent to admin@example.test")
+    assert S.history(update)[0]["alerted"] is True
+    assert S.rollback_target(update, "0.2.0") is None  # the copy went back into place
+
+
+def test_an_install_that_fails_leaves_nothing_pending(dirs) -> None:
+    state, update = dirs
+    S.begin(state, update, "0.2.0", "0.3.0", "uefi")
+    S.abort(update, "installing 0.3.0 failed: the download stopped")
+    assert S.read_record(update)["pending"] is None and not (update / S.COPY).exists()
+    assert S.on_boot(state, update, "0.2.0") == "none"  # an ordinary boot: nothing is put back
+    assert S.history(update)[0]["outcome"] == "not_installed"
+
+
+def test_the_default_feed_address_is_checked(tmp_path) -> None:
+    f = tmp_path / "update-feed-url"
+    assert S.default_feed_url(f) == ""
+    f.write_text("https://updates.example.org/mailstead\n")
+    assert S.default_feed_url(f) == "https://updates.example.org/mailstead/"
+    f.write_text("https://user:pw@updates.example.org/m/\n")
+    assert S.default_feed_url(f) == ""
 
 
 def test_the_copy_leaves_out_job_records_and_is_consistent_while_written(dirs) -> None:

@@ -25,7 +25,7 @@ def test_the_slot_and_the_kernel_come_from_the_feed_and_keep_the_running_version
         assert t["Source"]["Type"] == "url-file"
         assert t["Source"]["Path"] == "https://updates.example.org/mailstead/"
         assert t["Target"]["InstancesMax"] == "2"
-    assert root["Source"]["MatchPattern"] == "mailstead_@v.root-x86-64.raw.xz"
+    assert root["Source"]["MatchPattern"] == "mailstead_@v.root-x86-64.raw.xz mailstead_@v.root-x86-64.raw.gz"
     assert dict(root["Target"]) == {"Type": "partition", "Path": "auto", "MatchPattern": "mailstead_@v",
                                     "MatchPartitionType": "root", "InstancesMax": "2"}
     assert kernel["Source"]["MatchPattern"] == "mailstead_@v.efi"

@@ -1,0 +1,96 @@
+"""The owner's update controls in the agent (portal/update/privileged.py): what the
+feed offers, refusals that change nothing, the settings, and what the window does
+when it must not install. Installing itself (a unit of root's, a reboot) runs in
+the VM tier."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from portal.agent import registry as ops
+from portal.agent.registry import OpError
+from portal.core import store
+from portal.update import privileged as upd
+from portal.update import state
+from tests.support.feeds import make_key, publish, serve, stop_agent
+
+
+@pytest.fixture(scope="module")
+def key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    home = tmp_path_factory.mktemp("key") / "home"
+    try:
+        yield make_key(home, "Mailstead test feed <feed@example.test>")
+    finally:
+        stop_agent(home)
+
+
+@pytest.fixture
+def ctx(tmp_path: Path, key: Path) -> Iterator[tuple[ops.Context, Path]]:
+    os_release = tmp_path / "os-release"
+    os_release.write_text('IMAGE_ID=mailstead\nIMAGE_VERSION="0.2.0"\n')
+    (tmp_path / "state").mkdir()
+    (tmp_path / "update").mkdir()
+    with serve(tmp_path / "www") as url:
+        store.write_settings(tmp_path / "state", {"update_feed_url": url})
+        yield ops.Context(state_dir=tmp_path / "state", update_dir=tmp_path / "update", os_release=os_release,
+                          update_keyring=key), tmp_path / "www" / "feed"
+
+
+def op(name: str, c: ops.Context, **args):
+    return ops.load_all()[name].run_checked(c, args)
+
+
+def test_the_check_says_what_the_feed_offers_and_keeps_it(ctx, key) -> None:
+    c, folder = ctx
+    publish(folder, ["0.1.9", "0.2.0", "0.3.0"], key.parent)
+    out = op("update_check", c)
+    assert out["ok"] and out["available"] and out["newest"] == "0.3.0" and out["notes"]["notes"] == ["Version 0.3.0"]
+    status = op("update_status", c)
+    assert status["running"] == "0.2.0" and status["check"]["newest"] == "0.3.0" and status["auto"] is True
+    assert status["history"] == [] and status["rollback_to"] is None
+
+
+def test_install_now_is_refused_when_nothing_newer_or_the_feed_is_bad(ctx, key) -> None:
+    c, folder = ctx
+    publish(folder, ["0.1.9", "0.2.0"], key.parent)
+    with pytest.raises(OpError) as err:
+        op("update_install", c)
+    assert err.value.code == "not_newer" and "Up to date" in err.value.message
+    publish(folder, ["0.3.0"], None)  # the signature is the old list's
+    with pytest.raises(OpError) as err:
+        op("update_install", c)
+    assert err.value.code == "feed" and err.value.field == "update_feed_url"
+    assert state.read_record(c.update_dir)["pending"] is None
+
+
+def test_going_back_is_refused_without_a_previous_version(ctx) -> None:
+    c, _ = ctx
+    with pytest.raises(OpError) as err:
+        op("update_rollback", c)
+    assert err.value.code == "no_previous"
+
+
+def test_the_window_installs_nothing_when_off_or_when_that_version_failed_here(ctx, key) -> None:
+    c, folder = ctx
+    publish(folder, ["0.3.0"], key.parent)
+    store.write_settings(c.state_dir, {"update_auto": "0"})
+    assert "Automatic updates are off" in op("update_window", c)["message"]
+    store.write_settings(c.state_dir, {"update_auto": "1"})
+    state.add_history(c.update_dir, "rolled_back", **{"from": "0.2.0", "to": "0.3.0", "by": "health"})
+    out = op("update_window", c)
+    assert "Not installed by the window: 0.3.0 rolled back here" in out["message"]
+
+
+def test_the_settings_are_checked_and_name_the_field(ctx) -> None:
+    c, _ = ctx
+    for args, field in (({"time_zone": "Mars/Olympus"}, "time_zone"), ({"window_hour": 24}, "window_hour"),
+                        ({"feed_url": "ftp://updates.example.org/"}, "update_feed_url"),
+                        ({"feed_url": "https://u:p@updates.example.org/"}, "update_feed_url")):
+        full = {"auto": True, "feed_url": "", "time_zone": "", "window_hour": 4, **args}
+        with pytest.raises(OpError) as err:
+            op("update_configure", c, **full)
+        assert err.value.field == field, (args, err.value)
+    assert store.read_settings(c.state_dir).get("update_auto", "") == ""  # nothing was stored
