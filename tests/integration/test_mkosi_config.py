@@ -33,7 +33,9 @@ def test_distribution_and_release(args: tuple[str, ...], distribution: str, rele
     assert image["Format"] == "disk" and image["Bootable"] == "enabled"
     assert image["Bootloader"] == "systemd-boot" and image["BiosBootloader"] == "grub"
     assert "openssh-server" in image["Packages"] and "nginx" in image["Packages"]
-    assert {"restic", "unattended-upgrades", "python3-apscheduler", "python3-yaml"} <= set(image["Packages"])
+    assert {"restic", "systemd-container", "python3-apscheduler", "python3-yaml"} <= set(image["Packages"])
+    # Updates are whole images (portal/update): nothing in the image updates packages in place.
+    assert "unattended-upgrades" not in image["Packages"]
     assert any(p.startswith("docker") for p in image["Packages"])
 
 

@@ -25,10 +25,26 @@ def image() -> Path:
         path = Path(given)
         assert path.is_file(), f"MAILSTEAD_IMAGE={given} does not exist"
         return path
-    subprocess.run([str(ROOT / "scripts" / "build-image"), "--profile", "test", "--raw-only"], check=True)
+    key = subprocess.run([str(ROOT / "scripts" / "publish"), "--make-key"], check=True, capture_output=True,
+                         text=True).stdout.strip().splitlines()[-1]
+    subprocess.run([str(ROOT / "scripts" / "build-image"), "--profile", "test", "--raw-only", "--update-key", key],
+                   check=True)
     path = ROOT / "mkosi.output" / "mailstead.raw"
     assert path.exists(), "scripts/build-image did not produce mkosi.output/mailstead.raw"
     return path.resolve()
+
+
+@pytest.fixture(scope="session")
+def feeds(image: Path) -> Path:
+    """The update feeds scripts/test builds before this tier (MAILSTEAD_FEEDS): v2/ holds
+    a newer version of the image under test, v3/ a newer one still whose stack cannot
+    become healthy, both signed with the key the image trusts."""
+    given = os.environ.get("MAILSTEAD_FEEDS")
+    assert given, "MAILSTEAD_FEEDS is not set: run the vm tier through scripts/test, which builds the feeds"
+    path = Path(given)
+    for version in ("v2", "v3"):
+        assert (path / version / "SHA256SUMS.gpg").is_file(), f"no signed feed in {path / version}"
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -43,4 +59,4 @@ def report():
 # Playwright with Debian's chromium, as in the browser tier (the journey walks the wizard in it).
 from tests.browser.conftest import browser_context_args, browser_type_launch_args  # noqa: E402
 
-__all__ = ["browser_context_args", "browser_type_launch_args", "image", "report"]
+__all__ = ["browser_context_args", "browser_type_launch_args", "feeds", "image", "report"]

@@ -53,6 +53,7 @@ from tests.integration.tlsaudit import tls_problems
 from tests.unit.checks_support import SmtpSink
 
 from .machine import ARTIFACTS, Machine, boot, free_port, retry, subtest
+from .updates import FeedServer, refused_feeds, version_of
 
 DOMAIN = "example.test"
 HOST = f"mail.{DOMAIN}"
@@ -209,6 +210,82 @@ def keep_guest_logs(m: Machine, name: str) -> None:
         print(f"no guest log: {err}")
 
 
+def sign_in(page: Page, url: str) -> None:
+    """The owner signs in with the password and a fresh TOTP code."""
+    page.goto(url + "/login")
+    page.fill("#address", ADMIN)
+    page.fill("#password", PASSWORD)
+    page.fill("#code", fresh_totp_code(JOURNEY.totp_secret))
+    page.click("#login-submit")
+    expect(page).to_have_url(re.compile(r"/admin/?$"))
+
+
+def deliver(ports: Ports, subject: str) -> None:
+    with smtplib.SMTP("127.0.0.1", ports["smtp"], local_hostname="mx.remote.test", timeout=120) as smtp:
+        msg = EmailMessage()
+        msg["From"], msg["To"], msg["Subject"] = "alice@remote.test", ADMIN, subject
+        msg.set_content("Delivered by a remote MTA on port 25.\n")
+        smtp.send_message(msg)
+
+
+def certificate_fingerprint(port: int) -> str:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
+        with tls_to(port).wrap_socket(raw) as conn:
+            return hashlib.sha256(conn.getpeercert(binary_form=True)).hexdigest()
+
+
+def image_version(m: Machine) -> str:
+    return m.succeed(". /etc/os-release && echo $IMAGE_VERSION").strip()
+
+
+def update_history(m: Machine) -> list[dict]:
+    return json.loads(m.succeed("cat /var/lib/mailstead-update/update.json"))["history"]
+
+
+def wait_for_new_boot(m: Machine, before: str, timeout: float) -> float:
+    """Wait until the guest booted again by itself (an update reboots it); the seconds it took."""
+    started = time.monotonic()
+
+    def rebooted() -> bool:
+        m.check_alive()
+        try:
+            return m.execute("cat /proc/sys/kernel/random/boot_id", timeout=10)[1].strip() not in ("", before)
+        except (OSError, TimeoutError, ConnectionError):
+            m._disconnect()
+            return False
+
+    retry(rebooted, timeout, "the guest to reboot by itself", interval=3)
+    return time.monotonic() - started
+
+
+def wait_for_verdict(m: Machine, timeout: float) -> str:
+    """mailstead-update-verify's end on this boot: "active" (passed) or "failed"."""
+    def done() -> str:
+        m.check_alive()
+        try:
+            state = m.execute("systemctl show -P ActiveState mailstead-update-verify", timeout=20)[1].strip()
+        except (OSError, TimeoutError, ConnectionError):
+            m._disconnect()
+            raise
+        assert state in ("active", "failed"), f"mailstead-update-verify is {state}"
+        return state
+
+    return retry(done, timeout, "the new version's health verdict", interval=5)
+
+
+def back_on(m: Machine, version: str) -> bool:
+    """The guest runs `version` and its verify unit finished (the recovery after a rollback)."""
+    m.check_alive()
+    try:
+        rc, out = m.execute(f"grep -q 'IMAGE_VERSION=\"{version}\"' /etc/os-release && "
+                            "systemctl show -P ActiveState mailstead-update-verify", timeout=20)
+    except (OSError, TimeoutError, ConnectionError):
+        m._disconnect()
+        return False
+    assert rc == 0 and out.strip() == "active", f"[{rc}] {out.strip()}"
+    return True
+
+
 def shot(page: Page, name: str) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"journey-{name}.png"), full_page=True)
@@ -231,8 +308,8 @@ JOURNEY = Journey()
 
 # The bootstrap certificate is self-signed, and the security check asks without verifying.
 @pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
-def test_first_boot_to_mail_delivered_surviving_power_loss_and_reboot(
-        page: Page, image: Path, outside: Outside, report: dict, tmp_path: Path) -> None:
+def test_first_boot_to_mail_delivered_surviving_power_loss_and_updates(
+        page: Page, image: Path, feeds: Path, outside: Outside, report: dict, tmp_path: Path) -> None:
     page.set_default_timeout(60_000)
     ports = Ports(dict(MAIL_PORTS))
     http_port = outside.pebble.http_port  # pebble fetches HTTP-01 tokens here: the guest's port 80
@@ -349,35 +426,112 @@ def test_first_boot_to_mail_delivered_surviving_power_loss_and_reboot(
                 problems = [f"{name}: {p}" for name, f in audits.items() for p in f.result()]
                 assert not problems, "testssl findings:\n" + "\n".join(problems)
 
-        with subtest('a clean reboot', report):
-            # 5. A clean reboot: everything comes back healthy without help, the mail is still there.
+        with subtest('the owner signs in to the dashboard', report):
+            sign_in(page, url)
+            expect(page.locator("#health-overall")).to_be_visible()
+            shot(page, "dashboard")
+
+        with subtest('refused feeds change nothing', report):
+            v1 = image_version(m)
+            www = tmp_path / "www"
+            www.mkdir()
+            for name in ("v2", "v3"):
+                (www / name).symlink_to(feeds / name)
+            server = FeedServer(www)
+            refused_feeds(feeds / "v2", www)
+            layout = m.succeed("lsblk -rno PARTLABEL /dev/vda")
+            assert f"mailstead_{v1}" in layout and "_empty" in layout, layout
+            for name, words in (("unsigned", "it has no signature"),
+                                ("flipped", "the signature does not match SHA256SUMS"),
+                                ("older", "is older than the running")):
+                m.succeed(f"mailstead settings-set update_feed_url={server.url(name)}")
+                rc, out = m.execute("mailstead upgrade --now", timeout=180)
+                assert rc != 0 and words in out, f"the {name} feed: [{rc}] {out}"
+            assert m.succeed("lsblk -rno PARTLABEL /dev/vda") == layout
+            m.fail("test -e /var/lib/mailstead-update/update.json")
+
+        with subtest('the owner installs the next version from the Updates page', report):
+            # What must not change: the DKIM keys, the certificate, the password and TOTP, the mail.
             JOURNEY.dkim_keys = m.succeed(f"cd {STATE}/secrets && find dkim -type f | sort | xargs sha256sum")
-            report["journey_seconds_reboot_to_shell"] = round(m.reboot(), 1)
+            cert = certificate_fingerprint(ports["imaps"])
+            machine_id = m.succeed("cat /etc/machine-id")
+            v2 = version_of(feeds / "v2")
+            page.goto(url + "/admin/updates/")
+            page.fill("#feed_url", server.url("v2"))
+            page.click("#update-settings-save")
+            page.click("#update-check-now")
+            expect(page.locator("#update-available-title")).to_contain_text(v2)
+            shot(page, "update-available")
+            before = m.boot_id()
             started = time.monotonic()
-            retry(lambda: stack_healthy(m), 900, "every service healthy after the reboot", interval=5)
-            report["journey_seconds_reboot_to_healthy"] = round(time.monotonic() - started, 1)
+            page.click("#update-install")
+            expect(page.locator("#flash-1")).to_contain_text(f"Installing {v2}")
+            # Mail that arrives while the new version is written is kept.
+            deliver(ports, "journey during the update")
+            report["update_seconds_install_to_reboot"] = round(wait_for_new_boot(m, before, 1800), 1)
+            rebooted = time.monotonic()
+            verdict = wait_for_verdict(m, 2400)
+            report["update_seconds_reboot_to_verdict"] = round(time.monotonic() - rebooted, 1)
+            report["update_seconds_install_to_healthy"] = round(time.monotonic() - started, 1)
+            assert verdict == "active", m.execute("journalctl -b -u mailstead-update-verify --no-pager")[1]
+            assert image_version(m) == v2
+            history = update_history(m)
+            assert history[-1]["outcome"] == "installed" and history[-1]["to"] == v2, history
+            # systemd-boot's counter is gone: the boot was marked good.
+            assert sorted(m.succeed("ls /efi/EFI/Linux").split()) == sorted([f"mailstead_{v1}.efi",
+                                                                             f"mailstead_{v2}.efi"])
+            stack_healthy(m)
+            assert json.loads(m.succeed(f"cat {STATE}/stack-images.json"))["version"] == v2
+            report["journey_seconds_reboot_to_healthy"] = report["update_seconds_reboot_to_verdict"]
             failed = m.succeed("systemctl --failed --no-legend --plain")
-            assert failed.strip() == "", f"failed units after the reboot:\n{failed}"
-            wait_for_subjects(ports["imaps"], ADMIN, PASSWORD, JOURNEY.subjects, 120)
+            assert failed.strip() == "", f"failed units after the update:\n{failed}"
+            JOURNEY.subjects.add("journey during the update")
+            wait_for_subjects(ports["imaps"], ADMIN, PASSWORD, JOURNEY.subjects, 300)
+            assert m.succeed(f"cd {STATE}/secrets && find dkim -type f | sort | xargs sha256sum") == JOURNEY.dkim_keys
+            assert certificate_fingerprint(ports["imaps"]) == cert
+            assert m.succeed("cat /etc/machine-id") == machine_id
+            page.context.clear_cookies()
+            sign_in(page, url)  # the same password and TOTP
+            page.goto(url + "/admin/updates/")
+            expect(page.locator("#update-running")).to_contain_text(v2)
+            expect(page.locator("#update-history-list")).to_contain_text("installed")
+            shot(page, "updated")
             time.sleep(30)  # idle: let the boot-time work settle
             report["journey_memory_idle_mb"] = int(m.succeed("free -m | awk '/^Mem:/ {print $3}'").strip())
             report["journey_memory_budget"] = m.memory_budget()
-            # Where boot time goes (issue 15: boot to portal vs a minimal image), for the bench's report.
             for key, command in (("journey_boot_critical_chain", "systemd-analyze critical-chain --no-pager "
                                                                  "mailstead-web.service"),
                                  ("journey_boot_blame", "systemd-analyze blame --no-pager | head -25")):
                 report[key] = m.execute(command, timeout=120)[1].splitlines()[:40]
 
-        with subtest('the owner signs in to the dashboard', report):
-            # The dashboard after the reboot: the owner signs in with TOTP.
-            page.goto(url + "/login")
-            page.fill("#address", ADMIN)
-            page.fill("#password", PASSWORD)
-            page.fill("#code", fresh_totp_code(secret))
-            page.click("#login-submit")
-            expect(page).to_have_url(re.compile(r"/admin/?$"))
-            expect(page.locator("#health-overall")).to_be_visible()
-            shot(page, "dashboard-after-reboot")
+        with subtest('a version whose stack cannot start goes back by itself', report):
+            v3 = version_of(feeds / "v3")
+            m.succeed(f"mailstead settings-set update_feed_url={server.url('v3')}")
+            before = m.boot_id()
+            started = time.monotonic()
+            m.succeed("mailstead upgrade --now", timeout=180)
+            # It boots v3, which fails its checks and reboots; v2 comes back and recovers.
+            wait_for_new_boot(m, before, 1800)
+            retry(lambda: back_on(m, v2), 2400, f"the machine back on {v2}, recovered", interval=5)
+            report["update_seconds_failed_to_healthy"] = round(time.monotonic() - started, 1)
+            history = update_history(m)
+            assert [h["outcome"] for h in history[-2:]] == ["failed", "rolled_back"], history
+            assert history[-2]["to"] == v3 and "docker" in history[-2]["message"], history[-2]
+            assert history[-1]["alerted"] is True and "sent to" in history[-1]["alerts"], history[-1]
+            assert any(name.startswith(f"mailstead_{v3}+0-") for name in m.succeed("ls /efi/EFI/Linux").split())
+            stack_healthy(m)
+            assert json.loads(m.succeed(f"cat {STATE}/stack-images.json"))["version"] == v2
+            wait_for_subjects(ports["imaps"], ADMIN, PASSWORD, JOURNEY.subjects, 300)
+            alert = f"[Mailstead {HOST}] PROBLEM: update fail"
+
+            def one_alert() -> bool:
+                subjects = imap_subjects(ports["imaps"], ADMIN, PASSWORD)
+                assert subjects.count(alert) == 1, subjects[-5:]
+                return True
+
+            retry(one_alert, 300, "one alert mail about the rollback", interval=5)
+            assert m.succeed("systemctl --failed --no-legend --plain").strip() == ""
+            server.stop()
     except BaseException:
         keep_guest_logs(m, "journey")
         raise
