@@ -127,3 +127,16 @@ def rig(make_app: Callable[..., Flask], token_file: Path, state_dir: Path,
         return build_rig(state, make_app, state_dir, agents[0], **config)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def feed_key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A real gpg signing key for update feeds (tests/support/feeds.py); its exported
+    public keyring (the key's gpg home is the keyring's folder)."""
+    from tests.support.feeds import make_key, stop_agent
+
+    home = tmp_path_factory.mktemp("feed-key") / "home"
+    try:
+        yield make_key(home, "Mailstead test feed <feed@example.test>")
+    finally:
+        stop_agent(home)

@@ -18,7 +18,7 @@ from portal.checks import CheckResult, history
 from portal.checks import privileged as agentops
 from portal.checks.env import CheckEnv
 from tests.conftest import free_port
-from tests.support.feeds import make_key, publish, serve, stop_agent
+from tests.support.feeds import publish, serve
 
 from .checks_support import HookServer, SmtpSink, make_cert, serving, write_settings
 
@@ -162,15 +162,6 @@ def test_backup_and_verification_outcomes(state):
 
 
 # -- updates, reboot ----------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def feed_key(tmp_path_factory):
-    home = tmp_path_factory.mktemp("key") / "home"
-    try:
-        yield make_key(home, "Mailstead test feed <feed@example.test>")
-    finally:
-        stop_agent(home)
-
 
 def test_updates_warn_without_a_feed_then_on_a_feed_unreadable_for_days(state, tmp_path, feed_key):
     from portal.core import store

@@ -15,16 +15,12 @@ from portal.agent.registry import OpError
 from portal.core import store
 from portal.update import privileged as upd
 from portal.update import state
-from tests.support.feeds import make_key, publish, serve, stop_agent
+from tests.support.feeds import publish, serve
 
 
-@pytest.fixture(scope="module")
-def key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    home = tmp_path_factory.mktemp("key") / "home"
-    try:
-        yield make_key(home, "Mailstead test feed <feed@example.test>")
-    finally:
-        stop_agent(home)
+@pytest.fixture
+def key(feed_key: Path) -> Path:
+    return feed_key
 
 
 @pytest.fixture

@@ -53,7 +53,7 @@ from tests.integration.tlsaudit import tls_problems
 from tests.unit.checks_support import SmtpSink
 
 from .machine import ARTIFACTS, Machine, boot, free_port, retry, subtest
-from .updates import FeedServer, refused_feeds, version_of
+from .updates import FeedServer, refused_feeds, verified_on, version_of, wait_for_new_boot
 
 DOMAIN = "example.test"
 HOST = f"mail.{DOMAIN}"
@@ -242,22 +242,6 @@ def update_history(m: Machine) -> list[dict]:
     return json.loads(m.succeed("cat /var/lib/mailstead-update/update.json"))["history"]
 
 
-def wait_for_new_boot(m: Machine, before: str, timeout: float) -> float:
-    """Wait until the guest booted again by itself (an update reboots it); the seconds it took."""
-    started = time.monotonic()
-
-    def rebooted() -> bool:
-        m.check_alive()
-        try:
-            return m.execute("cat /proc/sys/kernel/random/boot_id", timeout=10)[1].strip() not in ("", before)
-        except (OSError, TimeoutError, ConnectionError):
-            m._disconnect()
-            return False
-
-    retry(rebooted, timeout, "the guest to reboot by itself", interval=3)
-    return time.monotonic() - started
-
-
 def wait_for_verdict(m: Machine, timeout: float) -> str:
     """mailstead-update-verify's end on this boot: "active" (passed) or "failed"."""
     def done() -> str:
@@ -271,19 +255,6 @@ def wait_for_verdict(m: Machine, timeout: float) -> str:
         return state
 
     return retry(done, timeout, "the new version's health verdict", interval=5)
-
-
-def back_on(m: Machine, version: str) -> bool:
-    """The guest runs `version` and its verify unit finished (the recovery after a rollback)."""
-    m.check_alive()
-    try:
-        rc, out = m.execute(f"grep -q 'IMAGE_VERSION=\"{version}\"' /etc/os-release && "
-                            "systemctl show -P ActiveState mailstead-update-verify", timeout=20)
-    except (OSError, TimeoutError, ConnectionError):
-        m._disconnect()
-        return False
-    assert rc == 0 and out.strip() == "active", f"[{rc}] {out.strip()}"
-    return True
 
 
 def shot(page: Page, name: str) -> None:
@@ -512,7 +483,7 @@ def test_first_boot_to_mail_delivered_surviving_power_loss_and_updates(
             m.succeed("mailstead upgrade --now", timeout=180)
             # It boots v3, which fails its checks and reboots; v2 comes back and recovers.
             wait_for_new_boot(m, before, 1800)
-            retry(lambda: back_on(m, v2), 2400, f"the machine back on {v2}, recovered", interval=5)
+            retry(lambda: verified_on(m, v2), 2400, f"the machine back on {v2}, recovered", interval=5)
             report["update_seconds_failed_to_healthy"] = round(time.monotonic() - started, 1)
             history = update_history(m)
             assert [h["outcome"] for h in history[-2:]] == ["failed", "rolled_back"], history

@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from .machine import ARTIFACTS, Machine, boot, free_port, retry, subtest
-from .updates import FeedServer, version_of
+from .updates import FeedServer, verified_on, version_of, wait_for_new_boot
 
 
 
@@ -230,28 +230,6 @@ def check_offline_stack(m: Machine, report: dict) -> None:
         m.qmp("set_link", name="net0", up=True)
 
 
-def boot_id_changed(m: Machine, before: str) -> bool:
-    m.check_alive()
-    try:
-        return m.execute("cat /proc/sys/kernel/random/boot_id", timeout=10)[1].strip() not in ("", before)
-    except (OSError, TimeoutError, ConnectionError):
-        m._disconnect()
-        return False
-
-
-def verified_on(m: Machine, version: str) -> bool:
-    """`version` runs and its mailstead-update-verify finished well."""
-    m.check_alive()
-    try:
-        rc, out = m.execute(f". /etc/os-release && test \"$IMAGE_VERSION\" = {version} && "
-                            "systemctl show -P ActiveState mailstead-update-verify", timeout=20)
-    except (OSError, TimeoutError, ConnectionError):
-        m._disconnect()
-        return False
-    assert rc == 0 and out.strip() == "active", f"[{rc}] {out.strip()}"
-    return True
-
-
 def check_bios_updates(m: Machine, feeds: Path, tmp_path: Path, report: dict) -> None:
     """GRUB boots the new version once (next_entry); it becomes the default only after
     its checks pass. A version that fails is not booted again: GRUB's default is
@@ -267,8 +245,7 @@ def check_bios_updates(m: Machine, feeds: Path, tmp_path: Path, report: dict) ->
         m.succeed(f"mailstead settings-set update_feed_url={server.url('v2')}")
         before, started = m.boot_id(), time.monotonic()
         m.succeed("mailstead upgrade --now", timeout=180)
-        retry(lambda: boot_id_changed(m, before), 1800, "the reboot into the new version", interval=3)
-        report["bios_update_seconds_install_to_reboot"] = round(time.monotonic() - started, 1)
+        report["bios_update_seconds_install_to_reboot"] = round(wait_for_new_boot(m, before, 1800), 1)
         retry(lambda: verified_on(m, v2), 2400, f"{v2} judged healthy", interval=5)
         report["bios_update_seconds_install_to_healthy"] = round(time.monotonic() - started, 1)
         env = m.succeed("grub-editenv /efi/grub/grubenv list")
@@ -278,7 +255,7 @@ def check_bios_updates(m: Machine, feeds: Path, tmp_path: Path, report: dict) ->
         m.succeed(f"mailstead settings-set update_feed_url={server.url('v3')}")
         before, started = m.boot_id(), time.monotonic()
         m.succeed("mailstead upgrade --now", timeout=180)
-        retry(lambda: boot_id_changed(m, before), 1800, "the reboot into the failing version", interval=3)
+        wait_for_new_boot(m, before, 1800)
         retry(lambda: verified_on(m, v2), 2400, f"back on {v2}, recovered", interval=5)
         report["bios_update_seconds_failed_to_healthy"] = round(time.monotonic() - started, 1)
         history = json.loads(m.succeed("cat /var/lib/mailstead-update/update.json"))["history"]

@@ -10,9 +10,12 @@ import json
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 from tests.support.feeds import gpg
+
+from .machine import Machine, retry
 
 HOST_ALIAS = "10.0.2.2"
 
@@ -83,3 +86,33 @@ def refused_feeds(good: Path, root: Path) -> dict[str, Path]:
     sign(older)
     out["older"] = older
     return out
+
+
+def wait_for_new_boot(m: Machine, before: str, timeout: float) -> float:
+    """Wait until the guest booted again by itself (an update reboots it); the seconds it took."""
+    started = time.monotonic()
+
+    def rebooted() -> bool:
+        m.check_alive()
+        try:
+            return m.execute("cat /proc/sys/kernel/random/boot_id", timeout=10)[1].strip() not in ("", before)
+        except (OSError, TimeoutError, ConnectionError):
+            m._disconnect()
+            return False
+
+    retry(rebooted, timeout, "the guest to reboot by itself", interval=3)
+    return time.monotonic() - started
+
+
+def verified_on(m: Machine, version: str) -> bool:
+    """`version` runs and its mailstead-update-verify finished well (a trial passed, or
+    the recovery after a rollback is done)."""
+    m.check_alive()
+    try:
+        rc, out = m.execute(f". /etc/os-release && test \"$IMAGE_VERSION\" = {version} && "
+                            "systemctl show -P ActiveState mailstead-update-verify", timeout=20)
+    except (OSError, TimeoutError, ConnectionError):
+        m._disconnect()
+        return False
+    assert rc == 0 and out.strip() == "active", f"[{rc}] {out.strip()}"
+    return True

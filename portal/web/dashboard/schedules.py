@@ -1,5 +1,5 @@
 """Dashboard Schedules area: the maintenance jobs the agent's scheduler runs (backup,
-verify, certificate renewal, health checks, DNS check, upgrade check), each with its
+verify, certificate renewal, health checks, DNS check, the update window), each with its
 schedule (crontab text), next run and last run; a form per job to change the
 schedule or go back to the default; "Run now"; the recent runs.
 
@@ -32,7 +32,8 @@ JOB_RE = re.compile(r"^[a-z][a-z_]{0,39}$")
 RECENT = 30
 RUN_WAIT = 20.0  # "Run now" waits this long; a longer job goes on in the agent and shows under Recent runs
 CRON_HELP = ("A schedule has five fields, as in cron: minute, hour, day of month, month, day of week (0 or 7 = "
-             "Sunday; mon-fri works too), in the appliance's local time. For example 0 3 * * * is 03:00 every "
+             "Sunday; mon-fri works too), in your time zone (set on the Updates page; else the appliance's clock, "
+             "UTC). For example 0 3 * * * is 03:00 every "
              "day, */30 * * * * every 30 minutes, 30 4 * * 0 Sundays at 04:30.")
 OUTCOME_WORDS = {"ok": "OK", "failed": "failed", "skipped": "skipped"}
 
