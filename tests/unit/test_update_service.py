@@ -5,6 +5,7 @@ the VM tier, on a booted image."""
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -145,12 +146,26 @@ def trial_env(env, start_agent, tmp_path) -> Iterator[service.Env]:
         use_socket(None)
 
 
-def test_a_new_version_that_passes_its_checks_is_kept(trial_env, portal) -> None:
+def grubenv(e: service.Env) -> str:
+    return subprocess.run(["grub-editenv", str(e.esp / "grub" / "grubenv"), "list"], capture_output=True,
+                          text=True, check=True).stdout
+
+
+@pytest.mark.parametrize("firmware", ["uefi", "bios"])
+def test_a_new_version_that_passes_its_checks_is_kept(trial_env, portal, firmware) -> None:
     e = trial_env
     e.portal = portal
-    state.begin(e.state_dir, e.update_dir, "0.1.0", "0.2.0", "uefi")
+    if firmware == "bios":
+        # As the install left GRUB: the running version the default, the new one booted once.
+        (e.esp / "grub").mkdir(parents=True)
+        subprocess.run(["grub-editenv", str(e.esp / "grub" / "grubenv"), "create"], check=True)
+        service.grub_env(e, "saved_entry=mailstead_0.1.0", "next_entry=mailstead_0.2.0")
+        assert "saved_entry=mailstead_0.1.0" in grubenv(e) and "next_entry=mailstead_0.2.0" in grubenv(e)
+    state.begin(e.state_dir, e.update_dir, "0.1.0", "0.2.0", firmware)
     assert service.boot(e) == "trial"
     assert service.verify(e) == 0
+    if firmware == "bios":
+        assert "saved_entry=mailstead_0.2.0" in grubenv(e)  # the default only now
     last = state.history(e.update_dir)[0]
     assert last["outcome"] == "installed" and last["to"] == "0.2.0" and "passed its health checks" in last["message"]
     assert state.read_record(e.update_dir)["pending"] is None
