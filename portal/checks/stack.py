@@ -268,11 +268,14 @@ def upgrade(env: CheckEnv) -> CheckResult:
                                "logs; restore the backup taken before the upgrade if mail is lost")
         if last.get("rolled_back"):
             return CheckResult("upgrade", "warn", f"{attempt} failed and was rolled back; {current} runs: {error}",
-                               "fix what failed (the message above and the upgrade job's log say what) and upgrade again")
+                               "fix what failed (the message above and the agent's log say what); the next update "
+                           "tries again")
         return CheckResult("upgrade", "warn", f"{attempt} did not run; nothing was changed: {error}",
-                           "fix what stopped it and upgrade again")
+                           "fix what stopped it; the next update tries again")
     if info["upgrade_available"]:
-        return CheckResult("upgrade", "warn", f"{info['available']} is available; the stack runs {current}",
-                           "upgrade: mailstead upgrade (it backs up first and rolls back if the new version "
-                           "fails its health check)")
+        return CheckResult("upgrade", "warn", f"this appliance ships the {info['available']} stack images; the "
+                                              f"stack runs {current}",
+                           "the first boot of an update brings the stack to its images; to do it now, call "
+                           "the agent's upgrade_run as root (it backs up first and rolls back if the new "
+                           "images fail their health check)")
     return CheckResult("upgrade", "ok", f"the stack runs {current}, the newest this appliance has")

@@ -94,8 +94,10 @@ REPLAYS = [
     ("dashboard", "/admin/health/", "/admin/health/alerts",
      {"alert_webhook_url": "https://hooks.example.com/a", "dnsbl_zones": "zen.spamhaus.org"},
      {"alert_webhook_url": "https://attacker.example/x"}),
-    ("maintenance", "/admin/schedules/", "/admin/schedules/upgrade_check", {"upgrade_check-cron": "0 1 1 1 *"},
-     {"upgrade_check-cron": "* * * * *"}),
+    ("maintenance", "/admin/schedules/", "/admin/schedules/update", {"update-cron": "0 1 1 1 *"},
+     {"update-cron": "* * * * *"}),
+    ("maintenance", "/admin/updates/", "/admin/updates/settings",
+     {"auto": "y", "window_hour": "5", "time_zone": "", "feed_url": ""}, {"window_hour": "6"}),
 ]
 
 
