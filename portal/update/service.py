@@ -6,6 +6,7 @@ sandbox does not allow).
     mailstead-update rollback [--reboot]   (the owner's "go back to the previous version")
     mailstead-update boot       (mailstead-update-boot.service, before the agent)
     mailstead-update verify     (mailstead-update-verify.service, before boot-complete.target)
+    mailstead-update deadline   (mailstead-update-deadline.timer)
 
 1. read the feed (signature, hashes, notes: portal/update/feed.py) and pick
    the newest version, which must be newer than the running one;
@@ -34,9 +35,11 @@ After the reboot:
   the update is recorded as installed, systemd-bless-boot marks the boot good
   when boot-complete.target is reached (UEFI), and GRUB's default becomes this
   version (BIOS). Failed: recorded, the boot is marked bad (UEFI; on BIOS the
-  one-shot entry is already spent), and the unit fails, whose FailureAction
-  reboots into the old version. Back on the old version, it has the agent
-  bring the stack up again and send the owner one alert mail.
+  one-shot entry is already spent), and it reboots into the old version.
+  Back on the old version, it has the agent bring the stack up again and send
+  the owner one alert mail.
+- `deadline` (mailstead-update-deadline.timer, 50 minutes after boot): a new
+  version still on trial by then fails as above (it hung somewhere).
 """
 
 from __future__ import annotations
@@ -45,9 +48,9 @@ import argparse
 import http.client
 import ssl
 import subprocess
-import time
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
