@@ -1,10 +1,13 @@
-"""The agent's part of an image update: what the first boot of a new version is
-judged by, and what the old version does when it is back after a failed one.
+"""The agent's part of image updates.
 
-Both are root's only (the web process cannot call them): mailstead-update's
-`verify` (portal/update/service.py, in mailstead-update-verify.service) calls
-them over the agent's socket, because the stack, its settings and the alert
-mail are the agent's.
+- update_trial and update_recover: what the first boot of a new version is
+  judged by, and what the old version does when it is back after a failed one.
+  Root's only (the web process cannot call them): mailstead-update's `verify`
+  (portal/update/service.py, in mailstead-update-verify.service) calls them
+  over the agent's socket, because the stack, its settings and the alert mail
+  are the agent's.
+- The owner's controls (below): status, check, install, go back, settings, and
+  the scheduler's daily window.
 """
 
 from __future__ import annotations

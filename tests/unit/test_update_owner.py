@@ -90,3 +90,26 @@ def test_the_settings_are_checked_and_name_the_field(ctx) -> None:
             op("update_configure", c, **full)
         assert err.value.field == field, (args, err.value)
     assert store.read_settings(c.state_dir).get("update_auto", "") == ""  # nothing was stored
+
+
+def test_port_25_must_take_mail_for_the_admin_and_nothing_is_sent() -> None:
+    import threading
+    from types import SimpleNamespace
+
+    from tests.conftest import free_port
+    from tests.unit.checks_support import SmtpSink
+
+    sink = SmtpSink()
+    threading.Thread(target=sink.serve_forever, daemon=True).start()
+    try:
+        settings = SimpleNamespace(ports={"smtp": sink.port}, publish_addresses=("127.0.0.1",),
+                                   hostname="mail.example.test")
+        assert upd.smtp_accepts(settings, "postmaster@example.test", 5) is None
+        assert sink.messages == []  # the envelope only: RSET, no message
+        closed = SimpleNamespace(ports={"smtp": free_port()}, publish_addresses=("127.0.0.1",),
+                                 hostname="mail.example.test")
+        why = upd.smtp_accepts(closed, "postmaster@example.test", 0)
+        assert why and why.startswith("port 25 (127.0.0.1:") and "does not accept mail" in why
+    finally:
+        sink.shutdown()
+        sink.server_close()
