@@ -265,3 +265,12 @@ def test_systemd_analyze_rates_each_unit_within_its_target(tmp_path) -> None:
     target = {n: TARGETS.get(n, TARGETS.get(n.replace("@install.", "@."))) for n in names}
     over = {n: float(s) for n, s in scores.items() if float(s) > target[n]}
     assert not over, f"exposure above target {[(n, s, target[n]) for n, s in over.items()]}:\n{out.stdout}"
+
+
+def test_the_rollback_can_rename_between_the_state_and_the_update_folders() -> None:
+    """mailstead-update-boot renames /var/lib/mailstead into /var/lib/mailstead-update and
+    back: one writable mount for both (a StateDirectory= or a ReadWritePaths= per folder
+    would make each its own mount point, and rename(2) fails across them with EXDEV)."""
+    svc = service("mailstead-update-boot.service")
+    assert "StateDirectory" not in svc and svc["ReadWritePaths"] == ["/var/lib"], svc
+    assert svc["ProtectSystem"] == ["strict"]

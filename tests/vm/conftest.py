@@ -36,14 +36,13 @@ def image() -> Path:
 
 @pytest.fixture(scope="session")
 def feeds(image: Path) -> Path:
-    """The update feeds scripts/test builds before this tier (MAILSTEAD_FEEDS): v2/ holds
-    a newer version of the image under test, v3/ a newer one still whose stack cannot
-    become healthy, both signed with the key the image trusts."""
+    """The update feed scripts/test builds before this tier (MAILSTEAD_FEEDS): v3/ holds a
+    newer version of the image under test whose stack cannot become healthy, signed
+    with the key the image trusts."""
     given = os.environ.get("MAILSTEAD_FEEDS")
     assert given, "MAILSTEAD_FEEDS is not set: run the vm tier through scripts/test, which builds the feeds"
     path = Path(given)
-    for version in ("v2", "v3"):
-        assert (path / version / "SHA256SUMS.gpg").is_file(), f"no signed feed in {path / version}"
+    assert (path / "v3" / "SHA256SUMS.gpg").is_file(), f"no signed feed in {path / 'v3'}"
     return path
 
 
