@@ -433,7 +433,7 @@ def test_first_boot_to_mail_delivered_surviving_power_loss_and_updates(
             report["update_seconds_failed_to_healthy"] = round(time.monotonic() - started, 1)
             history = update_history(m)
             assert [h["outcome"] for h in history] == ["failed", "rolled_back"], history
-            assert history[0]["to"] == v3 and "docker" in history[0]["message"], history[0]
+            assert history[0]["to"] == v3 and "failed its health checks" in history[0]["message"], history[0]
             assert history[1]["alerted"] is True and "sent to" in history[1]["alerts"], history[1]
             # systemd-boot tried v3 once: its image is marked bad, v1's is the default again.
             kernels = m.succeed("ls /efi/EFI/Linux").split()
