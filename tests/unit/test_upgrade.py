@@ -295,7 +295,7 @@ def test_health_check_reports_the_last_upgrade_and_an_available_one(ctx):
     assert r.status == "ok" and r.message == "the stack runs 0.1.0, the newest this appliance has"
     (ctx.images_dir / "VERSION").write_text("0.2.0\n")
     r = run_check(ctx)
-    assert r.status == "warn" and "0.2.0 is available; the stack runs 0.1.0" in r.message
+    assert r.status == "warn" and "ships the 0.2.0 stack images; the stack runs 0.1.0" in r.message
 
     attempt = {"at": "2026-03-02T04:50:00+00:00", "ok": False, "from": "0.1.0", "to": "0.2.0", "changed": True,
                "rolled_back": True, "rollback_ok": True, "error": "the upgrade from 0.1.0 to 0.2.0 failed: dovecot"}
