@@ -76,12 +76,12 @@ def update_trial(ctx: Context, timeout: int = 900) -> dict[str, Any]:
     try:
         done = run(ctx, _progress, without_backup=True, timeout=float(timeout), health_wait=float(timeout),
                    health=lambda wait, pr: wait_healthy(ctx, STACK_CHECKS, wait, pr))
-        stack = f"upgraded from {done['from']} to {done['to']}"
+        stack = f"upgraded from {done['from']} to {done['to']}"  # its own health check passed
     except UpgradeError as err:
         if err.code != "not_newer":
             return {"ok": False, "problems": [f"the stack upgrade: {err.message}"], "stack": "failed"}
         stack = "already on this version's images"
-    problems += wait_healthy(ctx, STACK_CHECKS, float(timeout), _progress)
+        problems += wait_healthy(ctx, STACK_CHECKS, float(timeout), _progress)
     if not problems:
         try:
             settings = settings_for(ctx)

@@ -19,12 +19,7 @@ from tests.support.feeds import publish, serve
 
 
 @pytest.fixture
-def key(feed_key: Path) -> Path:
-    return feed_key
-
-
-@pytest.fixture
-def ctx(tmp_path: Path, key: Path) -> Iterator[tuple[ops.Context, Path]]:
+def ctx(tmp_path: Path, feed_key: Path) -> Iterator[tuple[ops.Context, Path]]:
     os_release = tmp_path / "os-release"
     os_release.write_text('IMAGE_ID=mailstead\nIMAGE_VERSION="0.2.0"\n')
     (tmp_path / "state").mkdir()
@@ -32,16 +27,16 @@ def ctx(tmp_path: Path, key: Path) -> Iterator[tuple[ops.Context, Path]]:
     with serve(tmp_path / "www") as url:
         store.write_settings(tmp_path / "state", {"update_feed_url": url})
         yield ops.Context(state_dir=tmp_path / "state", update_dir=tmp_path / "update", os_release=os_release,
-                          update_keyring=key), tmp_path / "www" / "feed"
+                          update_keyring=feed_key), tmp_path / "www" / "feed"
 
 
 def op(name: str, c: ops.Context, **args):
     return ops.load_all()[name].run_checked(c, args)
 
 
-def test_the_check_says_what_the_feed_offers_and_keeps_it(ctx, key) -> None:
+def test_the_check_says_what_the_feed_offers_and_keeps_it(ctx, feed_key) -> None:
     c, folder = ctx
-    publish(folder, ["0.1.9", "0.2.0", "0.3.0"], key.parent)
+    publish(folder, ["0.1.9", "0.2.0", "0.3.0"], feed_key.parent)
     out = op("update_check", c)
     assert out["ok"] and out["available"] and out["newest"] == "0.3.0" and out["notes"]["notes"] == ["Version 0.3.0"]
     status = op("update_status", c)
@@ -49,9 +44,9 @@ def test_the_check_says_what_the_feed_offers_and_keeps_it(ctx, key) -> None:
     assert status["history"] == [] and status["rollback_to"] is None
 
 
-def test_install_now_is_refused_when_nothing_newer_or_the_feed_is_bad(ctx, key) -> None:
+def test_install_now_is_refused_when_nothing_newer_or_the_feed_is_bad(ctx, feed_key) -> None:
     c, folder = ctx
-    publish(folder, ["0.1.9", "0.2.0"], key.parent)
+    publish(folder, ["0.1.9", "0.2.0"], feed_key.parent)
     with pytest.raises(OpError) as err:
         op("update_install", c)
     assert err.value.code == "not_newer" and "Up to date" in err.value.message
@@ -69,9 +64,9 @@ def test_going_back_is_refused_without_a_previous_version(ctx) -> None:
     assert err.value.code == "no_previous"
 
 
-def test_the_window_installs_nothing_when_off_or_when_that_version_failed_here(ctx, key) -> None:
+def test_the_window_installs_nothing_when_off_or_when_that_version_failed_here(ctx, feed_key) -> None:
     c, folder = ctx
-    publish(folder, ["0.3.0"], key.parent)
+    publish(folder, ["0.3.0"], feed_key.parent)
     store.write_settings(c.state_dir, {"update_auto": "0"})
     assert "Automatic updates are off" in op("update_window", c)["message"]
     store.write_settings(c.state_dir, {"update_auto": "1"})

@@ -17,12 +17,7 @@ from tests.support.feeds import publish, serve
 
 
 @pytest.fixture
-def key(feed_key: Path) -> Path:
-    return feed_key
-
-
-@pytest.fixture
-def env(tmp_path: Path, key: Path) -> Iterator[tuple[service.Env, Path]]:
+def env(tmp_path: Path, feed_key: Path) -> Iterator[tuple[service.Env, Path]]:
     state_dir = tmp_path / "state"
     state_dir.mkdir()
     os_release = tmp_path / "os-release"
@@ -30,28 +25,28 @@ def env(tmp_path: Path, key: Path) -> Iterator[tuple[service.Env, Path]]:
     with serve(tmp_path / "www") as url:
         store.write_settings(state_dir, {"update_feed_url": url})
         yield service.Env(state_dir=state_dir, update_dir=tmp_path / "update", os_release=os_release,
-                          esp=tmp_path / "esp", definitions=tmp_path / "run" / "sysupdate.d", keyring=key,
+                          esp=tmp_path / "esp", definitions=tmp_path / "run" / "sysupdate.d", keyring=feed_key,
                           efi_firmware=tmp_path / "no-efi"), tmp_path / "www" / "feed"
 
 
-def test_nothing_newer_on_the_feed_changes_nothing(env, key) -> None:
+def test_nothing_newer_on_the_feed_changes_nothing(env, feed_key) -> None:
     e, folder = env
-    publish(folder, ["0.1.9", "0.2.0"], key.parent)
+    publish(folder, ["0.1.9", "0.2.0"], feed_key.parent)
     assert service.install(e)["installed"] == ""
     assert not e.update_dir.exists() and not e.definitions.exists()
 
 
-def test_an_older_version_asked_for_by_name_is_refused_before_anything_changes(env, key) -> None:
+def test_an_older_version_asked_for_by_name_is_refused_before_anything_changes(env, feed_key) -> None:
     e, folder = env
-    publish(folder, ["0.1.9", "0.2.0", "0.3.0"], key.parent)
+    publish(folder, ["0.1.9", "0.2.0", "0.3.0"], feed_key.parent)
     with pytest.raises(service.InstallError, match="not newer than the running 0.2.0"):
         service.install(e, "0.1.9")
     assert not e.update_dir.exists()
 
 
-def test_a_tampered_feed_is_refused_before_anything_changes(env, key) -> None:
+def test_a_tampered_feed_is_refused_before_anything_changes(env, feed_key) -> None:
     e, folder = env
-    publish(folder, ["0.3.0"], key.parent)
+    publish(folder, ["0.3.0"], feed_key.parent)
     (folder / "SHA256SUMS").write_text((folder / "SHA256SUMS").read_text().replace("0.3.0", "0.3.1"))
     with pytest.raises(feed.FeedError, match="does not match SHA256SUMS"):
         service.install(e)
