@@ -29,10 +29,21 @@ HEADER = """\
 
 VOLUMES = ("mail", "spool", "rspamd", "redis", "dav")
 
-# Checked every 5 s; healthy as soon as one check passes. The long start period
-# only forgives failures while a slow machine (or emulation) is still starting a
-# service, e.g. rspamd loading its configuration.
-HEALTH = {"interval": "5s", "timeout": "30s", "retries": 5, "start_period": "300s"}
+# Healthy as soon as one check passes. The long start period only forgives
+# failures while a slow machine (or emulation) is still starting a service, e.g.
+# rspamd loading its configuration. Each check runs a process in the container
+# (radicale's starts python), so six services checked every 5 s keep a small
+# machine's CPU busy for nothing: with docker 25+ a starting service is checked
+# every 5 s (the start interval), and then a healthy one once a minute (three
+# misses in a row, about 3 minutes, make it unhealthy). The start interval is
+# named: docker 26 (trixie's) takes an unset one as the interval, so each service
+# waited a minute for its first check and postfix, whose first check came before
+# smtpd answered, 3 minutes in a VM. Older engines have no start interval, and
+# there the first check waits a whole interval: every check is 5 s apart (the
+# host's docker 20.10 in the integration tests).
+HEALTH = {"timeout": "30s", "start_period": "300s"}
+HEALTH_QUIET = {"interval": "60s", "start_interval": "5s", "retries": 3}
+HEALTH_EVERY_5S = {"interval": "5s", "retries": 5}
 LOGGING = {"driver": "json-file", "options": {"max-size": "10m", "max-file": "3"}}
 
 
@@ -52,8 +63,9 @@ def _ports(settings: StackSettings, name: str, container_port: int,
             for addr in (addresses if addresses is not None else settings.publish_addresses)]
 
 
-def _health(service: str, **override: str) -> dict[str, Any]:
-    return {"test": ["CMD", "/bin/sh", f"/etc/mailstead/{service}/healthcheck.sh"], **HEALTH, **override}
+def _health(settings: StackSettings, service: str, **override: str) -> dict[str, Any]:
+    pace = HEALTH_QUIET if settings.engine_start_interval else HEALTH_EVERY_5S
+    return {"test": ["CMD", "/bin/sh", f"/etc/mailstead/{service}/healthcheck.sh"], **HEALTH, **pace, **override}
 
 
 def _entrypoint(service: str) -> list[str]:
@@ -88,7 +100,7 @@ def compose(settings: StackSettings) -> dict[str, Any]:
             + _ports(settings, "submission", 587),
             volumes=[_bind("./postfix", "/etc/mailstead/postfix"), _volume("spool", "/var/spool/postfix"),
                      accounts, *tls_mounts],
-            healthcheck=_health("postfix")),
+            healthcheck=_health(settings, "postfix")),
         # Plaintext that must never reach a disk: LMTP spools large incoming messages in
         # /tmp before mail_crypt encrypts them, and the index cache (header fields,
         # snippets) lives in /var/cache/dovecot-index.
@@ -98,7 +110,7 @@ def compose(settings: StackSettings) -> dict[str, Any]:
             volumes=[_bind("./dovecot", "/etc/mailstead/dovecot"), _volume("mail", "/var/mail"),
                      accounts, *tls_mounts],
             tmpfs=["/tmp", "/var/cache/dovecot-index"],
-            healthcheck=_health("dovecot")),
+            healthcheck=_health(settings, "dovecot")),
         # Starts as root only to put config and DKIM keys in place for _rspamd, then runs
         # rspamd as _rspamd. Not published: postfix reaches the milter on the stack network.
         # The hostname is the authserv-id of its Authentication-Results and ARC headers.
@@ -111,13 +123,13 @@ def compose(settings: StackSettings) -> dict[str, Any]:
             # Its start loads a large configuration (a minute under emulation), then compiles
             # its regexp caches in the background; any multipattern the image does not ship
             # (recipes/rspamd/postinst-hs-cache.chroot) is compiled before it answers.
-            healthcheck=_health("rspamd", start_period="600s")),
+            healthcheck=_health(settings, "rspamd", start_period="600s")),
         # Unprivileged, and never published: rspamd reaches it on the stack network.
         "redis": service(
             "redis", user="redis", entrypoint=_entrypoint("redis"),
             cap_drop=["ALL"], security_opt=["no-new-privileges:true"],
             volumes=[_bind("./redis", "/etc/mailstead/redis"), _volume("redis", "/var/lib/redis")],
-            healthcheck=_health("redis")),
+            healthcheck=_health(settings, "redis")),
         # Starts as root only to chown the dav volume, then runs radicale as the radicale
         # user; these are all the capabilities it has. Published on loopback only, for nginx.
         "radicale": service(
@@ -126,7 +138,7 @@ def compose(settings: StackSettings) -> dict[str, Any]:
             security_opt=["no-new-privileges:true"],
             ports=_ports(settings, "dav", 5232, ("127.0.0.1",)),
             volumes=[_bind("./radicale", "/etc/mailstead/radicale"), _volume("dav", "/var/lib/radicale/collections")],
-            healthcheck=_health("radicale")),
+            healthcheck=_health(settings, "radicale")),
         # The stack's caching resolver (rspamd makes some 24 lookups a message). It
         # forwards to `dns_servers` or resolves from the root. Unprivileged from the
         # start (port 53 is allowed by the sysctl), never published, and at a fixed
@@ -138,7 +150,7 @@ def compose(settings: StackSettings) -> dict[str, Any]:
             cap_drop=["ALL"], security_opt=["no-new-privileges:true"],
             sysctls={"net.ipv4.ip_unprivileged_port_start": 53},
             volumes=[_bind("./unbound", "/etc/mailstead/unbound")],
-            healthcheck=_health("unbound")),
+            healthcheck=_health(settings, "unbound")),
     }
     network = {"name": project, "ipam": {"config": [{"subnet": settings.subnet,
                                                      "ip_range": settings.dynamic_range}]}}

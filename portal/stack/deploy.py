@@ -13,13 +13,13 @@ import secrets
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from portal.core import safefs
 from portal.stack.accounts import Accounts
-from portal.stack.render import render, replace_tree, restore_tree
+from portal.stack.render import render, replace_tree, restore_tree, tree_holds
 from portal.stack.settings import SERVICES, StackSettings
 
 Progress = Callable[[str, str], None]
@@ -74,6 +74,16 @@ def compose(settings: StackSettings, *args: str, timeout: float = 300) -> subpro
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
 
 
+def engine_start_interval(client: Any) -> bool:
+    """Whether the engine checks a starting container's health at its own pace (docker
+    Engine 25.0, API 1.44); an engine that does not say is taken as older."""
+    try:
+        major, minor = (int(part) for part in str(client.version()["ApiVersion"]).split(".")[:2])
+    except Exception:  # noqa: BLE001 - no answer, or not a version: the 5 s checks work everywhere
+        return False
+    return (major, minor) >= (1, 44)
+
+
 def service_states(client: Any, project: str, services: tuple[str, ...] = SERVICES) -> dict[str, ServiceState]:
     found = {}
     for c in client.containers.list(all=True, filters={"label": f"com.docker.compose.project={project}"}):
@@ -124,8 +134,12 @@ def describe(client: Any, project: str, st: ServiceState) -> str:
     return f"{reason}" + (f"; last log lines: {tail[-600:]}" if tail else "")
 
 
-def up(client: Any, settings: StackSettings, timeout: float, progress: Progress) -> dict[str, ServiceState]:
-    r = compose(settings, "up", "-d", "--force-recreate", "--remove-orphans", timeout=timeout + 120)
+def up(client: Any, settings: StackSettings, timeout: float, progress: Progress,
+       force: bool = True) -> dict[str, ServiceState]:
+    """`compose up`: every container recreated (force), or only those whose definition
+    changed or that are missing, with stopped ones started; then wait for health."""
+    args = ("up", "-d", *(("--force-recreate",) if force else ()), "--remove-orphans")
+    r = compose(settings, *args, timeout=timeout + 120)
     if r.returncode != 0:
         states = service_states(client, settings.project)
         failures = {s: describe(client, settings.project, st) for s, st in states.items() if not st.ok}
@@ -135,12 +149,18 @@ def up(client: Any, settings: StackSettings, timeout: float, progress: Progress)
 
 
 def deploy(client: Any, settings: StackSettings, *, timeout: float = 180,
-           progress: Progress | None = None) -> DeployResult:
+           progress: Progress | None = None, recreate: bool = True) -> DeployResult:
     """Render `settings` (images must be loaded; settings.images pins their IDs),
-    bring the stack up and wait for health. On failure, roll back."""
+    bring the stack up and wait for health. On failure, roll back.
+
+    Every container is recreated, so that each reads its rendered config afresh;
+    recreate=False keeps the containers when the rendered folder is the one deployed
+    already (at boot, the stack docker restarts is left to finish starting), and
+    recreates them all only if they do not come up healthy that way."""
     say = progress or (lambda _s, _m: None)
-    settings.validate()
+    settings = replace(settings.validate(), engine_start_interval=engine_start_interval(client))
     files = render(settings, stack_secrets(settings.secrets_dir))
+    keep = not recreate and tree_holds(files, settings.stack_dir)
     # The accounts database exists (with the appliance's domain) before
     # postfix and dovecot first open it.
     Accounts(settings.accounts_db).add_domain(settings.domain)
@@ -149,7 +169,14 @@ def deploy(client: Any, settings: StackSettings, *, timeout: float = 180,
     prev = replace_tree(files, settings.stack_dir)
     start = time.monotonic()
     try:
-        states = up(client, settings, timeout, say)
+        if keep:
+            try:
+                states = up(client, settings, timeout, say, force=False)
+            except DeployError as err:
+                say("deploy", f"not healthy as they were ({err}); recreating every service")
+                states = up(client, settings, timeout, say)
+        else:
+            states = up(client, settings, timeout, say)
     except DeployError as err:
         if prev is None:
             raise

@@ -95,8 +95,10 @@ def stack_deploy(ctx: Context, progress: Callable[[str, str], None], timeout: in
     return deploy_stack(ctx, progress, timeout)
 
 
-def deploy_stack(ctx: Context, progress: Callable[[str, str], None], timeout: int = 900) -> dict[str, Any]:
-    """stack_deploy with progress: ("images", ...), then per service ("postfix", "healthy"), ..."""
+def deploy_stack(ctx: Context, progress: Callable[[str, str], None], timeout: int = 900,
+                 recreate: bool = True) -> dict[str, Any]:
+    """stack_deploy with progress: ("images", ...), then per service ("postfix", "healthy"), ...
+    (recreate: see deploy.deploy)."""
     from portal.stack.dkim import ensure_keys
 
     with refusals():
@@ -108,7 +110,7 @@ def deploy_stack(ctx: Context, progress: Callable[[str, str], None], timeout: in
             ensure_keys(settings.dkim_dir, settings.dkim_selectors)
             accounts_for(settings)
             progress("deploy", "starting the services")
-            result = deploy_mod.deploy(client, settings, timeout=timeout, progress=progress)
+            result = deploy_mod.deploy(client, settings, timeout=timeout, progress=progress, recreate=recreate)
             write_pin(ctx.state_dir, settings.version, settings.images)
             web = publish_web(ctx, settings)
             progress("web", "client settings and MTA-STS published")

@@ -90,6 +90,25 @@ def write_tree(files: Mapping[str, File], target: Path) -> None:
         safefs.write_bytes(path, f.content, f.mode)
 
 
+def tree_holds(files: Mapping[str, File], target: Path) -> bool:
+    """Whether the folder `target` holds exactly `files`: the same paths, contents and
+    modes, and nothing else (a symlink or anything but a plain file makes it differ)."""
+    if not _own_folder(target):
+        return False
+    seen = set()
+    for folder, _dirs, names in os.walk(target):  # symlinked folders are not followed
+        for name in names:
+            path = Path(folder) / name
+            rel = path.relative_to(target).as_posix()
+            want, st = files.get(rel), safefs.lstat(path)
+            if want is None or st is None or not stat.S_ISREG(st.st_mode) or stat.S_IMODE(st.st_mode) != want.mode:
+                return False
+            if safefs.read_bytes(path, owner_uid=os.geteuid()) != want.content:
+                return False
+            seen.add(rel)
+    return seen == set(files)
+
+
 def _own_folder(path: Path) -> bool:
     """True if `path` is a folder this process made; False if nothing is there;
     UnsafePathError if it is a symlink, a file or another user's folder (never adopted)."""

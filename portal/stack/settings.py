@@ -57,6 +57,10 @@ class StackSettings:
     # Image IDs by service (pinned in compose.yaml); filled in after loading.
     images: dict[str, str] = field(default_factory=dict)
     project: str = "mailstead"
+    # The engine checks a starting service every 5 s on its own (docker 25+, its
+    # default start interval): then a healthy service is checked once a minute
+    # (compose.py). Set by the deploy from the engine it talks to.
+    engine_start_interval: bool = False
 
     @property
     def stack_dir(self) -> Path:
@@ -180,6 +184,8 @@ class StackSettings:
             raise SettingsError("message_size_limit_mb", "must be between 1 and 1024")
         if self.mta_sts_mode not in ("enforce", "testing", "none"):
             raise SettingsError("mta_sts_mode", "must be enforce, testing or none")
+        if not isinstance(self.engine_start_interval, bool):
+            raise SettingsError("engine_start_interval", "must be true or false")
         if self.default_quota_mb < 0:
             raise SettingsError("default_quota_mb", "must be 0 (no limit) or more")
         for service, image in self.images.items():

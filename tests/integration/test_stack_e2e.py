@@ -10,6 +10,7 @@ import smtplib
 import socket
 import ssl
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import dkim
@@ -140,6 +141,27 @@ def all_healthy(stack: Stack) -> None:
     bad = {s: f"{st.status}/{st.health}" for s, st in service_states(stack.client, stack.settings.project).items()
            if not st.ok}
     assert not bad, f"not healthy: {bad}"
+
+
+def test_a_deploy_that_keeps_containers_recreates_only_what_differs(stack: Stack) -> None:
+    """recreate=False (the old version's recovery after a failed update): with the same
+    rendered folder the running containers stay, a stopped one is started again, and a
+    changed folder recreates them all."""
+    from portal.stack import deploy as deploy_mod
+
+    def ids() -> dict[str, str]:
+        return {s: stack.container(s).id for s in service_states(stack.client, stack.settings.project)}
+
+    before = ids()
+    stack.container("radicale").stop(timeout=10)
+    deploy_mod.deploy(stack.client, stack.settings, timeout=180, recreate=False)
+    assert ids() == before
+    all_healthy(stack)
+    stack.settings = replace(stack.settings, message_size_limit_mb=stack.settings.message_size_limit_mb + 1)
+    deploy_mod.deploy(stack.client, stack.settings, timeout=180, recreate=False)  # a changed folder
+    after = ids()
+    assert not set(after.values()) & set(before.values()), (before, after)
+    all_healthy(stack)
 
 
 def test_failed_deploy_names_the_service_and_keeps_the_previous_stack(stack: Stack) -> None:

@@ -194,3 +194,53 @@ def test_dns_servers_are_ipv4_while_the_stack_network_is(tmp_path: Path) -> None
     with pytest.raises(SettingsError) as err:
         store.write_settings(tmp_path, {"dns_servers": "192.0.2.53, 2001:db8::53"})
     assert err.value.field == "dns_servers" and "IPv4" in err.value.message
+
+
+class Engine:
+    """What the docker SDK's client.version() answers (only the field the deploy reads)."""
+
+    def __init__(self, api: object) -> None:
+        self.api = api
+
+    def version(self) -> dict[str, object]:
+        if isinstance(self.api, Exception):
+            raise self.api
+        return {"ApiVersion": self.api}
+
+
+@pytest.mark.parametrize("api, expected", [
+    ("1.44", True), ("1.45", True), ("1.50", True), ("2.0", True),
+    ("1.41", False), ("1.43", False), ("", False), (None, False), ("one", False),
+    (ConnectionError("engine gone"), False),
+])
+def test_the_deploy_knows_whether_the_engine_paces_starting_checks(api: object, expected: bool) -> None:
+    from portal.stack.deploy import engine_start_interval
+
+    assert engine_start_interval(Engine(api)) is expected
+
+
+def test_healthy_services_are_checked_once_a_minute_where_the_engine_paces_starting_checks(
+        tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    fresh(tmp_path)
+    settings = load_settings(tmp_path)
+
+    def checks(s: object) -> dict[str, dict[str, object]]:
+        doc = yaml.safe_load(render(s, SECRETS)["compose.yaml"].content)
+        return {name: svc["healthcheck"] for name, svc in doc["services"].items()}
+
+    # Older engines: their first check waits a whole interval, so every check is 5 s apart.
+    old = checks(settings)
+    assert {(c["interval"], c["retries"]) for c in old.values()} == {("5s", 5)}, old
+    # docker 25+: starting services every 5 s (a start interval, named: docker 26 takes an
+    # unset one as the interval), then once a minute.
+    new = checks(replace(settings, engine_start_interval=True))
+    assert {(c["interval"], c["start_interval"], c["retries"]) for c in new.values()} == {("60s", "5s", 3)}, new
+    assert all("start_interval" not in c for c in old.values()), old
+    # The start period, which forgives a slow start, is the same on both.
+    assert {s: c["start_period"] for s, c in new.items()} == {s: c["start_period"] for s, c in old.items()}
+    assert new["rspamd"]["start_period"] == "600s" and new["postfix"]["start_period"] == "300s"
+    with pytest.raises(SettingsError) as err:
+        replace(settings, engine_start_interval="yes").validate()
+    assert err.value.field == "engine_start_interval"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from portal.stack.render import render, replace_tree, restore_tree
+from portal.stack.render import render, replace_tree, restore_tree, tree_holds
 from portal.stack.settings import SERVICES, StackSettings
 
 SECRETS = {"redis_password": "s3cret-redis-password"}
@@ -74,6 +74,31 @@ def test_replace_and_restore_keep_the_previous_folder(tmp_path):
     assert (stack.stat().st_mode & 0o777) == 0o700
     restore_tree(stack, prev)
     assert (stack / "compose.yaml").read_bytes() == old
+
+
+def test_a_folder_holds_the_rendered_files_only_when_every_byte_and_mode_is_the_same(tmp_path):
+    stack = tmp_path / "stack"
+    files = render(settings(), SECRETS)
+    assert not tree_holds(files, stack)  # nothing deployed yet
+    replace_tree(files, stack)
+    assert tree_holds(files, stack) and tree_holds(render(settings(), SECRETS), stack)
+    assert not tree_holds(render(settings(message_size_limit_mb=10), SECRETS), stack)
+
+    def differs(change) -> bool:
+        replace_tree(files, stack)
+        change(stack)
+        return not tree_holds(files, stack)
+
+    assert differs(lambda d: (d / "redis" / "redis.conf").write_bytes(b"bind 0.0.0.0\n"))
+    assert differs(lambda d: (d / "postfix" / "entrypoint.sh").chmod(0o644))
+    assert differs(lambda d: (d / "postfix" / "extra.cf").write_text("x"))
+    assert differs(lambda d: (d / "compose.yaml").unlink())
+
+    def symlinked(d: Path) -> None:
+        (d / "redis" / "redis.conf").unlink()
+        (d / "redis" / "redis.conf").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere").write_bytes(files["redis/redis.conf"].content)
+    assert differs(symlinked)
 
 
 @pytest.mark.parametrize("changes, field", [
