@@ -82,6 +82,9 @@ def update_trial(ctx: Context, timeout: int = 900) -> dict[str, Any]:
             return {"ok": False, "problems": [f"the stack upgrade: {err.message}"], "stack": "failed"}
         stack = "already on this version's images"
         problems += wait_healthy(ctx, STACK_CHECKS, float(timeout), _progress)
+    except Exception as err:  # noqa: BLE001 - e.g. docker not answering: the verdict names it
+        why = " ".join(f"{type(err).__name__}: {err}".split())[:400]
+        return {"ok": False, "problems": [f"the stack upgrade could not run: {why}"], "stack": "failed"}
     if not problems:
         try:
             settings = settings_for(ctx)
@@ -94,10 +97,10 @@ def update_trial(ctx: Context, timeout: int = 900) -> dict[str, Any]:
 
 
 @privileged(timeout=2400.0)
-def update_recover(ctx: Context, message: str, timeout: int = 900) -> dict[str, Any]:
+def update_recover(ctx: Context, message: str, timeout: int = 900, alert: bool = True) -> dict[str, Any]:
     """Back on the old version after a failed update (its state already put back):
     bring its stack up again from the pinned images, and send the owner one alert
-    (`message` says what happened). {stack, alerts}."""
+    (`message` says what happened; no alert when the owner chose to go back). {stack, alerts}."""
     from portal.checks import history
     from portal.checks.privileged import make_env
     from portal.stack.pins import read_pin
@@ -106,11 +109,15 @@ def update_recover(ctx: Context, message: str, timeout: int = 900) -> dict[str, 
     stack = "not deployed"
     if read_pin(ctx.state_dir) is not None:
         try:
-            deploy_stack(ctx, _progress, timeout)
-            stack = "redeployed from the pinned images"
+            # The containers docker restarted at boot are kept where they are what the
+            # restored settings render (the failed version left them alone).
+            deploy_stack(ctx, _progress, timeout, recreate=False)
+            stack = "back on the pinned images"
         except OpError as err:
             stack = f"the redeploy failed: {err.message}"
             message += f" Bringing the mail stack back failed too: {err.message}; run mailstead deploy."
+    if not alert:
+        return {"stack": stack, "alerts": "no alert: the owner chose to go back"}
     env = make_env(ctx)
     try:
         settings = env.stack_settings()
@@ -252,10 +259,13 @@ def update_status(ctx: Context) -> dict[str, Any]:
     update_dir = ctx.update_dir
     record = state.read_record(update_dir)
     settings = read_settings(ctx.state_dir)
+    check = last_check(ctx)
+    newest = str(check.get("newest") or "") if check.get("available") else ""
     return {"running": running_version(ctx), "built": built(ctx), "feed_url": feed_url(ctx),
             "feed_url_default": state.default_feed_url(), "auto": auto_on(ctx),
             "time_zone": settings.get("time_zone", ""), "window": schedule_of("update"),
-            "check": last_check(ctx), "pending": record["pending"], "history": state.history(update_dir),
+            "check": check, "window_skips": skipped(ctx, newest) if newest else None,
+            "pending": record["pending"], "history": state.history(update_dir),
             "installing": unit_active("install"), "rolling_back": unit_active("rollback"),
             "rollback_to": state.rollback_target(update_dir, running_version(ctx))}
 

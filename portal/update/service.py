@@ -328,9 +328,10 @@ def verify(env: Env) -> int:
         return trial(env, running, pending)
     last = doc["history"][-1] if doc["history"] else {}
     if last.get("outcome") == "rolled_back" and not last.get("alerted"):
-        say(f"bringing the mail stack back on {running} and telling the owner")
+        chosen = last.get("by") == "owner"  # the owner went back: nothing to tell them
+        say(f"bringing the mail stack back on {running}" + ("" if chosen else " and telling the owner"))
         try:
-            done = call_agent("update_recover", message=str(last.get("message", "")))
+            done = call_agent("update_recover", message=str(last.get("message", "")), alert=not chosen)
             say(f"stack: {done.get('stack', done.get('error'))}; alert: {done.get('alerts')}")
             state.mark_alerted(env.update_dir, str(done.get("alerts", done.get("error", ""))))
         except Exception as err:  # noqa: BLE001 - this boot is the good version's: never fail it

@@ -362,3 +362,28 @@ def test_updates_check_now_without_a_feed_says_what_to_do(client: FlaskClient) -
     assert "The update feed could not be read: no update feed is set" in text
     response = post(client, "/admin/updates/", "/admin/updates/install", "update-check-form")
     assert response.status_code == 409 and "Not installed:" in html.unescape(response.text)
+
+
+def test_updates_page_says_when_the_version_on_offer_failed_here(client: FlaskClient, state_dir: Path) -> None:
+    import json
+
+    from portal.update import state
+
+    running = call_status(client)
+    # What an earlier check of the feed found (written by the agent), and that version's rollback here.
+    (state_dir / "update-check.json").write_text(json.dumps({
+        "ok": True, "available": True, "newest": "9.0.0", "message": "Version 9.0.0 is available.",
+        "notes": {"version": "9.0.0", "built": "2026-12-01T00:00:00+00:00", "notes": ["Newer"], "slot_bytes": 5}}))
+    text = html.unescape(client.get("/admin/updates/").text)
+    assert 'id="update-install"' in text and 'id="update-window-skips"' not in text
+    (state_dir.parent / "update").mkdir(exist_ok=True)  # systemd's StateDirectory= on the appliance
+    state.add_history(state_dir.parent / "update", "rolled_back", **{"from": running, "to": "9.0.0", "by": "health"})
+    text = html.unescape(client.get("/admin/updates/").text)
+    skips = text[text.index('id="update-window-skips"'):]
+    assert "9.0.0 rolled back here on " in skips[:300] and "Install now tries it again" in skips[:300]
+    assert 'id="update-install"' in text
+
+
+def call_status(client: FlaskClient) -> str:
+    text = html.unescape(client.get("/admin/updates/").text)
+    return re.search(r'id="update-running">Mailstead (\S+?)[,<]', text).group(1)

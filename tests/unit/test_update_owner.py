@@ -73,6 +73,11 @@ def test_the_window_installs_nothing_when_off_or_when_that_version_failed_here(c
     state.add_history(c.update_dir, "rolled_back", **{"from": "0.2.0", "to": "0.3.0", "by": "health"})
     out = op("update_window", c)
     assert "Not installed by the window: 0.3.0 rolled back here" in out["message"]
+    # The Updates page says so next to "Install now".
+    assert op("update_status", c)["window_skips"].startswith("0.3.0 rolled back here on ")
+    publish(folder, ["0.3.0", "0.3.1"], feed_key.parent)
+    op("update_check", c)
+    assert op("update_status", c)["window_skips"] is None
 
 
 def test_the_settings_are_checked_and_name_the_field(ctx) -> None:

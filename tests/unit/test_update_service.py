@@ -192,3 +192,17 @@ def test_a_new_version_still_on_trial_at_its_deadline_fails(trial_env) -> None:
     assert service.deadline(e) == 1
     assert state.history(e.update_dir)[0]["outcome"] == "failed"
     assert "time limit" in state.history(e.update_dir)[0]["message"]
+
+
+def test_going_back_by_choice_brings_the_stack_back_without_an_alert(trial_env) -> None:
+    e = trial_env
+    # 0.2.0 passed its trial after an update from 0.1.0; then the owner chose to go back.
+    state.begin(e.state_dir, e.update_dir, "0.1.0", "0.2.0", "uefi")
+    assert service.boot(e) == "trial" and state.finish(e.update_dir, "0.2.0", True, "passed")
+    state.begin_rollback(e.update_dir, "0.2.0", "0.1.0", "uefi")
+    e.os_release.write_text('IMAGE_VERSION="0.1.0"\n')
+    assert service.boot(e) == "rolled_back"
+    assert service.verify(e) == 0
+    last = state.history(e.update_dir)[0]
+    assert last["outcome"] == "rolled_back" and last["by"] == "owner" and last["alerted"] is True
+    assert last["alerts"] == "no alert: the owner chose to go back", last
