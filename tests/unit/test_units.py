@@ -4,7 +4,7 @@ Read from image/extra as systemd reads them (a key may repeat; an empty
 assignment resets a list), so that dropping PrivateNetwork= from the portal or
 widening the agent's capabilities fails here, in a second, rather than in the
 booted image. The VM tier measures the same units with `systemd-analyze
-security` in the booted image (tests/vm/test_walking_skeleton.py).
+security` in the booted image (tests/vm/checks.py).
 """
 
 from __future__ import annotations
@@ -224,6 +224,15 @@ def test_images_is_a_root_client_without_any_power() -> None:
     assert unit["RestrictAddressFamilies"] == ["AF_UNIX"]
     assert one(unit, "ProtectSystem") == "strict" and unit.get("ReadWritePaths", []) == []
     assert one(unit, "PrivateUsers") == "yes"
+
+
+def test_images_tries_again_when_the_engine_is_too_busy_to_answer_but_not_forever() -> None:
+    unit = service(IMAGES)
+    assert one(unit, "Type") == "oneshot" and one(unit, "Restart") == "on-failure"
+    assert one(unit, "RestartSec") == "20s"
+    limits = dict(line.split("=", 1) for line in (UNITS / IMAGES).read_text().splitlines()
+                  if line.startswith("StartLimit"))
+    assert limits == {"StartLimitIntervalSec": "15min", "StartLimitBurst": "4"}, limits
 
 
 def test_tmpfiles_keep_the_agents_state_to_root() -> None:
