@@ -9,7 +9,6 @@ from __future__ import annotations
 import atexit
 import datetime
 import ipaddress
-import json
 import os
 import shutil
 import subprocess
@@ -79,9 +78,16 @@ SHARED_DKIM = Path(tempfile.mkdtemp(prefix="mailstead-test-dkim-"))
 atexit.register(shutil.rmtree, SHARED_DKIM, True)
 
 
-def docker_gateway() -> str:
-    out = subprocess.run(["ip", "-j", "-4", "addr", "show", "docker0"], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)[0]["addr_info"][0]["local"]
+def dns_address() -> str:
+    """Where this process's DNS server for the stacks listens. Port 53 (unbound takes
+    forwarders without a port), on an address of its own so that the tier's parallel
+    workers (pytest-xdist) each run one: 198.18.53.<worker + 1> (RFC 2544's benchmark
+    range, used nowhere else) on the host's loopback interface, which the containers
+    reach through their network's gateway as they would any address of the host."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    address = f"198.18.53.{int(worker) + 1 if worker.isdigit() else 1}"
+    subprocess.run(["ip", "addr", "replace", f"{address}/32", "dev", "lo"], capture_output=True, check=True)
+    return address
 
 
 def zone_records() -> list[Record]:
@@ -103,7 +109,7 @@ def shared_dns() -> Knot:
     if _dns is None:
         workdir = Path(tempfile.mkdtemp(prefix="mailstead-test-knot-"))
         atexit.register(shutil.rmtree, workdir, True)
-        _dns = Knot(workdir, DOMAIN, zone_records(), address=docker_gateway(), port=53).start()
+        _dns = Knot(workdir, DOMAIN, zone_records(), address=dns_address(), port=53).start()
         atexit.register(_dns.stop)
     return _dns
 
