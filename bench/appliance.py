@@ -5,13 +5,13 @@
                        [--no-minimal-boot]
 
 Reads the figures the VM tier measured in its runs (tests/vm: the journey in
-test_journey.py, UEFI, and the BIOS walking skeleton), adds:
+test_journey.py: the journey, UEFI, and the restore on a fresh machine, BIOS), adds:
 
 - the compressed image size: the raw image through `zstd -10 --sparse`, as
   scripts/build-image ships it (counted, not written);
 - memory budgets (bench/memory_budget.py run in the guest): the journey's
-  idle machine after the reboot, and the BIOS skeleton's right after its
-  deploy and mail round trip: per process, per unit or container, kernel;
+  idle machine after the reboot, and the BIOS machine's right after it restored
+  the journey's backup: per process, per unit or container, kernel;
 - where the journey's reboot spent its time: `systemd-analyze critical-chain`
   of mailstead-web.service and the top of `systemd-analyze blame`;
 - a minimal boot in this run for the ratio: the same kernel and initrd booted
@@ -78,12 +78,11 @@ def main() -> int:
     figures: dict[str, object] = {
         "accel": accel,
         "boot_to_portal_seconds": vm.get("journey_seconds_to_portal"),
-        "boot_to_portal_seconds_bios": vm.get("bios_seconds_to_portal"),
+        "boot_to_portal_seconds_bios": vm.get("restore_seconds_to_portal"),
         "deploy_to_healthy_seconds": vm.get("journey_seconds_deploy_to_healthy"),
-        "deploy_to_healthy_seconds_bios_offline": vm.get("bios_seconds_deploy_to_healthy"),
         "memory_idle_after_setup_mb": vm.get("journey_memory_idle_mb"),
         "memory_idle_budget": vm.get("journey_memory_budget"),
-        "memory_after_deploy_budget_bios_offline": vm.get("bios_stack_memory_budget"),
+        "memory_after_restore_budget_bios": vm.get("restore_stack_memory_budget"),
         "boot_critical_chain_to_portal": vm.get("journey_boot_critical_chain"),
         "boot_blame_top": vm.get("journey_boot_blame"),
         "messages_per_second_host_mta_to_mailbox": vm.get("journey_messages_per_second"),

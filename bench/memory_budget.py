@@ -4,7 +4,7 @@
     python3 bench/memory_budget.py [--top 30]
 
 Standard library only, so that the VM tier can run it inside the booted image
-(tests/vm: the walking skeleton after its deploy, the journey when idle) and
+(tests/vm: the restored BIOS machine, the journey when idle) and
 put the result in its report, which bench/appliance.py prints.
 
 - used_mb is what the issue's target counts: MemTotal - MemAvailable.

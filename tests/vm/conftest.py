@@ -58,4 +58,11 @@ def report():
 # Playwright with Debian's chromium, as in the browser tier (the journey walks the wizard in it).
 from tests.browser.conftest import browser_context_args, browser_type_launch_args  # noqa: E402
 
+# The guest runs under TCG, where a page answers in seconds rather than milliseconds (a CI run
+# saw the token form's redirect take over playwright's default 5 s while the stack was starting):
+# every `expect` in this tier waits up to 60 s unless it names a longer timeout.
+from playwright.sync_api import expect  # noqa: E402
+
+expect.set_options(timeout=60_000)
+
 __all__ = ["browser_context_args", "browser_type_launch_args", "feeds", "image", "report"]

@@ -115,6 +115,13 @@ class Machine(VM):
         before = self.boot_id()
         started = time.monotonic()
         self.succeed("systemd-run --on-active=1 --unit=mailstead-test-reboot systemctl reboot")
+        self.wait_for_new_boot(before, timeout, "the guest to come back from the reboot")
+        return time.monotonic() - started
+
+    def wait_for_new_boot(self, before: str, timeout: float, what: str = "the guest to reboot by itself") -> float:
+        """Wait until the guest's shell answers from a boot other than `before` (a boot ID);
+        the seconds it took."""
+        started = time.monotonic()
 
         def rebooted() -> bool:
             self.check_alive()
@@ -124,7 +131,7 @@ class Machine(VM):
                 self._disconnect()
                 return False
 
-        retry(rebooted, timeout, "the guest to come back from the reboot", interval=3)
+        retry(rebooted, timeout, what, interval=3)
         return time.monotonic() - started
 
     def wait_for_shell(self, timeout: float = 600) -> None:
@@ -197,6 +204,14 @@ class Machine(VM):
         script = (Path(__file__).resolve().parents[2] / "bench" / "memory_budget.py").read_bytes()
         payload = base64.b64encode(script).decode()
         return json.loads(self.succeed(f"echo {payload} | base64 -d | python3 - --top 25", timeout=120))
+
+    def busy_percent(self, seconds: int = 20) -> float:
+        """The guest's CPU time not idle over `seconds`, in percent of all its CPUs (/proc/stat)."""
+        out = self.succeed(f"head -1 /proc/stat; sleep {seconds}; head -1 /proc/stat", timeout=seconds + 60)
+        (a, b) = ([int(x) for x in line.split()[1:]] for line in out.splitlines()[:2])
+        delta = [y - x for x, y in zip(a, b)]
+        idle = delta[3] + delta[4]  # idle + iowait
+        return round(100 * (1 - idle / sum(delta)), 1)
 
     def screenshot(self, path: Path) -> Path:
         """The VM's screen (tty1, with the console banner) as PNG, through QMP."""

@@ -10,12 +10,11 @@ import json
 import os
 import shutil
 import threading
-import time
 from pathlib import Path
 
 from tests.support.feeds import gpg
 
-from .machine import Machine, retry
+from .machine import Machine
 
 HOST_ALIAS = "10.0.2.2"
 
@@ -88,22 +87,6 @@ def refused_feeds(good: Path, root: Path) -> dict[str, Path]:
     return out
 
 
-def wait_for_new_boot(m: Machine, before: str, timeout: float) -> float:
-    """Wait until the guest booted again by itself (an update reboots it); the seconds it took."""
-    started = time.monotonic()
-
-    def rebooted() -> bool:
-        m.check_alive()
-        try:
-            return m.execute("cat /proc/sys/kernel/random/boot_id", timeout=10)[1].strip() not in ("", before)
-        except (OSError, TimeoutError, ConnectionError):
-            m._disconnect()
-            return False
-
-    retry(rebooted, timeout, "the guest to reboot by itself", interval=3)
-    return time.monotonic() - started
-
-
 def verified_on(m: Machine, version: str) -> bool:
     """`version` runs and its mailstead-update-verify finished well (a trial passed, or
     the recovery after a rollback is done)."""
@@ -116,3 +99,12 @@ def verified_on(m: Machine, version: str) -> bool:
         return False
     assert rc == 0 and out.strip() == "active", f"[{rc}] {out.strip()}"
     return True
+
+
+def update_timeline(m: Machine) -> list[str]:
+    """For the report: the guest's boots (first and last entry of each) and what the
+    update units said, with wall-clock times, across the boots an update spans."""
+    return m.execute(
+        "journalctl --list-boots --no-pager | tail -4; journalctl --no-pager -o short-iso-precise "
+        "-u 'mailstead-update*' -u mailstead-images.service -u docker.service -u mailstead-agent.service "
+        "--since -2h | grep -v 'level=info' | tail -250", timeout=120)[1].splitlines()
