@@ -240,8 +240,11 @@ def test_a_leftover_lock_does_not_block_the_run(tmp_path, how):
             holder.wait()
         else:  # a hung run, alive: cleared once the lock is older than the run's timeout
             holder.send_signal(signal.SIGSTOP)
-            env.timeout = 15
-            time.sleep(16)
+            # The timeout also bounds this whole run (lock housekeeping, about ten restic
+            # starts that each derive the key, staging, the upload, the prune): 15 s left
+            # the upload 1 s on a loaded machine. So 40 s, and a lock 41 s old.
+            env.timeout = 40
+            time.sleep(41)
         assert any((repo / "locks").iterdir())
         events: list[tuple[str, str]] = []
         result = backup(env, lambda s, d: events.append((s, d)))
