@@ -737,6 +737,12 @@ def test_mail_and_accounts_survive_compose_restart(mail: Mail) -> None:
     stamp = "/var/spool/postfix/.mailstead-permissions"
     ids = mail.stack.exec("postfix", "cat", stamp).strip()
     assert re.fullmatch(r"\d+:\d+:\d+", ids), ids
+    # The new spool's folders, made by postfix itself at its first start.
+    modes = mail.stack.exec("postfix", "stat", "-c", "%n %U:%G %a", "/var/spool/postfix/maildrop",
+                            "/var/spool/postfix/public", "/var/spool/postfix/active").split("\n")
+    assert [m.strip() for m in modes if m.strip()] == [
+        "/var/spool/postfix/maildrop postfix:postdrop 730", "/var/spool/postfix/public postfix:postdrop 710",
+        "/var/spool/postfix/active postfix:root 700"], modes
     # As if the spool had been set up by an image whose postfix had other IDs.
     mail.stack.exec("postfix", "sh", "-c", f"chown root /var/spool/postfix/maildrop && echo 1:2:3 >{stamp}")
     r = deploy_mod.compose(mail.stack.settings, "restart", timeout=180)

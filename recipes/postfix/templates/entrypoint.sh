@@ -8,16 +8,20 @@ for f in main.cf master.cf; do
     install -m 0644 -o root -g root "/etc/mailstead/postfix/$f" "/etc/postfix/$f"
 done
 
-# The spool volume starts empty: make the queue folders and fix owners and
-# modes, and again whenever the image's postfix/postdrop IDs differ from the
-# ones the spool was set up for (an image upgrade). Not on every start: it
-# walks the queue (under emulation it took half a minute). No separate
-# `postfix check` either: `postfix start-fg` runs the same integrity checks
-# and refuses to start, saying why, when they fail.
+# Fix the spool's owners and modes whenever the image's postfix/postdrop IDs
+# differ from the ones the spool was set up for (an image upgrade). Not on
+# every start: it walks the queue and every postfix file (under emulation it
+# took half a minute). Not on a new spool either (no stamp yet: all it holds
+# came from this image): `postfix start-fg` makes the missing queue folders
+# with this image's owners and modes (its check runs `post-install
+# create-missing`), and it runs postfix's integrity checks and refuses to
+# start, saying why, when they fail.
 ids="$(id -u postfix):$(id -g postfix):$(getent group postdrop | cut -d: -f3)"
 stamp=/var/spool/postfix/.mailstead-permissions
 if [ "$(cat "$stamp" 2>/dev/null)" != "$ids" ]; then
-    postfix set-permissions >/dev/null 2>&1 || true
+    if [ -e "$stamp" ]; then
+        postfix set-permissions >/dev/null 2>&1 || true
+    fi
     echo "$ids" >"$stamp.tmp" && mv -f "$stamp.tmp" "$stamp"
 fi
 
