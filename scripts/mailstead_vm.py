@@ -99,6 +99,7 @@ class VMConfig:
     kernel: Path | None = None
     initrd: Path | None = None
     append: str = ""
+    extra_args: list[str] = field(default_factory=list)  # more qemu arguments, e.g. -smbios ones
 
 
 class VM:
@@ -165,6 +166,7 @@ class VM:
         ]  # fmt: skip
         if self.cfg.kernel:
             cmd += ["-kernel", str(self.cfg.kernel), "-initrd", str(self.cfg.initrd), "-append", self.cfg.append]
+        cmd += self.cfg.extra_args
         if self.cfg.backdoor:
             cmd += [
                 "-device", "virtio-serial-pci",

@@ -82,6 +82,10 @@ def check_machine(m: Machine, banner: dict[str, str], report: dict, name: str) -
     labels = m.succeed("lsblk -rno PARTLABEL").split()
     assert labels.count("_empty") == 1 and "mailstead-esp" in labels, labels
     m.succeed("test -d /efi/EFI")
+    # The system's emergency mode reboots too (from the kernel command line's credentials,
+    # through this boot loader; test_boot_failures.py boots the initrd's).
+    assert "mailstead-emergency-reboot.service" in m.succeed("systemctl show -P Wants emergency.target")
+    assert m.succeed("systemctl show -P SuccessAction mailstead-emergency-reboot.service").strip() == "reboot"
 
     # Nothing listens but ssh, http and https (loopback aside): the stack is not deployed yet.
     listeners = m.succeed("ss -Htuln")

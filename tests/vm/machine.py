@@ -34,7 +34,7 @@ from mailstead_vm import (  # noqa: E402
     retry,
 )
 
-__all__ = ["Machine", "VMConfig", "VMError", "boot", "free_port", "retry", "subtest", "PORTAL_RX", "TOKEN_RX",
+__all__ = ["Machine", "VM", "VMConfig", "VMError", "boot", "free_port", "retry", "subtest", "PORTAL_RX", "TOKEN_RX",
            "FPR_RX"]
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts" / "vm"
