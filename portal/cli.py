@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-alert", action="store_true", help="do not mail the admin about changes seen by this run")
     command(commands, "schedule-list", schedule_ops.schedule_list, "the maintenance jobs, their schedules and last runs")
     p = command(commands, "schedule-set", schedule_ops.schedule_set, "change a job's schedule (crontab text, or 'default')")
-    p.add_argument("job", help="backup, verify, cert_renew, health, dns_check or upgrade_check")
+    p.add_argument("job", help="backup, verify, cert_renew, health, dns_check or update")
     p.add_argument("cron", help="e.g. '0 3 * * *' for 03:00 daily (minute hour day month weekday)")
     p = command(commands, "schedule-runs", schedule_ops.schedule_runs, "the latest runs of a job (or of all jobs)")
     p.add_argument("job", nargs="?", default="")
