@@ -175,6 +175,12 @@ def explain(code: int, stderr: str, target: Target, what: str) -> BackupError:
             return BackupError(f"key: the SFTP server {target.host} refused user {target.user} with the appliance's "
                                "key; add the public key shown at configuration to the user's authorized_keys",
                                "key", "bad_credentials")
+        # restic passes ssh's own words on from a goroutine that may not have run
+        # before it exits (seen with the server down: only its "EOF" reached us).
+        if "unable to start the sftp session" in low or "server unexpectedly closed connection" in low:
+            return BackupError(f"target: cannot reach {where}: no SFTP session ({tail[-200:]}); is the server up "
+                               "and reachable from this appliance, and does it take the key shown at "
+                               "configuration?", "target", "unreachable")
     unreachable = ("connection refused", "no such host", "i/o timeout", "network is unreachable",
                    "connection timed out", "could not resolve", "name or service not known",
                    "connection closed", "no route to host", "connection reset", "dial tcp",

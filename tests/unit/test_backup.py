@@ -320,6 +320,10 @@ def test_a_format_1_snapshot_may_keep_only_tls_live_as_a_symlink(tmp_path):
     (1, "Fatal: ... dial tcp 127.0.0.1:9: connect: connection refused", "s3", "target", "unreachable"),
     (1, "subprocess ssh: user@host: Permission denied (publickey).", "sftp", "key", "bad_credentials"),
     (1, "Host key verification failed.", "sftp", "host", "host_key"),
+    # The server down, with ssh's own message lost (restic forwards it from a goroutine).
+    (1, '{"message_type":"exit_error","code":1,"message":"Fatal: unable to open repository at sftp:u@h:/r: '
+        'unable to start the sftp session, error: error receiving version packet from server: server '
+        'unexpectedly closed connection: unexpected EOF"}', "sftp", "target", "unreachable"),
     (11, "Fatal: unable to create lock in backend: repository is already locked by PID 7", "local", "target",
      "locked"),
     (3, "something odd", "local", "target", "restic_failed"),
