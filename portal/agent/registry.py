@@ -83,9 +83,6 @@ class Context:
     # ACME HTTP-01 tokens, served by the host nginx on port 80 (portal/certs).
     acme_dir: Path = field(default_factory=lambda: _env_path("MAILSTEAD_ACME_DIR", "/var/lib/mailstead-acme"))
     reload_nginx: bool = field(default_factory=lambda: os.environ.get("MAILSTEAD_RELOAD_NGINX", "1") != "0")
-    # Folders an upgrade source may also be in, besides images_dir and <state>/upgrade/bundles
-    # (portal/stack/upgrade.py allowed_roots); each must be root's and writable by no one else.
-    upgrade_roots: tuple[Path, ...] = ()
     # The image update's record and state copy (portal/update/state.py): root's, read here.
     update_dir: Path = field(default_factory=lambda: _env_path("MAILSTEAD_UPDATE_DIR", "/var/lib/mailstead-update"))
     # The public key the feed must be signed with (baked into the image at build time).

@@ -125,7 +125,7 @@ def _rows(conn: sqlite3.Connection, table: str, columns: tuple[str, ...], what: 
 def read_state_db(path: Path, work: Path) -> tuple[dict[str, str], list[str], dict[str, str]]:
     """(restorable settings, each checked; keys left out; wizard steps done) from the
     snapshot's state.db, read as data."""
-    from portal.core.settings import SETTINGS, SettingsError, check_setting
+    from portal.core.settings import RETIRED, SETTINGS, SettingsError, check_setting
     from portal.setup.privileged import WIZARD_STEPS
 
     conn = _open_ro(_private_copy(path, work))
@@ -136,6 +136,8 @@ def read_state_db(path: Path, work: Path) -> tuple[dict[str, str], list[str], di
         settings: dict[str, str] = {}
         skipped: list[str] = []
         for key, value in _rows(conn, "settings", ("key", "value"), "state.db"):
+            if key in RETIRED:
+                continue
             if not isinstance(key, str) or key not in SETTINGS or not SETTINGS[key].restore:
                 skipped.append(str(key)[:40])
                 continue

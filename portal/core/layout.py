@@ -122,12 +122,6 @@ class StateLayout:
         return self.upgrade / "previous"
 
     @property
-    def upgrade_bundles(self) -> Path:
-        """Where the owner puts upgrade bundles (one folder each, root's, 0700/0755):
-        with the images the appliance ships, the only place an upgrade source may be."""
-        return self.upgrade / "bundles"
-
-    @property
     def dkim(self) -> Path:
         return self.secrets / "dkim"
 
@@ -152,8 +146,7 @@ class StateLayout:
         return self.root / "backup-cache"
 
     # Folders made at the agent's start, with their modes (secrets never readable by others).
-    FOLDERS = (("jobs", 0o700), ("secrets", 0o700), ("tls", 0o755), ("upgrade", 0o700),
-               ("upgrade/bundles", 0o700))
+    FOLDERS = (("jobs", 0o700), ("secrets", 0o700), ("tls", 0o755), ("upgrade", 0o700))
 
     def prepare(self) -> None:
         """Make the state folder and its fixed sub-folders root's (0755 / their modes),

@@ -371,7 +371,6 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
     Setting("alert_webhook_url", url),
     Setting("alert_webhook_private", flag, restore=False),
     Setting("dnsbl_zones", zone_list),
-    Setting("upgrade_auto", flag),
     # Image updates (portal/update): where the signed feed is, whether the
     # window installs a newer version by itself ("" = on, the default; "0" = off).
     Setting("update_feed_url", feed_url),
@@ -379,6 +378,13 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
     # The owner's time zone: the scheduler's times (the update window, backups) are in it.
     Setting("time_zone", time_zone),
 )}
+
+
+# Settings of features that are gone, which a state.db (or a backup) from before may
+# hold: reading leaves them out without a word, so a strict read does not fail on them.
+RETIRED = frozenset({
+    "upgrade_auto",  # the stack-only upgrade's weekly auto-apply: image updates replaced it
+})
 
 
 def check_setting(key: str, value: object) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from portal.core.errors import UnsafePathError
 from portal.core.layout import StateLayout
-from portal.core.settings import SettingsError, check_setting, check_settings
+from portal.core.settings import RETIRED, SettingsError, check_setting, check_settings
 
 log = logging.getLogger("mailstead.store")
 
@@ -112,6 +112,8 @@ def read_settings(where: StateLayout | Path | str, *, strict: bool = False) -> d
         conn.close()
     out: dict[str, str] = {}
     for row in rows:
+        if row["key"] in RETIRED:
+            continue
         try:
             out[row["key"]] = check_setting(row["key"], row["value"])
         except SettingsError as exc:

@@ -7,8 +7,8 @@ whose label names the same source tar is kept. Nothing here needs a network.
 
 Every tar is opened once, without following a symlink (`open_tars`), and docker
 reads it from that open file: what was checked is what is loaded, whatever
-happens to the path meanwhile. When the tar's SHA-256 was taken before (an
-upgrade bundle), the bytes docker got are hashed on the way and must match.
+happens to the path meanwhile. When the tar's SHA-256 was taken before (a
+stack upgrade), the bytes docker got are hashed on the way and must match.
 """
 
 from __future__ import annotations

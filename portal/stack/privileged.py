@@ -272,10 +272,10 @@ def alias_remove(ctx: Context, source: str, destination: str) -> dict[str, Any]:
 
 
 # -- upgrades ---------------------------------------------------------------------------------
-# upgrade_run refuses at once what can be refused (nothing newer, no backup target
-# without `without_backup`, a bad source folder), then starts its background job and
-# returns it. The scheduler's weekly `upgrade_check` starts the same job when the
-# owner opted in (setting `upgrade_auto` = "1"), never without a backup target.
+# The first boot of an image update brings the stack to the images that version
+# ships (portal/update); upgrade_run does the same by hand. It refuses at once what
+# can be refused (nothing newer, no backup target without `without_backup`), then
+# starts its background job and returns it.
 
 @contextlib.contextmanager
 def upgrade_refusals() -> Iterator[None]:
@@ -287,59 +287,38 @@ def upgrade_refusals() -> Iterator[None]:
         raise OpError(exc.code, exc.message, exc.field) from None
 
 
-def check_upgrade(ctx: Context, source: str = "", force: bool = False, without_backup: bool = False,
+def check_upgrade(ctx: Context, force: bool = False, without_backup: bool = False,
                   timeout: int = 900) -> dict[str, Any]:
     """What can be refused at once (nothing newer, no backup target without
-    `without_backup`, a bad source folder, a bad timeout) is refused before the job starts."""
+    `without_backup`, damaged images, a bad timeout) is refused before the job starts."""
     from portal.stack.upgrade import plan
 
-    if len(source) > 4096 or "\x00" in source:
-        raise OpError("invalid", "give an absolute path to a folder of image tars", "source")
     if not 60 <= timeout <= 3600:
         raise OpError("invalid", "give a number of seconds from 60 to 3600", "timeout")
-    with upgrade_refusals(), plan(ctx, source, force, without_backup):
+    with upgrade_refusals(), plan(ctx, force, without_backup):
         pass
     return {}
 
 
 @privileged(job=True, timeout=60.0, check=check_upgrade)
-def upgrade_run(ctx: Context, progress: Progress, source: str = "", force: bool = False,
+def upgrade_run(ctx: Context, progress: Progress, force: bool = False,
                 without_backup: bool = False, timeout: int = 900) -> dict[str, Any]:
-    """Upgrade the stack to the images in `source` (an absolute folder under a root-only
-    place; default: those this appliance ships): load, back up, redeploy, health-check,
-    roll back on failure. A background job. `force` reinstalls a version that is not newer;
-    `without_backup` upgrades when no backup target is configured; `timeout`: seconds
-    the new stack may take to become healthy."""
+    """Upgrade the stack to the images this appliance ships: load, back up, redeploy,
+    health-check, roll back on failure. A background job. `force` reinstalls a version
+    that is not newer; `without_backup` upgrades when no backup target is configured;
+    `timeout`: seconds the new stack may take to become healthy."""
     from portal.checks import wait_healthy
     from portal.stack.upgrade import HEALTH_CHECKS, run
 
     with upgrade_refusals():
-        return run(ctx, progress, source=source, force=force, without_backup=without_backup,
+        return run(ctx, progress, force=force, without_backup=without_backup,
                    timeout=float(timeout), health_wait=float(getattr(ctx, "upgrade_health_wait", 120)),
                    health=lambda wait, pr: wait_healthy(ctx, HEALTH_CHECKS, wait, pr))
 
 
-@privileged(timeout=120.0)
-def upgrade_check(ctx: Context) -> dict[str, Any]:
-    """The stack's version against the images this appliance ships: {current, available,
-    upgrade_available, auto, message}. With upgrade_auto on and an upgrade available,
-    starts it (the result's `job`, or `auto_refused` saying why not)."""
-    from portal.core.store import read_settings
-    from portal.stack.upgrade import check
-
-    out = check(ctx)
-    out["auto"] = read_settings(ctx.state_dir).get("upgrade_auto", "").strip() == "1"
-    if out["auto"] and out["upgrade_available"]:
-        try:
-            out["job"] = upgrade_run.start(ctx)
-        except OpError as err:
-            out["auto_refused"] = err.message
-    return out
-
-
 @privileged(web=True, timeout=10.0)
 def upgrade_state(ctx: Context) -> dict[str, Any]:
-    """The last check's and the last upgrade's outcome (upgrade-state.json), the pinned
+    """The last upgrade's outcome (upgrade-state.json), the pinned
     version and image IDs, and the kept previous version (for the dashboard)."""
     from portal.stack.pins import read_pin
     from portal.stack.upgrade import previous_dir, read_state
@@ -354,11 +333,3 @@ def upgrade_state(ctx: Context) -> dict[str, Any]:
     return out
 
 
-@privileged(timeout=10.0)
-def upgrade_configure(ctx: Context, auto: bool) -> dict[str, Any]:
-    """Opt in (auto=True) or out of applying an available upgrade at the weekly check
-    (it always backs up first, so it needs a backup target)."""
-    from portal.core import store
-
-    store.write_settings(ctx.state_dir, {"upgrade_auto": "1" if auto else "0"})
-    return {"auto": auto}

@@ -1,37 +1,25 @@
-"""Stack upgrades: load a newer version's images, back up, redeploy, health-check,
-and roll back to the previous images and config when the check fails.
+"""Stack upgrades: load the images this appliance ships, back up, redeploy,
+health-check, and roll back to the previous images and config when the check fails.
 
-The images come from a folder: by default the one the appliance ships
-(ctx.images_dir, /usr/lib/mailstead/images, whose version is the appliance's),
-or a bundle folder named by `source`. A folder holds `mailstead-base.tar` and
-`mailstead-<service>.tar` for every service, in either of two forms:
-
-- as the appliance image builds them (mkosi subimage tars: a base file system
-  and one overlay per service, loaded by portal/stack/images.py), or
-- `docker save` archives of `mailstead-<name>:<version>` images.
-
-Its version is the first line of a `VERSION` file; without one, the ships-with
-folder is the appliance's own version and a docker-save bundle's is the tag its
-images carry. What they hold runs with the mail, so a source is taken only
-
-- from under an allowed root (`allowed_roots`: the folder the appliance ships,
-  `<state>/upgrade/bundles/`, and the context's `upgrade_roots`, which tests use),
-- through a path without a symlink anywhere (walked from / with O_NOFOLLOW),
-- when the folder, every folder from the allowed root down to it and its files
-  belong to root and are writable by no one else,
-
-and each tar is opened once: it is checked, hashed and given to docker through
-that same open file (portal/stack/images.py), so swapping a file or a folder on
-the path after the check changes nothing that is loaded.
+The first boot of an image update (portal/update) runs this to bring the stack to
+the new version's images; `upgrade_run` runs it by hand. The images are those in
+ctx.images_dir (/usr/lib/mailstead/images, in the read-only system): the
+mkosi subimage tars `mailstead-base.tar` and `mailstead-<service>.tar` (a base
+file system and one overlay per service, loaded by portal/stack/images.py).
+Their version is the first line of a `VERSION` file there, or else the
+appliance's own. What they hold runs with the mail, so the folder and its files
+must belong to root and be writable by no one else, and each tar is opened once
+(without following a symlink): it is checked, hashed and given to docker through
+that same open file, so swapping a file on the path after the check changes
+nothing that is loaded.
 
 Nothing is changed before the new images are loaded and, when a backup
-target is configured, a backup has succeeded. The previous pin (version and
-image IDs) and a copy of the rendered stack folder are kept in
-`<state>/upgrade/previous/`; the outcome of the last upgrade and the last
-check go to `<state>/upgrade-state.json`:
+target is configured (or `without_backup` is not given), a backup has
+succeeded. The previous pin (version and image IDs) and a copy of the rendered
+stack folder are kept in `<state>/upgrade/previous/`; the outcome of the last
+upgrade goes to `<state>/upgrade-state.json`:
 
-    {"last_check": {"at", "current", "available", "upgrade_available"},
-     "last_upgrade": {"at", "ok", "from", "to", "source", "backup", "changed",
+    {"last_upgrade": {"at", "ok", "from", "to", "source", "backup", "changed",
                       "rolled_back", "rollback_ok", "error", "seconds"}}
 """
 
@@ -39,12 +27,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import errno
-import json
 import os
 import re
 import secrets
-import tarfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -99,18 +84,15 @@ def version_key(v: str) -> tuple[Any, ...]:
     return (*nums, *[0] * (5 - len(nums)), 0 if pre else 1, pre)
 
 
-# -- bundles --------------------------------------------------------------------------
+# -- the shipped images -----------------------------------------------------------------
 
 @dataclass
-class Bundle:
+class Images:
+    """The images folder's tars, open (read only through these: close() them), and their version."""
+
     folder: Path
     version: str
-    form: str            # "mkosi" or "docker"
-    shipped: bool        # the folder the appliance ships (ctx.images_dir)
-    tars: dict[str, ImageTar] = field(default_factory=dict, repr=False)  # open: read only through these
-
-    def tar(self, name: str) -> Path:
-        return self.folder / f"mailstead-{name}.tar"
+    tars: dict[str, ImageTar] = field(default_factory=dict, repr=False)
 
     def hash(self) -> dict[str, str]:
         """{name: SHA-256} of every tar, read from its open file (docker's reads are checked against it)."""
@@ -121,78 +103,8 @@ class Bundle:
             t.file.close()
 
 
-def allowed_roots(ctx: Any) -> tuple[Path, ...]:
-    """The folders an upgrade source may be in: the appliance's own images, the
-    bundles folder in the agent's state, and the context's `upgrade_roots`."""
-    extra = tuple(Path(p) for p in (getattr(ctx, "upgrade_roots", None) or ()))
-    return (Path(ctx.images_dir), StateLayout(Path(ctx.state_dir)).upgrade_bundles, *extra)
-
-
-def _normal(path: Path) -> Path:
-    return Path(os.path.normpath(path))
-
-
-def _refuse(why: str) -> UpgradeError:
-    return UpgradeError("invalid", why, field="source")
-
-
-@contextlib.contextmanager
-def _open_source_dir(folder: Path, roots: tuple[Path, ...]) -> Iterator[int]:
-    """A descriptor of `folder`, reached from its allowed root without following a
-    symlink, every folder from the root down checked (root's, writable by no one else)."""
-    root = next((r for r in map(_normal, roots) if folder == r or r in folder.parents), None)
-    if root is None:
-        raise _refuse(f"{folder} is not in a folder upgrades are taken from; copy the bundle, as root, into a "
-                      f"folder of its own under {roots[1] if len(roots) > 1 else roots[0]} (root's, mode 0700)")
-    try:
-        with safefs.open_dir(root) as rfd:
-            fd = os.dup(rfd)
-    except FileNotFoundError:
-        raise _refuse(f"{folder} is not a folder (a bundle holds mailstead-base.tar and one "
-                      "mailstead-<service>.tar per service)") from None
-    except UnsafePathError as exc:
-        raise _refuse(exc.message) from None
-    walked = root
-    try:
-        for part in (None, *folder.relative_to(root).parts):  # None: the allowed root itself
-            if part is not None:
-                walked = walked / part
-                try:
-                    nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-                except FileNotFoundError:
-                    raise _refuse(f"{folder} is not a folder (a bundle holds mailstead-base.tar and one "
-                                  "mailstead-<service>.tar per service)") from None
-                except OSError as exc:
-                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                        raise _refuse(f"{walked} is a symlink or not a folder; give the real folder") from None
-                    raise
-                os.close(fd)
-                fd = nfd
-            try:
-                trusted_stat(os.fstat(fd), walked, "folder")
-            except UnsafePathError as exc:
-                raise _refuse(exc.message) from None
-        yield fd
-    finally:
-        os.close(fd)
-
-
-def docker_tags(f: Any, path: Path) -> list[str] | None:
-    """The image tags in a `docker save` archive (read from the open file `f`), or None
-    when it is not one."""
-    try:
-        f.seek(0)
-        with tarfile.open(fileobj=f, mode="r:") as archive:
-            for member in archive:
-                if member.name.lstrip("./") == "manifest.json" and member.isfile():
-                    m = archive.extractfile(member)
-                    data = json.loads(m.read(1 << 20)) if m else []
-                    return [str(t) for entry in data for t in (entry.get("RepoTags") or [])]
-    except (OSError, tarfile.TarError, ValueError, AttributeError) as exc:
-        raise _refuse(f"{path} is not a readable tar archive ({' '.join(str(exc).split())[:120]})") from None
-    finally:
-        f.seek(0)
-    return None
+def _images_error(message: str) -> UpgradeError:
+    return UpgradeError("images", message)
 
 
 def _read_version_at(dfd: int, folder: Path) -> str | None:
@@ -204,64 +116,38 @@ def _read_version_at(dfd: int, folder: Path) -> str | None:
             text = f.read(4096).decode("utf-8", "replace")
     except FileNotFoundError:
         return None
-    except UnsafePathError as exc:
-        raise _refuse(exc.message) from None
-    return check_version(text.split("\n", 1)[0], str(path), "source")
+    return check_version(text.split("\n", 1)[0], str(path))
 
 
-def open_bundle(folder: Path, roots: tuple[Path, ...], shipped_version: str | None = None) -> Bundle:
-    """The images folder `folder`, checked, its tars open (close() the bundle), and its
-    version (`shipped_version`: the folder the appliance ships, whose version is the
-    appliance's unless a VERSION file says otherwise)."""
-    if not folder.is_absolute():
-        raise _refuse(f"give an absolute path to a folder of image tars, not '{str(folder)[:80]}'")
-    folder = _normal(folder)
+def open_images(folder: Path, appliance_version: str) -> Images:
+    """The images folder `folder` (walked from / without following a symlink), checked,
+    its tars open (close() them), and their version (VERSION, else `appliance_version`)."""
     tars: dict[str, ImageTar] = {}
     try:
-        with _open_source_dir(folder, roots) as dfd:
+        with safefs.open_dir(folder) as dfd:
+            trusted_stat(os.fstat(dfd), folder, "folder")
             missing = []
             for n in NAMES:
                 try:
                     tars[n] = open_tar_at(dfd, folder, n)
                 except FileNotFoundError:
                     missing.append(f"mailstead-{n}.tar")
-                except UnsafePathError as exc:
-                    raise _refuse(exc.message) from None
             if missing:
-                raise _refuse(f"{folder} lacks {', '.join(missing)} (a bundle holds "
-                              f"{', '.join(f'mailstead-{n}.tar' for n in NAMES)})")
-            version_in_file = _read_version_at(dfd, folder)
-        tags = {n: docker_tags(t.file, t.path) for n, t in tars.items()}
-        forms = {n: "mkosi" if t is None else "docker" for n, t in tags.items()}
-        if len(set(forms.values())) != 1:
-            docker_ones = sorted(n for n, f in forms.items() if f == "docker")
-            raise _refuse(f"{folder} mixes `docker save` archives ({', '.join(docker_ones)}) "
-                          "with image-build tars; a bundle holds one kind")
-        form = forms["base"]
-        if version_in_file:
-            version = version_in_file
-        elif form == "docker":
-            found = {t.rsplit(":", 1)[1] for n, ts in tags.items() for t in ts or []
-                     if t.startswith(f"mailstead-{n}:")}
-            if len(found) != 1:
-                raise _refuse(f"the images in {folder} are tagged with "
-                              f"{', '.join(sorted(found)) or 'no mailstead-<name>:<version> tag'}; "
-                              "give them one version (or a VERSION file)")
-            version = check_version(found.pop(), f"the tags in {folder}", "source")
-        elif shipped_version:
-            version = check_version(shipped_version, "the appliance's version")
-        else:
-            raise _refuse(f"{folder} has no VERSION file naming the version of its images")
-        if form == "docker":
-            for n, ts in tags.items():
-                if f"mailstead-{n}:{version}" not in (ts or []):
-                    raise _refuse(f"{folder / f'mailstead-{n}.tar'} holds {', '.join(ts or []) or 'no tagged image'}, "
-                                  f"not mailstead-{n}:{version}")
+                raise _images_error(f"the images folder {folder} lacks {', '.join(missing)}; the appliance "
+                                    "image is damaged: install an update or flash it again")
+            version = _read_version_at(dfd, folder) or check_version(appliance_version, "the appliance's version")
+    except FileNotFoundError:
+        raise _images_error(f"the images folder {folder} is missing; the appliance image is damaged: "
+                            "install an update or flash it again") from None
+    except UnsafePathError as exc:
+        for t in tars.values():
+            t.file.close()
+        raise _images_error(exc.message) from None
     except BaseException:
         for t in tars.values():
             t.file.close()
         raise
-    return Bundle(folder, version, form, shipped_version is not None, tars)
+    return Images(folder, version, tars)
 
 
 def shipped_version(ctx: Any) -> str | None:
@@ -275,58 +161,27 @@ def shipped_version(ctx: Any) -> str | None:
         with safefs.open_dir(folder) as dfd:
             version = _read_version_at(dfd, folder)
     except UnsafePathError as exc:
-        raise _refuse(exc.message) from None
+        raise _images_error(exc.message) from None
     return version or check_version(ctx.portal_version, "the appliance's version")
 
 
-def load_bundle(client: Any, bundle: Bundle, state_dir: Path, progress: Progress = _quiet,
-                timeout: float = 1800) -> dict[str, str]:
-    """Load the bundle's images into docker, from its open tars (their hashes taken
-    first, and what docker read checked against them); {service: image ID}."""
+def load(client: Any, images: Images, state_dir: Path, progress: Progress = _quiet) -> dict[str, str]:
+    """Load the images into docker, from their open tars (their hashes taken first,
+    and what docker read checked against them); {service: image ID}."""
     import docker.errors
 
-    from portal.stack.images import api_timeout, load_lock, load_tars
+    from portal.stack.images import load_tars
 
-    hashes = bundle.hash()
+    hashes = images.hash()
     progress("images", "sha256 " + ", ".join(f"{n} {h[:16]}" for n, h in hashes.items()))
-    lock_path = StateLayout(Path(state_dir)).images_lock
-    if bundle.form == "mkosi":
-        try:
-            return load_tars(client, bundle.tars, bundle.version, lock_path=lock_path, progress=progress)
-        except ImageError as exc:
-            raise UpgradeError("images", f"loading the {bundle.version} images failed: {exc}") from None
-        except (docker.errors.DockerException, OSError) as exc:
-            raise UpgradeError("images", f"loading the {bundle.version} images failed: "
-                                         f"{' '.join(str(exc).split())[-300:]}") from None
-    ids = {}
-    with load_lock(lock_path):
-        for name in NAMES:
-            tar = bundle.tars[name]
-            progress(name, f"loading {tar.path.name}")
-            t0 = time.monotonic()
-            reader = tar.reader()
-            try:
-                with api_timeout(client, timeout):
-                    client.images.load(reader)  # streamed from the open file, never from the path
-                reader.check()
-            except ImageError as exc:
-                raise UpgradeError("images", str(exc)) from None
-            except (docker.errors.DockerException, OSError) as exc:
-                raise UpgradeError("images", f"docker load {tar.path} failed: "
-                                             f"{' '.join(str(exc).split())[-300:]}") from None
-            progress(name, f"loaded in {time.monotonic() - t0:.1f} s")
-        for service in SERVICES:
-            ref = f"mailstead-{service}:{bundle.version}"
-            try:
-                image = client.images.get(ref)
-            except docker.errors.ImageNotFound:
-                raise UpgradeError("images", f"{ref} is not in docker after loading {bundle.tar(service)}") from None
-            label = (image.attrs.get("Config", {}).get("Labels") or {}).get("org.mailstead.service")
-            if label != service:
-                raise UpgradeError("images", f"{ref} is not a Mailstead {service} image (its label "
-                                             f"org.mailstead.service is {label or 'missing'})")
-            ids[service] = image.id
-    return ids
+    try:
+        return load_tars(client, images.tars, images.version, lock_path=StateLayout(Path(state_dir)).images_lock,
+                         progress=progress)
+    except ImageError as exc:
+        raise UpgradeError("images", f"loading the {images.version} images failed: {exc}") from None
+    except (docker.errors.DockerException, OSError) as exc:
+        raise UpgradeError("images", f"loading the {images.version} images failed: "
+                                     f"{' '.join(str(exc).split())[-300:]}") from None
 
 
 # -- the state file -------------------------------------------------------------------
@@ -376,17 +231,10 @@ def versions(ctx: Any) -> dict[str, Any]:
         out["message"] = f"the stack is not deployed yet; deploying it installs {available}"
     elif version_key(available) > version_key(pin.version):
         out["upgrade_available"] = True
-        out["message"] = f"{available} is available (the stack runs {pin.version}): mailstead upgrade"
+        out["message"] = (f"{available} is available (the stack runs {pin.version}): the agent's "
+                          "upgrade_run brings the stack to it")
     else:
         out["message"] = f"the stack runs {pin.version}, the newest this appliance has"
-    return out
-
-
-def check(ctx: Any) -> dict[str, Any]:
-    """versions(), recorded as last_check."""
-    out = versions(ctx)
-    record(ctx.state_dir, "last_check", {"at": now_iso(), **{k: out[k] for k in
-                                                              ("current", "available", "upgrade_available")}})
     return out
 
 
@@ -394,18 +242,18 @@ def check(ctx: Any) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Plan:
-    """What an upgrade will do; its bundle's tars are open: use it in a `with`."""
+    """What an upgrade will do; its images' tars are open: use it in a `with`."""
 
     settings: StackSettings
     current: Pin
-    bundle: Bundle
+    images: Images
     backup: bool         # a backup target is configured: back up first
 
     def __enter__(self) -> Plan:
         return self
 
     def __exit__(self, *_exc: object) -> None:
-        self.bundle.close()
+        self.images.close()
 
 
 def backup_configured(state_dir: Path) -> bool:
@@ -419,8 +267,8 @@ def backup_configured(state_dir: Path) -> bool:
     return True
 
 
-def plan(ctx: Any, source: str = "", force: bool = False, without_backup: bool = False) -> Plan:
-    """Everything that can be refused before anything is touched. The source's tars
+def plan(ctx: Any, force: bool = False, without_backup: bool = False) -> Plan:
+    """Everything that can be refused before anything is touched. The images' tars
     are opened here, once: close the plan (`with plan(...) as p:`)."""
     from portal.stack.settings import SettingsError
     from portal.stack.store import load_settings
@@ -434,20 +282,13 @@ def plan(ctx: Any, source: str = "", force: bool = False, without_backup: bool =
         raise UpgradeError("not_deployed", "the stack is not deployed yet, so there is nothing to upgrade: "
                                            "deploy it (mailstead deploy), which installs the images "
                                            "this appliance has")
-    if source.strip():
-        folder = Path(source.strip())
-        shipped = folder == Path(ctx.images_dir)
-    else:
-        folder, shipped = Path(ctx.images_dir), True
-        if not (folder / "mailstead-base.tar").is_file():
-            raise UpgradeError("invalid", f"source: the appliance's images folder {folder} holds no images; "
-                                          "give the folder of an upgrade bundle")
-    bundle = open_bundle(folder, allowed_roots(ctx), ctx.portal_version if shipped else None)
+    folder = Path(ctx.images_dir)
+    images = open_images(folder, ctx.portal_version)
     try:
-        if not force and version_key(bundle.version) <= version_key(current.version):
-            older = "an older version, " if version_key(bundle.version) < version_key(current.version) else ""
+        if not force and version_key(images.version) <= version_key(current.version):
+            older = "an older version, " if version_key(images.version) < version_key(current.version) else ""
             raise UpgradeError("not_newer", f"nothing to upgrade: the stack runs {current.version} and {folder} "
-                                            f"holds {bundle.version} ({older}nothing newer); to reinstall these "
+                                            f"holds {images.version} ({older}nothing newer); to reinstall these "
                                             "images anyway, give force=True")
         has_backup = backup_configured(ctx.state_dir)
         if not has_backup and not without_backup:
@@ -455,9 +296,9 @@ def plan(ctx: Any, source: str = "", force: bool = False, without_backup: bool =
                                             "mail first: configure one (dashboard Backups, or mailstead backup "
                                             "configure), or give without_backup=True to upgrade without a backup")
     except BaseException:
-        bundle.close()
+        images.close()
         raise
-    return Plan(settings, current, bundle, has_backup)
+    return Plan(settings, current, images, has_backup)
 
 
 # -- health ---------------------------------------------------------------------------
@@ -519,7 +360,7 @@ def _short(text: str, limit: int = 400) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
-def run(ctx: Any, progress: Progress = _quiet, *, source: str = "", force: bool = False,
+def run(ctx: Any, progress: Progress = _quiet, *, force: bool = False,
         without_backup: bool = False, timeout: float = 900, health_wait: float = 120,
         health: Health = _no_health_checks) -> dict[str, Any]:
     """The upgrade (see the module's text). Raises UpgradeError when refused or failed;
@@ -531,9 +372,9 @@ def run(ctx: Any, progress: Progress = _quiet, *, source: str = "", force: bool 
     entry: dict[str, Any] = {"at": now_iso(), "ok": False, "from": None, "to": None, "source": None,
                              "backup": None, "changed": False, "rolled_back": False, "rollback_ok": None,
                              "error": None, "seconds": 0}
-    with upgrade_lock(ctx.state_dir), plan(ctx, source, force, without_backup) as p:
-        # (refusals: nothing recorded, nothing touched; the source's tars are open from here on)
-        entry.update({"from": p.current.version, "to": p.bundle.version, "source": str(p.bundle.folder)})
+    with upgrade_lock(ctx.state_dir), plan(ctx, force, without_backup) as p:
+        # (refusals: nothing recorded, nothing touched; the images' tars are open from here on)
+        entry.update({"from": p.current.version, "to": p.images.version, "source": str(p.images.folder)})
         try:
             result = _run(ctx, p, progress, entry, timeout, lambda pr: health(health_wait, pr))
             entry["ok"] = True
@@ -553,14 +394,14 @@ def _run(ctx: Any, p: Plan, progress: Progress, entry: dict[str, Any], timeout: 
          check: Callable[[Progress], list[str]]) -> dict[str, Any]:
     from portal.stack import deploy as deploy_mod
 
-    old, new = p.current.version, p.bundle.version
-    progress("check", f"upgrading the stack from {old} to {new} (images from {p.bundle.folder})")
+    old, new = p.current.version, p.images.version
+    progress("check", f"upgrading the stack from {old} to {new} (images from {p.images.folder})")
     client = ctx.docker()
     try:
         # 1. The new images: loading them changes nothing that runs.
         progress("images", f"loading the {new} images")
-        new_ids = load_bundle(client, p.bundle, ctx.state_dir, progress)
-        entry["sha256"] = p.bundle.hash()
+        new_ids = load(client, p.images, ctx.state_dir, progress)
+        entry["sha256"] = p.images.hash()
         previous = present(client, p.current.images)
         if previous is None:
             raise UpgradeError("images", f"the running {old} images are no longer all in docker, so there "

@@ -43,7 +43,8 @@ RECORD = "update.json"
 COPY = "pre-update"
 HISTORY_KEPT = 50
 # Inside the state folder: not part of the copy (they are rebuilt, or are this
-# boot's and not the version's): running jobs' records and bundles of images.
+# boot's and not the version's): running jobs' records, and the folder of the
+# retired stack-only upgrade bundles, which a machine set up before image updates may hold.
 NOT_COPIED = ("jobs", "upgrade/bundles")
 DATABASES = ("state.db", "accounts/accounts.db")
 

@@ -3,11 +3,11 @@
 operation and its background job:
 
 - a backup that fails before the upgrade stops it with nothing changed;
-- a "newer version" whose dovecot image is broken (built FROM the real one
-  with doveconf removed; the other services re-tagged; all `docker save`d into
-  a bundle folder named like the appliance's tars) is loaded, backed up
-  before, deployed, found crash-looping, and rolled back: the old image IDs run
-  again and IMAP reads the mail stored before;
+- a "newer version" whose dovecot image is broken (the appliance's image tars
+  under a VERSION file saying 0.1.1, with doveconf in the dovecot tar replaced
+  by a script that fails) is loaded, backed up before, deployed, found
+  crash-looping, and rolled back: the old image IDs run again and IMAP reads
+  the mail stored before;
 - a good newer version (the appliance's own image tars under a VERSION file
   saying 0.1.2, loaded as the appliance loads them, so every image ID is new)
   becomes the pinned version, and the mail is still there;
@@ -16,17 +16,21 @@ operation and its background job:
   by the upgrade itself, from the kept config and image IDs.
 
 The images come from the harness's ensure_images (the image build's output).
+Each newer version is an images folder like the one a newer appliance version
+ships in /usr/lib/mailstead/images (the context's images_dir, for that upgrade).
 Every image this module tags (mailstead-*:0.1.1 and :0.1.2) is removed at the end."""
 
 from __future__ import annotations
 
 import contextlib
 import imaplib
+import io
 import json
 import os
 import shutil
 import ssl
 import subprocess
+import tarfile
 import time
 from dataclasses import replace
 from email.message import EmailMessage
@@ -75,31 +79,36 @@ def sh(*cmd: str, input: str | None = None) -> str:
     return r.stdout
 
 
-def broken_bundle(folder: Path) -> Path:
-    """mailstead-*:0.1.1 `docker save`d into `folder`: dovecot without doveconf (its
-    entry point fails at once, so the container crash-loops), the others re-tagged."""
-    folder.mkdir(mode=0o700)
-    sh("docker", "build", "--quiet", "-t", f"mailstead-dovecot:{BROKEN}", "-",
-       input=f"FROM mailstead-dovecot:{VERSION}\nRUN rm /usr/bin/doveconf\n")
-    for name in NAMES:
-        if name != "dovecot":
-            sh("docker", "tag", f"mailstead-{name}:{VERSION}", f"mailstead-{name}:{BROKEN}")
-        sh("docker", "save", "-o", str(folder / f"mailstead-{name}.tar"), f"mailstead-{name}:{BROKEN}")
-    # Out of docker again: the upgrade must load them from the folder.
-    sh("docker", "rmi", *[f"mailstead-{n}:{BROKEN}" for n in NAMES])
-    return folder
-
-
-def good_bundle(folder: Path) -> Path:
+def images_folder(folder: Path, version: str) -> Path:
     """The appliance's own image tars (hard links: an upgrade follows no symlink; copies
-    across file systems) with a VERSION file: a newer appliance version."""
+    across file systems) with a VERSION file: a newer appliance version's images."""
     folder.mkdir(mode=0o700)
     for name in NAMES:
         try:
             os.link(IMAGES_DIR / f"mailstead-{name}.tar", folder / f"mailstead-{name}.tar")
         except OSError:
             shutil.copyfile(IMAGES_DIR / f"mailstead-{name}.tar", folder / f"mailstead-{name}.tar")
-    (folder / "VERSION").write_text(f"{GOOD}\n")
+    (folder / "VERSION").write_text(f"{version}\n")
+    return folder
+
+
+def broken_images(folder: Path) -> Path:
+    """0.1.1: the dovecot tar's doveconf replaced by a script that fails, so the
+    entry point stops at once and the container crash-loops; the others as shipped."""
+    images_folder(folder, BROKEN)
+    tar = folder / "mailstead-dovecot.tar"
+    tar.unlink()  # (a hard link to the shipped one)
+    failing = b"#!/bin/sh\necho 'doveconf: broken on purpose by the test' >&2\nexit 1\n"
+    replaced = 0
+    with tarfile.open(IMAGES_DIR / "mailstead-dovecot.tar") as src, tarfile.open(tar, "w") as out:
+        for member in src:
+            if member.isfile() and member.name.lstrip("./") == "usr/bin/doveconf":
+                member.size = len(failing)
+                out.addfile(member, io.BytesIO(failing))
+                replaced += 1
+            else:
+                out.addfile(member, src.extractfile(member) if member.isfile() else None)
+    assert replaced == 1, "usr/bin/doveconf is not in the dovecot tar"
     return folder
 
 
@@ -130,22 +139,30 @@ class Box:
         shutil.copytree(SHARED_DKIM, s.dkim_dir, dirs_exist_ok=True)
         for d in ("nginx", "www"):
             (tmp / d).mkdir(exist_ok=True)
-        # The bundles are made under tmp (root's, 0700): an allowed root for upgrade sources.
         self.ctx = Context(docker=docker_factory("unix:///var/run/docker.sock", timeout=120), state_dir=self.state,
-                           images_dir=IMAGES_DIR, nginx_dir=tmp / "nginx", www_dir=tmp / "www", reload_nginx=False,
-                           upgrade_roots=(tmp,))
+                           images_dir=IMAGES_DIR, nginx_dir=tmp / "nginx", www_dir=tmp / "www", reload_nginx=False)
         self.ctx.upgrade_health_wait = 60  # type: ignore[attr-defined]
         self.client = docker.from_env(timeout=120)
         self.sent: list[bytes] = []
 
-    def upgrade(self, **args: Any) -> dict[str, Any]:
-        """upgrade_run as the web and the CLI call it; the finished job."""
-        job = REGISTRY["upgrade_run"].invoke(self.ctx, {"timeout": 300, **args})
-        assert job["kind"] == "upgrade_run"
-        deadline = time.monotonic() + 1200
-        while job["state"] == "running" and time.monotonic() < deadline:
-            time.sleep(1)
-            job = jobs.status(self.ctx, job["id"])
+    @contextlib.contextmanager
+    def shipping(self, images: Path | None) -> Any:
+        """The appliance ships `images` (a newer version's /usr/lib/mailstead/images) meanwhile."""
+        self.ctx.images_dir = images or IMAGES_DIR
+        try:
+            yield
+        finally:
+            self.ctx.images_dir = IMAGES_DIR
+
+    def upgrade(self, images: Path | None = None, **args: Any) -> dict[str, Any]:
+        """upgrade_run as root calls it, the appliance shipping `images`; the finished job."""
+        with self.shipping(images):
+            job = REGISTRY["upgrade_run"].invoke(self.ctx, {"timeout": 300, **args})
+            assert job["kind"] == "upgrade_run"
+            deadline = time.monotonic() + 1200
+            while job["state"] == "running" and time.monotonic() < deadline:
+                time.sleep(1)
+                job = jobs.status(self.ctx, job["id"])
         assert job["state"] != "running", "the upgrade job did not end within 20 minutes"
         return job
 
@@ -184,7 +201,7 @@ def box(tmp_path_factory: pytest.TempPathFactory):
             conn.append("INBOX", "", imaplib.Time2Internaldate(time.time()), msg.as_bytes())
         b.sent = imap_messages(b.state)
         assert len(b.sent) == 1
-        b.broken = broken_bundle(tmp / "broken-bundle")  # type: ignore[attr-defined]
+        b.broken = broken_images(tmp / "broken-images")  # type: ignore[attr-defined]
         yield b
     finally:
         compose_down()
@@ -201,7 +218,7 @@ def test_a_failed_backup_stops_the_upgrade_with_nothing_changed(box: Box) -> Non
     box.configure_backup(repo)
     shutil.rmtree(repo)  # the target is gone: restic cannot open the repository
 
-    job = box.upgrade(source=str(box.broken))
+    job = box.upgrade(box.broken)
     assert job["state"] == "failed" and job["code"] == "backup_failed", job
     assert job["error"].startswith("the backup before the upgrade failed: ") and \
         f"Nothing was changed: the stack still runs {VERSION}" in job["error"]
@@ -220,7 +237,7 @@ def test_a_broken_new_version_is_rolled_back_and_the_old_stack_serves_mail(box: 
     assert before is not None and box.running() == before.images
     box.configure_backup(box.tmp / "repo")
 
-    job = box.upgrade(source=str(box.broken))
+    job = box.upgrade(box.broken)
     assert job["state"] == "failed" and job["code"] == "upgrade_failed", job
     error = job["error"]
     assert error.startswith(f"the upgrade from {VERSION} to {BROKEN} failed: ") and "dovecot" in error
@@ -256,12 +273,12 @@ def test_a_good_new_version_becomes_the_pinned_one(box: Box) -> None:
     before = pins.read_pin(box.state)
     assert before is not None and before.version == VERSION
     (box.state / "secrets" / "backup.json").unlink()  # no backup target: only with without_backup
-    bundle = good_bundle(box.tmp / "good-bundle")
-    with pytest.raises(OpError) as err:
-        REGISTRY["upgrade_run"].invoke(box.ctx, {"source": str(bundle)})
+    good = images_folder(box.tmp / "good-images", GOOD)
+    with pytest.raises(OpError) as err, box.shipping(good):
+        REGISTRY["upgrade_run"].invoke(box.ctx, {})
     assert err.value.code == "no_backup" and "without_backup=True" in str(err.value)
 
-    job = box.upgrade(source=str(bundle), without_backup=True)
+    job = box.upgrade(good, without_backup=True)
     assert job["state"] == "done", job
     result = job["result"]
     assert (result["from"], result["to"]) == (VERSION, GOOD)
@@ -277,7 +294,7 @@ def test_a_good_new_version_becomes_the_pinned_one(box: Box) -> None:
     # A later deploy (a settings change, say) keeps the pinned 0.1.2 images, not the shipped 0.1.0 ones.
     deploy_stack(box.ctx, lambda *_: None, timeout=600)
     assert box.running() == after.images
-    check = REGISTRY["upgrade_check"].invoke(box.ctx, {})
+    check = upgrade.versions(box.ctx)
     assert (check["current"], check["available"], check["upgrade_available"]) == (GOOD, VERSION, False)
 
 

@@ -426,7 +426,7 @@ def test_the_web_user_may_call_only_the_operations_declared_for_it(tmp_path):
     root_only = sorted(n for n, op in registry.items() if not op.web)
     assert root_only == ["admin_unlock", "alerts_private", "cert_renew", "net_check", "settings_set",
                          "stack_load_images", "update_recover", "update_trial", "update_window",
-                         "upgrade_check", "upgrade_configure", "upgrade_run"], root_only
+                         "upgrade_run"], root_only
 
 
 def test_each_operation_is_declared_once_with_its_secrets():

@@ -245,8 +245,10 @@ def _write_pin(ctx):
     pins.write_pin(ctx.state_dir, "0.1.0", OLD_IDS)
 
 
-def _upgrade_check(ctx):
-    ops.REGISTRY["upgrade_check"].run_checked(ctx, {})
+def _upgrade_record(ctx):
+    from portal.stack import upgrade
+
+    upgrade.record(ctx.state_dir, "last_upgrade", {"at": "2026-12-07T04:00:00+00:00", "ok": True})
 
 
 def _acme_configure(ctx):
@@ -279,7 +281,7 @@ def _install_cert(ctx):
 TEMP_NAME_ATTACKS = [
     # (the fixed name the agent used to write, the operation that wrote it)
     (".stack-images.json.tmp", _write_pin),
-    (".upgrade-state.json.tmp", _upgrade_check),
+    (".upgrade-state.json.tmp", _upgrade_record),
     (".acme-ca-bundle.pem.{pid}.tmp", _acme_configure),
     ("secrets/.rfc2136.key.{pid}.tmp", _dns_configure_push),
     ("secrets/dkim/.mailstead-rsa.key.{pid}.tmp", _dkim_keys),
