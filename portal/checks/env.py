@@ -15,7 +15,6 @@ DEFAULT_DNSBL_ZONES = ("zen.spamhaus.org", "bl.spamcop.net", "b.barracudacentral
 @dataclass
 class CheckEnv:
     ctx: Context
-    reboot_file: Path = Path("/run/reboot-required")
     # Free disk: warn below either threshold, fail below both halved.
     disk_min_free_percent: float = 10.0
     disk_min_free_bytes: int = 2 * 1024 ** 3

@@ -1,4 +1,4 @@
-"""Host checks: free disk and memory, backups, image updates, reboot required."""
+"""Host checks: free disk and memory, backups, image updates."""
 
 from __future__ import annotations
 
@@ -152,17 +152,3 @@ def updates(env: CheckEnv) -> CheckResult:
                                                   f"{check.get('newest')} on the feed",
                                "install it: Updates page, Install now (or turn automatic updates on)")
     return CheckResult("updates", "ok", str(check.get("message") or "up to date")[:400])
-
-
-@check("reboot", "Reboot required")
-def reboot(env: CheckEnv) -> CheckResult:
-    if not env.reboot_file.exists():
-        return CheckResult("reboot", "ok", "no reboot needed")
-    pkgs_file = env.reboot_file.with_name(env.reboot_file.name + ".pkgs")
-    try:
-        pkgs = sorted(set(pkgs_file.read_text().split()))
-    except OSError:
-        pkgs = []
-    why = f" (for {', '.join(pkgs[:6])})" if pkgs else ""
-    return CheckResult("reboot", "warn", f"a reboot is needed to finish installing updates{why}",
-                       "reboot at a quiet time: mail waits in the senders' queues meanwhile")

@@ -41,7 +41,7 @@ def appliance_settings(stack: Stack, **extra: str) -> None:
 
 def check_env(stack: Stack) -> CheckEnv:
     ctx = ops.Context(docker=ops.docker_factory("unix:///var/run/docker.sock"), state_dir=stack.settings.state_dir)
-    return CheckEnv(ctx, reboot_file=stack.settings.state_dir / "reboot-required")
+    return CheckEnv(ctx)
 
 
 def make_stack(state: Path, project: str = PROJECT, port_base: int = PORT_BASE) -> Stack:

@@ -36,7 +36,7 @@ def state(tmp_path):
 def env_for(state, **kw):
     ctx = ops.Context(docker=ops.docker_factory(f"unix://{state}/no-docker.sock"), state_dir=state,
                       update_dir=state.parent / "update")
-    return CheckEnv(ctx, **{"reboot_file": state / "reboot-required", **kw})
+    return CheckEnv(ctx, **kw)
 
 
 def run(check_id, state, **kw):
@@ -59,7 +59,7 @@ def test_check_result_refuses_an_unknown_status():
 
 
 def test_every_check_is_registered_with_a_title():
-    assert list(checks.CHECKS) == ["disk", "memory", "backup", "verify", "updates", "reboot",
+    assert list(checks.CHECKS) == ["disk", "memory", "backup", "verify", "updates",
                                    "containers", "ports", "tls", "dns", "dnsbl", "queue", "upgrade"]
 
 
@@ -161,7 +161,7 @@ def test_backup_and_verification_outcomes(state):
     assert run("backup", state).status == "fail"
 
 
-# -- updates, reboot ----------------------------------------------------------------------------------
+# -- updates ----------------------------------------------------------------------------------
 
 def test_updates_warn_without_a_feed_then_on_a_feed_unreadable_for_days(state, tmp_path, feed_key):
     from portal.core import store
@@ -215,14 +215,6 @@ def test_updates_warn_when_the_running_version_is_a_month_behind(state, tmp_path
                                                                 "message": "0.2.1 did not come up healthy"})
         r = checks.run_one("updates", CheckEnv(ctx))
         assert r.status == "ok" and "0.2.1 was rolled back" in r.message
-
-
-def test_reboot_required(state):
-    assert run("reboot", state).status == "ok"
-    (state / "reboot-required").write_text("*** System restart required ***\n")
-    (state / "reboot-required.pkgs").write_text("linux-image-amd64\nlibc6\n")
-    r = run("reboot", state)
-    assert r.status == "warn" and "libc6, linux-image-amd64" in r.message
 
 
 # -- DNS drift (the latest dns_check job) ----------------------------------------------------------------
@@ -307,11 +299,20 @@ def alerting(state):
         set_up(state, {"smtp": sink.port}, admin_address=f"admin@{DOMAIN}",
                alert_webhook_url=f"http://127.0.0.1:{hook.port}/hooks/secret-token",
                alert_webhook_private="1")  # the receiver is on loopback: allowed here, refused by default
+        low_memory(state, False)
         yield sink, hook
 
 
+def low_memory(state, low: bool) -> None:
+    """The fault the alert tests flip: the memory check reads <state>/meminfo (for
+    /proc/meminfo), 8 % available (a warning) or 50 %."""
+    available = 80_000 if low else 500_000
+    (state / "meminfo").write_text(f"MemTotal: 1000000 kB\nMemAvailable: {available} kB\n")
+
+
 def health(state):
-    return agentops.health_round(env_for(state).ctx, env=env_for(state), only=["reboot", "disk"])
+    env = env_for(state, meminfo=state / "meminfo")
+    return agentops.health_round(env.ctx, env=env, only=["memory", "disk"])
 
 
 def test_exactly_one_alert_per_change_of_state(state, alerting):
@@ -319,43 +320,44 @@ def test_exactly_one_alert_per_change_of_state(state, alerting):
     first = health(state)
     assert first["changes"] == [] and sink.messages == [] and hook.posts == []  # all ok, nothing to say
 
-    (state / "reboot-required").write_text("")
+    low_memory(state, True)
     out = health(state)
-    assert [c["id"] for c in out["changes"]] == ["reboot"] and out["alerts"]["mail"] == f"sent to admin@{DOMAIN}"
+    assert [c["id"] for c in out["changes"]] == ["memory"] and out["alerts"]["mail"] == f"sent to admin@{DOMAIN}"
     assert out["alerts"]["webhook"] == "sent (HTTP 204)"
     for _ in range(3):  # still the same state: no more alerts
         assert health(state)["changes"] == []
     assert len(sink.messages) == 1 and len(hook.posts) == 1
     mail = sink.messages[0]
     assert mail["to"] == [f"admin@{DOMAIN}"] and mail["from"] == f"mailstead@{DOMAIN}"
-    assert mail["message"]["Subject"] == f"[Mailstead {HOST}] WARNING: reboot warn"
+    assert mail["message"]["Subject"] == f"[Mailstead {HOST}] WARNING: memory warn"
     body = mail["message"].get_payload(decode=True).decode()
-    assert "reboot: ok -> warn" in body and "What to do: reboot at a quiet time" in body
+    assert "memory: ok -> warn" in body and "What to do: restart the stack (mailstead deploy)" in body
     post = hook.posts[0]
     assert post["path"] == "/hooks/secret-token" and post["type"] == "application/json"
-    assert post["json"]["changes"][0] == {"id": "reboot", "old": "ok", "new": "warn",
-                                          "message": "a reboot is needed to finish installing updates",
-                                          "fix": "reboot at a quiet time: mail waits in the senders' queues meanwhile"}
+    assert post["json"]["changes"][0] == {"id": "memory", "old": "ok", "new": "warn",
+                                          "message": "memory is low: 0.1 GiB available of 1.0 GiB (8 %)",
+                                          "fix": "restart the stack (mailstead deploy) or give the machine more "
+                                                 "memory; see `docker stats`"}
 
-    (state / "reboot-required").unlink()
+    low_memory(state, False)
     out = health(state)
     assert [(c["old"], c["new"]) for c in out["changes"]] == [("warn", "ok")]
     assert len(sink.messages) == 2 and "RESOLVED" in sink.messages[1]["message"]["Subject"]
     assert len(hook.posts) == 2
-    timeline = [r["status"] for r in history.history(state, "reboot", 100)]
+    timeline = [r["status"] for r in history.history(state, "memory", 100)]
     assert timeline == ["ok", "warn", "warn", "warn", "warn", "ok"]
 
 
 def test_a_failing_webhook_or_mail_is_reported_never_raised_nor_leaks_the_url(state, alerting, caplog):
     sink, hook = alerting
     hook.answer = 500
-    (state / "reboot-required").write_text("")
+    low_memory(state, True)
     out = health(state)
     assert out["alerts"] == {"mail": f"sent to admin@{DOMAIN}", "webhook": "failed: HTTP 500"}
     port = free_port()
     set_up(state, {"smtp": free_port()}, alert_webhook_url=f"http://127.0.0.1:{port}/hooks/secret-token",
            alert_webhook_private="1")
-    (state / "reboot-required").unlink()
+    low_memory(state, False)
     out = health(state)
     assert out["alerts"]["mail"].startswith("failed: 127.0.0.1:") and "refused" in out["alerts"]["mail"].lower()
     assert out["alerts"]["webhook"] == f"failed: cannot connect to 127.0.0.1 port {port} (Connection refused)"
@@ -370,7 +372,7 @@ def test_a_webhook_redirect_is_not_followed_and_names_where_it_led(state, alerti
     sink, hook = alerting
     with serving(HookServer()) as internal:
         hook.answer, hook.location = 302, f"http://localhost:{internal.port}/internal/admin?x=1"
-        (state / "reboot-required").write_text("")
+        low_memory(state, True)
         out = health(state)
     assert out["alerts"]["webhook"] == ("failed: HTTP 302: 127.0.0.1 redirects to localhost, and redirects are "
                                         "not followed; give the URL it redirects to")
@@ -401,7 +403,7 @@ def test_a_webhook_name_that_resolves_to_loopback_is_refused_unless_the_owner_al
     with serving(SmtpSink()) as sink, serving(HookServer(tls=(cert, key))) as hook:
         url = f"https://hooks.example.test:{hook.port}/hooks/secret-token"
         set_up(state, {"smtp": sink.port}, admin_address=f"admin@{DOMAIN}", alert_webhook_url=url)
-        (state / "reboot-required").write_text("")
+        low_memory(state, True)
         out = health(state)
         assert hook.posts == [], "the webhook reached an address on this machine"
         assert out["alerts"]["webhook"] == (
@@ -410,7 +412,7 @@ def test_a_webhook_name_that_resolves_to_loopback_is_refused_unless_the_owner_al
 
         ops.REGISTRY["alerts_private"].run_checked(env_for(state).ctx, {"allow": True})
         fake_dns.clear()
-        (state / "reboot-required").unlink()
+        low_memory(state, False)
         out = health(state)
         assert out["alerts"]["webhook"] == "sent (HTTP 204)"
         assert fake_dns == ["hooks.example.test"]  # resolved once; the connection went to that address
@@ -439,7 +441,7 @@ def test_configuring_a_webhook_at_a_private_address_is_refused_unless_allowed(st
 
 def test_no_admin_address_is_said(state):
     set_up(state)
-    (state / "reboot-required").write_text("")
+    low_memory(state, True)
     out = health(state)
     assert out["alerts"]["mail"].startswith("not sent: admin_address is not set")
     assert out["alerts"]["webhook"] == "not configured"

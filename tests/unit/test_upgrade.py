@@ -279,7 +279,7 @@ def test_the_operations_are_served_by_the_agent(start_agent, tmp_path):
 # -- the health check -----------------------------------------------------------------
 
 def run_check(ctx):
-    result = checks.run_one("upgrade", CheckEnv(ctx, reboot_file=ctx.state_dir / "reboot-required"))
+    result = checks.run_one("upgrade", CheckEnv(ctx))
     assert result.status == "ok" or result.fix, result
     return result
 
