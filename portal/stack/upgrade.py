@@ -14,8 +14,8 @@ that same open file, so swapping a file on the path after the check changes
 nothing that is loaded.
 
 Nothing is changed before the new images are loaded and, when a backup
-target is configured (or `without_backup` is not given), a backup has
-succeeded. The previous pin (version and image IDs) and a copy of the rendered
+target is configured, a backup has succeeded (without a target, the upgrade
+runs only with `without_backup`, as an update's first boot asks). The previous pin (version and image IDs) and a copy of the rendered
 stack folder are kept in `<state>/upgrade/previous/`; the outcome of the last
 upgrade goes to `<state>/upgrade-state.json`:
 
