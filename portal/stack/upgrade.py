@@ -136,16 +136,14 @@ def open_images(folder: Path, appliance_version: str) -> Images:
                 raise _images_error(f"the images folder {folder} lacks {', '.join(missing)}; the appliance "
                                     "image is damaged: install an update or flash it again")
             version = _read_version_at(dfd, folder) or check_version(appliance_version, "the appliance's version")
-    except FileNotFoundError:
-        raise _images_error(f"the images folder {folder} is missing; the appliance image is damaged: "
-                            "install an update or flash it again") from None
-    except UnsafePathError as exc:
+    except BaseException as exc:
         for t in tars.values():
             t.file.close()
-        raise _images_error(exc.message) from None
-    except BaseException:
-        for t in tars.values():
-            t.file.close()
+        if isinstance(exc, FileNotFoundError):
+            raise _images_error(f"the images folder {folder} is missing; the appliance image is damaged: "
+                                "install an update or flash it again") from None
+        if isinstance(exc, UnsafePathError):
+            raise _images_error(exc.message) from None
         raise
     return Images(folder, version, tars)
 
