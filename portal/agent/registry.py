@@ -27,10 +27,13 @@ import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from portal import __version__
 from portal.core.errors import MailsteadError
+
+if TYPE_CHECKING:
+    from email.message import EmailMessage
 
 
 class OpError(MailsteadError):
@@ -87,6 +90,10 @@ class Context:
     update_dir: Path = field(default_factory=lambda: _env_path("MAILSTEAD_UPDATE_DIR", "/var/lib/mailstead-update"))
     # The public key the feed must be signed with (baked into the image at build time).
     update_keyring: Path = Path("/etc/systemd/import-pubring.gpg")
+    # Where the appliance's own mail goes (alerts, the test message): None is the stack's
+    # postfix (portal/stack/localmail.py); the unit tests, which have no docker, hand it
+    # to an SMTP sink: send_mail(stack settings, message, sender, recipient).
+    send_mail: Callable[[Any, EmailMessage, str, str], None] | None = None
 
 
 def _env_path(var: str, default: str) -> Path:

@@ -5,8 +5,9 @@ check: at every 5 minutes about a week, enough for the dashboard's timeline).
 A check whose status differs from its previous row is a change; a check seen
 for the first time counts as changed from "ok" (so a first failure alerts and
 a first success does not). One round's changes go out as one alert: a mail to
-the admin (setting admin_address) through the local postfix's published smtp
-port, and, if the setting alert_webhook_url is set, one JSON POST to it.
+the admin (setting admin_address), handed to the stack's postfix
+(portal/stack/localmail.py: DKIM-signed, not scored as a stranger's), and, if
+the setting alert_webhook_url is set, one JSON POST to it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
-import smtplib
 import socket
 import sqlite3
 import time
@@ -112,17 +112,16 @@ def alert_text(hostname: str, changes: list[dict[str, Any]]) -> tuple[str, str]:
     return subject[:200], "\n".join(lines) + "\n"
 
 
-def send_mail(host: str, port: int, sender: str, to: str, subject: str, body: str, helo: str) -> None:
+def alert_message(sender: str, to: str, subject: str, body: str, hostname: str) -> EmailMessage:
     msg = EmailMessage()
     msg["From"] = f"Mailstead <{sender}>"
     msg["To"] = to
     msg["Subject"] = subject
     msg["Date"] = formatdate(localtime=False)
-    msg["Message-ID"] = make_msgid(domain=helo)
+    msg["Message-ID"] = make_msgid(domain=hostname)
     msg["Auto-Submitted"] = "auto-generated"
     msg.set_content(body)
-    with smtplib.SMTP(host, port, local_hostname=helo, timeout=TIMEOUT) as smtp:
-        smtp.send_message(msg, from_addr=sender, to_addrs=[to])
+    return msg
 
 
 class WebhookError(Exception):
@@ -253,8 +252,9 @@ def check_dnsbl_zones(text: str) -> str:
     return ",".join(dict.fromkeys(zones))
 
 
-def alert(values: dict[str, str], stack_settings: Any, changes: list[dict[str, Any]]) -> dict[str, Any]:
-    """Send one round's changes; returns what was sent or why not (never raises, never shows the URL)."""
+def alert(ctx: Any, values: dict[str, str], stack_settings: Any, changes: list[dict[str, Any]]) -> dict[str, Any]:
+    """Send one round's changes (the mail through the stack's postfix, portal/stack/localmail.py,
+    or ctx.send_mail); returns what was sent or why not (never raises, never shows the URL)."""
     out: dict[str, Any] = {"mail": "not sent", "webhook": "not configured"}
     if not changes:
         return {"mail": "no change", "webhook": "no change"}
@@ -266,19 +266,15 @@ def alert(values: dict[str, str], stack_settings: Any, changes: list[dict[str, A
     elif stack_settings is None:
         out["mail"] = "not sent: the mail stack is not set up yet"
     else:
-        from portal.setup.privileged import _smtp_target
+        from portal.stack import localmail
 
-        host, port = _smtp_target(stack_settings)
+        sender = f"mailstead@{stack_settings.domain}"
         try:
-            send_mail(host, port, f"mailstead@{stack_settings.domain}", to, subject, body, stack_settings.hostname)
+            localmail.send(ctx, stack_settings, alert_message(sender, to, subject, body, stack_settings.hostname),
+                           sender, to)
             out["mail"] = f"sent to {to}"
-        except (OSError, smtplib.SMTPException) as err:
-            reason = err.strerror if isinstance(err, OSError) and err.strerror else type(err).__name__
-            if isinstance(err, socket.timeout):
-                reason = f"no answer within {TIMEOUT:g} s"
-            if isinstance(err, smtplib.SMTPResponseException):
-                reason = f"{err.smtp_code} {err.smtp_error.decode(errors='replace')[:120]}"
-            out["mail"] = f"failed: {host}:{port}: {reason}"
+        except localmail.NotSent as err:
+            out["mail"] = f"failed: {err.reason}"
             log.warning("alert mail to the admin failed: %s", out["mail"])
     url = (values.get("alert_webhook_url") or "").strip()
     if url:

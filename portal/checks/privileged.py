@@ -37,7 +37,7 @@ def health_round(ctx: Context, alert: bool = True, env: Any = None,
             settings = env.stack_settings()
         except Exception:  # noqa: BLE001 - no stack yet: alerts say so
             settings = None
-        alerts = history.alert(env.values, settings, changes) if alert else {"mail": "off", "webhook": "off"}
+        alerts = history.alert(ctx, env.values, settings, changes) if alert else {"mail": "off", "webhook": "off"}
     return {"results": [r.as_dict() for r in results], "summary": summary(results), "changes": changes,
             "alerts": alerts, "seconds": round(seconds, 2)}
 
@@ -100,4 +100,4 @@ def alerts_test(ctx: Context) -> dict[str, Any]:
     except Exception:  # noqa: BLE001 - said in the result
         settings = None
     change = {"id": "test", "old": "ok", "new": "ok", "message": "This is a test alert from Mailstead.", "fix": ""}
-    return history.alert(env.values, settings, [change])
+    return history.alert(ctx, env.values, settings, [change])

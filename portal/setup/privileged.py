@@ -23,8 +23,6 @@ import hmac
 import json
 import os
 import shutil
-import smtplib
-import socket
 import time
 from collections.abc import Callable
 from email.message import EmailMessage
@@ -43,7 +41,6 @@ Progress = Callable[[str, str], None]
 
 MAX_LOG_LINES = 500
 MAX_LOG_LINE_CHARS = 1000
-SMTP_TIMEOUT = 20.0
 # Taken from the Admin step's pending file, not yet made into mailboxes.
 DEPLOY_STASH = "deploy-mailboxes.json"
 
@@ -137,22 +134,30 @@ def _smtp_target(settings: Any) -> tuple[str, int]:
     return ("::1" if addrs[0] == "::" else addrs[0]), port
 
 
-def _hosted(ctx: Context, settings: Any, address: str) -> bool:
+def _delivers(settings: Any, address: str) -> str | None:
+    """None when `address` is a mailbox or an alias here, else why not."""
     accounts = stack_ops.accounts_for(settings)
     domain = address.rsplit("@", 1)[1]
-    return domain in accounts.domains()
+    if domain not in accounts.domains():
+        return (f"{address} is not in a domain of this server; send the test to your own mailbox, "
+                f"such as postmaster@{settings.domain}")
+    if accounts.get_mailbox(address) is None and not any(a["source"] == address for a in accounts.list_aliases()):
+        return f"{address} is neither a mailbox nor an alias here; send the test to one of them"
+    return None
 
 
 @privileged(web=True, timeout=60.0)
 def send_test_message(ctx: Context, to: str) -> dict[str, Any]:
-    """Submit a test message from postmaster@<domain> to `to` (an address of a hosted
-    domain) through the local postfix; says whether postfix accepted it."""
+    """Hand a test message from postmaster@<domain> to `to` (a mailbox or alias here) to
+    the stack's postfix (portal/stack/localmail.py); says whether postfix took it."""
+    from portal.stack import localmail
+
     with stack_ops.refusals():
         settings = stack_ops.settings_for(ctx)
         to = check_address(to, "to")
-        if not _hosted(ctx, settings, to):
-            raise OpError("invalid", f"{to} is not in a domain of this server; send the test "
-                                     f"to your own mailbox, such as postmaster@{settings.domain}", "to")
+        problem = _delivers(settings, to)
+    if problem:
+        raise OpError("invalid", problem, "to")
     sender = f"postmaster@{settings.domain}"
     msg = EmailMessage()
     msg["From"] = f"Mailstead <{sender}>"
@@ -162,30 +167,12 @@ def send_test_message(ctx: Context, to: str) -> dict[str, Any]:
     msg["Message-ID"] = make_msgid(domain=settings.hostname)
     msg.set_content(f"This is a test message from your Mailstead appliance ({settings.hostname}).\n\n"
                     f"If you can read it in your mail app, receiving mail works.\n")
-    host, port = _smtp_target(settings)
     try:
-        with smtplib.SMTP(host, port, local_hostname=settings.hostname, timeout=SMTP_TIMEOUT) as smtp:
-            smtp.send_message(msg, from_addr=sender, to_addrs=[to])
-    except smtplib.SMTPRecipientsRefused as err:
-        code, reply = next(iter(err.recipients.values()))
-        raise OpError("invalid", f"the mail server refused {to} ({code} "
-                                 f"{_reply(reply)}); is it a mailbox or alias here?", "to") from None
-    except smtplib.SMTPResponseException as err:
-        raise OpError("smtp", f"the mail server refused the message ({err.smtp_code} "
-                              f"{_reply(err.smtp_error)})") from None
-    except (OSError, smtplib.SMTPException) as err:
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else type(err).__name__
-        if isinstance(err, socket.timeout):
-            reason = f"no answer within {SMTP_TIMEOUT:g} s"
-        raise OpError("smtp", f"could not reach the mail server at {host}:{port} ({reason}); "
-                              f"is the stack deployed and postfix healthy?") from None
-    return {"sent": True, "to": to, "from": sender, "message_id": msg["Message-ID"],
-            "server": f"{host}:{port}"}
-
-
-def _reply(value: bytes | str) -> str:
-    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-    return " ".join(text.split())[:200]
+        localmail.send(ctx, settings, msg, sender, to)
+    except localmail.NotSent as err:
+        raise OpError("smtp", f"the mail server did not take the message ({err.reason}); is the stack "
+                              f"deployed and postfix healthy?") from None
+    return {"sent": True, "to": to, "from": sender, "message_id": msg["Message-ID"], "server": settings.hostname}
 
 
 # -- the wizard's state (the web asks; only the agent writes) --------------------------------

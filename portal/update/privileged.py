@@ -126,7 +126,7 @@ def update_recover(ctx: Context, message: str, timeout: int = 900, alert: bool =
     change = {"id": "update", "old": "ok", "new": "fail", "message": message[:900],
               "fix": "nothing, normally: the appliance runs the version that worked. The Updates page shows "
                      "the history; the next version on the feed is tried at the next window"}
-    return {"stack": stack, "alerts": history.alert(env.values, settings, [change])}
+    return {"stack": stack, "alerts": history.alert(ctx, env.values, settings, [change])}
 
 
 # -- the owner's controls -------------------------------------------------------------------

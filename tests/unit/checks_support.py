@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import email
 import json
+import smtplib
 import socketserver
 import threading
 from collections.abc import Iterator
@@ -19,6 +20,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from portal.stack.localmail import NotSent
+from portal.stack.settings import DEFAULT_PORTS
 from tests.support import appdb as db
 from tests.support.settings import write_settings
 
@@ -82,6 +85,18 @@ class SmtpSink(socketserver.ThreadingTCPServer):
     @property
     def port(self) -> int:
         return self.server_address[1]
+
+
+def send_to_smtp_port(settings: Any, msg: Any, sender: str, to: str) -> None:
+    """Context.send_mail for tests without docker: SMTP to 127.0.0.1 at the port the stack
+    settings name for smtp (an SmtpSink), where the appliance hands its mail to postfix."""
+    port = {**DEFAULT_PORTS, **settings.ports}["smtp"]
+    try:
+        with smtplib.SMTP("127.0.0.1", port, local_hostname=settings.hostname, timeout=10) as smtp:
+            smtp.send_message(msg, from_addr=sender, to_addrs=[to])
+    except (OSError, smtplib.SMTPException) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else type(err).__name__
+        raise NotSent(f"127.0.0.1:{port}: {reason}") from None
 
 
 class _HookHandler(BaseHTTPRequestHandler):

@@ -20,7 +20,7 @@ from portal.checks.env import CheckEnv
 from tests.conftest import free_port
 from tests.support.feeds import publish, serve
 
-from .checks_support import HookServer, SmtpSink, make_cert, serving, write_settings
+from .checks_support import HookServer, SmtpSink, make_cert, send_to_smtp_port, serving, write_settings
 
 checks.load_all()
 DOMAIN, HOST = "example.test", "mail.example.test"
@@ -35,7 +35,7 @@ def state(tmp_path):
 
 def env_for(state, **kw):
     ctx = ops.Context(docker=ops.docker_factory(f"unix://{state}/no-docker.sock"), state_dir=state,
-                      update_dir=state.parent / "update")
+                      update_dir=state.parent / "update", send_mail=send_to_smtp_port)
     return CheckEnv(ctx, **kw)
 
 

@@ -5,11 +5,10 @@ system_status and stack_logs."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import socketserver
 import sqlite3
 import stat
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +16,12 @@ import pytest
 
 from portal.setup import privileged as setupops
 from portal.agent import jobs
-from portal.stack.accounts import PreparedPassword
+from portal.stack.accounts import Accounts, PreparedPassword
 from portal.agent.client import AgentClient, AgentError
 from portal.agent.registry import REGISTRY, Context, OpError
 from tests.conftest import retry
 from tests.support.settings import write_settings
+from tests.unit.checks_support import SmtpSink, send_to_smtp_port, serving
 
 SERVICES = ("postfix", "dovecot", "rspamd", "redis", "radicale", "unbound")
 
@@ -243,67 +243,37 @@ def test_stack_logs_caps_lines_and_finds_the_service(ctx: Context) -> None:
 
 # -- test message ---------------------------------------------------------------------------
 
-class SmtpHandler(socketserver.StreamRequestHandler):
-    """Just enough SMTP to accept (or refuse) one message."""
-
-    def handle(self) -> None:
-        server: Any = self.server
-        self.wfile.write(b"220 test ESMTP\r\n")
-        data = False
-        lines: list[bytes] = []
-        while True:
-            line = self.rfile.readline()
-            if not line:
-                return
-            if data:
-                if line == b".\r\n":
-                    server.messages.append(b"".join(lines))
-                    data = False
-                    self.wfile.write(b"250 ok queued\r\n")
-                else:
-                    lines.append(line)
-                continue
-            cmd = line.strip().upper()
-            if cmd.startswith(b"EHLO") or cmd.startswith(b"HELO"):
-                self.wfile.write(b"250 test\r\n")
-            elif cmd.startswith(b"RCPT"):
-                server.rcpts.append(line.strip()[8:].decode())
-                self.wfile.write(b"550 5.1.1 unknown user\r\n" if server.refuse else b"250 ok\r\n")
-            elif cmd == b"DATA":
-                data = True
-                self.wfile.write(b"354 go\r\n")
-            elif cmd == b"QUIT":
-                self.wfile.write(b"221 bye\r\n")
-                return
-            else:
-                self.wfile.write(b"250 ok\r\n")
+def hosted(ctx: Context, *aliases: str) -> Context:
+    """The domain hosted, with `aliases` forwarding elsewhere; mail goes to an SmtpSink at
+    the stack's smtp port (send_to_smtp_port) instead of the postfix container."""
+    accounts = Accounts(ctx.state_dir / "accounts" / "accounts.db")
+    accounts.add_domain("example.test")
+    for alias in aliases:
+        accounts.add_alias(alias, "owner@elsewhere.test")
+    return dataclasses.replace(ctx, send_mail=send_to_smtp_port)
 
 
-@pytest.fixture
-def smtp():
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), SmtpHandler)
-    server.daemon_threads = True
-    server.messages, server.rcpts, server.refuse = [], [], False  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-
-
-def test_send_test_message_goes_through_local_smtp(ctx: Context, smtp: Any) -> None:
-    write_settings(ctx.state_dir, stack_ports=json.dumps({"smtp": smtp.server_address[1]}),
-                   publish_addresses="127.0.0.1")
-    result = op(ctx, "send_test_message", to="PostMaster@Example.test")
+def test_send_test_message_hands_it_to_postfix(ctx: Context) -> None:
+    ctx = hosted(ctx, "postmaster@example.test")
+    with serving(SmtpSink()) as sink:
+        write_settings(ctx.state_dir, stack_ports=json.dumps({"smtp": sink.port}))
+        result = op(ctx, "send_test_message", to="PostMaster@Example.test")
     assert result["sent"] is True and result["to"] == "postmaster@example.test"
-    assert result["server"] == f"127.0.0.1:{smtp.server_address[1]}"
-    message = smtp.messages[0].decode()
-    assert "From: Mailstead <postmaster@example.test>" in message
-    assert "To: postmaster@example.test" in message and "Subject: Mailstead test message" in message
-    smtp.refuse = True
-    with pytest.raises(OpError) as err:
-        op(ctx, "send_test_message", to="nobody@example.test")
-    assert err.value.code == "invalid" and str(err.value).startswith("to:") and "550" in str(err.value)
+    ((sent),) = sink.messages
+    assert sent["from"] == "postmaster@example.test" and sent["to"] == ["postmaster@example.test"]
+    message = sent["message"]
+    assert message["From"] == "Mailstead <postmaster@example.test>" and message["To"] == "postmaster@example.test"
+    assert message["Subject"] == "Mailstead test message" and message["Message-ID"] == result["message_id"]
+
+
+def test_send_test_message_refuses_an_address_that_receives_nothing_here(ctx: Context) -> None:
+    ctx = hosted(ctx, "postmaster@example.test")
+    with serving(SmtpSink()) as sink:
+        write_settings(ctx.state_dir, stack_ports=json.dumps({"smtp": sink.port}))
+        with pytest.raises(OpError) as err:
+            op(ctx, "send_test_message", to="nobody@example.test")
+    assert err.value.code == "invalid" and err.value.field == "to" and "neither a mailbox nor an alias" in str(err.value)
+    assert sink.messages == []
 
 
 @pytest.mark.parametrize("to", ["", "not an address", "a@b@c", "x@elsewhere.example", "\x00@example.test",
@@ -314,16 +284,14 @@ def test_send_test_message_refuses_bad_recipients_on_the_field(ctx: Context, to:
     assert err.value.code == "invalid" and str(err.value).startswith("to:")
 
 
-def test_send_test_message_without_a_mail_server_says_so(ctx: Context, tmp_path: Path) -> None:
-    import socket
-
-    with socket.socket() as s:  # a port that nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    write_settings(ctx.state_dir, stack_ports=json.dumps({"smtp": port}))
+def test_send_test_message_without_the_stack_says_so(ctx: Context) -> None:
+    """No ctx.send_mail: the message goes to the postfix container, and docker is not there."""
+    accounts = Accounts(ctx.state_dir / "accounts" / "accounts.db")
+    accounts.add_domain("example.test")
+    accounts.add_alias("postmaster@example.test", "owner@elsewhere.test")
     with pytest.raises(OpError) as err:
         op(ctx, "send_test_message", to="postmaster@example.test")
-    assert err.value.code == "smtp" and f"127.0.0.1:{port}" in str(err.value)
+    assert err.value.code == "smtp" and "no docker socket" in str(err.value)
     assert "stack deployed" in str(err.value)
 
 
