@@ -90,10 +90,14 @@ def main() -> int:
         "backup_sftp_seconds": vm.get("journey_seconds_backup_sftp"),
         "restore_to_healthy_seconds": vm.get("restore_seconds_restore_to_healthy"),
         "certificate_seconds": vm.get("journey_seconds_certificate"),
-        # Image updates (issue 16): "Install now" to the reboot into the new version, and to
-        # the old version healthy again after the new one failed its checks.
-        "update_install_to_reboot_seconds": vm.get("update_seconds_install_to_reboot"),
+        # Image updates (issue 16): "Install now" to the reboot into the new version, to the
+        # new version healthy (v2, which passes), and to the old version healthy again after
+        # the new one failed its checks (v3); what an update downloads.
+        "update_install_to_reboot_seconds": vm.get("update_v2_seconds_install_to_reboot"),
+        "update_install_to_healthy_seconds": vm.get("update_v2_seconds_install_to_healthy"),
+        "update_failed_install_to_reboot_seconds": vm.get("update_seconds_install_to_reboot"),
         "update_failed_to_healthy_seconds": vm.get("update_seconds_failed_to_healthy"),
+        "update_bytes_on_the_wire": vm.get("update_bytes_on_the_wire"),
     }
     if args.image.exists():
         figures["compressed_image_mb"] = compressed_mb(args.image)

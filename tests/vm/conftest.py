@@ -36,13 +36,14 @@ def image() -> Path:
 
 @pytest.fixture(scope="session")
 def feeds(image: Path) -> Path:
-    """The update feed scripts/test builds before this tier (MAILSTEAD_FEEDS): v3/ holds a
-    newer version of the image under test whose stack cannot become healthy, signed
-    with the key the image trusts."""
+    """The update feeds scripts/test builds before this tier (MAILSTEAD_FEEDS), signed with
+    the key the image trusts: v2/ holds a newer version of the image under test that
+    differs only in its version, v3/ a newer one still whose stack cannot become healthy."""
     given = os.environ.get("MAILSTEAD_FEEDS")
     assert given, "MAILSTEAD_FEEDS is not set: run the vm tier through scripts/test, which builds the feeds"
     path = Path(given)
-    assert (path / "v3" / "SHA256SUMS.gpg").is_file(), f"no signed feed in {path / 'v3'}"
+    for name in ("v2", "v3"):
+        assert (path / name / "SHA256SUMS.gpg").is_file(), f"no signed feed in {path / name}"
     return path
 
 

@@ -15,8 +15,9 @@ qemu user networking at 10.0.2.2 (the host's 127.0.0.1):
 
 One machine walks the wizard in chromium, loses power in the middle of the
 deploy, boots again and resumes; then mail, CalDAV, the security checks, a
-backup, update feeds that must be refused, and an update whose stack cannot
-start: the machine boots it, finds it unhealthy and goes back by itself.
+backup, update feeds that must be refused, an update that passes its checks (v2
+takes over), and one whose stack cannot start (v3): the machine boots it, finds
+it unhealthy and goes back to v2 by itself.
 
 A second, fresh machine boots with BIOS firmware: the machine checks of
 tests/vm/checks.py at first boot (the token gate, the A/B layout, listeners,
@@ -246,6 +247,23 @@ def image_version(m: Machine) -> str:
     return m.succeed(". /etc/os-release && echo $IMAGE_VERSION").strip()
 
 
+def machine_identity(m: Machine) -> str:
+    """What makes this machine itself and must survive an update: machine-id and ssh host keys."""
+    return m.succeed("cat /etc/machine-id && sha256sum /var/lib/mailstead-ssh/etc/ssh/ssh_host_*_key.pub")
+
+
+def install_from_dashboard(page: Page, url: str, feed_url: str, version: str) -> None:
+    """The owner points the appliance at `feed_url`, checks it, sees `version` and installs it."""
+    page.goto(url + "/admin/updates/")
+    page.fill("#feed_url", feed_url)
+    page.click("#update-settings-save")
+    page.click("#update-check-now")
+    expect(page.locator("#update-available-title")).to_contain_text(version)
+    shot(page, f"update-available-{version}")
+    page.click("#update-install")
+    expect(page.locator("#flash-1")).to_contain_text(f"Installing {version}")
+
+
 def update_history(m: Machine) -> list[dict]:
     return json.loads(m.succeed("cat /var/lib/mailstead-update/update.json"))["history"]
 
@@ -417,42 +435,75 @@ def test_first_boot_to_mail_delivered_surviving_power_loss_and_updates(
             assert m.succeed("lsblk -rno PARTLABEL /dev/vda") == layout
             m.fail("test -e /var/lib/mailstead-update/update.json")
 
-        with subtest('a new version whose stack cannot start goes back by itself', report):
-            # What must not change: the DKIM keys, the certificate, the password and TOTP, the
-            # machine's identity, the mail (also what arrives while the new version is written).
+        with subtest('an update that passes its checks: v2 takes over', report):
+            # What must not change across updates: the DKIM keys, the certificate, the password
+            # and TOTP, the machine's identity, the mail (also what arrives while the new version
+            # is written).
             JOURNEY.dkim_keys = m.succeed(f"cd {STATE}/secrets && find dkim -type f | sort | xargs sha256sum")
-            cert = certificate_fingerprint(ports["imaps"])
-            machine_id = m.succeed("cat /etc/machine-id")
-            v3 = version_of(feeds / "v3")
-            page.goto(url + "/admin/updates/")
-            page.fill("#feed_url", server.url("v3"))
-            page.click("#update-settings-save")
-            page.click("#update-check-now")
-            expect(page.locator("#update-available-title")).to_contain_text(v3)
-            shot(page, "update-available")
+            kept = {"certificate": certificate_fingerprint(ports["imaps"]), "identity": machine_identity(m)}
+            v2 = version_of(feeds / "v2")
+            (www / "v2").symlink_to(feeds / "v2")
+            report["update_bytes_on_the_wire"] = sum(f.stat().st_size for f in (feeds / "v2").iterdir()
+                                                     if not f.name.endswith(".json"))
             before = m.boot_id()
             started = time.monotonic()
-            page.click("#update-install")
-            expect(page.locator("#flash-1")).to_contain_text(f"Installing {v3}")
+            install_from_dashboard(page, url, server.url("v2"), v2)
+            deliver(ports, "journey during the update to v2")
+            report["update_v2_seconds_install_to_reboot"] = round(m.wait_for_new_boot(before, 1800), 1)
+            retry(lambda: verified_on(m, v2), 2400, f"{v2} running and its trial passed", interval=5)
+            report["update_v2_seconds_install_to_healthy"] = round(time.monotonic() - started, 1)
+            report["update_v2_timeline"] = update_timeline(m)
+            history = update_history(m)
+            assert [(h["outcome"], h["from"], h["to"]) for h in history] == [("installed", v1, v2)], history
+            # systemd-bless-boot marked v2's image good (its try counter is gone); v1's stays, to go back to.
+            kernels = m.succeed("ls /efi/EFI/Linux").split()
+            assert f"mailstead_{v2}.efi" in kernels and f"mailstead_{v1}.efi" in kernels, kernels
+            # The stack runs the images v2 ships, pinned by ID.
+            pins = json.loads(m.succeed(f"cat {STATE}/stack-images.json"))
+            shipped = {svc: m.succeed(f"docker image inspect -f '{{{{.Id}}}}' mailstead-{svc}:{v2}").strip()
+                       for svc in pins["images"]}
+            assert pins["version"] == v2 and pins["images"] == shipped, (pins, shipped)
+            stack_healthy(m)
+            running = set(m.succeed("docker inspect -f '{{.Image}}' $(docker ps -q)").split())
+            assert running == set(shipped.values()), (running, shipped)
+            failed = m.succeed("systemctl --failed --no-legend --plain")
+            assert failed.strip() == "", f"failed units on {v2}:\n{failed}"
+            wait_for_subjects(ports["imaps"], ADMIN, PASSWORD,
+                              JOURNEY.subjects | {"journey during the update to v2"}, 300)
+            assert m.succeed(f"cd {STATE}/secrets && find dkim -type f | sort | xargs sha256sum") == JOURNEY.dkim_keys
+            assert {"certificate": certificate_fingerprint(ports["imaps"]), "identity": machine_identity(m)} == kept
+            page.context.clear_cookies()
+            sign_in(page, url)  # the same password and TOTP
+            page.goto(url + "/admin/updates/")
+            expect(page.locator("#update-running")).to_contain_text(v2)
+            expect(page.locator("#update-history-list")).to_contain_text(v2)
+            shot(page, "updated")
+
+        with subtest('a new version whose stack cannot start goes back by itself', report):
+            v3 = version_of(feeds / "v3")
+            before = m.boot_id()
+            started = time.monotonic()
+            install_from_dashboard(page, url, server.url("v3"), v3)
             deliver(ports, "journey during the update")  # after the backup: not in what the restore brings
-            # It boots v3, which fails its checks and reboots; v1 comes back and recovers.
+            # It boots v3, which fails its checks and reboots; v2 comes back and recovers.
             report["update_seconds_install_to_reboot"] = round(m.wait_for_new_boot(before, 1800), 1)
-            retry(lambda: verified_on(m, v1), 2400, f"the machine back on {v1}, recovered", interval=5)
+            retry(lambda: verified_on(m, v2), 2400, f"the machine back on {v2}, recovered", interval=5)
             report["update_seconds_failed_to_healthy"] = round(time.monotonic() - started, 1)
             report["update_timeline"] = update_timeline(m)
             history = update_history(m)
-            assert [h["outcome"] for h in history] == ["failed", "rolled_back"], history
-            assert history[0]["to"] == v3 and "failed its health checks" in history[0]["message"], history[0]
-            assert history[1]["alerted"] is True and "sent to" in history[1]["alerts"], history[1]
-            # systemd-boot tried v3 once: its image is marked bad, v1's is the default again.
+            assert [h["outcome"] for h in history] == ["installed", "failed", "rolled_back"], history
+            assert history[1]["to"] == v3 and "failed its health checks" in history[1]["message"], history[1]
+            assert history[2]["alerted"] is True and "sent to" in history[2]["alerts"], history[2]
+            # systemd-boot tried v3 once: its image is marked bad, v2's is the default again.
             kernels = m.succeed("ls /efi/EFI/Linux").split()
-            assert f"mailstead_{v1}.efi" in kernels and any(k.startswith(f"mailstead_{v3}+0-") for k in kernels), \
+            assert f"mailstead_{v2}.efi" in kernels and any(k.startswith(f"mailstead_{v3}+0-") for k in kernels), \
                 kernels
             stack_healthy(m)
             failed = m.succeed("systemctl --failed --no-legend --plain")
             assert failed.strip() == "", f"failed units after the rollback:\n{failed}"
-            assert json.loads(m.succeed(f"cat {STATE}/stack-images.json"))["version"] == v1
-            wait_for_subjects(ports["imaps"], ADMIN, PASSWORD, JOURNEY.subjects | {"journey during the update"}, 300)
+            assert json.loads(m.succeed(f"cat {STATE}/stack-images.json"))["version"] == v2
+            wait_for_subjects(ports["imaps"], ADMIN, PASSWORD, JOURNEY.subjects | {
+                "journey during the update to v2", "journey during the update"}, 300)
             alert = f"[Mailstead {HOST}] PROBLEM: update fail"
 
             def one_alert() -> bool:
@@ -462,12 +513,11 @@ def test_first_boot_to_mail_delivered_surviving_power_loss_and_updates(
 
             retry(one_alert, 300, "one alert mail about the rollback", interval=5)
             assert m.succeed(f"cd {STATE}/secrets && find dkim -type f | sort | xargs sha256sum") == JOURNEY.dkim_keys
-            assert certificate_fingerprint(ports["imaps"]) == cert
-            assert m.succeed("cat /etc/machine-id") == machine_id
+            assert {"certificate": certificate_fingerprint(ports["imaps"]), "identity": machine_identity(m)} == kept
             page.context.clear_cookies()
             sign_in(page, url)  # the same password and TOTP
             page.goto(url + "/admin/updates/")
-            expect(page.locator("#update-running")).to_contain_text(v1)
+            expect(page.locator("#update-running")).to_contain_text(v2)
             expect(page.locator("#update-history-list")).to_contain_text("rolled back")
             shot(page, "rolled-back")
             server.stop()
