@@ -82,37 +82,52 @@ class Mail:
             raise
         return imap
 
-    def subjects(self, user: str = ALICE, password: str = PASSWORD) -> list[str]:
-        """The subjects in the user's INBOX (decrypted by dovecot with the user's key)."""
+    def subjects(self, user: str = ALICE, password: str = PASSWORD, folder: str = "INBOX") -> list[str]:
+        """The subjects in the user's `folder` (decrypted by dovecot with the user's key)."""
         with self.imap(user, password) as imap:
-            imap.select("INBOX", readonly=True)
+            typ, data = imap.select(folder, readonly=True)
+            if typ != "OK" or data[0] == b"0":
+                return []  # (not made yet, or empty)
             typ, data = imap.fetch("1:*", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
             assert typ == "OK", data
             return [part[1].decode().split(":", 1)[1].strip() for part in data
                     if isinstance(part, tuple)]
 
-    def fetch_texts(self, user: str, password: str = PASSWORD) -> tuple[str, list]:
-        """FETCH the text of every message in the user's INBOX, which only the
+    def fetch_texts(self, user: str, password: str = PASSWORD, folder: str = "INBOX") -> tuple[str, list]:
+        """FETCH the text of every message in the user's `folder`, which only the
         user's private key can decrypt (header fields may come from dovecot's
         index cache, which LMTP fills at delivery: it is dropped first)."""
         local, domain = user.split("@")
         self.dovecot("rm", "-rf", f"/var/cache/dovecot-index/{domain}/{local}")
         with self.imap(user, password) as imap:
-            imap.select("INBOX", readonly=True)
+            imap.select(folder, readonly=True)
             return imap.fetch("1:*", "(BODY.PEEK[TEXT])")
 
-    def bodies(self, user: str, password: str = PASSWORD) -> list[str]:
-        typ, data = self.fetch_texts(user, password)
+    def bodies(self, user: str, password: str = PASSWORD, folder: str = "INBOX") -> list[str]:
+        typ, data = self.fetch_texts(user, password, folder)
         assert typ == "OK", data
         return [part[1].decode().strip() for part in data if isinstance(part, tuple)]
 
-    def wait_for(self, subject: str, user: str = ALICE, password: str = PASSWORD, timeout: float = 30) -> None:
-        def arrived() -> None:
-            assert subject in self.subjects(user, password), f"{subject!r} not in {user}'s INBOX yet"
-        retry(arrived, timeout, f"{subject!r} in {user}'s INBOX")
+    def wait_for(self, subject: str, user: str = ALICE, password: str = PASSWORD, timeout: float = 30,
+                 folders: tuple[str, ...] = ("INBOX",)) -> str:
+        """Wait until the message is in one of `folders`; that folder."""
+        def arrived() -> str:
+            found = [f for f in folders if subject in self.subjects(user, password, f)]
+            assert found, f"{subject!r} not in {user}'s {' or '.join(folders)} yet"
+            return found[0]
+        return retry(arrived, timeout, f"{subject!r} in {user}'s {' or '.join(folders)}")  # type: ignore[return-value]
 
     def dovecot(self, *cmd: str) -> str:
         return self.stack.exec("dovecot", *cmd)
+
+    def lmtp_deliver(self, sender: str, rcpt: str, raw: str) -> None:
+        """Deliver over dovecot's LMTP on the stack network, as postfix does after the milter."""
+        c = self.stack.container("dovecot")
+        c.reload()
+        ip = c.attrs["NetworkSettings"]["Networks"][self.stack.settings.project]["IPAddress"]
+        with smtplib.LMTP(ip, 24, timeout=TIMEOUT) as lmtp:
+            refused = lmtp.sendmail(sender, [rcpt], raw)
+        assert not refused, refused
 
     def key_opens(self, address: str, key_pw: str) -> bool:
         """Whether the user's private key opens with this key password (doveadm -k,
@@ -142,8 +157,8 @@ def _assert_in(needle: bytes, haystack: bytes) -> None:
     assert needle in haystack
 
 
-def message(sender: str, rcpt: str, subject: str, body: str) -> str:
-    return (f"From: {sender}\r\nTo: {rcpt}\r\nDate: {formatdate()}\r\n"
+def message(sender: str, rcpt: str, subject: str, body: str, headers: str = "") -> str:
+    return (f"{headers}From: {sender}\r\nTo: {rcpt}\r\nDate: {formatdate()}\r\n"
             f"Message-ID: {make_msgid(domain='client.test')}\r\nSubject: {subject}\r\n"
             f"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n{body}\r\n")
 
@@ -302,6 +317,29 @@ def test_a_user_may_send_as_an_alias_that_forwards_to_them(mail: Mail) -> None:
 
 # -- who may send what ----------------------------------------------------------------
 
+def test_spam_goes_to_junk_and_the_rest_to_the_inbox(mail: Mail) -> None:
+    """The global sieve script: mail that rspamd flagged (X-Spam: Yes, the header its
+    milter sets on "add header") is filed into Junk (made if it is not there yet), flagged
+    \\Junk; other mail stays in the INBOX. Both are encrypted like any other."""
+    spam, ham = (token("spam-subject"), token("spam-body")), (token("ham-subject"), token("ham-body"))
+    mail.lmtp_deliver("carol@remote.test", BOB,
+                      message("carol@remote.test", BOB, *spam, headers="X-Spam: Yes\r\nX-Spam-Status: Yes, score=7.5\r\n"))
+    mail.lmtp_deliver("carol@remote.test", BOB,
+                      message("carol@remote.test", BOB, *ham, headers="X-Spam-Status: No, score=0.4\r\n"))
+    DELIVERED.extend([spam, ham])
+    mail.wait_for(ham[0], BOB)
+    assert spam[0] not in mail.subjects(BOB)
+    retry(lambda: _assert_in(spam[0].encode(), " ".join(mail.subjects(BOB, folder="Junk")).encode()), 30,
+          "the spam in Junk")
+    assert ham[0] not in mail.subjects(BOB, folder="Junk")
+    assert mail.bodies(BOB, folder="Junk") == [spam[1]]  # decrypted with bob's key, not from the cache
+    with mail.imap(BOB) as imap:
+        typ, listed = imap.list()
+    assert typ == "OK"
+    junk = [line.decode() for line in listed if line.decode().endswith('"Junk"') or line.decode().endswith(" Junk")]
+    assert junk and "\\Junk" in junk[0], listed
+
+
 def test_auth_is_neither_offered_nor_accepted_before_starttls_on_587(mail: Mail) -> None:
     with smtplib.SMTP("127.0.0.1", mail.port("submission"), local_hostname="client.test", timeout=TIMEOUT) as s:
         s.ehlo()
@@ -415,13 +453,14 @@ def test_a_from_header_naming_more_than_the_sender_is_refused(mail: Mail, froms:
 
 def test_inbound_mail_keeps_its_from_header(mail: Mail) -> None:
     """The From: check is for logged-in users: on 25 a From: unlike the envelope
-    (a mailing list, a forwarder) is delivered."""
+    (a mailing list, a forwarder) is delivered. (To Junk, here: with no DNS answers
+    for remote.test, rspamd scores it 7.6, over the add-header threshold of 6.)"""
     subject = token("inbound-from")
     with smtplib.SMTP("127.0.0.1", mail.port("smtp"), local_hostname="mx.remote.test", timeout=TIMEOUT) as s:
         s.starttls(context=mail.ctx)
         s.sendmail("bounces@list.remote.test", [ALICE],
                    message("Carol <carol@remote.test>", ALICE, subject, "via a list"))
-    mail.wait_for(subject)
+    mail.wait_for(subject, folders=("INBOX", "Junk"))
 
 
 @pytest.mark.parametrize("port_name", ["submission", "submissions"])

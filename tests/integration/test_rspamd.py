@@ -413,6 +413,18 @@ def test_ordinary_inbound_mail_is_accepted_unsigned_despite_dead_dns(stack: Stac
     assert ar and ar[0].startswith(HOSTNAME), result  # authserv-id: the stack's host name
 
 
+def test_a_spam_flag_the_sender_set_is_removed(stack: Stack) -> None:
+    """dovecot files mail with X-Spam: Yes into Junk (recipes/dovecot/templates/sieve):
+    only rspamd's own verdict may set it, so the milter deletes the sender's."""
+    raw = message(OUTSIDER, ALICE, "not spam, says the sender", "Hi Alice,\n\nsee you.\n")
+    raw = b"X-Spam: Yes\r\n" + raw
+    result = milter_scan(stack, raw, mail_from=OUTSIDER, rcpt=ALICE, client_ip="203.0.113.25")
+    assert result.verdict in ("accept", "continue"), result
+    deleted = [(i, n) for i, n, v in result.changed if n.lower() == "x-spam" and v == ""]
+    assert deleted, f"the sender's X-Spam header is kept: {result}"
+    assert not [v for v in result.headers("X-Spam") if v.strip().lower() == "yes"], result
+
+
 def test_authenticated_mail_is_dual_signed_and_arc_sealed(stack: Stack) -> None:
     raw = message(f"Alice <{ALICE}>", f"Bob <{OUTSIDER}>", "signed", "Hi Bob,\n\nsigned twice.\n\nAlice\n")
     result = milter_scan(stack, raw, mail_from=ALICE, rcpt=OUTSIDER, client_ip="198.51.100.7", auth=ALICE)

@@ -14,6 +14,8 @@ chmod 0700 /var/mail
 install -d -m 0755 /run/dovecot /var/lib/dovecot
 # The index cache (plaintext header fields) on its tmpfs: memory only.
 install -d -o vmail -g vmail -m 0700 /var/cache/dovecot-index
+# Compiled global sieve scripts (their source is in the read-only config).
+install -d -o vmail -g vmail -m 0700 /var/lib/dovecot/sieve-bin
 # Fail early, with dovecot's own message, on a broken config.
 doveconf -n >/dev/null
 
