@@ -295,7 +295,7 @@ def test_wizard_then_dashboard(page: Page, world: World) -> None:
     assert message["To"] and ADMIN in message["To"]
     # Handed to postfix inside the stack: DKIM-signed, and not scored as spam.
     assert f"d={DOMAIN};" in "".join(message["DKIM-Signature"].split()), message.items()
-    assert message["X-Spam-Status"].startswith("No,"), message["X-Spam-Status"]
+    assert message["X-Spam"] is None, message.items()
     page.click("#finish")
     expect(page).to_have_url(re.compile(r"/login"))
     shot(page, "12-finished")
