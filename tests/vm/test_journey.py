@@ -19,7 +19,7 @@ backup, update feeds that must be refused, an update that passes its checks (v2
 takes over), and one whose stack cannot start (v3): the machine boots it, finds
 it unhealthy and goes back to v2 by itself.
 
-A second, fresh machine boots with BIOS firmware: the machine checks of
+A second, fresh machine (flashed with v2) boots with BIOS firmware: the machine checks of
 tests/vm/checks.py at first boot (the token gate, the A/B layout, listeners,
 the units' sandboxes), then it restores from that backup in the wizard, then
 the restored stack's checks and the web user's reach into the agent's state.
@@ -712,11 +712,18 @@ def check_backup(m: Machine, outside: Outside, report: dict) -> None:
 
 @pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
 def test_move_to_new_hardware_restores_from_the_backup(
-        page: Page, image: Path, outside: Outside, report: dict, tmp_path: Path) -> None:
+        page: Page, image: Path, feeds: Path, outside: Outside, report: dict, tmp_path: Path) -> None:
     """A fresh machine, booted with BIOS firmware (GRUB; the journey boots UEFI): the
     machine checks at first boot (tests/vm/checks.py) while it loads its images, then
-    the wizard restores the journey's backup, then the restored stack's checks."""
+    the wizard restores the journey's backup, then the restored stack's checks.
+
+    It is flashed with v2, the version the journey's machine runs in the end: the newest
+    backup is v2's (its stack upgrade backed up first; the retention keeps one a day),
+    and a backup made by a newer version is refused by an older one."""
     assert JOURNEY.backup_password, "the journey made no backup (see the test before)"
+    v2 = version_of(feeds / "v2")
+    image = image.with_name(f"mailstead_{v2}.raw")  # scripts/publish built it next to the image under test
+    assert image.is_file(), f"no {image}: the v2 feed's build leaves it there (scripts/test builds the feeds)"
     page.set_default_timeout(60_000)
     ports = Ports({"https": 443, "imaps": 993})
     m, banner = boot(image, "restore", report, tmp_path, ports.forwards(), firmware="bios")
