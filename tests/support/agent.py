@@ -14,6 +14,7 @@ from typing import Any
 from portal.agent.client import AgentClient
 from portal.agent.registry import Context, docker_factory
 from portal.agent.server import AgentServer
+from tests.unit.checks_support import send_to_smtp_port
 
 OS_PRETTY_NAME = "Mailstead Test OS 1.0 (pytest)"
 
@@ -27,8 +28,11 @@ class ThreadAgent:
         self.state_dir, self.socket = Path(state_dir), Path(socket)
         os_release = self.socket.parent / "os-release"
         os_release.write_text(f'NAME="Mailstead Test"\nPRETTY_NAME="{OS_PRETTY_NAME}"\n')
+        # No docker: the appliance's own mail goes over SMTP to the stack's smtp port
+        # (an SmtpSink there, or nothing: "connection refused").
         self.ctx = Context(state_dir=self.state_dir, os_release=os_release,
-                           docker=docker_factory(f"unix://{self.socket.parent}/no-docker.sock"))
+                           docker=docker_factory(f"unix://{self.socket.parent}/no-docker.sock"),
+                           send_mail=send_to_smtp_port)
         for key, value in ctx.items():
             setattr(self.ctx, key, value)
         roots = (os.getuid(),) if root_uids is None else root_uids

@@ -28,3 +28,14 @@ def store_settings(state_dir: Path, **values: str) -> dict[str, str]:
 
 def mark_done(state_dir: Path, *steps: str) -> None:
     statedb.mark_done(Path(state_dir) / "state.db", *steps)
+
+
+def receives(state_dir: Path, *addresses: str) -> None:
+    """Make `addresses` receive mail here (aliases forwarding elsewhere, their domains
+    hosted), as the test message asks of its recipient."""
+    from portal.stack.accounts import Accounts
+
+    accounts = Accounts(Path(state_dir) / "accounts" / "accounts.db")
+    for address in addresses:
+        accounts.add_domain(address.split("@")[1])
+        accounts.add_alias(address, "owner@elsewhere.test")

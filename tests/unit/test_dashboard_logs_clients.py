@@ -16,7 +16,7 @@ from flask.testing import FlaskClient
 from tests.conftest import csrf_token
 from tests.unit.conftest import https_client
 from tests.support.admin import sign_in
-from tests.support.settings import write_settings
+from tests.support.settings import receives, write_settings
 
 ADMIN = "postmaster@example.test"
 
@@ -50,7 +50,8 @@ def test_logs_bad_input_on_the_field(dashboard: FlaskClient, query: str, field: 
     assert response.status_code == 422 and f'id="{field}-error"' in response.text
 
 
-def test_client_setup_is_the_wizard_page(dashboard: FlaskClient) -> None:
+def test_client_setup_is_the_wizard_page(dashboard: FlaskClient, state_dir: Path) -> None:
+    receives(state_dir, ADMIN)
     page = dashboard.get("/admin/clients/")
     assert page.status_code == 200
     assert 'id="server-imap-host">mail.example.test<' in page.text and 'id="dav-url"' in page.text
@@ -63,6 +64,8 @@ def test_client_setup_is_the_wizard_page(dashboard: FlaskClient) -> None:
     assert bad.status_code == 422 and 'id="address-error"' in bad.text
     sent = dashboard.post("/admin/clients/test", data={"csrf_token": csrf_token(page.text), "to": ADMIN})
     assert sent.status_code == 502 and 'id="test-error"' in sent.text  # no postfix listening here
+    assert "nobody@example.test is neither a mailbox nor an alias" in dashboard.post(
+        "/admin/clients/test", data={"csrf_token": csrf_token(page.text), "to": "nobody@example.test"}).text
     wrong = dashboard.post("/admin/clients/test", data={"csrf_token": csrf_token(page.text), "to": "a@b.example"})
     assert wrong.status_code == 422 and 'id="to-error"' in wrong.text
 

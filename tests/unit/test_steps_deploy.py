@@ -19,7 +19,7 @@ from portal.web import wizard
 from portal.web.steps.deploy import service_progress
 from tests.conftest import TEST_TOKEN, csrf_token, retry
 from tests.unit.conftest import https_client, unlock
-from tests.support.settings import write_settings
+from tests.support.settings import receives, write_settings
 
 
 
@@ -175,6 +175,7 @@ def test_profile_with_a_bad_address_says_so_on_the_field(ready: FlaskClient, sta
 @pytest.mark.parametrize("to, status", [("", 422), ("no address", 422), ("x@elsewhere.example", 422),
                                         ("a" * 500, 422), ("postmaster@example.test", 502)])
 def test_test_message_errors(ready: FlaskClient, state_dir: Path, to: str, status: int) -> None:
+    receives(state_dir, "postmaster@example.test")
     client = deployed_client(ready, state_dir)
     page = client.get("/setup/deploy/clients")
     response = client.post("/setup/deploy/clients/test", data={"csrf_token": csrf_token(page.text), "to": to})
