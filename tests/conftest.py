@@ -87,14 +87,16 @@ def connectable(path: Path) -> None:
 
 
 def launch_agent(directory: Path, *extra: str, allow_uid: int | None = None,
-                 env: dict[str, str] | None = None) -> AgentProcess:
+                 env: dict[str, str] | None = None, mail_to_smtp_port: bool = False) -> AgentProcess:
     """Start `python -m portal.agent.server` with its socket, log and os-release in
-    `directory`; return once the socket accepts connections. The caller stops it."""
+    `directory`; return once the socket accepts connections. The caller stops it.
+    `mail_to_smtp_port`: the appliance's own mail goes to the stack settings' smtp port
+    (tests/support/agent_main.py), where a test's SmtpSink catches it."""
     os_release = directory / "os-release"
     os_release.write_text(f'NAME="Mailstead Test"\nPRETTY_NAME="{OS_PRETTY_NAME}"\n')
     sock, log = directory / "agent.sock", directory / "agent.log"
     args = [
-        sys.executable, "-m", "portal.agent.server",
+        sys.executable, "-m", "tests.support.agent_main" if mail_to_smtp_port else "portal.agent.server",
         "--socket", str(sock),
         "--allow-uid", str(os.getuid() if allow_uid is None else allow_uid),
         "--os-release", str(os_release),
@@ -129,8 +131,10 @@ def start_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[.
     """Start an agent (see launch_agent) in a fresh temporary directory; stopped at teardown."""
     started: list[AgentProcess] = []
 
-    def start(*extra: str, allow_uid: int | None = None, env: dict[str, str] | None = None) -> AgentProcess:
-        agent = launch_agent(tmp_path_factory.mktemp("agent"), *extra, allow_uid=allow_uid, env=env)
+    def start(*extra: str, allow_uid: int | None = None, env: dict[str, str] | None = None,
+              mail_to_smtp_port: bool = False) -> AgentProcess:
+        agent = launch_agent(tmp_path_factory.mktemp("agent"), *extra, allow_uid=allow_uid, env=env,
+                             mail_to_smtp_port=mail_to_smtp_port)
         started.append(agent)
         return agent
 

@@ -24,7 +24,7 @@ import socketserver
 import stat
 import struct
 import sys
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -238,14 +238,16 @@ def _terminate(_signum: int, _frame: object) -> NoReturn:
     raise SystemExit(0)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, send_mail: Callable[..., None] | None = None) -> int:
+    """`send_mail`: tests only (Context.send_mail), to catch the appliance's mail without docker."""
     signal.signal(signal.SIGTERM, _terminate)  # first: a stop during the start is a clean exit
     args = parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
                         format="%(levelname)s %(name)s: %(message)s")
     uids = allowed_uids([], args.allow_uid, root=not args.no_root)
     web = allowed_uids(args.allow_user, args.web_uid, root=False)
-    ctx = ops.Context(docker=ops.docker_factory(args.docker_host), os_release=Path(args.os_release))
+    ctx = ops.Context(docker=ops.docker_factory(args.docker_host), os_release=Path(args.os_release),
+                      send_mail=send_mail)
     layout = StateLayout(ctx.state_dir)
     layout.prepare()  # root's folders, refusing any a symlink or another user's
     dropped = store.drop_legacy_tables(layout)

@@ -14,7 +14,7 @@ from typing import Any
 from portal.agent.client import AgentClient
 from portal.agent.registry import Context, docker_factory
 from portal.agent.server import AgentServer
-from tests.unit.checks_support import send_to_smtp_port
+from tests.support.smtp import send_to_smtp_port
 
 OS_PRETTY_NAME = "Mailstead Test OS 1.0 (pytest)"
 

@@ -19,8 +19,9 @@ from portal.checks import privileged as agentops
 from portal.checks.env import CheckEnv
 from tests.conftest import free_port
 from tests.support.feeds import publish, serve
+from tests.support.smtp import SmtpSink, send_to_smtp_port
 
-from .checks_support import HookServer, SmtpSink, make_cert, send_to_smtp_port, serving, write_settings
+from .checks_support import HookServer, make_cert, serving, write_settings
 
 checks.load_all()
 DOMAIN, HOST = "example.test", "mail.example.test"

@@ -20,8 +20,9 @@ from portal.stack.accounts import Accounts, PreparedPassword
 from portal.agent.client import AgentClient, AgentError
 from portal.agent.registry import REGISTRY, Context, OpError
 from tests.conftest import retry
-from tests.support.settings import write_settings
-from tests.unit.checks_support import SmtpSink, send_to_smtp_port, serving
+from tests.support.settings import receives, write_settings
+from tests.support.smtp import SmtpSink, send_to_smtp_port
+from tests.unit.checks_support import serving
 
 SERVICES = ("postfix", "dovecot", "rspamd", "redis", "radicale", "unbound")
 
@@ -244,12 +245,9 @@ def test_stack_logs_caps_lines_and_finds_the_service(ctx: Context) -> None:
 # -- test message ---------------------------------------------------------------------------
 
 def hosted(ctx: Context, *aliases: str) -> Context:
-    """The domain hosted, with `aliases` forwarding elsewhere; mail goes to an SmtpSink at
-    the stack's smtp port (send_to_smtp_port) instead of the postfix container."""
-    accounts = Accounts(ctx.state_dir / "accounts" / "accounts.db")
-    accounts.add_domain("example.test")
-    for alias in aliases:
-        accounts.add_alias(alias, "owner@elsewhere.test")
+    """`aliases` receive here (tests.support.settings.receives); mail goes to an SmtpSink
+    at the stack's smtp port (send_to_smtp_port) instead of the postfix container."""
+    receives(ctx.state_dir, *aliases)
     return dataclasses.replace(ctx, send_mail=send_to_smtp_port)
 
 
@@ -286,9 +284,7 @@ def test_send_test_message_refuses_bad_recipients_on_the_field(ctx: Context, to:
 
 def test_send_test_message_without_the_stack_says_so(ctx: Context) -> None:
     """No ctx.send_mail: the message goes to the postfix container, and docker is not there."""
-    accounts = Accounts(ctx.state_dir / "accounts" / "accounts.db")
-    accounts.add_domain("example.test")
-    accounts.add_alias("postmaster@example.test", "owner@elsewhere.test")
+    receives(ctx.state_dir, "postmaster@example.test")
     with pytest.raises(OpError) as err:
         op(ctx, "send_test_message", to="postmaster@example.test")
     assert err.value.code == "smtp" and "no docker socket" in str(err.value)

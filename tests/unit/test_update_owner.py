@@ -97,7 +97,7 @@ def test_port_25_must_take_mail_for_the_admin_and_nothing_is_sent() -> None:
     from types import SimpleNamespace
 
     from tests.conftest import free_port
-    from tests.unit.checks_support import SmtpSink
+    from tests.support.smtp import SmtpSink
 
     sink = SmtpSink()
     threading.Thread(target=sink.serve_forever, daemon=True).start()

@@ -57,7 +57,7 @@ from tests.integration.backup_targets import Sshd
 from tests.integration.knot import Knot, KnotKey
 from tests.integration.pebble import Pebble
 from tests.integration.tlsaudit import tls_problems
-from tests.unit.checks_support import SmtpSink
+from tests.support.smtp import SmtpSink
 
 from . import checks
 from .checks import GUEST_PY
