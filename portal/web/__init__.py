@@ -24,7 +24,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     from portal.web import config as config_mod, errors, security, wizard
     from portal.web import jobs as agentweb
-    from portal.web import auth
+    from portal.web import auth, password
     from portal.web.token import bp as setup_bp, register_rate_limit
     from portal.web.restore import bp as restore_bp
     from portal.web.dashboard import area_modules
@@ -50,6 +50,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     for module in step_modules() + area_modules():
         app.register_blueprint(module.bp)
     register_rate_limit(app)
+    password.init_app(app)  # the mail users' own password page
     auth.init_app(app)  # the admin session gate (replaces the wizard's hook after setup)
 
     @app.get("/healthz")

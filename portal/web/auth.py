@@ -31,8 +31,9 @@ LOGIN_RATE_LIMIT = "10 per minute"
 DASHBOARD_HOME = "dashboard.home"
 FALLBACK_HOME = "auth.login"  # shows "signed in as …" while the dashboard has no home page
 
-# Reachable without an admin session once setup is complete (setup.token then says so).
-PUBLIC_AFTER_SETUP = frozenset({"static", "healthz", "auth.login", "setup.token"})
+# Reachable without an admin session once setup is complete (setup.token then says so;
+# password.change is the mail users' own page, which asks for the current password).
+PUBLIC_AFTER_SETUP = frozenset({"static", "healthz", "auth.login", "setup.token", "password.change"})
 # Answered with 401 JSON instead of a redirect (polled by static/jobs.js).
 JSON_BLUEPRINTS = frozenset({"jobs"})
 # The wizard's restore (portal/web/restore.py) puts back a state that says setup is

@@ -339,8 +339,35 @@ def test_wizard_then_dashboard(page: Page, world: World) -> None:
         smtp.send_message(msg)
     # In the INBOX, or in Junk: without DNS for remote.test rspamd may flag it.
     imap_find(bob, bob_password, "Hello Bob from outside", folders=("INBOX", "Junk"))
+
+    # 10. Bob changes his own password on /password, in a browser with no session: a
+    # wrong current password changes nothing; the right one re-encrypts his mail key,
+    # so the mail stored until now opens with the new password (and not the old one).
+    mine = page.context.browser.new_context(ignore_https_errors=True)
+    own = mine.new_page()
+    bob_new = "bob-a-new-passphrase-of-his"
+    for current in ("not-bobs-password-at-all", bob_password):
+        own.goto(url + "/password")
+        own.fill("#address", bob)
+        own.fill("#old_password", current)
+        own.fill("#new_password", bob_new)
+        own.fill("#new_password_confirm", bob_new)
+        own.click("#password-submit")
+        if current != bob_password:
+            expect(own.locator("#old_password-error")).to_contain_text("not right")
+    expect(own.locator("#password-changed")).to_contain_text(f"The password of {bob} is changed", timeout=60_000)
+    shot(own, "15-own-password-changed")
+    mine.close()
+    message = imap_find(bob, bob_new, "Hello Bob from outside", folders=("INBOX", "Junk"), timeout=10)
+    assert "Delivered by a remote MTA" in message.get_payload(decode=True).decode()
+    tls = ssl.create_default_context()
+    tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
+    with imaplib.IMAP4_SSL("127.0.0.1", PORTS["imaps"], ssl_context=tls) as imap:
+        with pytest.raises(imaplib.IMAP4.error):
+            imap.login(bob, bob_password)
+
     page.click(f'[id="delete-{bob}"]')
     page.check("#delete-confirm")
     page.click("#delete-submit")
     expect(page.locator(f'[id="mailbox-{bob}"]')).to_have_count(0, timeout=60_000)
-    shot(page, "15-mailbox-deleted")
+    shot(page, "16-mailbox-deleted")

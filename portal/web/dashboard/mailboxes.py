@@ -60,8 +60,9 @@ QUOTA_TYPE = "Enter a whole number of MiB, such as 2048; 0 means no limit."
 class CreateForm(FlaskForm):
     address = StringField("Address", filters=[strip], validators=[address_check])
     password = PasswordField("Password", validators=[password_check],
-                             description=f"At least {MIN_PASSWORD_LENGTH} characters. The owner can change it "
-                                         "in their mail app; a reset makes older mail unreadable.")
+                             description=f"At least {MIN_PASSWORD_LENGTH} characters. Its user can change it on "
+                                         "this portal's /password page, which keeps their mail readable; "
+                                         "a reset here makes older mail unreadable.")
     quota_mb = IntegerField("Quota (MiB)", default=0, validators=[Optional(), QUOTA_RANGE],
                             description=QUOTA_HELP)
 
@@ -74,8 +75,9 @@ class DeleteForm(FlaskForm):
 class ResetForm(FlaskForm):
     address = SelectField("Mailbox", validate_choice=False, filters=[strip], validators=[address_check])
     new_password = PasswordField("New password", validators=[password_check],
-                                 description="Mail stored until now becomes unreadable (it was encrypted "
-                                             "with the old password).")
+                                 description="Mail stored until now becomes unreadable, for the user and for "
+                                             "you (it was encrypted with the old password). Only for a "
+                                             "forgotten password.")
 
 
 class QuotaForm(FlaskForm):
