@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from portal.core.errors import MailsteadError
 
 MAX_VALUE = 2048
-PORT_NAMES = ("smtp", "submissions", "submission", "imaps", "pop3s", "dav")
+PORT_NAMES = ("smtp", "submissions", "submission", "imaps", "pop3s", "dav", "managesieve")
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("", "0", "false", "no", "off")
 LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")

@@ -106,7 +106,10 @@ def compose(settings: StackSettings) -> dict[str, Any]:
         # snippets) lives in /var/cache/dovecot-index.
         "dovecot": service(
             "dovecot", hostname=settings.hostname, entrypoint=_entrypoint("dovecot"),
-            ports=_ports(settings, "imaps", 993) + _ports(settings, "pop3s", 995),
+            ports=_ports(settings, "imaps", 993) + _ports(settings, "pop3s", 995)
+            + _ports(settings, "managesieve", 4190),
+            # Fixed: postfix's sieve listener (10025, not published) trusts this address alone.
+            networks={"mailstead": {"ipv4_address": settings.dovecot_address}},
             volumes=[_bind("./dovecot", "/etc/mailstead/dovecot"), _volume("mail", "/var/mail"),
                      accounts, *tls_mounts],
             tmpfs=["/tmp", "/var/cache/dovecot-index"],

@@ -23,6 +23,7 @@ DEFAULT_PORTS = {
     "imaps": 993,
     "pop3s": 995,
     "dav": 5232,
+    "managesieve": 4190,
 }
 
 
@@ -50,7 +51,8 @@ class StackSettings:
     dns_servers: tuple[str, ...] = ()
     # The stack network (IPv4, private). Containers take addresses from its lower
     # half; the resolver has a fixed one in the upper half (resolver_address), so
-    # rspamd can be pointed at it by address.
+    # rspamd can be pointed at it by address, and so has dovecot (dovecot_address),
+    # the one client postfix relays sieve's replies for.
     subnet: str = "172.31.53.0/24"
     # MTA-STS policy mode: enforce, testing or none.
     mta_sts_mode: str = "enforce"
@@ -134,6 +136,12 @@ class StackSettings:
         """unbound's fixed address: the subnet's last host (outside dynamic_range)."""
         return str(self.network[-2])
 
+    @property
+    def dovecot_address(self) -> str:
+        """dovecot's fixed address, next below the resolver's (outside dynamic_range): postfix
+        relays the mail sieve sends (vacation replies, redirects) for it alone."""
+        return str(self.network[-3])
+
     def with_images(self, images: dict[str, str]) -> StackSettings:
         return replace(self, images=dict(images))
 
@@ -206,6 +214,7 @@ class StackSettings:
             "dns_servers": list(self.dns_servers),
             "subnet": self.subnet,
             "resolver_address": self.resolver_address,
+            "dovecot_address": self.dovecot_address,
             "ports": ports,
             "stack_dir": str(self.stack_dir),
             "accounts_dir": str(self.accounts_dir),

@@ -66,6 +66,7 @@ def servers(settings: StackSettings) -> list[Server]:
         Server("smtp-starttls", "SMTP (outgoing, alternative)", host, p["submission"], "STARTTLS"),
         Server("caldav", "CalDAV (calendars)", host, 443, "HTTPS"),
         Server("carddav", "CardDAV (contacts)", host, 443, "HTTPS"),
+        Server("managesieve", "ManageSieve (filters, vacation replies)", host, p["managesieve"], "STARTTLS"),
     ]
 
 

@@ -6,6 +6,7 @@ makes them (Accounts + DovecotKeys)."""
 from __future__ import annotations
 
 import base64
+import email
 import imaplib
 import json
 import os
@@ -14,6 +15,7 @@ import re
 import signal
 import smtplib
 import ssl
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +28,7 @@ from portal.stack import deploy as deploy_mod
 from portal.stack.accounts import KEY_KDF_SCRYPT, KEY_KDF_SHA256, AccountError, Accounts, KeyKdf, NoKeys
 from portal.stack.dovecot_keys import DovecotKeys, MailboxKeysError, key_password
 from tests.conftest import retry
+from tests.support.managesieve import ManageSieve
 
 from .stackharness import DOMAIN, Stack, start_stack
 
@@ -247,8 +250,11 @@ def test_dovecot_keys_passes_secrets_only_through_the_environment() -> None:
 # -- ports -------------------------------------------------------------------------------
 
 def test_only_the_tls_ports_are_published_and_no_plaintext_imap_or_pop3_listens(mail: Mail) -> None:
+    """4190 (ManageSieve) is STARTTLS with no login before it (see the ManageSieve test);
+    postfix's sieve listener (10025) is on the stack network only."""
     published = {svc: sorted(mail.stack.container(svc).ports) for svc in ("postfix", "dovecot")}
-    assert published == {"postfix": ["25/tcp", "465/tcp", "587/tcp"], "dovecot": ["993/tcp", "995/tcp"]}
+    assert published == {"postfix": ["25/tcp", "465/tcp", "587/tcp"],
+                         "dovecot": ["4190/tcp", "993/tcp", "995/tcp"]}, published
     listening = set()
     for line in mail.dovecot("sh", "-c", "cat /proc/net/tcp /proc/net/tcp6 2>/dev/null || true").splitlines():
         fields = line.split()
@@ -256,7 +262,7 @@ def test_only_the_tls_ports_are_published_and_no_plaintext_imap_or_pop3_listens(
             address, port = fields[1].rsplit(":", 1)
             if address != "0B00007F":  # docker's embedded DNS resolver on 127.0.0.11
                 listening.add(int(port, 16))
-    assert listening == {993, 995, 24, 12345}, listening
+    assert listening == {993, 995, 4190, 24, 12345}, listening
 
 
 # -- delivery ---------------------------------------------------------------------------
@@ -338,6 +344,117 @@ def test_spam_goes_to_junk_and_the_rest_to_the_inbox(mail: Mail) -> None:
     assert typ == "OK"
     junk = [line.decode() for line in listed if line.decode().endswith('"Junk"') or line.decode().endswith(" Junk")]
     assert junk and "\\Junk" in junk[0], listed
+
+
+# -- the users' own filters: ManageSieve on 4190, sieve at delivery, vacation --------
+
+CAROL, DAVE = f"sieve-carol@{DOMAIN}", f"sieve-dave@{DOMAIN}"  # mailboxes of these tests alone
+
+
+def own_mailbox(mail: Mail, address: str) -> None:
+    if not mail.is_user(address):
+        mail.accounts.create_mailbox(address, PASSWORD, keys=mail.keys)
+
+
+def sieve_login(mail: Mail, user: str) -> ManageSieve:
+    ms = ManageSieve("127.0.0.1", mail.port("managesieve"), timeout=TIMEOUT)
+    ms.starttls(mail.ctx)
+    status, text = ms.authenticate(user, PASSWORD)
+    assert status == "OK", text
+    return ms
+
+
+def test_managesieve_logs_in_only_after_starttls_and_its_filters_run_at_delivery(mail: Mail) -> None:
+    own_mailbox(mail, CAROL)
+    with ManageSieve("127.0.0.1", mail.port("managesieve"), timeout=TIMEOUT) as ms:
+        assert "STARTTLS" in ms.capabilities, ms.capabilities
+        assert ms.capabilities.get("SASL", "") == "", ms.capabilities  # no mechanism offered in the clear
+        status, text = ms.authenticate(CAROL, PASSWORD)
+        assert status == "NO", text  # nor accepted
+        ms.starttls(mail.ctx)
+        assert "PLAIN" in ms.capabilities["SASL"].split(), ms.capabilities
+        assert {"fileinto", "vacation", "envelope"} <= set(ms.capabilities["SIEVE"].split()), ms.capabilities
+        assert ms.authenticate(CAROL, "not carol's password")[0] == "NO"
+    with sieve_login(mail, CAROL) as ms:
+        status, why = ms.put_script("broken", 'require ["fileinto"];\nfileinto;\n')
+        assert status == "NO" and "error" in why.lower(), why  # the compiler's words, line and all
+        status, why = ms.put_script("filters", 'require ["fileinto", "mailbox"];\n'
+                                               'if header :contains "subject" "[reports]" {\n'
+                                               '  fileinto :create "Reports";\n  stop;\n}\n')
+        assert status == "OK", why
+        assert ms.set_active("filters")[0] == "OK"
+        assert ms.scripts() == {"filters": True}
+    report, other = f"[reports] weekly {token('report')}", token("not-a-report")
+    submit(mail, report, "the numbers", rcpt=CAROL)
+    submit(mail, other, "just mail", rcpt=CAROL)
+    assert mail.wait_for(report, CAROL, folders=("Reports", "INBOX")) == "Reports"
+    assert mail.wait_for(other, CAROL, folders=("Reports", "INBOX")) == "INBOX"
+    with sieve_login(mail, BOB) as ms:
+        assert ms.scripts() == {}  # one user's scripts are theirs alone
+
+
+def test_vacation_answers_once_per_sender_signed_and_never_a_list(mail: Mail) -> None:
+    """Dave is away. Carol's mail gets one reply, DKIM-signed for the domain (sent through
+    postfix's sieve listener, for dovecot's address alone); her second message gets none,
+    and mail from a list never gets one."""
+    own_mailbox(mail, CAROL)
+    own_mailbox(mail, DAVE)
+    with sieve_login(mail, DAVE) as ms:
+        script = ('require ["vacation"];\n'
+                  'vacation :days 3 :subject "Away until Monday" "I read my mail on Monday.";\n')
+        assert ms.put_script("away", script)[0] == "OK" and ms.set_active("away")[0] == "OK"
+
+    def send(subject: str, headers: str = "") -> str:
+        raw = message(CAROL, DAVE, subject, "for dave", headers=headers)
+        with mail.smtp(login=CAROL) as s:
+            s.sendmail(CAROL, [DAVE], raw)
+        mail.wait_for(subject, DAVE, folders=("INBOX", "Junk"))
+        return re.search(r"^Message-ID: (\S+)", raw, re.M).group(1)
+
+    send(token("list-post"), headers="List-Id: <news.lists.example>\r\nPrecedence: list\r\n")
+    first = send(token("first"))
+
+    def replies() -> list[email.message.Message]:
+        with mail.imap(CAROL) as imap:
+            imap.select("INBOX", readonly=True)
+            _typ, data = imap.search(None, "SUBJECT", '"Away until Monday"')
+            found = []
+            for num in data[0].split():
+                _typ, msg = imap.fetch(num, "(BODY.PEEK[])")
+                found.append(email.message_from_bytes(msg[0][1]))
+            return found
+
+    def one_reply() -> email.message.Message:
+        got = replies()
+        assert len(got) == 1, f"{len(got)} replies"
+        return got[0]
+
+    reply = retry(one_reply, 60, "dave's vacation reply in carol's INBOX")
+    assert reply["In-Reply-To"] == first, reply.items()  # to the first message, not the list's
+    assert reply["From"].endswith(f"<{DAVE}>") or reply["From"] == DAVE, reply["From"]
+    assert reply["Auto-Submitted"].startswith("auto-replied"), reply.items()
+    signatures = " ".join("".join(v.split()) for v in reply.get_all("DKIM-Signature", []))
+    assert f"d={DOMAIN};" in signatures, reply.items()
+    assert reply["X-Spam"] is None, reply.items()
+    send(token("second"))
+    time.sleep(3)  # a second reply would have been sent while the message was delivered
+    assert len(replies()) == 1
+
+
+def test_postfixs_sieve_listener_takes_mail_from_dovecot_alone(mail: Mail) -> None:
+    """Port 10025 relays for dovecot's fixed address only: from any other address on the
+    stack network (here the host, through the bridge) nothing is accepted, not even for
+    a local mailbox."""
+    c = mail.stack.container("postfix")
+    c.reload()
+    ip = c.attrs["NetworkSettings"]["Networks"][mail.stack.settings.project]["IPAddress"]
+    assert mail.stack.settings.dovecot_address != ip
+    for rcpt in (FOREIGN, ALICE):
+        with smtplib.SMTP(ip, 10025, local_hostname="intruder.test", timeout=TIMEOUT) as s:
+            with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+                s.sendmail(CAROL, [rcpt], message(CAROL, rcpt, "relay me", "no"))
+        code, text = refused.value.recipients[rcpt]
+        assert code == 554 and b"Access denied" in text, (code, text)
 
 
 def test_auth_is_neither_offered_nor_accepted_before_starttls_on_587(mail: Mail) -> None:

@@ -23,6 +23,8 @@ def test_values_follow_the_settings() -> None:
     assert by_id["pop3"].port == 10995 and by_id["smtp"].port == 10465
     assert by_id["smtp-starttls"].port == 587 and by_id["smtp-starttls"].security == "STARTTLS"
     assert by_id["caldav"].port == by_id["carddav"].port == 443
+    assert (by_id["managesieve"].port, by_id["managesieve"].security) == (4190, "STARTTLS")
+    assert {x.port for x in servers(settings(stack_ports=json.dumps({"managesieve": 14190})))} >= {14190}
     values = client_values(s)
     assert values["dav_url"] == "https://mx.example.org/dav/"
     assert values["autoconfig_url"] == "https://autoconfig.example.org/mail/config-v1.1.xml"

@@ -78,8 +78,8 @@ def check_compose(state: Path) -> None:
     addresses = set(s.publish_addresses)
     for name, svc in spec["services"].items():
         assert set(svc) <= ALLOWED_KEYS, (name, set(svc) - ALLOWED_KEYS)
-        assert svc["networks"] == (["mailstead"] if name != "unbound" else
-                                   {"mailstead": {"ipv4_address": s.resolver_address}})
+        fixed = {"unbound": s.resolver_address, "dovecot": s.dovecot_address}
+        assert svc["networks"] == ({"mailstead": {"ipv4_address": fixed[name]}} if name in fixed else ["mailstead"])
         assert svc["container_name"] == f"{spec['name']}-{name}"
         assert svc["dns"] == [s.resolver_address]
         assert svc.get("sysctls", {}) == ({"net.ipv4.ip_unprivileged_port_start": 53} if name == "unbound" else {})
@@ -160,11 +160,12 @@ def test_the_compose_file_is_yaml_from_a_serializer(tmp_path: Path) -> None:
     assert not (Path(__file__).resolve().parents[2] / "recipes" / "compose.yaml.j2").exists()
 
 
-def test_the_stack_resolver_sits_at_a_fixed_address_outside_dockers_range(tmp_path: Path) -> None:
+def test_the_stack_resolver_and_dovecot_sit_at_fixed_addresses_outside_dockers_range(tmp_path: Path) -> None:
     fresh(tmp_path)
     store.write_settings(tmp_path, {"stack_subnet": "10.77.0.0/16", "dns_servers": "192.0.2.53, 198.51.100.53"})
     s = load_settings(tmp_path)
     assert (s.subnet, s.dynamic_range, s.resolver_address) == ("10.77.0.0/16", "10.77.0.0/17", "10.77.255.254")
+    assert s.dovecot_address == "10.77.255.253"
     check_compose(tmp_path)
     files = render(s, SECRETS)
     unbound = files["unbound/unbound.conf"].content.decode()
@@ -172,6 +173,12 @@ def test_the_stack_resolver_sits_at_a_fixed_address_outside_dockers_range(tmp_pa
     assert [line.strip() for line in unbound.splitlines() if "forward-addr" in line] == [
         "forward-addr: 192.0.2.53", "forward-addr: 198.51.100.53"]
     assert 'nameserver = ["10.77.255.254:53"];' in files["rspamd/override.d/options.inc"].content.decode()
+    # What dovecot's sieve sends: postfix relays it for dovecot's address alone, and
+    # rspamd takes it as local mail (signs it), as it does no other stack address.
+    assert 'local_addrs = ["127.0.0.0/8", "::1", "10.77.255.253/32"];' in (
+        files["rspamd/override.d/options.inc"].content.decode())
+    assert "\nmailstead_sieve_clients = 10.77.255.253/32\n" in files["postfix/main.cf"].content.decode()
+    assert "submission_host = postfix:10025\n" in files["dovecot/dovecot.conf"].content.decode()
     # No forwarders: unbound resolves from the root itself.
     store.write_settings(tmp_path, {"dns_servers": ""})
     assert "forward-zone" not in render(load_settings(tmp_path), SECRETS)["unbound/unbound.conf"].content.decode()

@@ -623,8 +623,8 @@ RELAY_CASES = [
 
 
 def check_security(m: Machine, ports: Ports, url: str) -> None:
-    # Nothing listens beyond ssh, http(s) and the mail ports (loopback aside).
-    allowed = {"22", "80", "443", "25", "465", "587", "993", "995"}
+    # Nothing listens beyond ssh, http(s) and the mail ports (ManageSieve's too; loopback aside).
+    allowed = {"22", "80", "443", "25", "465", "587", "993", "995", "4190"}
     unexpected = []
     for line in m.succeed("ss -Htuln").splitlines():
         proto, _state, _rq, _sq, local = line.split()[:5]
