@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("new_address")
     for name, op in (("alias-add", stack_ops.alias_add), ("alias-remove", stack_ops.alias_remove)):
         p = command(commands, name, op, f"{name.split('-')[1]} an alias")
-        p.add_argument("source")
+        p.add_argument("source", help="an address, or @domain for the domain's catch-all")
         p.add_argument("destination")
     p = command(commands, "dns-records", dns_ops.dns_records, "the DNS records the appliance needs (table, or --zone)")
     p.add_argument("--zone", action="store_true", help="print only the BIND zone fragment")

@@ -43,7 +43,7 @@ CREATE TABLE IF NOT EXISTS mailboxes (address  TEXT PRIMARY KEY,           -- lo
                         created  TEXT NOT NULL,
                         key_kdf  INTEGER NOT NULL DEFAULT 1, -- KeyKdf.version (1: legacy)
                         key_salt TEXT NOT NULL DEFAULT '');  -- KeyKdf.salt ('' for version 1)
-CREATE TABLE IF NOT EXISTS aliases   (source      TEXT NOT NULL,           -- local@domain
+CREATE TABLE IF NOT EXISTS aliases   (source      TEXT NOT NULL,           -- local@domain, or @domain (catch-all)
                         destination TEXT NOT NULL,           -- an address
                         PRIMARY KEY (source, destination));
 """
@@ -258,6 +258,14 @@ def check_domain(name: str, field: str) -> str:
         raise AccountError(field, f"{field} is {len(ascii_name)} characters long; a domain name "
                                   f"has at most 253")
     return ascii_name
+
+
+def check_alias_source(source: str, field: str = "source") -> str:
+    """An alias's source: an address, or `@domain` for a catch-all (every address of the
+    domain that is neither a mailbox nor an alias); normalized like check_address."""
+    if isinstance(source, str) and source.startswith("@") and source.count("@") == 1:
+        return "@" + check_domain(source[1:], field)
+    return check_address(source, field)
 
 
 def check_address(address: str, field: str = "address") -> str:
@@ -559,14 +567,24 @@ class Accounts:
     # -- aliases -----------------------------------------------------------------------
 
     def add_alias(self, source: str, destination: str) -> dict[str, str]:
-        """Forward mail for `source` (in a hosted domain, not a mailbox) to `destination`."""
-        source = check_address(source, "source")
+        """Forward mail for `source` (in a hosted domain, not a mailbox) to `destination`.
+
+        `@domain` is the domain's catch-all: mail for its addresses that are neither a
+        mailbox nor an alias. Its destination must be a mailbox here or an address of a
+        domain not hosted here: anything else would be caught again, by this catch-all
+        or another one, and could go round in a loop."""
+        source = check_alias_source(source, "source")
         destination = check_address(destination, "destination")
         domain = source.split("@")[1]
         with self._write() as conn:
             if not conn.execute("SELECT 1 FROM domains WHERE name = ?", (domain,)).fetchone():
                 raise AccountError("source", f"{domain} is not a domain hosted here; add the domain "
                                              f"first, or use an address in one of your domains")
+            if source.startswith("@") and _mailbox(conn, destination) is None and conn.execute(
+                    "SELECT 1 FROM domains WHERE name = ?", (destination.split("@")[1],)).fetchone():
+                raise AccountError("destination", f"a catch-all forwards to a mailbox here or to an address "
+                                                  f"elsewhere; {destination} is neither, and mail for it could "
+                                                  f"be caught again and go round in a loop")
             if _mailbox(conn, source) is not None:
                 raise AccountError("source", f"{source} is a mailbox; an alias needs an address "
                                              f"that is not a mailbox")
@@ -582,7 +600,7 @@ class Accounts:
         return {"source": source, "destination": destination}
 
     def remove_alias(self, source: str, destination: str) -> None:
-        source = check_address(source, "source")
+        source = check_alias_source(source, "source")
         destination = check_address(destination, "destination")
         with self._write() as conn:
             if not conn.execute("DELETE FROM aliases WHERE source = ? AND destination = ?",

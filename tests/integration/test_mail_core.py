@@ -441,6 +441,31 @@ def test_vacation_answers_once_per_sender_signed_and_never_a_list(mail: Mail) ->
     assert len(replies()) == 1
 
 
+def test_a_catch_all_takes_only_what_nothing_else_receives(mail: Mail) -> None:
+    """@domain → carol: mail for an address that is neither a mailbox nor an alias goes to
+    her; mailboxes (with +tags) and aliases keep theirs; she may not send as the addresses
+    it catches. Without it, such mail is refused again."""
+    own_mailbox(mail, CAROL)
+    stray, own, tagged = token("stray"), token("own"), token("tagged")
+    mail.accounts.add_alias(f"@{DOMAIN}", CAROL)
+    try:
+        submit(mail, stray, "to nobody in particular", rcpt=f"whoever-{uuid.uuid4().hex[:8]}@{DOMAIN}")
+        submit(mail, own, "to bob himself", rcpt=BOB)
+        submit(mail, tagged, "to bob with a tag", rcpt=BOB.replace("@", "+news@"))
+        assert mail.wait_for(stray, CAROL) == "INBOX"
+        assert mail.wait_for(own, BOB) == "INBOX" and mail.wait_for(tagged, BOB, folders=("INBOX", "Junk"))
+        assert own not in mail.subjects(CAROL) and tagged not in mail.subjects(CAROL)
+        with mail.smtp(login=CAROL) as s:
+            code, text = rcpt_reply(s, f"whoever@{DOMAIN}", ALICE)
+            assert code == 553 and b"not owned by user" in text, (code, text)
+            assert rcpt_reply(s, CAROL, ALICE)[0] == 250  # the control: her own address
+    finally:
+        mail.accounts.remove_alias(f"@{DOMAIN}", CAROL)
+    with mail.smtp("smtp", None) as s:
+        code, text = rcpt_reply(s, "someone@remote.test", f"whoever@{DOMAIN}")
+    assert code == 550, (code, text)
+
+
 def test_postfixs_sieve_listener_takes_mail_from_dovecot_alone(mail: Mail) -> None:
     """Port 10025 relays for dovecot's fixed address only: from any other address on the
     stack network (here the host, through the bridge) nothing is accepted, not even for

@@ -472,6 +472,34 @@ def test_add_and_remove_aliases(db: Accounts) -> None:
     assert {"source": f"team@{DOMAIN}", "destination": INFO} not in db.list_aliases()
 
 
+def test_a_catch_all_takes_a_mailbox_or_an_address_elsewhere(db: Accounts) -> None:
+    assert db.add_alias(f"@{DOMAIN.upper()}", BOB) == {"source": f"@{DOMAIN}", "destination": BOB}
+    db.add_alias(f"@{DOMAIN}", "owner@elsewhere.example")
+    assert {"source": f"@{DOMAIN}", "destination": BOB} in db.list_aliases()
+    db.rename_mailbox(BOB, f"robert@{DOMAIN}", NoKeys())  # it follows the mailbox
+    assert {"source": f"@{DOMAIN}", "destination": f"robert@{DOMAIN}"} in db.list_aliases()
+    db.delete_mailbox(f"robert@{DOMAIN}", NoKeys())  # and goes with it
+    assert [a for a in db.list_aliases() if a["source"] == f"@{DOMAIN}"] == [
+        {"source": f"@{DOMAIN}", "destination": "owner@elsewhere.example"}]
+    db.remove_alias(f"@{DOMAIN}", "owner@elsewhere.example")
+    assert all(a["source"] != f"@{DOMAIN}" for a in db.list_aliases())
+
+
+@pytest.mark.parametrize("destination", [INFO, f"nobody@{DOMAIN}"])
+def test_a_catch_all_to_anything_but_a_mailbox_of_a_hosted_domain_is_refused(db: Accounts,
+                                                                              destination: str) -> None:
+    """An alias, or an address nothing receives, would be caught again: a loop in waiting."""
+    with refused(db, "destination") as info:
+        db.add_alias(f"@{DOMAIN}", destination)
+    assert "loop" in str(info.value)
+
+
+@pytest.mark.parametrize("source", ["@", "@not-hosted.test", "@@example.test", "@exa mple.test", "@;reboot"])
+def test_a_bad_catch_all_source_is_refused(db: Accounts, source: str) -> None:
+    with refused(db, "source"):
+        db.add_alias(source, ALICE)
+
+
 @pytest.mark.parametrize("existing, source, destination, loop", [
     ([], "a", "a", "a → a"),
     ([("a", "b")], "b", "a", "b → a → b"),

@@ -105,6 +105,24 @@ def test_alias_add_and_remove(dashboard: FlaskClient) -> None:
     assert 'id="alias-none"' in dashboard.get("/admin/mailboxes/").text
 
 
+def test_a_catch_all_is_added_on_the_alias_form_and_a_looping_one_refused(dashboard: FlaskClient) -> None:
+    response = post(dashboard, "/admin/mailboxes/alias", "alias-form", "alias",
+                    source="@Example.test", destination="sales@example.test")
+    assert response.status_code == 422 and 'id="alias-destination-error"' in response.text
+    assert "loop" in response.text
+    response = post(dashboard, "/admin/mailboxes/alias", "alias-form", "alias",
+                    source="@Example.test", destination="bob@example.test")
+    assert response.status_code == 303, response.text
+    html = dashboard.get("/admin/mailboxes/").text
+    assert 'id="alias-@example.test-bob@example.test"' in html
+    assert "@example.test now forwards to bob@example.test" in html
+    response = dashboard.post("/admin/mailboxes/alias/remove", data={
+        "unalias-csrf_token": token(html, "alias-list"),
+        "unalias-source": "@example.test", "unalias-destination": "bob@example.test"})
+    assert response.status_code == 303
+    assert 'id="alias-@example.test-bob@example.test"' not in dashboard.get("/admin/mailboxes/").text
+
+
 def test_quota_change(dashboard: FlaskClient, state_dir: Path) -> None:
     response = post(dashboard, "/admin/mailboxes/quota", "quota-form", "quota",
                     address="bob@example.test", quota_mb="2048")

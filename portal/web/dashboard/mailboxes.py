@@ -18,7 +18,8 @@ from portal.agent.registry import Operation
 from portal.web import security
 from portal.web.jobs import show_error
 from portal.agent.client import AgentError
-from portal.stack.accounts import MAX_PASSWORD_LENGTH, MAX_QUOTA_MB, MIN_PASSWORD_LENGTH, AccountError, check_address
+from portal.stack.accounts import (MAX_PASSWORD_LENGTH, MAX_QUOTA_MB, MIN_PASSWORD_LENGTH, AccountError,
+                                    check_address, check_alias_source)
 from portal.web.dashboard import Nav, render_dashboard
 from portal.stack import privileged as stack_ops
 
@@ -38,6 +39,18 @@ def address_check(form: FlaskForm, field: Field) -> None:
         raise ValidationError("That is too long for an email address (at most 320 characters).")
     try:
         field.data = check_address(value, field.name)
+    except AccountError as err:
+        raise ValidationError(err.message) from None
+
+
+def alias_source_check(form: FlaskForm, field: Field) -> None:
+    """An address, or @domain (the domain's catch-all)."""
+    value = field.data or ""
+    if not value.startswith("@"):
+        address_check(form, field)
+        return
+    try:
+        field.data = check_alias_source(value, field.name)
     except AccountError as err:
         raise ValidationError(err.message) from None
 
@@ -87,14 +100,16 @@ class QuotaForm(FlaskForm):
 
 
 class AliasForm(FlaskForm):
-    source = StringField("Alias address", filters=[strip], validators=[address_check],
-                         description="An address in your domain that is not a mailbox.")
+    source = StringField("Alias address", filters=[strip], validators=[alias_source_check],
+                         description="An address in your domain that is not a mailbox, or @ and the "
+                                     "domain (such as @example.org) for a catch-all: mail for every "
+                                     "address there that is neither a mailbox nor an alias.")
     destination = StringField("Forward to", filters=[strip], validators=[address_check],
                               description="A mailbox here, or any address elsewhere.")
 
 
 class UnaliasForm(FlaskForm):
-    source = HiddenField("Alias address", filters=[strip], validators=[address_check])
+    source = HiddenField("Alias address", filters=[strip], validators=[alias_source_check])
     destination = HiddenField("Forward to", filters=[strip], validators=[address_check])
 
 
