@@ -23,6 +23,7 @@ import stat
 import string
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from encodings import idna
@@ -335,6 +336,13 @@ def hash_password(password: str) -> str:
     return SCHEME_PREFIX + _hasher().hash(password)
 
 
+@lru_cache(maxsize=1)
+def _unknown_hash() -> str:
+    """A hash to check a password against when the address has no mailbox, so that an
+    unknown address costs as long as a wrong password (no telling which exist)."""
+    return hash_password(secrets.token_urlsafe(24))
+
+
 def verify_password(stored: str, password: str) -> bool:
     """Whether `password` matches `stored` (as made by hash_password)."""
     # InvalidHash: argon2-cffi 21.1 (trixie, the image) has no InvalidHashError (23.1 made it the new name)
@@ -528,6 +536,7 @@ class Accounts:
         with self._write() as conn:
             row = conn.execute("SELECT password FROM mailboxes WHERE address = ?", (address,)).fetchone()
             if row is None:
+                verify_password(_unknown_hash(), old_password)  # as long as a wrong password takes
                 raise _unknown(address)
             if not verify_password(row["password"], old_password):
                 raise AccountError("old_password", f"old_password is not the current password of {address}; "

@@ -414,6 +414,22 @@ def test_change_password_refuses(db: Accounts, address: str, old: str, new: str,
     assert old not in str(info.value) and new not in str(info.value)
 
 
+def test_change_password_checks_a_password_even_for_an_unknown_address(db: Accounts,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unknown address costs one argon2id check, as a wrong password does: the self-service
+    page (portal/web/password.py) must not tell by its time which addresses exist."""
+    from portal.stack import accounts as accounts_mod
+
+    checked: list[str] = []
+    real = accounts_mod.verify_password
+    monkeypatch.setattr(accounts_mod, "verify_password",
+                        lambda stored, password: checked.append(stored) or real(stored, password))
+    for address in (f"nobody@{DOMAIN}", ALICE):
+        with refused(db, "address" if address != ALICE else "old_password"):
+            db.change_password(address, "wrong password!", NEW_PASSWORD, NoKeys())
+    assert len(checked) == 2 and all(h.startswith("{ARGON2ID}$argon2id$") for h in checked), checked
+
+
 def test_change_password_unchanged_when_keys_fail(db: Accounts) -> None:
     keys = BrokenKeys("change_password", db.path)
     before = dump(db.path)
