@@ -3,7 +3,12 @@
 The base tar is `docker import`ed; each service tar holds only what the
 service's packages added (mkosi Overlay=yes) and is layered on the base by a
 two-line build, so the base layer is shared. Loading is idempotent: an image
-whose label names the same source tar is kept. Nothing here needs a network.
+whose label names the same source tar is kept. An image whose label names the
+same contents (`content_key`: every member's name, owner, mode, attributes and
+bytes, not its time) is tagged for the new version instead of being loaded again: an
+appliance update that did not change the stack's packages loads nothing (the
+image build makes the tars' contents reproducible: recipes/base/mkosi.finalize).
+Nothing here needs a network.
 
 Every tar is opened once, without following a symlink (`open_tars`), and docker
 reads it from that open file: what was checked is what is loaded, whatever
@@ -30,7 +35,14 @@ from portal.core import safefs
 from portal.core.errors import MailsteadError, UnsafePathError
 from portal.stack.settings import SERVICES
 
-SOURCE_LABEL = "org.mailstead.source"
+SOURCE_LABEL = "org.mailstead.source"    # this tar file (name, size, mtime): no reading needed
+CONTENT_LABEL = "org.mailstead.content"  # what it holds (content_key), and how it was loaded (RECIPE)
+# How an image is made from its tar: the base's import changes, a service's build steps.
+BASE_CHANGES = ('CMD ["/bin/sh"]',)
+# Nothing runs: each service tar carries its own ld.so.cache (recipes/base/mkosi.conf).
+LAYER_STEPS = "ADD layer.tar /\n"
+# Part of every content label: images made another way are never taken for these.
+RECIPE = hashlib.sha256(repr((BASE_CHANGES, LAYER_STEPS)).encode()).hexdigest()[:12]
 Progress = Callable[[str, str], None]
 CHUNK = 1 << 20
 
@@ -51,6 +63,7 @@ class ImageTar:
     size: int
     mtime_ns: int
     sha256: str | None = None  # taken from the open file (hash()); then checked as docker reads
+    content: str | None = None  # content_key(), taken in the same read
 
     @property
     def key(self) -> str:
@@ -58,22 +71,72 @@ class ImageTar:
         return f"{self.path.name}:{self.size}:{self.mtime_ns}"
 
     def hash(self) -> str:
-        """SHA-256 of the tar, read from the open file."""
-        self.file.seek(0)
-        digest = hashlib.sha256()
-        left = self.size
-        while left > 0:
-            chunk = self.file.read(min(CHUNK, left))
-            if not chunk:
-                break
-            digest.update(chunk)
-            left -= len(chunk)
-        self.file.seek(0)
-        self.sha256 = digest.hexdigest()
+        """SHA-256 of the tar, read from the open file (its content_key in the same read)."""
+        self._read()
+        assert self.sha256 is not None
         return self.sha256
+
+    def content_key(self) -> str:
+        """SHA-256 of what the tar holds, its members' times left out: two builds of the
+        same packages give the same key. Its SHA-256 is taken in the same read, so what
+        docker reads later is checked to be what this key was taken of."""
+        if self.content is None:
+            self._read()
+        assert self.content is not None
+        return self.content
+
+    def _read(self) -> None:
+        self.file.seek(0)
+        raw = _Counted(self.file, self.size)
+        content = hashlib.sha256()
+        try:
+            with tarfile.open(fileobj=raw, mode="r|") as tar:
+                for member in tar:
+                    pax = sorted((k, v) for k, v in member.pax_headers.items() if not _build_noise(k))
+                    content.update(repr((member.name, member.type, member.mode, member.uid, member.gid, member.uname,
+                                         member.gname, member.linkname, member.size, member.devmajor,
+                                         member.devminor, pax)).encode() + b"\0")
+                    if member.isreg():
+                        data = tar.extractfile(member)
+                        assert data is not None
+                        while chunk := data.read(CHUNK):
+                            content.update(chunk)
+        except tarfile.TarError as exc:
+            raise ImageError(f"{self.path} is not a readable tar ({exc}); rebuild the appliance image "
+                             "(mkosi build)") from None
+        raw.read_rest()
+        self.file.seek(0)
+        self.sha256 = raw.sha.hexdigest()
+        self.content = content.hexdigest()
 
     def reader(self) -> HashingReader:
         return HashingReader(self)
+
+
+def _build_noise(pax_key: str) -> bool:
+    """What a tar member's header says of its build, not of what a container sees: its
+    times, and the bookkeeping of the overlay mkosi builds a service in (its file
+    handles differ every build)."""
+    return pax_key in ("mtime", "atime", "ctime") or pax_key.startswith(
+        ("SCHILY.xattr.user.overlay.", "SCHILY.xattr.trusted.overlay."))
+
+
+class _Counted:
+    """The tar's first `size` bytes, hashed as tarfile reads them (and the rest after it)."""
+
+    def __init__(self, file: IO[bytes], size: int) -> None:
+        self.file, self._left, self.sha = file, size, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        n = self._left if n is None or n < 0 else min(n, self._left)
+        data = self.file.read(n) if n else b""
+        self.sha.update(data)
+        self._left -= len(data)
+        return data
+
+    def read_rest(self) -> None:
+        while self.read(CHUNK):
+            pass
 
 
 class HashingReader:
@@ -175,6 +238,24 @@ def current(client: Any, ref: str, key: str) -> str | None:
     return image.id if labels.get(SOURCE_LABEL) == key else None
 
 
+def same_content(client: Any, ref: str, content: str) -> str | None:
+    """The ID of an image that holds `content` (its CONTENT_LABEL): `ref` if it does,
+    else one loaded for another version, which is then tagged `ref` too."""
+    import docker.errors
+
+    try:
+        image = client.images.get(ref)
+        if (image.attrs.get("Config", {}).get("Labels") or {}).get(CONTENT_LABEL) == content:
+            return image.id
+    except docker.errors.ImageNotFound:
+        pass
+    for image in client.images.list(filters={"label": f"{CONTENT_LABEL}={content}"}):
+        repo, tag = ref.split(":")
+        image.tag(repo, tag)
+        return image.id
+    return None
+
+
 @contextmanager
 def api_timeout(client: Any, seconds: float | None) -> Iterator[None]:
     """Docker requests that stream a whole tar may take long: no short client timeout."""
@@ -189,26 +270,26 @@ def api_timeout(client: Any, seconds: float | None) -> Iterator[None]:
             api.timeout = old
 
 
-def import_base(client: Any, tar: ImageTar, ref: str, key: str, timeout: float | None = 1800) -> str:
+def import_base(client: Any, tar: ImageTar, ref: str, key: str, content: str,
+                timeout: float | None = 1800) -> str:
     repo, tag = ref.split(":")
     reader = tar.reader()
     with api_timeout(client, timeout):
         client.api.import_image(
             src=reader, repository=repo, tag=tag,
-            changes=[f"LABEL {SOURCE_LABEL}={key}", 'CMD ["/bin/sh"]'],
+            changes=[f"LABEL {SOURCE_LABEL}={key}", f"LABEL {CONTENT_LABEL}={content}", *BASE_CHANGES],
         )
     reader.check()
     return client.images.get(ref).id
 
 
-def build_layer(client: Any, base_id: str, tar: ImageTar, ref: str, key: str, service: str) -> str:
+def build_layer(client: Any, base_id: str, tar: ImageTar, ref: str, key: str, content: str,
+                service: str) -> str:
     """Layer `tar` on the base: FROM base + ADD (which keeps owners and modes)."""
     dockerfile = (
         f"FROM {base_id}\n"
-        "ADD layer.tar /\n"
-        # The overlay cannot carry the base's ld.so.cache with its new libraries.
-        'RUN ["/sbin/ldconfig"]\n'
-        f'LABEL {SOURCE_LABEL}="{key}" org.mailstead.service="{service}"\n'
+        f"{LAYER_STEPS}"
+        f'LABEL {SOURCE_LABEL}="{key}" {CONTENT_LABEL}="{content}" org.mailstead.service="{service}"\n'
     ).encode()
     with tempfile.TemporaryFile(dir=os.environ.get("MAILSTEAD_TMPDIR")) as ctx:
         with tarfile.open(fileobj=ctx, mode="w") as out:
@@ -249,18 +330,29 @@ def load_images(client: Any, images_dir: Path, version: str, *,
 
 def load_tars(client: Any, tars: dict[str, ImageTar], version: str, *, lock_path: Path,
               services: tuple[str, ...] = SERVICES, progress: Progress | None = None) -> dict[str, str]:
-    """load_images from tars opened before (open_tars): {service: image ID}."""
+    """load_images from tars opened before (open_tars): {service: image ID}.
+
+    Each image is kept if it was loaded from this very tar (its name, size and mtime:
+    nothing read), else taken over if an image with the same contents is in docker
+    (from another version: tagged for this one), else loaded."""
     say = progress or (lambda _name, _msg: None)
     with load_lock(lock_path):
         base_tar = tars["base"]
         base_ref = f"mailstead-base:{version}"
         base_key = base_tar.key
         base_id = current(client, base_ref, base_key)
+        base_content = None
+        if base_id is None:
+            base_content = f"{RECIPE}:{base_tar.content_key()}"
+            base_id = same_content(client, base_ref, base_content)
+            if base_id is not None:
+                say("base", "already loaded (the same contents)")
         rebuilt_base = base_id is None
         if base_id is None:
+            assert base_content is not None
             say("base", "importing")
             start = time.monotonic()
-            base_id = import_base(client, base_tar, base_ref, base_key)
+            base_id = import_base(client, base_tar, base_ref, base_key, base_content)
             say("base", f"imported in {time.monotonic() - start:.1f} s")
         ids = {}
         for service in services:
@@ -268,12 +360,20 @@ def load_tars(client: Any, tars: dict[str, ImageTar], version: str, *, lock_path
             ref = f"mailstead-{service}:{version}"
             key = f"{base_key}+{tar.key}"
             image_id = None if rebuilt_base else current(client, ref, key)
+            content = None
             if image_id is None:
+                content = f"{RECIPE}:{base_tar.content_key()}+{tar.content_key()}"
+                if not rebuilt_base:
+                    image_id = same_content(client, ref, content)
+                    if image_id is not None:
+                        say(service, "already loaded (the same contents)")
+            if image_id is None:
+                assert content is not None
                 say(service, "loading")
                 start = time.monotonic()
-                image_id = build_layer(client, base_id, tar, ref, key, service)
+                image_id = build_layer(client, base_id, tar, ref, key, content, service)
                 say(service, f"loaded in {time.monotonic() - start:.1f} s")
-            else:
+            elif content is None:
                 say(service, "already loaded")
             ids[service] = image_id
         return ids

@@ -9,8 +9,10 @@ operation and its background job:
   crash-looping, and rolled back: the old image IDs run again and IMAP reads
   the mail stored before;
 - a good newer version (the appliance's own image tars under a VERSION file
-  saying 0.1.2, loaded as the appliance loads them, so every image ID is new)
+  saying 0.1.2, the base tar with one file more, so every image ID is new)
   becomes the pinned version, and the mail is still there;
+- what did not change is not loaded again: the broken version's images other
+  than dovecot are the running ones, tagged for it (their tars hold the same);
 - a new stack that deploys but fails the health check (one fault injected
   through the checks' CheckEnv: its IMAPS port reads as closed) is rolled back
   by the upgrade itself, from the kept config and image IDs.
@@ -92,23 +94,51 @@ def images_folder(folder: Path, version: str) -> Path:
     return folder
 
 
+def rewrite_tar(tar: Path, source: Path, change: Any) -> None:
+    """`tar` (a hard link to the shipped one) replaced by a copy of `source` whose
+    members pass through `change(member, data)` -> [(member, data), ...]."""
+    tar.unlink()
+    with tarfile.open(source) as src, tarfile.open(tar, "w") as out:
+        for member in src:
+            for m, data in change(member, src.extractfile(member) if member.isfile() else None):
+                out.addfile(m, data)
+
+
+def good_images(folder: Path) -> Path:
+    """0.1.2: the shipped tars, the base's with one file more (new contents, so every
+    image is loaded anew, as for an update whose packages changed)."""
+    images_folder(folder, GOOD)
+    note = f"mailstead {GOOD}, made by the upgrade test\n".encode()
+
+    def add_note(member: tarfile.TarInfo, data: Any) -> list[tuple[tarfile.TarInfo, Any]]:
+        if member.name.lstrip("./") != "etc/passwd":
+            return [(member, data)]
+        extra = tarfile.TarInfo("./etc/mailstead-upgrade-test")
+        extra.size, extra.mode = len(note), 0o644
+        return [(member, data), (extra, io.BytesIO(note))]
+
+    rewrite_tar(folder / "mailstead-base.tar", IMAGES_DIR / "mailstead-base.tar", add_note)
+    with tarfile.open(folder / "mailstead-base.tar") as tar:
+        assert "./etc/mailstead-upgrade-test" in tar.getnames(), "etc/passwd is not in the base tar"
+    return folder
+
+
 def broken_images(folder: Path) -> Path:
     """0.1.1: the dovecot tar's doveconf replaced by a script that fails, so the
     entry point stops at once and the container crash-loops; the others as shipped."""
     images_folder(folder, BROKEN)
-    tar = folder / "mailstead-dovecot.tar"
-    tar.unlink()  # (a hard link to the shipped one)
     failing = b"#!/bin/sh\necho 'doveconf: broken on purpose by the test' >&2\nexit 1\n"
-    replaced = 0
-    with tarfile.open(IMAGES_DIR / "mailstead-dovecot.tar") as src, tarfile.open(tar, "w") as out:
-        for member in src:
-            if member.isfile() and member.name.lstrip("./") == "usr/bin/doveconf":
-                member.size = len(failing)
-                out.addfile(member, io.BytesIO(failing))
-                replaced += 1
-            else:
-                out.addfile(member, src.extractfile(member) if member.isfile() else None)
-    assert replaced == 1, "usr/bin/doveconf is not in the dovecot tar"
+    replaced = []
+
+    def break_doveconf(member: tarfile.TarInfo, data: Any) -> list[tuple[tarfile.TarInfo, Any]]:
+        if member.isfile() and member.name.lstrip("./") == "usr/bin/doveconf":
+            member.size = len(failing)
+            replaced.append(member.name)
+            return [(member, io.BytesIO(failing))]
+        return [(member, data)]
+
+    rewrite_tar(folder / "mailstead-dovecot.tar", IMAGES_DIR / "mailstead-dovecot.tar", break_doveconf)
+    assert len(replaced) == 1, "usr/bin/doveconf is not in the dovecot tar"
     return folder
 
 
@@ -236,6 +266,7 @@ def test_a_broken_new_version_is_rolled_back_and_the_old_stack_serves_mail(box: 
     before = pins.read_pin(box.state)
     assert before is not None and box.running() == before.images
     box.configure_backup(box.tmp / "repo")
+    remove_test_images()  # as an earlier test may have loaded them: this one loads them afresh
 
     job = box.upgrade(box.broken)
     assert job["state"] == "failed" and job["code"] == "upgrade_failed", job
@@ -249,6 +280,16 @@ def test_a_broken_new_version_is_rolled_back_and_the_old_stack_serves_mail(box: 
 
     # The new dovecot really ran (and failed); the old images run again, healthy.
     assert box.client.images.get(f"mailstead-dovecot:{BROKEN}").id != before.images["dovecot"]
+    # Only dovecot's tar is new: the others hold what runs already, so those images were
+    # tagged for BROKEN, not loaded again.
+    for service in SERVICES:
+        if service != "dovecot":
+            assert box.client.images.get(f"mailstead-{service}:{BROKEN}").id == before.images[service], service
+    said: dict[str, list[str]] = {}
+    for event in job["events"]:
+        said.setdefault(event["step"], []).append(event["detail"])
+    assert "already loaded (the same contents)" in said["postfix"], said["postfix"]
+    assert any(d.startswith("loaded in") for d in said["dovecot"]), said["dovecot"]
     assert box.running() == before.images
     box.all_healthy()
     assert pins.read_pin(box.state) == before
@@ -273,7 +314,7 @@ def test_a_good_new_version_becomes_the_pinned_one(box: Box) -> None:
     before = pins.read_pin(box.state)
     assert before is not None and before.version == VERSION
     (box.state / "secrets" / "backup.json").unlink()  # no backup target: only with without_backup
-    good = images_folder(box.tmp / "good-images", GOOD)
+    good = good_images(box.tmp / "good-images")
     with pytest.raises(OpError) as err, box.shipping(good):
         REGISTRY["upgrade_run"].invoke(box.ctx, {})
     assert err.value.code == "no_backup" and "without_backup=True" in str(err.value)
