@@ -586,11 +586,11 @@ class Accounts:
         destination = check_address(destination, "destination")
         domain = source.split("@")[1]
         with self._write() as conn:
-            if not conn.execute("SELECT 1 FROM domains WHERE name = ?", (domain,)).fetchone():
+            if not _hosted(conn, domain):
                 raise AccountError("source", f"{domain} is not a domain hosted here; add the domain "
                                              f"first, or use an address in one of your domains")
-            if source.startswith("@") and _mailbox(conn, destination) is None and conn.execute(
-                    "SELECT 1 FROM domains WHERE name = ?", (destination.split("@")[1],)).fetchone():
+            if source.startswith("@") and _mailbox(conn, destination) is None and \
+                    _hosted(conn, destination.split("@")[1]):
                 raise AccountError("destination", f"a catch-all forwards to a mailbox here or to an address "
                                                   f"elsewhere; {destination} is neither, and mail for it could "
                                                   f"be caught again and go round in a loop")
@@ -670,6 +670,10 @@ def _need_keys(keys: MailboxKeys | None) -> MailboxKeys:
 
 def _unknown(address: str) -> AccountError:
     return AccountError("address", f"there is no mailbox {address}; check the address in the list of mailboxes")
+
+
+def _hosted(conn: sqlite3.Connection, domain: str) -> bool:
+    return conn.execute("SELECT 1 FROM domains WHERE name = ?", (domain,)).fetchone() is not None
 
 
 def _mailbox(conn: sqlite3.Connection, address: str) -> dict[str, Any] | None:

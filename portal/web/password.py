@@ -25,6 +25,7 @@ from portal.stack.accounts import MAX_PASSWORD_LENGTH, MIN_PASSWORD_LENGTH
 from portal.web import security
 from portal.web.dashboard.mailboxes import address_check, password_check, strip
 from portal.web.jobs import show_error
+from portal.web.steps.admin import repeats
 
 PASSWORD_RATE_LIMIT = "5 per minute"
 NOT_RIGHT = "The address or the current password is not right. Check both and try again."
@@ -41,7 +42,7 @@ class PasswordForm(FlaskForm):
     new_password = PasswordField("New password", validators=[password_check],
                                  description=f"At least {MIN_PASSWORD_LENGTH} characters; a few unrelated words "
                                              "work well.")
-    new_password_confirm = PasswordField("New password again")
+    new_password_confirm = PasswordField("New password again", validators=[repeats("new_password", "new password")])
 
     def validate_old_password(self, field: Field) -> None:
         if not field.data:
@@ -49,9 +50,6 @@ class PasswordForm(FlaskForm):
         if len(field.data) > MAX_PASSWORD_LENGTH:
             raise ValidationError(NOT_RIGHT)
 
-    def validate_new_password_confirm(self, field: Field) -> None:
-        if (field.data or "") != (self.new_password.data or ""):
-            raise ValidationError("The two new passwords are not the same; type the new password again.")
 
 
 def _page(form: PasswordForm, status: int = 200, error: str | None = None,

@@ -28,7 +28,7 @@ from portal.web import security
 from portal.web.dashboard import Nav, render_dashboard
 from portal.web.dashboard.backups import CODE_HELP, code_text
 from portal.web.jobs import show_error
-from portal.web.steps.admin import MAX_PASSWORD, MIN_PASSWORD, check_new_password, qr_svg
+from portal.web.steps.admin import MAX_PASSWORD, MIN_PASSWORD, check_new_password, qr_svg, repeats
 
 bp = Blueprint("account", __name__, url_prefix="/admin/account")
 NAV = Nav(80, "Account", "account.index")
@@ -40,7 +40,7 @@ class PasswordForm(FlaskForm):
                                  description=f"At least {MIN_PASSWORD} characters; a few random words work well. "
                                              "It is the dashboard's password only: your mailbox keeps its own "
                                              "(change it under Mailboxes).")
-    new_password_confirm = PasswordField("New password again")
+    new_password_confirm = PasswordField("New password again", validators=[repeats("new_password", "new password")])
     totp_code = StringField("Code to confirm", validators=[code_text], description=CODE_HELP, id="password_totp_code")
 
     def validate_old_password(self, field: Field) -> None:
@@ -52,9 +52,6 @@ class PasswordForm(FlaskForm):
     def validate_new_password(self, field: Field) -> None:
         check_new_password(field.data or "")
 
-    def validate_new_password_confirm(self, field: Field) -> None:
-        if (field.data or "") != (self.new_password.data or ""):
-            raise ValidationError("The two new passwords are not the same; type the new password again.")
 
 
 class StartForm(FlaskForm):

@@ -18,7 +18,7 @@ from flask.typing import ResponseReturnValue
 from flask_wtf import FlaskForm
 from markupsafe import Markup
 from wtforms import PasswordField, StringField
-from wtforms.validators import ValidationError
+from wtforms.validators import EqualTo, ValidationError
 
 from portal.web import state, security, wizard
 from portal.agent.client import AgentError
@@ -44,6 +44,11 @@ def check_new_password(password: str) -> None:
         raise ValidationError(f"Use at most {MAX_PASSWORD} characters.")
     if any(ch in password for ch in "\0\n\r"):
         raise ValidationError("The password must not contain line breaks or NUL characters.")
+
+
+def repeats(field_name: str, what: str = "password") -> EqualTo:
+    """The validator of a new password's second field: the same as `field_name`."""
+    return EqualTo(field_name, message=f"The two {what}s are not the same; type the {what} again.")
 
 
 @functools.lru_cache(maxsize=4)
@@ -81,7 +86,7 @@ class AdminForm(FlaskForm):
         description=f"At least {MIN_PASSWORD} characters; a few random words work well. "
                     "It is for both the dashboard and the mailbox.",
     )
-    password_confirm = PasswordField("Password again")
+    password_confirm = PasswordField("Password again", validators=[repeats("password")])
     totp_code = StringField(
         "Code from your authenticator app",
         description="After scanning the QR code, enter the 6-digit code the app shows.",
@@ -105,10 +110,6 @@ class AdminForm(FlaskForm):
         if address and password.strip().lower() in (address, address.partition("@")[0]):
             raise ValidationError("The password must not be the address itself; choose something others "
                                   "cannot guess.")
-
-    def validate_password_confirm(self, field: PasswordField) -> None:
-        if (field.data or "") != (self.password.data or ""):
-            raise ValidationError("The two passwords are not the same; type the password again.")
 
     def validate_totp_code(self, field: StringField) -> None:
         field.data = "".join((field.data or "").split())
