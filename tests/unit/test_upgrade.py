@@ -353,6 +353,10 @@ class RecordingDocker:
                     raise docker.errors.ImageNotFound(ref)
                 return outer.refs[ref]
 
+            def list(self, filters=None):
+                key, _, value = (filters or {}).get("label", "").partition("=")
+                return [i for i in outer.refs.values() if i.attrs["Config"]["Labels"].get(key) == value]
+
         self.api, self.images = Api(), Images()
 
     def close(self):
