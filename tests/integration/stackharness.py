@@ -163,3 +163,12 @@ def start_stack(state_dir: Path, project: str, port_base: int) -> Stack:
     subprocess.run(["docker", "compose", "-p", project, "down", "--volumes", "--remove-orphans"],
                    capture_output=True, check=False)
     return Stack(client, settings)
+
+
+def redis_learns(stack: Stack, which: str = "learns_spam") -> int:
+    """How many messages Bayes learned, as stored in redis (at once; rspamd's own
+    statistics read it from there every so often)."""
+    password = deploy_mod.stack_secrets(stack.settings.secrets_dir)["redis_password"]
+    out = stack.exec("redis", "redis-cli", "--no-auth-warning", "HGET", "RS", which,
+                     user="redis", environment={"REDISCLI_AUTH": password})
+    return int(out.strip() or 0)

@@ -30,7 +30,7 @@ from portal.stack.dovecot_keys import DovecotKeys, MailboxKeysError, key_passwor
 from tests.conftest import retry
 from tests.support.managesieve import ManageSieve
 
-from .stackharness import DOMAIN, Stack, start_stack
+from .stackharness import DOMAIN, Stack, redis_learns, start_stack
 
 PASSWORD = "mail-core-correct-horse"
 ALICE = f"alice@{DOMAIN}"
@@ -464,6 +464,80 @@ def test_a_catch_all_takes_only_what_nothing_else_receives(mail: Mail) -> None:
     with mail.smtp("smtp", None) as s:
         code, text = rcpt_reply(s, "someone@remote.test", f"whoever@{DOMAIN}")
     assert code == 550, (code, text)
+
+
+# -- Junk that learns: IMAPSieve hands what users move to rspamd's controller ------
+
+ERIN = f"junk-erin@{DOMAIN}"  # a mailbox of this test alone
+
+
+def bayes_learned(mail: Mail) -> dict[str, int]:
+    """What rspamd's Bayes has learned, as its statistics say (`rspamc stat`)."""
+    out = mail.stack.exec("rspamd", "rspamc", "-h", "127.0.0.1:11334", "stat")
+    counts = {}
+    for statfile in ("BAYES_SPAM", "BAYES_HAM"):
+        found = re.search(rf"Statfile: {statfile}\b[^\n]*learned: (\d+)", out)
+        assert found, out
+        counts[statfile] = int(found.group(1))
+    return counts
+
+
+def uids(imap: imaplib.IMAP4_SSL, folder: str, subject: str) -> list[bytes]:
+    typ, _ = imap.select(folder)
+    assert typ == "OK", folder
+    typ, data = imap.uid("SEARCH", None, "SUBJECT", f'"{subject}"')
+    assert typ == "OK", data
+    return data[0].split()
+
+
+def test_moving_into_junk_teaches_spam_and_out_of_it_ham(mail: Mail) -> None:
+    """Moving or copying a message into Junk has rspamd learn it as spam, moving one
+    out of Junk as ham; deleting from Junk (to the Trash), moves between other
+    folders and spam filed to Junk at delivery teach nothing. dovecot's IMAPSieve
+    scripts pipe the decrypted message to rspamd's controller, which trusts dovecot's
+    address alone. Counted by rspamd's own statistics."""
+    own_mailbox(mail, ERIN)
+    words = ("Dear customer, your parcel could not be delivered because the customs fee is unpaid. "
+             "Confirm your card number and the security code within twelve hours on our secure page, "
+             "or the parcel goes back to the sender and a penalty is charged to your account.")
+    sent = [(token(f"junk-{n}"), f"{words} Reference {token('ref')}.") for n in range(4)]
+    # Where rspamd keeps its counts (its statistics read them from there every so often).
+    start = {"BAYES_SPAM": redis_learns(mail.stack, "learns_spam"),
+             "BAYES_HAM": redis_learns(mail.stack, "learns_ham")}
+    for n, (subject, body) in enumerate(sent):
+        flagged = "X-Spam: Yes\r\n" if n == 1 else ""  # the global sieve files it into Junk
+        mail.lmtp_deliver("parcels@remote.test", ERIN,
+                          message("parcels@remote.test", ERIN, subject, body, headers=flagged))
+        mail.wait_for(subject, ERIN, folders=("Junk",) if flagged else ("INBOX",))
+    DELIVERED.extend(sent)
+    first, filed, copied, other = (subject for subject, _ in sent)
+
+    def learned(spam: int, ham: int) -> None:
+        now = bayes_learned(mail)
+        assert (now["BAYES_SPAM"] - start["BAYES_SPAM"], now["BAYES_HAM"] - start["BAYES_HAM"]) == (spam, ham), \
+            (start, now)
+
+    with mail.imap(ERIN) as imap:
+        # INBOX to Junk (MOVE): spam. (IMAPSieve runs inside the command.)
+        typ, data = imap.uid("MOVE", uids(imap, "INBOX", first)[0], "Junk")
+        assert typ == "OK", data
+        # Junk to the Trash: deleted, not "not spam".
+        typ, data = imap.uid("MOVE", uids(imap, "Junk", first)[0], "Trash")
+        assert typ == "OK", data
+        # What rspamd filed into Junk at delivery (not learned then), moved back to the INBOX: ham.
+        typ, data = imap.uid("MOVE", uids(imap, "Junk", filed)[0], "INBOX")
+        assert typ == "OK", data
+        # INBOX to Junk by COPY: spam.
+        typ, data = imap.uid("COPY", uids(imap, "INBOX", copied)[0], "Junk")
+        assert typ == "OK", data
+        # Between other folders: nothing.
+        typ, data = imap.uid("MOVE", uids(imap, "INBOX", other)[0], "Trash")
+        assert typ == "OK", data
+    # rspamd's statistics read the counts from redis every so often (some 30 s).
+    retry(lambda: learned(2, 1), 120, "rspamd's statistics to count two more spam and one more ham")
+    trash, junk = mail.subjects(ERIN, folder="Trash"), mail.subjects(ERIN, folder="Junk")
+    assert first in trash and other in trash and junk == [copied], (trash, junk)
+    assert filed in mail.subjects(ERIN) and copied in mail.subjects(ERIN)
 
 
 def test_postfixs_sieve_listener_takes_mail_from_dovecot_alone(mail: Mail) -> None:

@@ -19,6 +19,8 @@ import struct
 import subprocess
 import tarfile
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -31,7 +33,7 @@ from portal.stack.deploy import stack_secrets
 from portal.stack.dkim import selector_records
 from tests.conftest import retry
 
-from .stackharness import DOMAIN, HOSTNAME, Stack, start_stack
+from .stackharness import DOMAIN, HOSTNAME, Stack, redis_learns, start_stack
 
 ALICE = f"alice@{DOMAIN}"
 OUTSIDER = "bob@example.org"
@@ -256,14 +258,6 @@ def mem_mib(stack: Stack, service: str) -> float:
     return (usage - inactive if inactive < usage else usage) / 2**20
 
 
-def redis_learns(stack: Stack, which: str = "learns_spam") -> int:
-    """How many messages Bayes learned, as stored in redis."""
-    password = stack_secrets(stack.settings.secrets_dir)["redis_password"]
-    out = stack.exec("redis", "redis-cli", "--no-auth-warning", "HGET", "RS", which,
-                     user="redis", environment={"REDISCLI_AUTH": password})
-    return int(out.strip() or 0)
-
-
 class RedisClient:
     """Just enough of a redis client (RESP2) to read every key and value as bytes,
     straight to the container (redis-cli's text output is not binary-safe)."""
@@ -474,10 +468,18 @@ def test_controller_and_milter_exposure(stack: Stack) -> None:
         c.reload()
         assert not any(c.attrs["NetworkSettings"]["Ports"].values()), c.attrs["NetworkSettings"]["Ports"]
         assert not c.attrs["HostConfig"]["PortBindings"]
-    # The controller answers inside the container only; the milter on the stack network.
-    with pytest.raises(OSError):
-        socket.create_connection((container_ip(stack, "rspamd"), 11334), timeout=3).close()
+    # The milter and the controller are on the stack network (the controller for dovecot's
+    # Junk training); the controller does nothing for any other client (here the host,
+    # through the stack network's gateway): no statistics, no learning.
     socket.create_connection((container_ip(stack, "rspamd"), 11332), timeout=3).close()
+    before = redis_learns(stack)
+    base = f"http://{container_ip(stack, 'rspamd')}:11334"
+    for request in (urllib.request.Request(f"{base}/stat"),
+                    urllib.request.Request(f"{base}/learnspam", data=spam_message(99), method="POST")):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code in (401, 403), (request.full_url, refused.value.code)  # refused
+    assert redis_learns(stack) == before
 
 
 def test_redis_refuses_unauthenticated_clients(stack: Stack) -> None:

@@ -115,3 +115,19 @@ def test_bad_settings_are_refused_naming_the_field(changes, field):
     with pytest.raises(ValueError) as err:
         settings(**changes).validate()
     assert err.value.field == field
+
+
+def test_junk_training_trusts_dovecots_address_alone_and_only_the_global_scripts_pipe():
+    s = settings(subnet="10.77.5.0/24")
+    files = render(s, SECRETS)
+    controller = files["rspamd/override.d/worker-controller.inc"].content.decode()
+    assert f'secure_ip = ["127.0.0.1", "::1", "{s.dovecot_address}"];' in controller
+    assert s.dovecot_address.startswith("10.77.5.")
+    dovecot = files["dovecot/dovecot.conf"].content.decode()
+    # the pipe extension for the administrator's scripts only, never the users' own
+    assert "sieve_global_extensions {\n  vnd.dovecot.pipe = yes\n}" in dovecot
+    assert "sieve_extensions" not in dovecot
+    assert files["dovecot/sieve-pipe/learn.sh"].mode == 0o755
+    for script, kind in (("report-spam", "spam"), ("report-ham", "ham")):
+        assert f"path = /etc/mailstead/dovecot/sieve/{script}.sieve" in dovecot
+        assert f'pipe :copy "learn.sh" ["{kind}"];' in files[f"dovecot/sieve/{script}.sieve"].content.decode()

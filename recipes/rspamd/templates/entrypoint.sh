@@ -23,8 +23,9 @@ for d in local.d lua.local.d override.d; do
     done
 done
 
-# The controller listens on 127.0.0.1 only and trusts it (secure_ip); any
-# other client would need this password, which nobody knows.
+# The controller trusts this container and dovecot (secure_ip,
+# worker-controller.inc); any other client would need this password, which
+# nobody knows.
 controller_pw=$(rspamadm pw --encrypt --password "$(head -c 32 /dev/urandom | base64 -w0)")
 printf 'password = "%s";\nenable_password = "%s";\n' "$controller_pw" "$controller_pw" \
     >>/etc/rspamd/override.d/worker-controller.inc
