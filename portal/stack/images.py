@@ -328,53 +328,58 @@ def load_images(client: Any, images_dir: Path, version: str, *,
         return load_tars(client, tars, version, lock_path=lock_path, services=services, progress=progress)
 
 
+def in_docker(client: Any, ref: str, key: str, content: Callable[[], str]) -> tuple[str | None, bool]:
+    """The image for `ref`, and whether it was loaded from this very tar (its name, size
+    and mtime: nothing read); else one that holds the same `content()`, tagged `ref`
+    (from another version); else None."""
+    image_id = current(client, ref, key)
+    if image_id is not None:
+        return image_id, True
+    return same_content(client, ref, content()), False
+
+
 def load_tars(client: Any, tars: dict[str, ImageTar], version: str, *, lock_path: Path,
               services: tuple[str, ...] = SERVICES, progress: Progress | None = None) -> dict[str, str]:
     """load_images from tars opened before (open_tars): {service: image ID}.
 
-    Each image is kept if it was loaded from this very tar (its name, size and mtime:
-    nothing read), else taken over if an image with the same contents is in docker
-    (from another version: tagged for this one), else loaded."""
+    Each image is kept if it was loaded from this very tar, else taken over if an image
+    with the same contents is in docker (in_docker), else loaded."""
     say = progress or (lambda _name, _msg: None)
     with load_lock(lock_path):
         base_tar = tars["base"]
         base_ref = f"mailstead-base:{version}"
         base_key = base_tar.key
-        base_id = current(client, base_ref, base_key)
-        base_content = None
-        if base_id is None:
-            base_content = f"{RECIPE}:{base_tar.content_key()}"
-            base_id = same_content(client, base_ref, base_content)
-            if base_id is not None:
-                say("base", "already loaded (the same contents)")
+
+        def base_content() -> str:
+            return f"{RECIPE}:{base_tar.content_key()}"
+
+        base_id, same_tar = in_docker(client, base_ref, base_key, base_content)
         rebuilt_base = base_id is None
         if base_id is None:
-            assert base_content is not None
             say("base", "importing")
             start = time.monotonic()
-            base_id = import_base(client, base_tar, base_ref, base_key, base_content)
+            base_id = import_base(client, base_tar, base_ref, base_key, base_content())
             say("base", f"imported in {time.monotonic() - start:.1f} s")
+        elif not same_tar:
+            say("base", "already loaded (the same contents)")
         ids = {}
         for service in services:
             tar = tars[service]
             ref = f"mailstead-{service}:{version}"
             key = f"{base_key}+{tar.key}"
-            image_id = None if rebuilt_base else current(client, ref, key)
-            content = None
+
+            def content(tar: ImageTar = tar) -> str:
+                return f"{base_content()}+{tar.content_key()}"
+
+            # On a base imported anew, every service is built anew on it.
+            image_id, same_tar = (None, False) if rebuilt_base else in_docker(client, ref, key, content)
             if image_id is None:
-                content = f"{RECIPE}:{base_tar.content_key()}+{tar.content_key()}"
-                if not rebuilt_base:
-                    image_id = same_content(client, ref, content)
-                    if image_id is not None:
-                        say(service, "already loaded (the same contents)")
-            if image_id is None:
-                assert content is not None
                 say(service, "loading")
                 start = time.monotonic()
-                image_id = build_layer(client, base_id, tar, ref, key, content, service)
+                image_id = build_layer(client, base_id, tar, ref, key, content(), service)
                 say(service, f"loaded in {time.monotonic() - start:.1f} s")
-            elif content is None:
-                say(service, "already loaded")
+            else:
+                say(service, "already loaded" if same_tar else "already loaded (the same contents)")
             ids[service] = image_id
         return ids
 

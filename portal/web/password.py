@@ -51,7 +51,6 @@ class PasswordForm(FlaskForm):
             raise ValidationError(NOT_RIGHT)
 
 
-
 def _page(form: PasswordForm, status: int = 200, error: str | None = None,
           changed: str | None = None) -> ResponseReturnValue:
     return render_template("password/change.html", form=form, error=error, changed=changed), status
